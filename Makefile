@@ -1,0 +1,34 @@
+# The two commands a fresh clone needs (Python 3.11 and the package registries, nothing else):
+#   make demo   runs examples/tiny-cpu.yaml on this machine, on CPU
+#   make test   runs the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pins torch to the CPU build for every pip call, including deepspeed's isolated sdist build,
+# which would otherwise pull the newest CUDA torch (gigabytes).
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+EXTRAS ?= train,s3,hub,dev
+# The model stages are not implemented yet; the demo stops after the data stages until they are.
+DEMO_UNTIL ?= prepare-corpus
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+demo: install
+	$(PY) -m humpback_runtime tiny-model .cache/tiny-llama
+	$(PY) -m humpback_runtime validate examples/tiny-cpu.yaml
+	$(PY) -m humpback_runtime run examples/tiny-cpu.yaml $(if $(DEMO_UNTIL),--until $(DEMO_UNTIL))
+	$(PY) -m humpback_runtime plan examples/tiny-cpu.yaml
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .cache .pytest_cache

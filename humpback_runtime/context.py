@@ -1,0 +1,44 @@
+"""Where a run's artifacts live and which stages are finished, shared by the stages and runners.
+
+Layout: `<storage uri>/<namespace>/<run name>/<stage>/…`, each finished stage closed by a
+`_SUCCESS.json` that carries its fingerprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from humpback_runtime.plan import Plan, Stage, build_plan
+from humpback_runtime.spec import BacktranslationRun
+from humpback_runtime.storage import Store, open_store, read_success
+
+
+@dataclass
+class RunContext:
+    run: BacktranslationRun
+    storage_uri: str  # the spec's storage.uri unless overridden on the command line
+
+    @classmethod
+    def create(cls, run: BacktranslationRun, storage_uri: str | None = None) -> RunContext:
+        return cls(run, storage_uri or run.spec.storage.uri)
+
+    @cached_property
+    def plan(self) -> Plan:
+        return build_plan(self.run)
+
+    @cached_property
+    def store(self) -> Store:
+        s3 = self.run.spec.storage.s3
+        return open_store(self.storage_uri, endpoint_url=s3.endpoint, region=s3.region)
+
+    def prefix(self, stage: str) -> str:
+        return f"{self.run.namespace}/{self.run.name}/{stage}"
+
+    def manifest(self, stage: str) -> dict | None:
+        return read_success(self.store, self.prefix(stage))
+
+    def is_done(self, stage: Stage) -> bool:
+        """Finished with the current settings: its manifest carries the plan's fingerprint."""
+        manifest = self.manifest(stage.name)
+        return bool(manifest) and manifest.get("fingerprint") == stage.fingerprint

@@ -1,0 +1,162 @@
+"""Stage entry point: one command per stage, the same locally and in a cluster pod.
+
+    humpback stage prepare-seed --spec examples/tiny-cpu.yaml [--storage URI]
+
+A stage reads its inputs from the artifact store, writes its outputs under
+`<storage>/<namespace>/<run>/<stage>/`, and writes `_SUCCESS.json` last. A stage whose manifest
+already carries its current fingerprint is skipped. Stages never call the Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from humpback_runtime import __version__
+from humpback_runtime.context import RunContext
+from humpback_runtime.plan import Stage
+from humpback_runtime.sources import BadRecords, iter_source_records
+from humpback_runtime.storage import SUCCESS, ShardWriter, write_success
+
+log = logging.getLogger(__name__)
+
+# Exit codes the runners tell apart: a stage that failed may succeed on retry; one that is not
+# implemented, or whose inputs are missing, will not.
+EXIT_FAILED = 1
+EXIT_NOT_IMPLEMENTED = 3
+EXIT_INPUTS_MISSING = 4
+
+
+class StageError(RuntimeError):
+    exit_code = EXIT_FAILED
+
+
+class StageNotImplemented(StageError):
+    exit_code = EXIT_NOT_IMPLEMENTED
+
+
+class InputsMissing(StageError):
+    exit_code = EXIT_INPUTS_MISSING
+
+
+def _progress(records: Iterable[Any], desc: str) -> Iterator[Any]:
+    from tqdm import tqdm
+
+    # Bars go to stderr and switch themselves off when it is not a terminal (pods, CI logs).
+    yield from tqdm(records, desc=desc, unit=" rec", mininterval=1.0, disable=None)
+
+
+def _input_records(ctx: RunContext, source: str, split: str, bad: BadRecords) -> Iterator[tuple[str, dict]]:
+    s3 = ctx.run.spec.storage.s3
+    return iter_source_records(source, bad=bad, split=split, endpoint_url=s3.endpoint, region=s3.region)
+
+
+def run_prepare_seed(ctx: RunContext, stage: Stage, writer: ShardWriter) -> dict[str, Any]:
+    from humpback_runtime.seed import SeedCounts, prepare_seed
+
+    spec = ctx.run.spec.seed
+    bad = BadRecords(spec.on_bad_record, label="seed")
+    counts = SeedCounts()
+    records = _input_records(ctx, spec.source, spec.split, bad)
+    for pair in prepare_seed(_progress(records, stage.name), spec, bad, counts):
+        writer.write(pair)
+    if counts.pairs == 0:
+        raise StageError(
+            f"prepare-seed produced no pairs from {spec.source} (format {spec.format}): "
+            f"{counts.as_dict()}, bad records: {bad.count}. Check spec.seed.format and spec.seed.lang."
+        )
+    return {"counts": counts.as_dict(), "badRecords": bad.summary()}
+
+
+def run_prepare_corpus(ctx: RunContext, stage: Stage, writer: ShardWriter) -> dict[str, Any]:
+    from humpback_runtime.corpus import CorpusCounts, filter_corpus
+
+    spec = ctx.run.spec.corpus
+    bad = BadRecords(spec.on_bad_record, label="corpus")
+    counts = CorpusCounts()
+    records = _input_records(ctx, spec.source, spec.split, bad)
+    if spec.max_documents is not None:
+        records = _take(records, spec.max_documents)
+    for segment in filter_corpus(_progress(records, stage.name), spec, counts):
+        writer.write(segment)
+    if counts.kept == 0:
+        raise StageError(
+            f"prepare-corpus kept no segments from {spec.source}: {counts.as_dict()}, bad records: "
+            f"{bad.count}. Check spec.corpus.textField and the minChars/maxChars window."
+        )
+    return {"counts": counts.as_dict(), "badRecords": bad.summary()}
+
+
+def _take(records: Iterator[tuple[str, dict]], n: int) -> Iterator[tuple[str, dict]]:
+    for i, rec in enumerate(records):
+        if i >= n:
+            return
+        yield rec
+
+
+DataStage = Callable[[RunContext, Stage, ShardWriter], dict[str, Any]]
+
+# Stages whose output is one set of record shards; the model stages plug in beside them.
+DATA_STAGES: dict[str, DataStage] = {
+    "prepare-seed": run_prepare_seed,
+    "prepare-corpus": run_prepare_corpus,
+}
+
+
+def check_inputs(ctx: RunContext, stage: Stage) -> None:
+    missing = [d for d in stage.deps if not ctx.is_done(ctx.plan[d])]
+    if missing:
+        raise InputsMissing(
+            f"stage {stage.name} needs {', '.join(missing)} to have finished with the current spec "
+            f"(no _SUCCESS.json with the current fingerprint under {ctx.store.url(ctx.prefix(missing[0]))}); "
+            f"run them first, e.g. `humpback run RUN.yaml --until {stage.name}`"
+        )
+
+
+def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, Any] | None:
+    """Run one stage to completion; returns its manifest, or None when it was already done."""
+    stage = ctx.plan[name]
+    if not force and ctx.is_done(stage):
+        log.info("Skipped stage %s of run %s: already done (fingerprint %s)", name, ctx.run.name, stage.fingerprint)
+        return None
+    check_inputs(ctx, stage)
+    if stage.family not in DATA_STAGES:
+        raise StageNotImplemented(
+            f"stage {name} ({stage.family}) is not implemented in humpback {__version__}: the model "
+            "stages (training, augmentation, curation, evaluation, report) are not there yet. "
+            f"Run the data stages with `humpback run RUN.yaml --until prepare-corpus`."
+        )
+
+    prefix = ctx.prefix(name)
+    store = ctx.store
+    # Drop the old manifest first, so a crash from here on never leaves a stale stage looking done.
+    store.delete(f"{prefix}/{SUCCESS}")
+    store.delete_prefix(prefix + "/")
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    log.info("Started stage %s of run %s (fingerprint %s) writing to %s",
+             name, ctx.run.name, stage.fingerprint, store.url(prefix))
+    with ShardWriter(store, prefix) as writer:
+        result = DATA_STAGES[stage.family](ctx, stage, writer)
+    seconds = time.perf_counter() - t0
+    manifest = {
+        "stage": name,
+        "fingerprint": stage.fingerprint,
+        "run": ctx.run.name,
+        "namespace": ctx.run.namespace,
+        "humpbackVersion": __version__,
+        "outputs": {"records": writer.shards, "count": writer.count, "format": "jsonl"},
+        **result,
+        "timings": {
+            "started": started.isoformat(),
+            "finished": datetime.now(timezone.utc).isoformat(),
+            "seconds": round(seconds, 3),
+            "recordsPerSecond": round(writer.count / seconds, 1) if seconds > 0 else None,
+        },
+    }
+    write_success(store, prefix, manifest)
+    log.info("Finished stage %s of run %s: %d records in %.1f s", name, ctx.run.name, writer.count, seconds)
+    return manifest

@@ -1,0 +1,92 @@
+"""The plan: stage DAG, dependency order and fingerprints."""
+
+import pytest
+
+from humpback_runtime.plan import build_plan
+from humpback_runtime.spec import parse_run
+
+
+def run_with(**spec):
+    return parse_run({
+        "metadata": {"name": "demo"},
+        "spec": {"baseModel": "m", "seed": {"source": "s.jsonl"}, "corpus": {"source": "c.jsonl"}, **spec},
+    })
+
+
+def test_two_iterations_give_the_papers_dag():
+    plan = build_plan(run_with())
+    assert plan.names() == [
+        "prepare-seed", "prepare-corpus", "train-myx", "train-m0", "augment",
+        "curate-1", "train-m1", "curate-2", "train-m2", "report",
+    ]
+    assert plan["augment"].deps == ("train-myx", "prepare-corpus")
+    assert plan["curate-1"].deps == ("augment", "train-m0")
+    assert plan["curate-2"].deps == ("augment", "train-m1")
+    assert plan["train-m2"].deps == ("prepare-seed", "curate-2")
+    assert plan["curate-2"].serves == "train-m1" and plan["augment"].serves == "train-myx"
+    assert plan["train-m2"].iteration == 2 and plan["train-m2"].role == "forward"
+    assert {s.kind for s in plan.stages} == {"cpu", "train", "inference"}
+
+
+def test_every_stage_comes_after_its_dependencies():
+    plan = build_plan(run_with(curation={"iterations": 3, "rewrite": {"enabled": True}}, evaluation={"enabled": True}))
+    seen = set()
+    for stage in plan.stages:
+        assert set(stage.deps) <= seen, stage.name
+        seen.add(stage.name)
+    assert len(seen) == len(plan.stages)
+
+
+def test_optional_rewrite_and_evaluate_stages():
+    plan = build_plan(run_with(curation={"rewrite": {"enabled": True}}, evaluation={"enabled": True}))
+    assert plan["rewrite-1"].deps == ("augment", "train-m0")
+    assert plan["curate-1"].deps == ("rewrite-1", "train-m0")
+    assert plan["evaluate"].deps == ("train-m0", "train-m1", "train-m2")
+    assert "evaluate" in plan["report"].deps
+    external = build_plan(run_with(curation={"rewrite": {"enabled": True, "endpoint": "http://x/v1", "model": "big"}}))
+    assert external["rewrite-2"].deps == ("augment",) and external["rewrite-2"].serves is None
+
+
+def test_plan_is_deterministic():
+    a, b = build_plan(run_with()), build_plan(run_with())
+    assert [s.fingerprint for s in a.stages] == [s.fingerprint for s in b.stages]
+
+
+def changed(before, after):
+    fa = {s.name: s.fingerprint for s in build_plan(before).stages}
+    fb = {s.name: s.fingerprint for s in build_plan(after).stages}
+    return sorted(n for n in fa if fa[n] != fb.get(n))
+
+
+def test_a_setting_changes_its_stage_and_everything_downstream_only():
+    assert changed(run_with(), run_with(curation={"threshold": 4})) == sorted(
+        ["curate-1", "train-m1", "curate-2", "train-m2", "report"])
+    assert changed(run_with(), run_with(corpus={"source": "c.jsonl", "minChars": 500})) == sorted(
+        ["prepare-corpus", "augment", "curate-1", "train-m1", "curate-2", "train-m2", "report"])
+    assert changed(run_with(), run_with(training={"backward": {"steps": 3}})) == sorted(
+        ["train-myx", "augment", "curate-1", "train-m1", "curate-2", "train-m2", "report"])
+
+
+def test_system_prompt_tags_change_the_forward_models_but_not_myx():
+    diff = changed(run_with(), run_with(systemPrompts={"seed": "Be an assistant."}))
+    assert "train-myx" not in diff and "augment" not in diff
+    assert {"train-m0", "train-m1", "train-m2"} <= set(diff)
+
+
+@pytest.mark.parametrize("spec", [
+    {"resources": {"training": {"gpusPerNode": 1}}},
+    {"retries": {"limit": 9}},
+    {"storage": {"uri": "s3://elsewhere/runs"}},
+    {"suspend": True},
+    {"inference": {"engine": "transformers", "concurrency": 3}},
+])
+def test_operational_settings_do_not_change_fingerprints(spec):
+    assert changed(run_with(), run_with(**spec)) == []
+
+
+def test_upstream_and_downstream():
+    plan = build_plan(run_with())
+    assert plan.upstream("augment") == ["prepare-seed", "prepare-corpus", "train-myx", "augment"]
+    assert plan.downstream("train-m1") == ["train-m1", "curate-2", "train-m2", "report"]
+    with pytest.raises(KeyError, match="no stage 'nope'"):
+        plan["nope"]
