@@ -41,7 +41,8 @@ def run_local(run: BacktranslationRun, spec_path: str | Path, *, storage_uri: st
     if run.spec.suspend:
         print(f"Run {run.name} is suspended (spec.suspend: true): nothing started.", file=out)
         return 0
-    names = plan.upstream(until) if until else plan.names()
+    # --until: everything the plan orders up to and including that stage (its inputs come earlier).
+    names = plan.names()[: plan.names().index(until) + 1] if until else plan.names()
     total = len(names)
     print(f"Run {run.namespace}/{run.name}: {total} stage(s), artifacts in {ctx.store.url(f'{run.namespace}/{run.name}')}",
           file=out, flush=True)
