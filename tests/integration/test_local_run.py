@@ -226,3 +226,16 @@ def test_unreachable_storage_is_a_clear_error(tmp_path):
                       timeout=120)
     assert result.returncode != 0
     assert "s3://nowhere/runs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stage_reads_its_spec_from_s3_as_in_a_pod(tmp_path, s3_server, s3_bucket):
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    spec = write_spec(tmp_path, **{"storage.uri": f"{s3_bucket}/runs", "storage.s3.endpoint": s3_server})
+    boto3.client("s3", endpoint_url=s3_server).upload_file(str(spec), bucket, "specs/tiny-cpu.yaml")
+    # In a pod only the spec URI is known up front; boto3 takes the endpoint from the environment.
+    result = humpback("stage", "prepare-seed", "--spec", f"{s3_bucket}/specs/tiny-cpu.yaml",
+                      env={"AWS_ENDPOINT_URL_S3": s3_server})
+    assert result.returncode == 0, result.stderr
+    assert "Finished stage prepare-seed of run tiny-cpu: 64 records" in result.stderr
