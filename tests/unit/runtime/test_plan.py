@@ -90,3 +90,18 @@ def test_upstream_and_downstream():
     assert plan.downstream("train-m1") == ["train-m1", "curate-2", "train-m2", "report"]
     with pytest.raises(KeyError, match="no stage 'nope'"):
         plan["nope"]
+
+
+def test_spec_and_plan_stay_light_for_the_operator():
+    # The operator imports these two modules; they must never drag in the model or data stack.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, humpback_runtime.spec, humpback_runtime.plan\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'deepspeed', 'datasets', 'boto3', 'pyarrow',"
+        " 'datasketch', 'numpy', 'kopf') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
