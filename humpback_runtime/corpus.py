@@ -1,0 +1,464 @@
+"""prepare-corpus: the unlabelled web segments that the backward model writes instructions for.
+
+The paper (Li et al. 2023, section 2 and appendix) takes ClueWeb segments, deduplicates them,
+keeps those of 600 to 3,000 characters, and drops "the likes of" navigation and boilerplate
+heuristically. This module does the same for any web corpus (c4, RefinedWeb, Dolma, ...):
+
+    counts = CorpusCounts()
+    for segment in filter_corpus(records, spec.corpus, counts):   # records: (where, record)
+        ...                                                       # {"id": ..., "text": ...}
+    manifest["counts"] = counts.as_dict()
+
+Pure: no I/O; the stage wires it to sources and storage. Deterministic across processes: every
+hash is xxhash or a fixed numpy computation, never Python's salted hash().
+
+Filters run cheapest first, and a document leaves at the first filter that removes it, so each
+count in `CorpusCounts` is "removed here", and read == kept + the sum of the removals:
+
+1. missing text   a dict lookup.
+2. too short      raw length < minChars: cleaning only ever removes characters, so such a
+                  document can never reach the window; most short pages leave here for free.
+3. boilerplate    line cleaning (a few string tests per line), then page-level rejection.
+4. length window  on the cleaned text, so a page padded by menus and footers is judged by its
+                  content.
+5. exact dup      one 128-bit hash of the normalised text and a set lookup.
+6. near dup       MinHash signature (the costliest step: one vectorised pass over the
+                  shingles) and an LSH query; only documents that passed everything else pay it,
+                  and only kept documents enter the index, so the first occurrence is the one kept.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from humpback_runtime.spec import CorpusSpec, DedupSpec
+
+__all__ = [
+    "CorpusCounts",
+    "CorpusFilter",
+    "boilerplate_page_reason",
+    "clean_boilerplate",
+    "filter_corpus",
+    "normalise",
+]
+
+
+@dataclass
+class CorpusCounts:
+    """How many documents each filter removed (each document is counted once, where it left)."""
+
+    read: int = 0
+    kept: int = 0
+    missing_text: int = 0  # text field missing, null or not a string
+    too_short: int = 0  # shorter than minChars (raw, or after boilerplate cleaning)
+    too_long: int = 0  # longer than maxChars after boilerplate cleaning
+    boilerplate: int = 0  # page rejected as navigation, code or boilerplate
+    exact_duplicate: int = 0
+    near_duplicate: int = 0
+    boilerplate_lines_removed: int = 0  # lines stripped from pages (kept or not), not documents
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @property
+    def removed(self) -> int:
+        return (self.missing_text + self.too_short + self.too_long + self.boilerplate
+                + self.exact_duplicate + self.near_duplicate)
+
+
+# --- boilerplate ----------------------------------------------------------------------------
+#
+# After C4 (Raffel et al. 2020: lorem ipsum, curly braces, "javascript" lines, fewer than three
+# sentences), RefinedWeb (Penedo et al. 2023: line-wise removal of navigation, counters, "sign
+# in" / "read more" lines) and Gopher (Rae et al. 2021: ellipsis ratio, symbol-heavy text).
+# Kept narrow on purpose, so that a normal article, a recipe or a list-style answer survives
+# whole: phrase rules touch only short lines (a paragraph that mentions "click here" stays),
+# menu rules only short capitalised lines in headers and footers, and page rules look at
+# proportions, not at single lines.
+
+# Phrase rules, tested on the lowercased line: (a literal the line must contain, the pattern).
+# The literal is a fast `in` test that spares the regex on almost every line ("" = always test;
+# that pattern is anchored at the line start, so it is cheap anyway).
+_PHRASE_RULES = [(trigger, re.compile(pattern)) for trigger, pattern in [
+    ("click", r"\bclick (here|below)\b"),  # link call-to-action
+    ("reserved", r"\ball rights reserved\b"),  # footer
+    ("copyright", r"\bcopyright\s*(©|\(c\)|\d{4})"),  # footer
+    ("©", r"^©"),  # footer
+    ("cookie", r"\b(use|uses|using|accept|allow) (of )?cookies\b"
+               r"|\bcookie (policy|settings|preferences|consent)\b"),  # cookie banner
+    ("sign up", r"\bsign up (for|to) (our|the|my|free)\b|\bsign up (now|today|here)\b"),  # sign-up box
+    ("subscribe", r"\bsubscribe (to|for) (our|the|my)\b"),  # sign-up box
+    ("newsletter", r"\bnewsletters?\b"),  # sign-up box
+    ("share", r"\bshare (this (post|article|page|story)|on (facebook|twitter|pinterest|linkedin))\b"
+              r"|^share( this| via| on)?\W*$"),  # social buttons
+    ("follow us", r"\bfollow us\b"),  # social buttons
+    ("", r"^(read more|continue reading|back to top|skip to( main)? content|posted (by|on|in)\b"
+         r"|comments? (off|\(\d+\))|leave a (reply|comment)|(previous|next) (post|article))"),  # blog chrome
+    ("privacy", r"\bprivacy (policy|notice|settings)\b"),  # footer links
+    ("terms", r"\bterms (of (use|service)|and conditions)\b"),  # footer links
+    ("in to", r"\b(log|sign) ?in to (view|see|comment|continue|post|reply|access)\b"),  # login wall
+    ("logged in", r"\bmust be logged in\b"),  # login wall
+    ("javascript", r"\b(enable|turn on) javascript\b"
+                   r"|\bjavascript (is|must be|has been) (disabled|enabled|required|turned off)\b"),  # no-JS notice
+    ("browser", r"\byour browser (does not|doesn't|is not) support|\b(update|upgrade) your browser\b"),  # old browser
+]]
+_PHRASE_LINE_MAX_WORDS = 30  # phrase rules apply to lines up to this long (banners, footers)
+_MENU_LINE_MAX_WORDS = 3  # "Home", "About Us", "LOG IN", "3 Comments"
+_NAV_LINE_MAX_WORDS = 10  # link titles: "How to Smoke a Brisket Like a Pro"
+_MIN_LETTER_FRACTION = 0.25  # fewer letters per non-space character: dates, prices, separators
+_MIN_SENTENCES = 3  # C4
+_LONG_LINE_WORDS = 8  # an unpunctuated line this long (a list item) counts as one sentence
+_MAX_NAV_FRACTION = 0.5  # of the characters, in navigation-like lines
+_MAX_ELLIPSIS_FRACTION = 0.3  # of the lines (Gopher)
+_MAX_BRACE_FRACTION = 0.005  # block-opening braces per character: code, JSON, templates
+
+_CLOSERS = "\"'”’»)]"  # may follow the end punctuation of a sentence
+_END_PUNCT = tuple(".!?:")
+_ELLIPSES = ("...", "…")
+_ASCII_LETTERS = (string.ascii_letters).encode()
+_NON_LETTERS = re.compile(r"[\W\d_]")
+# A brace that opens a block or object ("f() {", "= {", "[{"); LaTeX's \frac{1}{2} is prose.
+_CODE_BRACE = re.compile(r"(?:^|[\s(),=:\[])\{", re.MULTILINE)
+_SENTENCE_END = re.compile(r"[.!?][\"'”’»)\]]*(?=\s|$)")
+
+
+def _n_words(line: str) -> int:
+    # Words of a stripped line, by its spaces: exact for normal text, cheaper than split().
+    return line.count(" ") + 1
+
+
+def _ends_like_sentence(line: str) -> bool:
+    tail = line.rstrip(_CLOSERS)
+    # An ellipsis ends a truncated teaser ("Top 10 grills for..."), not a sentence (Gopher).
+    return tail.endswith(_END_PUNCT) and not tail.endswith(_ELLIPSES)
+
+
+def _is_capitalised(word: str) -> bool:
+    return word[0].isupper() or word[0].isdigit()
+
+
+def _few_letters(line: str) -> bool:
+    needed = _MIN_LETTER_FRACTION * (len(line) - line.count(" "))
+    data = line.encode("utf-8", "surrogatepass")
+    if len(data) - len(data.translate(None, _ASCII_LETTERS)) >= needed:
+        return False  # enough ASCII letters alone: the common case, decided without a regex
+    return len(line) - len(_NON_LETTERS.findall(line)) < needed
+
+
+def _is_boilerplate_line(line: str) -> bool:
+    if _n_words(line) <= _PHRASE_LINE_MAX_WORDS:
+        lower = line.lower()
+        if any(trigger in lower and rx.search(lower) for trigger, rx in _PHRASE_RULES):
+            return True  # cookie, footer, sign-up, social, login or "read more" line
+    return _few_letters(line)  # mostly digits and symbols: dates, prices, separators
+
+
+def _is_menu_line(line: str) -> bool:
+    # "Home", "About Us", "LOG IN", "12 Comments": a few capitalised words, no end punctuation.
+    return (_n_words(line) <= _MENU_LINE_MAX_WORDS and not _ends_like_sentence(line)
+            and all(map(_is_capitalised, line.split())))
+
+
+def _is_nav_like(line: str) -> bool:
+    """A short unpunctuated line whose words are mostly capitalised: a menu item or link title."""
+    if _n_words(line) > _NAV_LINE_MAX_WORDS or _ends_like_sentence(line):
+        return False
+    words = [w for w in line.split() if w[0].isalnum()]  # not bullets, pipes or arrows
+    return bool(words) and 2 * sum(map(_is_capitalised, words)) >= len(words)
+
+
+def clean_boilerplate(text: str) -> tuple[str, int]:
+    """Strip boilerplate lines; return the re-joined text and how many lines were removed.
+
+    Boilerplate lines go wherever they are. Menu lines go only in the page's header and footer
+    (before the first and after the last other line): inside the content the same shape is a
+    heading or a list item ("Salt", "Step 2"), and a page that is mostly menus is rejected as a
+    whole by `boilerplate_page_reason`. Trailing whitespace is stripped (indentation kept) and
+    runs of blank lines become one paragraph break.
+    """
+    lines: list[str] = []
+    menu: list[bool] = []
+    removed = 0
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        stripped = line.lstrip()
+        if not stripped:
+            if lines and lines[-1]:
+                lines.append("")
+                menu.append(False)
+        elif _is_boilerplate_line(stripped):
+            removed += 1
+        else:
+            lines.append(line)
+            menu.append(_is_menu_line(stripped))
+    content = [i for i, line in enumerate(lines) if line and not menu[i]]
+    if not content:
+        return "", removed + sum(menu)
+    first, last = content[0], content[-1]
+    removed += sum(menu[:first]) + sum(menu[last + 1:])
+    return "\n".join(lines[first:last + 1]), removed
+
+
+def boilerplate_page_reason(text: str) -> str | None:
+    """Why a (cleaned) page is boilerplate rather than content, or None for a content page."""
+    if not text:
+        return "nothing left after line cleaning"
+    if "lorem ipsum" in text.lower():
+        return "placeholder text (lorem ipsum)"  # C4
+    if "{" in text and len(_CODE_BRACE.findall(text)) > _MAX_BRACE_FRACTION * len(text):
+        return "code-like (curly braces)"  # C4 drops any brace; JS, CSS and JSON pages have many
+    lines = [line.strip() for line in text.split("\n") if line]
+    nav_chars = long_lines = ellipses = 0
+    for line in lines:
+        if _is_nav_like(line):
+            nav_chars += len(line)
+        elif _n_words(line) >= _LONG_LINE_WORDS and not _ends_like_sentence(line):
+            long_lines += 1
+        ellipses += line.endswith(_ELLIPSES)
+    if nav_chars > _MAX_NAV_FRACTION * sum(map(len, lines)):
+        return "navigation (mostly short capitalised lines)"  # menus and link lists
+    missing = _MIN_SENTENCES - long_lines  # a long unpunctuated line (a list item) counts as one
+    if missing > 0 and sum(1 for _ in islice(_SENTENCE_END.finditer(text), missing)) < missing:
+        return "fewer than three sentences"  # C4: keyword lists, tables, tag clouds
+    if ellipses > _MAX_ELLIPSIS_FRACTION * len(lines):
+        return "teaser list (lines ending in an ellipsis)"  # Gopher
+    return None
+
+
+# --- deduplication --------------------------------------------------------------------------
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalise(text: str) -> str:
+    """Lowercase words joined by single spaces: case, whitespace and punctuation do not count."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def exact_key(normalised: str) -> int:
+    return xxhash.xxh3_128_intdigest(normalised.encode("utf-8", "surrogatepass"))
+
+
+# MinHash signatures, vectorised over the whole shingle set of a document: no Python call per
+# shingle (datasketch's MinHash.update_batch hashes each shingle in Python; see
+# bench/prepare_corpus.py for the comparison). A shingle is `ngram` consecutive
+# normalised words, i.e. a substring of the normalised text, so every shingle hash comes from
+# one prefix array of a polynomial (Rabin-Karp) hash over the UTF-8 bytes, mod 2^64:
+#     H(s, e) = (S[e] - S[s]) * P^-s,   S[i] = sum_{j<i} byte_j * P^j
+# (P is odd, so P^-1 exists mod 2^64 and the same substring hashes the same at any offset).
+# The 64-bit value is folded to 32 bits, then each permutation is datasketch's "affine32"
+# scheme: fmix32 pre-mix, a_k * h + b_k mod 2^32, with datasketch's own parameters (seed 1),
+# so the signature equals MinHash(scheme="affine32", hashfunc=shingle_hash32).update_batch.
+
+_P = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio)
+_P_INV = np.uint64(pow(int(_P), -1, 1 << 64))
+_U64_32 = np.uint64(32)
+
+
+def _powers(base: np.uint64, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint64)
+    out[0] = 1
+    out[1:] = base
+    with np.errstate(over="ignore"):
+        return np.cumprod(out, out=out)  # wraps mod 2^64, as intended
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    # MurmurHash3's finalizer, as datasketch's affine32 scheme applies it.
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def shingle_hash32(shingle: bytes) -> int:
+    """The 32-bit hash of one shingle (normalised words joined by spaces, UTF-8); for tests."""
+    mask = (1 << 64) - 1
+    h, power = 0, 1
+    for byte in shingle:
+        h = (h + byte * power) & mask
+        power = (power * int(_P)) & mask
+    return (h ^ (h >> 32)) & 0xFFFFFFFF
+
+
+class MinHasher:
+    """MinHash signatures of word n-gram shingles, datasketch-compatible (scheme affine32)."""
+
+    def __init__(self, num_perm: int, ngram: int, seed: int = 1):
+        from datasketch import MinHash
+
+        self.num_perm = num_perm
+        self.ngram = ngram
+        self.seed = seed
+        self.template = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
+        a, b = self.template.permutations
+        self._a = np.ascontiguousarray(a, dtype=np.uint32)[:, None]
+        self._b = np.ascontiguousarray(b, dtype=np.uint32)[:, None]
+        self._pow = _powers(_P, 4096)
+        self._pow_inv = _powers(_P_INV, 4096)
+
+    def _grow(self, n: int) -> None:
+        size = max(n, 2 * len(self._pow))
+        self._pow = _powers(_P, size)
+        self._pow_inv = _powers(_P_INV, size)
+
+    def shingle_hashes(self, normalised: str) -> np.ndarray:
+        """32-bit hashes of the word n-grams (the whole text when it has fewer words)."""
+        # surrogatepass throughout: JSON may carry lone surrogates ("\ud83d"), which must not raise.
+        data = np.frombuffer(normalised.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        n = len(data)
+        if n + 1 > len(self._pow):
+            self._grow(n + 1)
+        prefix = np.zeros(n + 1, dtype=np.uint64)
+        spaces = np.flatnonzero(data == 32)
+        starts = np.empty(len(spaces) + 1, dtype=np.intp)
+        starts[0] = 0
+        starts[1:] = spaces + 1
+        ends = np.empty(len(spaces) + 1, dtype=np.intp)
+        ends[:-1] = spaces
+        ends[-1] = n
+        m = max(len(starts) - self.ngram + 1, 1)
+        s = starts[:m]
+        e = ends[-m:] if len(starts) >= self.ngram else ends[-1:]
+        with np.errstate(over="ignore"):
+            np.cumsum(data * self._pow[:n], out=prefix[1:])
+            h = (prefix[e] - prefix[s]) * self._pow_inv[s]
+        return (h ^ (h >> _U64_32)).astype(np.uint32)
+
+    def signature(self, normalised: str) -> np.ndarray:
+        """The (num_perm,) uint32 MinHash signature of a normalised text."""
+        h = _fmix32(self.shingle_hashes(normalised))
+        # (num_perm, shingles) in uint32: the wraparound is the affine32 scheme's mod 2^32.
+        return (self._a * h + self._b).min(axis=1)
+
+
+_LSH_WEIGHTS = (0.1, 0.9)  # (false positives, false negatives), for datasketch's band choice
+
+
+class NearDuplicateIndex:
+    """MinHash LSH (datasketch MinHashLSH) over the kept documents; candidates are verified.
+
+    LSH returns documents sharing a band; a candidate counts only when the estimated Jaccard
+    similarity of the two signatures reaches the threshold, so a chance band collision never
+    drops a document.
+    """
+
+    def __init__(self, dedup: DedupSpec):
+        from datasketch import MinHashLSH
+
+        self.threshold = dedup.threshold
+        self.hasher = MinHasher(dedup.num_perm, dedup.ngram)
+        # Candidates are verified, so a false positive costs one comparison while a false
+        # negative keeps a duplicate: weight recall (at 0.8 and 128 permutations this gives 14
+        # bands of 9 rows, catching 87% of pairs at exactly the threshold and 97% at 0.85,
+        # against 40% and 69% for the default equal weights).
+        # datasketch finds no banding for a threshold of exactly 1 (it needs two bands or more);
+        # 0.99 bands and verification at 1 gives the same result.
+        self.lsh = MinHashLSH(threshold=min(dedup.threshold, 0.99), num_perm=dedup.num_perm,
+                              weights=_LSH_WEIGHTS)
+        self._carrier = self.hasher.template.copy()  # a MinHash whose hashvalues we set per query
+        # Signatures of the indexed documents, row = LSH key (4 bytes per permutation each).
+        self._signatures = np.empty((1024, dedup.num_perm), dtype=np.uint32)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def seen(self, normalised: str) -> bool:
+        """True if a near-duplicate was added before; otherwise add this document and say False."""
+        sig = self.hasher.signature(normalised)
+        self._carrier.hashvalues = sig
+        need = self.threshold * len(sig)
+        for key in self.lsh.query(self._carrier):
+            if np.count_nonzero(self._signatures[key] == sig) >= need:
+                return True
+        if self._size == len(self._signatures):
+            grown = np.empty((2 * self._size, sig.shape[0]), dtype=np.uint32)
+            grown[:self._size] = self._signatures
+            self._signatures = grown
+        key = self._size
+        self._signatures[key] = sig
+        self._size += 1
+        self.lsh.insert(key, self._carrier, check_duplication=False)
+        return False
+
+
+# --- the filter -----------------------------------------------------------------------------
+
+
+class CorpusFilter:
+    """Stateful filter over a stream of documents (it remembers what it kept, for dedup)."""
+
+    def __init__(self, spec: CorpusSpec, counts: CorpusCounts | None = None):
+        self.spec = spec
+        self.counts = counts if counts is not None else CorpusCounts()
+        self._exact: set[int] | None = set() if spec.dedup.exact else None
+        self._near = NearDuplicateIndex(spec.dedup) if spec.dedup.near_duplicates else None
+
+    def process(self, doc_id: str, text: Any) -> dict[str, str] | None:
+        """The cleaned segment {"id", "text"}, or None when a filter removed it (and counted it)."""
+        c = self.counts
+        c.read += 1
+        if not isinstance(text, str):
+            c.missing_text += 1
+            return None
+        if len(text) < self.spec.min_chars:
+            c.too_short += 1
+            return None
+        if self.spec.boilerplate:
+            text, removed = clean_boilerplate(text)
+            c.boilerplate_lines_removed += removed
+            if boilerplate_page_reason(text) is not None:
+                c.boilerplate += 1
+                return None
+        else:
+            text = text.strip()
+        if len(text) < self.spec.min_chars:
+            c.too_short += 1
+            return None
+        if len(text) > self.spec.max_chars:
+            c.too_long += 1
+            return None
+        if self._exact is not None or self._near is not None:
+            norm = normalise(text)
+            if self._exact is not None:
+                key = exact_key(norm)
+                if key in self._exact:
+                    c.exact_duplicate += 1
+                    return None
+                self._exact.add(key)
+            if self._near is not None and norm and self._near.seen(norm):
+                c.near_duplicate += 1
+                return None
+        c.kept += 1
+        return {"id": doc_id, "text": text}
+
+
+def filter_corpus(records: Iterable[tuple[str, dict]], spec: CorpusSpec,
+                  counts: CorpusCounts | None = None) -> Iterator[dict[str, str]]:
+    """Filter (where, record) pairs; yield {"id", "text"} segments in input order.
+
+    The id is record[spec.id_field] when that field is set and present, else `where`
+    ("file:line"); the text is record[spec.text_field].
+    """
+    flt = CorpusFilter(spec, counts)
+    text_field, id_field = spec.text_field, spec.id_field
+    for where, record in records:
+        doc_id = where
+        if id_field is not None:
+            value = record.get(id_field)
+            if value is not None:
+                doc_id = str(value)
+        segment = flt.process(doc_id, record.get(text_field))
+        if segment is not None:
+            yield segment
