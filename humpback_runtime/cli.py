@@ -5,6 +5,7 @@
     humpback run RUN.yaml [--until STAGE] [--storage URI]
     humpback stage STAGE --spec RUN.yaml [--storage URI] [--force]
     humpback tiny-model OUT_DIR          # the demo's random-init base model
+    humpback crd [-o FILE]               # the CustomResourceDefinition, generated from the spec models
 """
 
 from __future__ import annotations
@@ -119,6 +120,18 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crd(args: argparse.Namespace) -> int:
+    from humpback_runtime.crd import render_crd
+
+    text = render_crd()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote the BacktranslationRun CRD to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="humpback", description="Instruction backtranslation (Humpback) pipeline.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -146,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
     s.add_argument("--force", action="store_true", help="run even if already done")
     s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("crd", help="print the BacktranslationRun CRD, generated from the spec models")
+    s.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
+    s.set_defaults(func=cmd_crd)
 
     s = sub.add_parser("tiny-model", help="build the demo's tiny random-init Llama model and tokenizer")
     s.add_argument("out_dir", type=Path, metavar="OUT_DIR")
