@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,9 +20,13 @@ from humpback_runtime import __version__
 from humpback_runtime.context import RunContext
 from humpback_runtime.plan import Stage
 from humpback_runtime.sources import BadRecords, iter_source_records
-from humpback_runtime.storage import SUCCESS, ShardWriter, write_success
+from humpback_runtime.storage import SUCCESS, ShardWriter, StorageError, Store, write_success
 
 log = logging.getLogger(__name__)
+
+# Written when a stage starts: which fingerprint the partial outputs under the prefix belong to,
+# so a resumable stage continues only its own work and never mixes in a changed spec's.
+ATTEMPT = "_ATTEMPT.json"
 
 # Exit codes the runners tell apart: a stage that failed may succeed on retry; one that is not
 # implemented, or whose inputs are missing, will not.
@@ -54,24 +59,30 @@ def _input_records(ctx: RunContext, source: str, split: str, bad: BadRecords) ->
     return iter_source_records(source, bad=bad, split=split, endpoint_url=s3.endpoint, region=s3.region)
 
 
-def run_prepare_seed(ctx: RunContext, stage: Stage, writer: ShardWriter) -> dict[str, Any]:
+def _write_records(store: Store, prefix: str, records: Iterable[dict]) -> dict[str, Any]:
+    with ShardWriter(store, prefix) as writer:
+        for record in records:
+            writer.write(record)
+    return {"records": writer.shards, "count": writer.count, "format": "jsonl"}
+
+
+def run_prepare_seed(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.seed import SeedCounts, prepare_seed
 
     spec = ctx.run.spec.seed
     bad = BadRecords(spec.on_bad_record, label="seed")
     counts = SeedCounts()
     records = _input_records(ctx, spec.source, spec.split, bad)
-    for pair in prepare_seed(_progress(records, stage.name), spec, bad, counts):
-        writer.write(pair)
+    outputs = _write_records(ctx.store, prefix, prepare_seed(_progress(records, stage.name), spec, bad, counts))
     if counts.pairs == 0:
         raise StageError(
             f"prepare-seed produced no pairs from {spec.source} (format {spec.format}): "
             f"{counts.as_dict()}, bad records: {bad.count}. Check spec.seed.format and spec.seed.lang."
         )
-    return {"counts": counts.as_dict(), "badRecords": bad.summary()}
+    return {"outputs": outputs, "counts": counts.as_dict(), "badRecords": bad.summary()}
 
 
-def run_prepare_corpus(ctx: RunContext, stage: Stage, writer: ShardWriter) -> dict[str, Any]:
+def run_prepare_corpus(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.corpus import CorpusCounts, filter_corpus
 
     spec = ctx.run.spec.corpus
@@ -80,14 +91,13 @@ def run_prepare_corpus(ctx: RunContext, stage: Stage, writer: ShardWriter) -> di
     records = _input_records(ctx, spec.source, spec.split, bad)
     if spec.max_documents is not None:
         records = _take(records, spec.max_documents)
-    for segment in filter_corpus(_progress(records, stage.name), spec, counts):
-        writer.write(segment)
+    outputs = _write_records(ctx.store, prefix, filter_corpus(_progress(records, stage.name), spec, counts))
     if counts.kept == 0:
         raise StageError(
             f"prepare-corpus kept no segments from {spec.source}: {counts.as_dict()}, bad records: "
             f"{bad.count}. Check spec.corpus.textField and the minChars/maxChars window."
         )
-    return {"counts": counts.as_dict(), "badRecords": bad.summary()}
+    return {"outputs": outputs, "counts": counts.as_dict(), "badRecords": bad.summary()}
 
 
 def _take(records: Iterator[tuple[str, dict]], n: int) -> Iterator[tuple[str, dict]]:
@@ -97,13 +107,38 @@ def _take(records: Iterator[tuple[str, dict]], n: int) -> Iterator[tuple[str, di
         yield rec
 
 
-DataStage = Callable[[RunContext, Stage, ShardWriter], dict[str, Any]]
+StageFn = Callable[[RunContext, Stage, str], dict[str, Any]]
 
-# Stages whose output is one set of record shards; the model stages plug in beside them.
-DATA_STAGES: dict[str, DataStage] = {
-    "prepare-seed": run_prepare_seed,
-    "prepare-corpus": run_prepare_corpus,
+
+@dataclass(frozen=True)
+class StageImpl:
+    run: StageFn  # (context, stage, prefix) -> manifest fields, "outputs" among them
+    # Resumable stages keep what an interrupted attempt with the same fingerprint left under the
+    # prefix (checkpoints, finished shards); the others start from an empty prefix.
+    resumable: bool = False
+
+
+# Stage families by implementation; the model stages plug in beside the data stages.
+STAGES: dict[str, StageImpl] = {
+    "prepare-seed": StageImpl(run_prepare_seed),
+    "prepare-corpus": StageImpl(run_prepare_corpus),
 }
+
+
+def _claim_prefix(store: Store, prefix: str, fingerprint: str, resumable: bool) -> bool:
+    """Make the prefix this attempt's; True when a resumable stage continues earlier work."""
+    # The old manifest goes first, so a crash from here on never leaves a stale stage looking done.
+    store.delete(f"{prefix}/{SUCCESS}")
+    try:
+        previous = store.read_json(f"{prefix}/{ATTEMPT}")
+    except StorageError:  # absent or unreadable: nothing to continue
+        previous = None
+    if resumable and isinstance(previous, dict) and previous.get("fingerprint") == fingerprint:
+        return True
+    store.delete_prefix(prefix + "/")
+    store.write_json(f"{prefix}/{ATTEMPT}", {"fingerprint": fingerprint,
+                                            "started": datetime.now(timezone.utc).isoformat()})
+    return False
 
 
 def check_inputs(ctx: RunContext, stage: Stage) -> None:
@@ -123,7 +158,8 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
         log.info("Skipped stage %s of run %s: already done (fingerprint %s)", name, ctx.run.name, stage.fingerprint)
         return None
     check_inputs(ctx, stage)
-    if stage.family not in DATA_STAGES:
+    impl = STAGES.get(stage.family)
+    if impl is None:
         raise StageNotImplemented(
             f"stage {name} ({stage.family}) is not implemented in humpback {__version__}: the model "
             "stages (training, augmentation, curation, evaluation, report) are not there yet. "
@@ -132,15 +168,12 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
 
     prefix = ctx.prefix(name)
     store = ctx.store
-    # Drop the old manifest first, so a crash from here on never leaves a stale stage looking done.
-    store.delete(f"{prefix}/{SUCCESS}")
-    store.delete_prefix(prefix + "/")
+    resumed = _claim_prefix(store, prefix, stage.fingerprint, impl.resumable)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    log.info("Started stage %s of run %s (fingerprint %s) writing to %s",
+    log.info("%s stage %s of run %s (fingerprint %s) writing to %s", "Resumed" if resumed else "Started",
              name, ctx.run.name, stage.fingerprint, store.url(prefix))
-    with ShardWriter(store, prefix) as writer:
-        result = DATA_STAGES[stage.family](ctx, stage, writer)
+    result = impl.run(ctx, stage, prefix)
     seconds = time.perf_counter() - t0
     manifest = {
         "stage": name,
@@ -148,15 +181,15 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
         "run": ctx.run.name,
         "namespace": ctx.run.namespace,
         "humpbackVersion": __version__,
-        "outputs": {"records": writer.shards, "count": writer.count, "format": "jsonl"},
+        "resumed": resumed,
         **result,
         "timings": {
             "started": started.isoformat(),
             "finished": datetime.now(timezone.utc).isoformat(),
             "seconds": round(seconds, 3),
-            "recordsPerSecond": round(writer.count / seconds, 1) if seconds > 0 else None,
         },
     }
     write_success(store, prefix, manifest)
-    log.info("Finished stage %s of run %s: %d records in %.1f s", name, ctx.run.name, writer.count, seconds)
+    count = result.get("outputs", {}).get("count")
+    log.info("Finished stage %s of run %s: %s records in %.1f s", name, ctx.run.name, count, seconds)
     return manifest
