@@ -1,0 +1,704 @@
+"""The report stage: one self-contained HTML page about a run.
+
+    humpback stage report --spec examples/tiny-cpu.yaml      # writes <run>/report/index.html
+
+The stage does::
+
+    inputs = collect_report_inputs(store, f"{namespace}/{run}", plan)   # manifests + shard samples
+    store.write_text(f"{namespace}/{run}/report/index.html", build_report(**inputs))
+
+The page has inline CSS, plots as base64 PNG ``data:`` URIs (matplotlib, Agg, no pyplot state),
+no JavaScript and no external URL; every piece of user or run text is HTML-escaped. Without
+matplotlib the tables are still there and each plot says why it is missing. A section whose data
+is absent says "not available (...)" with the reason: the stage was not run, the field is not in
+its manifest, no judge was configured.
+
+Manifest fields read (``<namespace>/<run>/<stage>/_SUCCESS.json``); every one is optional:
+
+==================  =================================================================================
+every stage         ``fingerprint``, ``resumed``, ``timings.seconds``, ``outputs.count`` (records
+                    written), ``outputs.records`` (shard keys; else the ``part-*`` shards directly
+                    under the stage folder are read), ``humpbackVersion``
+prepare-seed        ``counts``: ``pairs``, ``records`` and every ``dropped_*`` (SeedCounts);
+                    shard records ``instruction``, ``response``
+prepare-corpus      ``counts``: ``read``, ``kept`` and what each filter removed (``missing_text``,
+                    ``too_short``, ``too_long``, ``boilerplate``, ``exact_duplicate``,
+                    ``near_duplicate``; CorpusCounts); shard records ``text``
+augment             ``outputs.count`` (candidates) and ``counts`` (any integers; ``dropped_*`` /
+                    ``*_dropped`` keys are listed as drops); shard records ``instruction``,
+                    ``response`` (or ``output``, or ``text``)
+rewrite-k           ``counts`` (any integers), shown like augment's
+curate-k            ``scored`` and ``selected`` (top level or under ``counts``); ``mode``
+                    (``"generate"`` | ``"logprobs"``); ``threshold``; ``scores.histogram``
+                    (``{"1": n, ..., "5": n}``), ``scores.unparsable`` (generate mode) and, in
+                    logprobs mode, ``scores.expected_histogram`` (``{"4.25": n, ...}``: expected
+                    score, rounded as the stage likes, to count). Shard records are the curated
+                    pairs ``instruction``, ``response``, ``score`` (and ``expected``). A stage that
+                    writes every scored candidate instead marks the kept ones ``"selected": true``;
+                    the report then takes the scores from the records.
+train-*             ``metrics.train_loss``: ``[[step, loss], ...]`` (or ``[{"step", "loss"}, ...]``)
+evaluate            ``evaluation``: what :func:`humpback_runtime.evaluation.evaluate` returns:
+                    ``judged``, ``note``, ``sets.<set>.pairs.<A-vs-B>`` with ``a``, ``b``,
+                    ``win_rate``, ``stderr``, ``n``, ``wins``, ``ties``, ``losses``, ``unparsed``,
+                    ``position_consistency``
+==================  =================================================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from humpback_runtime.storage import StorageError, Store, iter_shard_records, list_shards, read_success
+
+__all__ = ["build_report", "collect_report_inputs"]
+
+log = logging.getLogger(__name__)
+
+_CURATE = re.compile(r"^curate-(\d+)$")
+_EXAMPLE_CHARS = 600
+_CI_Z = 1.96  # error bars: 95% normal interval, +-1.96 standard errors
+
+# Series order and colours of the length plots; curated-k follow in iteration order.
+_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+
+
+# --- reading a run --------------------------------------------------------------------------------
+
+def collect_report_inputs(store: Store, run_prefix: str, plan: Any, *, max_records: int = 100_000,
+                          examples: int = 3) -> dict[str, Any]:
+    """Everything :func:`build_report` needs, read from a run's folder: ``build_report(**inputs)``.
+
+    ``run_prefix`` is ``<namespace>/<run>``; ``plan`` the run's :class:`~humpback_runtime.plan.Plan`
+    (its stage names and order; the report stage itself is left out). Reads each stage's
+    ``_SUCCESS.json`` and, for the length histograms, at most ``max_records`` records per stage
+    (the first shards). Missing manifests, fields and shards are no error: the report says
+    "not available". Returns ``{"manifests", "run", "loss_curves", "lengths", "scores",
+    "win_rates", "examples"}``.
+    """
+    stages = [s for s in plan.stages if s.family != "report"]
+    manifests: dict[str, dict | None] = {s.name: read_success(store, f"{run_prefix}/{s.name}") for s in stages}
+
+    loss_curves: dict[str, list[tuple[int, float]]] = {}
+    for s in stages:
+        if s.family == "train" and manifests[s.name]:
+            curve = _loss_curve(_get(manifests[s.name], "metrics", "train_loss"))
+            if curve:
+                loss_curves[s.name] = curve
+
+    def records(name: str) -> Iterator[dict]:
+        return _stage_records(store, f"{run_prefix}/{name}", manifests.get(name), max_records)
+
+    lengths: dict[str, dict[str, list[int]]] = {}
+    scores: dict[int, Any] = {}
+    picked: dict[str, list[dict]] = {}
+    if manifests.get("prepare-seed"):
+        lengths["seed"] = _lengths(records("prepare-seed"))
+    if manifests.get("augment"):
+        lengths["augmented"] = _lengths(records("augment"))
+    curate = sorted((int(m.group(1)), s.name) for s in stages if (m := _CURATE.match(s.name)))
+    for k, name in curate:
+        manifest = manifests.get(name)
+        if not manifest:
+            continue
+        rows = list(records(name))
+        marked = any("selected" in r for r in rows)
+        curated = [r for r in rows if r.get("selected") is True] if marked else rows
+        lengths[f"curated-{k}"] = _lengths(curated)
+        if marked:  # every scored candidate is there: take the scores from the records
+            field = "expected" if manifest.get("mode") == "logprobs" else "score"
+            scores[k] = [float(r[field]) for r in rows if _is_number(r.get(field))]
+        else:
+            histogram = _score_histogram(manifest)
+            if histogram:
+                scores[k] = histogram
+        if curated:
+            picked[f"curated-{k}"] = [_example(r) for r in curated[:examples]]
+    evaluation = _get(manifests.get("evaluate"), "evaluation")
+    return {
+        "manifests": manifests,
+        "run": {"name": getattr(plan, "run_name", None), "namespace": getattr(plan, "namespace", None),
+                "prefix": run_prefix, "storage": store.url(run_prefix)},
+        "loss_curves": loss_curves,
+        "lengths": lengths,
+        "scores": scores,
+        "win_rates": evaluation if isinstance(evaluation, dict) else None,
+        "examples": picked,
+    }
+
+
+def _stage_records(store: Store, prefix: str, manifest: dict | None, limit: int) -> Iterator[dict]:
+    keys = _get(manifest, "outputs", "records")
+    if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
+        keys = None
+    try:
+        if keys is None:
+            keys = list_shards(store, prefix)
+        for i, record in enumerate(iter_shard_records(store, keys)):
+            if i >= limit:
+                return
+            if isinstance(record, dict):
+                yield record
+    except StorageError as e:
+        log.warning("Could not read the records of %s for the report: %s", store.url(prefix), e)
+
+
+def _response_text(record: Mapping) -> Any:
+    for field in ("response", "output", "text"):
+        if isinstance(record.get(field), str):
+            return record[field]
+    return None
+
+
+def _lengths(records: Iterable[dict]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {"instruction": [], "response": []}
+    for r in records:
+        if isinstance(r.get("instruction"), str):
+            out["instruction"].append(len(r["instruction"]))
+        if isinstance(response := _response_text(r), str):
+            out["response"].append(len(response))
+    return out
+
+
+def _example(record: dict) -> dict:
+    return {"instruction": record.get("instruction"), "response": _response_text(record),
+            "score": record.get("score"), "expected": record.get("expected")}
+
+
+def _score_histogram(manifest: dict) -> dict[float, float] | None:
+    field = "expected_histogram" if manifest.get("mode") == "logprobs" else "histogram"
+    raw = _get(manifest, "scores", field)
+    if not isinstance(raw, Mapping):
+        raw = _get(manifest, "scores", "histogram")
+    if not isinstance(raw, Mapping):
+        return None
+    out = {}
+    for key, count in raw.items():
+        try:
+            value = float(key)
+        except (TypeError, ValueError):
+            continue
+        if _is_number(count) and count > 0:
+            out[value] = float(count)
+    return out or None
+
+
+def _loss_curve(raw: Any) -> list[tuple[int, float]]:
+    curve = []
+    if not isinstance(raw, list):
+        return curve
+    for point in raw:
+        if isinstance(point, Mapping):
+            step, loss = point.get("step"), point.get("loss")
+        elif isinstance(point, (list, tuple)) and len(point) == 2:
+            step, loss = point
+        else:
+            continue
+        if _is_number(step) and _is_number(loss):
+            curve.append((int(step), float(loss)))
+    return curve
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if math.isfinite(value) else _e(value)
+    return _e(value)
+
+
+def _na(reason: str) -> str:
+    return f'<p class="na">not available ({_e(reason)})</p>'
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "") -> str:
+    """`rows` hold already-escaped HTML cells; the header is escaped here."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    klass = f' class="{_e(cls)}"' if cls else ""
+    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _kv(rows: Iterable[tuple[str, Any]]) -> str:
+    return _table(["", ""], ((_e(k), _num(v)) for k, v in rows), cls="kv")
+
+
+def _curate_stages(manifests: Mapping[str, Any]) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), name) for name in manifests if (m := _CURATE.match(name)))
+
+
+def _count(manifest: Any, field: str) -> Any:
+    value = _get(manifest, field)
+    return value if value is not None else _get(manifest, "counts", field)
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+class _Plots:
+    """Matplotlib figures rendered to PNG data URIs; `missing` says why there are none."""
+
+    def __init__(self) -> None:
+        try:
+            import matplotlib
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            self.missing = "matplotlib is not installed: pip install matplotlib"
+            return
+        self.missing = None
+        self._figure, self._canvas = Figure, FigureCanvasAgg
+        self._version = matplotlib.__version__
+
+    def figure(self, ncols: int = 1, width: float = 8.0, height: float = 3.2):
+        fig = self._figure(figsize=(width, height), dpi=100, layout="constrained")
+        self._canvas(fig)
+        axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+        return fig, axes
+
+    def img(self, fig, alt: str) -> str:
+        buf = io.BytesIO()
+        # No metadata: matplotlib would otherwise stamp its version and home page into the PNG.
+        fig.savefig(buf, format="png", metadata={"Software": None})
+        data = base64.b64encode(buf.getvalue()).decode("ascii")
+        return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+    def unavailable(self) -> str:
+        return _na(f"plot: {self.missing}")
+
+
+def _weighted(values: Any) -> tuple[list[float], list[float]]:
+    """A list of values, or a histogram mapping value -> count, as (values, weights)."""
+    if isinstance(values, Mapping):
+        pairs = [(float(k), float(c)) for k, c in values.items() if _is_number(c) and _is_float(k)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    xs = [float(v) for v in values if _is_number(v)]
+    return xs, [1.0] * len(xs)
+
+
+def _is_float(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _length_plot(plots: _Plots, lengths: Mapping[str, Mapping[str, Sequence[int]]]) -> str:
+    fig, axes = plots.figure(ncols=2, width=10, height=3.4)
+    for ax, field in zip(axes, ("instruction", "response")):
+        series = [(name, [v for v in (data.get(field) or []) if _is_number(v) and v > 0])
+                  for name, data in lengths.items()]
+        series = [(name, vals) for name, vals in series if vals]
+        if not series:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"{field} length")
+            continue
+        lo = max(1, min(min(v) for _, v in series))
+        hi = max(max(v) for _, v in series)
+        hi = max(hi, lo * 1.5)
+        bins = [lo * (hi / lo) ** (i / 40) for i in range(41)]
+        for i, (name, vals) in enumerate(series):
+            ax.hist(vals, bins=bins, density=True, histtype="step", linewidth=1.6,
+                    color=_COLOURS[i % len(_COLOURS)], label=f"{name} (n={len(vals):,})")
+        ax.set_xscale("log")
+        ax.set_xlabel("characters (log scale)")
+        ax.set_ylabel("density")
+        ax.set_title(f"{field} length")
+        ax.legend(fontsize=8)
+    return plots.img(fig, "instruction and response length histograms")
+
+
+def _score_plot(plots: _Plots, scores: Mapping[int, Any]) -> str:
+    iterations = sorted(scores)
+    fig, axes = plots.figure(ncols=len(iterations), width=max(4.0, 3.4 * len(iterations)), height=3.0)
+    for ax, k in zip(axes, iterations):
+        xs, ws = _weighted(scores[k])
+        discrete = all(float(x).is_integer() for x in xs)
+        if discrete:
+            counts = {d: 0.0 for d in range(1, 6)}
+            for x, w in zip(xs, ws):
+                if 1 <= x <= 5:
+                    counts[int(x)] += w
+            ax.bar(list(counts), list(counts.values()), color=_COLOURS[0], width=0.7)
+            ax.set_xticks(range(1, 6))
+            ax.set_xlabel("score")
+        else:
+            ax.hist(xs, bins=[1 + i * 0.25 for i in range(17)], weights=ws, color=_COLOURS[1])
+            ax.set_xlabel("expected score (logprobs)")
+        ax.set_xlim(0.5, 5.5)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("candidates")
+        ax.set_title(f"iteration {k}")
+    return plots.img(fig, "curation score histograms per iteration")
+
+
+def _yield_plot(plots: _Plots, rows: list[tuple[int, float]]) -> str:
+    fig, (ax,) = plots.figure(width=max(4.0, 1.2 * len(rows) + 2.5), height=3.0)
+    ax.bar([str(k) for k, _ in rows], [y for _, y in rows], color=_COLOURS[2], width=0.6)
+    for i, (_, y) in enumerate(rows):
+        ax.text(i, y, f"{y:.1%}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, max(1e-9, max(y for _, y in rows)) * 1.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("selected / scored")
+    ax.set_title("curation yield")
+    return plots.img(fig, "curation yield per iteration")
+
+
+def _loss_plot(plots: _Plots, curves: Mapping[str, Sequence[tuple[int, float]]]) -> str:
+    fig, (ax,) = plots.figure(width=8, height=3.4)
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], label=name, color=_COLOURS[i % len(_COLOURS)],
+                linewidth=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss")
+    ax.legend(fontsize=8)
+    return plots.img(fig, "training loss curves")
+
+
+def _win_plot(plots: _Plots, rows: list[dict]) -> str:
+    fig, (ax,) = plots.figure(width=8, height=max(2.2, 0.55 * len(rows) + 1.2))
+    labels = [f"{r['set']}: {r['a']} vs {r['b']}" for r in rows]
+    ys = list(range(len(rows)))[::-1]
+    xerr = [_CI_Z * r["stderr"] if _is_number(r.get("stderr")) else 0.0 for r in rows]
+    ax.errorbar([r["win_rate"] for r in rows], ys, xerr=xerr, fmt="o", color=_COLOURS[0], capsize=4)
+    ax.axvline(0.5, color="#888888", linestyle="--", linewidth=1)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate of the first model (ties count half; bars: 95% interval)")
+    ax.set_title("pairwise win rates")
+    return plots.img(fig, "win rates with error bars")
+
+
+# --- the page -------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:68rem;
+padding:0 1rem;color:#222;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.25rem;margin-top:2.2rem;border-bottom:1px solid #ddd;
+padding-bottom:.2rem}h3{font-size:1.05rem;margin-bottom:.3rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}th,td{border:1px solid #ddd;padding:.25rem .6rem;
+text-align:left;vertical-align:top}th{background:#f4f4f4}td.num,table.kv td+td{text-align:right}
+.na{color:#888;font-style:italic}.muted{color:#666;font-size:.9rem}img{max-width:100%;height:auto}
+.notrun{color:#999}pre{white-space:pre-wrap;word-wrap:break-word;background:#f8f8f8;padding:.5rem;margin:.2rem 0;
+font-size:.85rem;max-height:16rem;overflow:auto}nav a{margin-right:.8rem}
+"""
+
+_SECTIONS = [("summary", "Run summary"), ("stages", "Stages"), ("counts", "Counts"), ("lengths", "Lengths"),
+             ("scores", "Curation scores"), ("yield", "Yield"), ("loss", "Training loss"),
+             ("win-rates", "Win rates"), ("examples", "Examples")]
+
+
+def build_report(
+    manifests: Mapping[str, dict | None],
+    *,
+    run: Mapping[str, Any] | None = None,
+    loss_curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    lengths: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    scores: Mapping[int, Sequence[float] | Mapping[Any, float]] | None = None,
+    win_rates: Mapping[str, Any] | None = None,
+    examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    generated: datetime | None = None,
+) -> str:
+    """One self-contained HTML page (a str) about a run.
+
+    Args:
+        manifests: stage name -> its ``_SUCCESS.json`` (None: planned, not run), in plan order.
+        run: ``name``, ``namespace``, ``storage`` for the summary.
+        loss_curves: trained model stage -> ``[(step, loss), ...]``.
+        lengths: series (``seed``, ``augmented``, ``curated-1``, ...) -> ``{"instruction": [chars],
+            "response": [chars]}``.
+        scores: iteration -> the scores of every candidate, as a list of values (1..5; expected
+            scores in logprobs mode) or a histogram mapping value -> count.
+        win_rates: the ``evaluation`` dict of the evaluate manifest.
+        examples: series -> a few records ``{"instruction", "response", "score"}`` to show.
+        generated: the time shown as generation time (default: now, UTC).
+    """
+    plots = _Plots()
+    manifests = dict(manifests)
+    run = dict(run or {})
+    generated = generated or datetime.now(timezone.utc)
+    name = run.get("name") or "run"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>humpback report: {_e(name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>humpback report: {_e(name)}</h1>",
+        f'<p class="muted">generated {_e(generated.strftime("%Y-%m-%d %H:%M:%S %Z").strip())}'
+        + (f" · plots by matplotlib {_e(plots._version)}" if plots.missing is None else "") + "</p>",
+        "<nav>" + "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in _SECTIONS) + "</nav>",
+        _section("summary", _summary(manifests, run)),
+        _section("stages", _stages_table(manifests)),
+        _section("counts", _counts(manifests)),
+        _section("lengths", _lengths_section(plots, manifests, lengths or {})),
+        _section("scores", _scores_section(plots, manifests, scores or {})),
+        _section("yield", _yield_section(plots, manifests)),
+        _section("loss", _loss_section(plots, manifests, loss_curves or {})),
+        _section("win-rates", _win_section(plots, manifests, win_rates)),
+        _section("examples", _examples_section(examples or {})),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _section(sid: str, body: str) -> str:
+    title = dict(_SECTIONS)[sid]
+    return f'<section id="{sid}"><h2>{_e(title)}</h2>\n{body}\n</section>'
+
+
+def _summary(manifests: dict, run: dict) -> str:
+    done = [n for n, m in manifests.items() if m]
+    seconds = sum(s for m in manifests.values() if _is_number(s := _get(m, "timings", "seconds")))
+    versions = sorted({str(v) for m in manifests.values() if (v := _get(m, "humpbackVersion"))})
+    rows: list[tuple[str, Any]] = [
+        ("run", run.get("name")),
+        ("namespace", run.get("namespace")),
+        ("artifacts", run.get("storage")),
+        ("stages finished", f"{len(done)} of {len(manifests)}"),
+        ("stage time (s, summed)", float(seconds)),
+        ("humpback version", ", ".join(versions) or None),
+    ]
+    seed = _count(manifests.get("prepare-seed"), "pairs")
+    rows.append(("seed pairs", seed if seed is not None else _get(manifests.get("prepare-seed"), "outputs", "count")))
+    rows.append(("corpus segments kept", _count(manifests.get("prepare-corpus"), "kept")))
+    rows.append(("augmented candidates", _get(manifests.get("augment"), "outputs", "count")))
+    for k, stage in _curate_stages(manifests):
+        rows.append((f"curated pairs, iteration {k}", _count(manifests[stage], "selected")))
+    return _kv((k, v) for k, v in rows if v is not None)
+
+
+def _stages_table(manifests: dict) -> str:
+    if not manifests:
+        return _na("no stages in the plan")
+    rows = []
+    for name, m in manifests.items():
+        if not m:
+            rows.append([_e(name), '<span class="notrun">not run</span>', "", "", "", ""])
+            continue
+        seconds = _get(m, "timings", "seconds")
+        rows.append([_e(name), "done", f"<code>{_e(m.get('fingerprint'))}</code>",
+                     _num(_get(m, "outputs", "count")), _num(float(seconds) if _is_number(seconds) else None, 1),
+                     _num(m.get("resumed")) if isinstance(m.get("resumed"), bool) else "–"])
+    return _table(["stage", "status", "fingerprint", "records", "seconds", "resumed"], rows)
+
+
+def _int_fields(counts: Any) -> list[tuple[str, int]]:
+    if not isinstance(counts, Mapping):
+        return []
+    return [(str(k), v) for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _counts(manifests: dict) -> str:
+    out = []
+
+    def block(title: str, stage: str, body) -> None:
+        out.append(f"<h3>{_e(title)}</h3>")
+        m = manifests.get(stage)
+        out.append(body(m) if m else _na(f"stage {stage} not run"))
+
+    def seed(m: dict) -> str:
+        fields = _int_fields(m.get("counts"))
+        if not fields:
+            return _kv([("seed pairs", _get(m, "outputs", "count"))])
+        return _kv((k.replace("_", " "), v) for k, v in fields)
+
+    def corpus(m: dict) -> str:
+        counts = m.get("counts")
+        fields = dict(_int_fields(counts))
+        if not fields:
+            return _na("no counts in the prepare-corpus manifest")
+        first = [("documents read", fields.pop("read", None)), ("segments kept", fields.pop("kept", None))]
+        lines = fields.pop("boilerplate_lines_removed", None)
+        rows = [(k, v) for k, v in first if v is not None]
+        rows += [(f"removed: {k.replace('_', ' ')}", v) for k, v in fields.items()]
+        if lines is not None:
+            rows.append(("boilerplate lines stripped (not documents)", lines))
+        return _kv(rows)
+
+    def generic(m: dict) -> str:
+        rows: list[tuple[str, Any]] = [("records written", _get(m, "outputs", "count"))]
+        for k, v in _int_fields(m.get("counts")):
+            label = k.replace("_", " ")
+            rows.append((f"dropped: {label}" if "drop" in k and not label.startswith("dropped") else label, v))
+        return _kv([(k, v) for k, v in rows if v is not None])
+
+    block("Seed pairs (prepare-seed)", "prepare-seed", seed)
+    block("Corpus (prepare-corpus)", "prepare-corpus", corpus)
+    block("Augmented candidates (augment)", "augment", generic)
+    for name in manifests:
+        if name.startswith("rewrite-"):
+            block(f"Rewriting ({name})", name, generic)
+    out.append("<h3>Curated yield per iteration</h3>")
+    curate = _curate_stages(manifests)
+    if not curate:
+        out.append(_na("stage curate-k not run"))
+    else:
+        rows = []
+        for k, stage in curate:
+            m = manifests[stage]
+            if not m:
+                rows.append([_num(k), '<span class="notrun">not run</span>', "", "", "", ""])
+                continue
+            selected, scored = _count(m, "selected"), _count(m, "scored")
+            ratio = selected / scored if _is_number(selected) and _is_number(scored) and scored else None
+            unparsable = _get(m, "scores", "unparsable")
+            rows.append([_num(k), _e(m.get("mode") or "–"), _num(scored), _num(selected),
+                         "–" if ratio is None else _e(f"{ratio:.1%}"), _num(unparsable)])
+        out.append(_table(["iteration", "mode", "scored", "selected", "yield", "unparsable"], rows))
+    return "\n".join(out)
+
+
+def _lengths_section(plots: _Plots, manifests: dict, lengths: Mapping) -> str:
+    have = {n: d for n, d in lengths.items() if isinstance(d, Mapping) and any(d.get(f) for f in d)}
+    if not have:
+        return _na("stages prepare-seed, augment and curate-k not run, or their records unreadable")
+    rows = []
+    for name, data in have.items():
+        for field in ("instruction", "response"):
+            vals = sorted(v for v in (data.get(field) or []) if _is_number(v))
+            if vals:
+                rows.append([_e(name), _e(field), _num(len(vals)), _num(vals[len(vals) // 2]),
+                             _num(min(vals)), _num(max(vals))])
+    table = _table(["series", "field", "records", "median chars", "min", "max"], rows)
+    plot = plots.unavailable() if plots.missing else _length_plot(plots, have)
+    return table + "\n" + plot
+
+
+def _scores_section(plots: _Plots, manifests: dict, scores: Mapping) -> str:
+    curate = _curate_stages(manifests)
+    usable = {k: v for k, v in scores.items() if _weighted(v)[0]}
+    if not usable:
+        return _na("stage curate-k not run" if not any(manifests.get(s) for _, s in curate)
+                   else "no scores in the curate manifests")
+    notes = [f"iteration {k}: {_na_text(f'stage {s} not run')}" for k, s in curate
+             if k not in usable and not manifests.get(s)]
+    modes = {k: _get(manifests.get(s), "mode") for k, s in curate}
+    rows = []
+    for k in sorted(usable):
+        xs, ws = _weighted(usable[k])
+        total = sum(ws)
+        mean = sum(x * w for x, w in zip(xs, ws)) / total if total else None
+        rows.append([_num(k), _e(modes.get(k) or "–"), _num(int(total)), _num(mean, 2)])
+    body = _table(["iteration", "mode", "candidates", "mean score"], rows)
+    body += "\n" + (plots.unavailable() if plots.missing else _score_plot(plots, usable))
+    if notes:
+        body += "\n" + "".join(f'<p class="na">{_e(n)}</p>' for n in notes)
+    return body
+
+
+def _na_text(reason: str) -> str:
+    return f"not available ({reason})"
+
+
+def _yield_section(plots: _Plots, manifests: dict) -> str:
+    rows = []
+    for k, stage in _curate_stages(manifests):
+        selected, scored = _count(manifests.get(stage), "selected"), _count(manifests.get(stage), "scored")
+        if _is_number(selected) and _is_number(scored) and scored > 0:
+            rows.append((k, selected / scored))
+    if not rows:
+        return _na("stage curate-k not run, or its manifest has no selected/scored counts")
+    return plots.unavailable() if plots.missing else _yield_plot(plots, rows)
+
+
+def _loss_section(plots: _Plots, manifests: dict, curves: Mapping) -> str:
+    usable = {n: list(c) for n, c in curves.items() if c}
+    trained = [n for n in manifests if n.startswith("train-")]
+    if not usable:
+        reason = ("stage train-* not run" if not any(manifests.get(n) for n in trained)
+                  else "no metrics.train_loss in the train manifests")
+        return _na(reason)
+    rows = [[_e(n), _num(len(c)), _num(c[-1][1], 4)] for n, c in usable.items()]
+    missing = [n for n in trained if n not in usable]
+    body = _table(["model", "points", "final loss"], rows)
+    body += "\n" + (plots.unavailable() if plots.missing else _loss_plot(plots, usable))
+    if missing:
+        body += "\n" + _na("no loss curve for " + ", ".join(missing))
+    return body
+
+
+def _win_section(plots: _Plots, manifests: dict, win_rates: Mapping | None) -> str:
+    if win_rates is None:
+        win_rates = _get(manifests.get("evaluate"), "evaluation")
+    if not isinstance(win_rates, Mapping):
+        if "evaluate" not in manifests:
+            return _na("stage evaluate not in the plan: evaluation is not enabled")
+        return _na("stage evaluate not run")
+    rows = []
+    for set_name, entry in (win_rates.get("sets") or {}).items():
+        for key, pair in (_get(entry, "pairs") or {}).items():
+            if isinstance(pair, Mapping) and _is_number(pair.get("win_rate")):
+                rows.append({"set": set_name, "key": key, **pair,
+                             "a": pair.get("a") or key, "b": pair.get("b") or ""})
+    if not rows:
+        note = win_rates.get("note")
+        if win_rates.get("judged") is False or win_rates.get("judge") is None:
+            return _na(note or "no judge configured")
+        return _na(note or "no readable verdicts")
+    table = _table(
+        ["set", "A", "B", "win rate of A", "± stderr", "n", "wins", "ties", "losses", "unparsed",
+         "position consistency"],
+        ([_e(r["set"]), _e(r["a"]), _e(r["b"]), _num(r["win_rate"]), _num(r.get("stderr")), _num(r.get("n")),
+          _num(r.get("wins")), _num(r.get("ties")), _num(r.get("losses")), _num(r.get("unparsed")),
+          _num(r.get("position_consistency"))] for r in rows))
+    judge = win_rates.get("judge")
+    who = (f"Judge: model {_e(_get(judge, 'model'))} at {_e(_get(judge, 'endpoint'))}. "
+           if isinstance(judge, Mapping) else "")
+    caption = (f'<p class="muted">{who}Each prompt is judged in both orders; the win rate of A averages '
+               "them (win 1, tie 0.5, loss 0) over n prompts. Wins, ties, losses and unparsed count "
+               "judgments. The plot's bars are ±1.96 standard errors.</p>")
+    plot = plots.unavailable() if plots.missing else _win_plot(plots, rows)
+    return caption + table + "\n" + plot
+
+
+def _examples_section(examples: Mapping) -> str:
+    if not any(examples.values()):
+        return _na("no curated pairs")
+    out = []
+    for series, records in examples.items():
+        if not records:
+            continue
+        out.append(f"<h3>{_e(series)}</h3>")
+        for r in records:
+            score = r.get("expected") if _is_number(r.get("expected")) else r.get("score")
+            out.append(f'<p class="muted">score {_num(score, 2)}</p>'
+                       f"<pre>{_e(_clip(r.get('instruction')))}</pre><pre>{_e(_clip(r.get('response')))}</pre>")
+    return "\n".join(out)
+
+
+def _clip(text: Any) -> str:
+    if not isinstance(text, str):
+        return ""
+    return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + " …"
