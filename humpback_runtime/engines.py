@@ -386,6 +386,9 @@ class TransformersEngine(_InProcessEngine):
         self.device = device
         self._model = self._tokenizer = None
         self._token_text: dict[int, str] = {}
+        # Token strings whose logprob `score` always reports, in the top K or not (the curation
+        # digits): with them a rater that puts little mass on the digits still gets a distribution.
+        self.always_include: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"TransformersEngine({str(self.model_dir)!r}, batch_size={self.batch_size}, device={self.device!r})"
@@ -442,6 +445,10 @@ class TransformersEngine(_InProcessEngine):
         top: dict[str, float] = {}
         for value, token_id in zip(values.tolist(), ids.tolist()):
             top.setdefault(self._text_of(token_id), value)  # two ids with one text: keep the likelier
+        for text in self.always_include:
+            token_ids = self.encode(text)
+            if len(token_ids) == 1 and text not in top:
+                top[text] = float(logprobs[token_ids[0]])
         return top
 
     def _pick(self, logits_row: Any, request: _Request, generator: Any) -> int:

@@ -217,6 +217,11 @@ class CurationSpec(Model):
         "forward pass, probability over the tokens 1..5, never unparsable.",
     )
     threshold: float = Field(5, ge=1, le=5, description="Keep candidates scoring at least this (paper: 5).")
+    select_by: Literal["argmax", "expected"] = Field(
+        "argmax",
+        description="logprobs mode: compare the threshold with the most probable score (argmax, like "
+        "the paper's discrete rating) or with the expected score over 1..5.",
+    )
     instruction_only: bool = Field(False, description="Kun-style scoring of the instruction alone.")
     max_tokens: int = Field(256, ge=1, description="Tokens for the reasoning in generate mode.")
     rewrite: RewriteSpec = Field(default_factory=RewriteSpec, description="Optional rewriting of candidate responses before curation.")

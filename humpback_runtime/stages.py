@@ -9,6 +9,7 @@ already carries its current fingerprint is skipped. Stages never call the Kubern
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -118,10 +119,59 @@ class StageImpl:
     resumable: bool = False
 
 
-# Stage families by implementation; the model stages plug in beside the data stages.
+def _lazy(module: str, function: str) -> StageFn:
+    # Model stages import torch, transformers or aiohttp; load them only when such a stage runs.
+    def run(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+        return getattr(importlib.import_module(f"humpback_runtime.{module}"), function)(ctx, stage, prefix)
+
+    return run
+
+
+def run_evaluate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime import prompts
+    from humpback_runtime.engines import GenerationResult, Sampling
+    from humpback_runtime.evaluation import evaluate
+    from humpback_runtime.models import engine_for
+    from humpback_runtime.storage import iter_shard_records, list_shards
+
+    spec = ctx.run.spec
+    system = prompts.inference_system(spec.system_prompts)  # the forward template, as in training
+
+    def generate_answers(model_stage: str, records: list[dict], out_prefix: str) -> dict[str, str]:
+        def handle(record: dict, result: GenerationResult) -> dict:
+            return {"id": record["id"], "answer": result.text.strip(), "finish_reason": result.finish_reason}
+
+        engine_for(ctx, model_stage).generate(
+            records, lambda r: prompts.forward_prompt(r["instruction"], system),
+            Sampling.from_spec(spec.evaluation.sampling), store=ctx.store, prefix=out_prefix, handle=handle,
+            checkpoint_every=spec.inference.checkpoint_every, total=len(records), desc=f"{stage.name} {model_stage}",
+        )
+        return {r["id"]: r["answer"] for r in iter_shard_records(ctx.store, list_shards(ctx.store, out_prefix))}
+
+    s3 = spec.storage.s3
+    return evaluate(spec.evaluation, list(stage.deps), generate_answers, store=ctx.store, prefix=prefix,
+                    checkpoint_every=spec.inference.checkpoint_every, endpoint_url=s3.endpoint, region=s3.region)
+
+
+def run_report(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime.report import build_report, collect_report_inputs
+
+    inputs = collect_report_inputs(ctx.store, f"{ctx.run.namespace}/{ctx.run.name}", ctx.plan)
+    key = f"{prefix}/index.html"
+    ctx.store.write_text(key, build_report(**inputs))
+    return {"outputs": {"report": key, "url": ctx.store.url(key), "count": 1}}
+
+
+# Stage families by implementation. Model stages resume: their partial work (checkpoints,
+# scored shards) survives a crash and is continued by the next attempt with the same fingerprint.
 STAGES: dict[str, StageImpl] = {
     "prepare-seed": StageImpl(run_prepare_seed),
     "prepare-corpus": StageImpl(run_prepare_corpus),
+    "augment": StageImpl(_lazy("augmentation", "run_augment"), resumable=True),
+    "rewrite": StageImpl(_lazy("curation", "run_rewrite"), resumable=True),
+    "curate": StageImpl(_lazy("curation", "run_curate"), resumable=True),
+    "evaluate": StageImpl(run_evaluate, resumable=True),
+    "report": StageImpl(run_report),
 }
 
 

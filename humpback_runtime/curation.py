@@ -1,0 +1,158 @@
+"""curate-k and rewrite-k: M(k-1) rates (and optionally first rewrites) the candidate pairs.
+
+    humpback stage curate-1 --spec RUN.yaml
+
+curate-k scores every candidate in one of two modes (`spec.curation.mode`):
+
+- `generate`, the paper's: the model writes brief reasoning and "Score: N" on its last line;
+  `prompts.parse_score` takes N strictly, anything else is counted as unparsed, never guessed.
+- `logprobs`: one forward pass per pair; the probability the model puts on "1".."5" as the next
+  token after "Score:" gives an expected score and an argmax. Never unparsable.
+
+Scores land in checkpointed shards under the stage prefix (exactly-once on restart); a final pass
+writes the pairs that reach `spec.curation.threshold` to `<prefix>/selected/`, which train-mk reads.
+rewrite-k rewrites each candidate's response in assistant style first (self-rewriting with M(k-1),
+or an external OpenAI-compatible model as in back-and-forth translation).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from humpback_runtime import prompts
+from humpback_runtime.augmentation import candidate_records, summarize
+from humpback_runtime.context import RunContext
+from humpback_runtime.engines import GenerationResult, Sampling, VLLMServerEngine
+from humpback_runtime.plan import Stage
+from humpback_runtime.storage import ShardWriter, iter_shard_records, list_shards
+
+SELECTED = "selected"
+REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"
+
+
+def _candidates_stage(stage: Stage) -> str:
+    return next(d for d in stage.deps if d == "augment" or d.startswith("rewrite-"))
+
+
+def _score_record(pair: dict, **fields: Any) -> dict:
+    return {"id": pair["id"], "instruction": pair["instruction"], "response": pair["response"], **fields}
+
+
+def run_curate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime.models import engine_for, tokenizer_encode
+
+    spec = ctx.run.spec.curation
+    system = prompts.inference_system(ctx.run.spec.system_prompts)
+    pairs = list(candidate_records(ctx, _candidates_stage(stage)))
+    engine = engine_for(ctx, stage.serves)
+    common = dict(store=ctx.store, prefix=prefix, checkpoint_every=ctx.run.spec.inference.checkpoint_every,
+                  total=len(pairs), desc=stage.name)
+
+    if spec.mode == "generate":
+        def build(pair: dict) -> str:
+            if spec.instruction_only:
+                return prompts.instruction_only_prompt(pair["instruction"], system=system)
+            return prompts.curation_prompt(pair["instruction"], pair["response"], system=system)
+
+        def handle(pair: dict, result: GenerationResult) -> dict:
+            return _score_record(pair, score=prompts.parse_score(result.text), judgement=result.text)
+
+        sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=spec.max_tokens)
+        stats = engine.generate(pairs, build, sampling, handle=handle, **common)
+    else:
+        score_prefix = prompts.logprob_score_prefix(tokenizer_encode(ctx, stage.serves))
+        if hasattr(engine, "always_include"):
+            # In process the digits' exact logprobs are at hand, so no pair is ever unscored; a
+            # server reports its top K only (vLLM: up to --max-logprobs, 20 by default).
+            space = "" if score_prefix.endswith(" ") else " "
+            engine.always_include = tuple(f"{space}{d}" for d in "12345")
+
+        def build(pair: dict) -> str:
+            if spec.instruction_only:
+                return prompts.instruction_only_logprob_prompt(pair["instruction"], system=system,
+                                                               score_prefix=score_prefix)
+            return prompts.curation_logprob_prompt(pair["instruction"], pair["response"], system=system,
+                                                   score_prefix=score_prefix)
+
+        def handle(pair: dict, top: dict[str, float]) -> dict:
+            scored = prompts.score_from_top_logprobs(top)
+            if scored is None:
+                return _score_record(pair, score=None, expected=None, probs=None, mass=0.0)
+            score = scored.argmax if spec.select_by == "argmax" else scored.expected
+            return _score_record(pair, score=score, expected=scored.expected, argmax=scored.argmax,
+                                 probs={str(k): v for k, v in scored.probs.items()}, mass=scored.mass)
+
+        stats = engine.score(pairs, build, handle=handle, **common)
+    return {**select(ctx, prefix, spec.threshold, spec.mode), "inference": stats}
+
+
+def select(ctx: RunContext, prefix: str, threshold: float, mode: str) -> dict[str, Any]:
+    """Write the pairs scoring >= threshold to <prefix>/selected/ and summarise the scores."""
+    store = ctx.store
+    store.delete_prefix(f"{prefix}/{SELECTED}/")  # a crash mid-selection must not leave a mix
+    histogram: Counter[str] = Counter()
+    expected_histogram: Counter[str] = Counter()
+    scored = unparsed = 0
+    with ShardWriter(store, f"{prefix}/{SELECTED}") as writer:
+        for record in iter_shard_records(store, list_shards(store, prefix)):
+            scored += 1
+            score = record.get("score")
+            if score is None:
+                unparsed += 1
+                continue
+            histogram[str(record.get("argmax", round(score)))] += 1
+            if record.get("expected") is not None:
+                expected_histogram[f"{record['expected']:.2f}"] += 1
+            if score >= threshold:
+                writer.write({k: record[k] for k in ("id", "instruction", "response", "score")})
+    selected = writer.count
+    return {
+        "outputs": {"records": writer.shards, "count": selected, "format": "jsonl", "scores": list_shards(store, prefix)},
+        "mode": mode,
+        "scored": scored,
+        "selected": selected,
+        "scores": {
+            "histogram": {str(k): histogram.get(str(k), 0) for k in range(1, 6)},
+            "unparsable": unparsed,
+            "unparsableRate": round(unparsed / scored, 4) if scored else None,
+            "threshold": threshold,
+            "yield": round(selected / scored, 4) if scored else None,
+            **({"expected_histogram": dict(sorted(expected_histogram.items()))} if expected_histogram else {}),
+        },
+    }
+
+
+def run_rewrite(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime.models import engine_for
+
+    spec = ctx.run.spec.curation.rewrite
+    pairs = list(candidate_records(ctx, "augment"))
+    if spec.endpoint:
+        # Back-and-forth translation: an external aligned model, asked without our system tags.
+        engine = VLLMServerEngine(spec.endpoint, spec.model, api_key=os.environ.get(REWRITE_API_KEY_ENV),
+                                  concurrency=ctx.run.spec.inference.concurrency)
+        system = None
+    else:
+        engine = engine_for(ctx, stage.serves)
+        system = prompts.inference_system(ctx.run.spec.system_prompts)
+
+    def handle(pair: dict, result: GenerationResult) -> dict:
+        text = result.text.strip()
+        return {"id": pair["id"], "instruction": pair["instruction"], "response": text or pair["response"],
+                "original_response": pair["response"], "finish_reason": result.finish_reason,
+                "dropped": None if text else "empty"}
+
+    stats = engine.generate(
+        pairs, lambda p: prompts.rewrite_prompt(p["instruction"], p["response"], system=system),
+        Sampling.from_spec(spec.sampling), store=ctx.store, prefix=prefix, handle=handle,
+        checkpoint_every=ctx.run.spec.inference.checkpoint_every, total=len(pairs), desc=stage.name,
+    )
+    summary = summarize(ctx, prefix)
+    return {
+        "outputs": {"records": summary["keys"], "count": summary["kept"], "format": "jsonl"},
+        "counts": {"candidates": len(pairs), "rewritten": summary["kept"],
+                   **{f"dropped_{k}": v for k, v in summary["dropped"].items()}},
+        "inference": stats,
+    }

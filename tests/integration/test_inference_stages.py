@@ -1,0 +1,110 @@
+"""augment, rewrite and curate through `run_stage`, on the tiny model and the transformers engine.
+
+The trained models are stood in for by the tiny base model, copied where train-myx and train-m0
+leave theirs, so these tests exercise the inference stages alone; the full run trains for real.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from humpback_runtime.context import RunContext
+from humpback_runtime.models import COMPLETE, model_prefix
+from humpback_runtime.spec import parse_run
+from humpback_runtime.stages import run_stage
+from humpback_runtime.storage import iter_shard_records, list_shards, write_success
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from humpback_runtime.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def make_ctx(tmp_path, tiny_model, **curation):
+    data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    spec = data["spec"]
+    spec["baseModel"] = str(tiny_model)
+    spec["seed"]["source"] = str(ROOT / spec["seed"]["source"])
+    spec["corpus"].update(source=str(ROOT / spec["corpus"]["source"]), maxDocuments=60)
+    spec["augmentation"]["maxTokens"] = 12
+    spec["curation"].update(maxTokens=12, **curation)
+    spec["inference"]["checkpointEvery"] = 8
+    ctx = RunContext.create(parse_run(data), str(tmp_path / "runs"))
+    return ctx
+
+
+def stand_in_for_training(ctx, tiny_model, *stages):
+    for name in stages:
+        dest = ctx.store.local_path(model_prefix(ctx, name))
+        shutil.copytree(tiny_model, dest)
+        (dest / COMPLETE).write_text("")
+        write_success(ctx.store, ctx.prefix(name), {"stage": name, "fingerprint": ctx.plan[name].fingerprint})
+
+
+def records(ctx, prefix):
+    return list(iter_shard_records(ctx.store, list_shards(ctx.store, prefix)))
+
+
+@pytest.fixture
+def augmented(tmp_path, tiny_model):
+    ctx = make_ctx(tmp_path, tiny_model)
+    run_stage(ctx, "prepare-seed")
+    corpus = run_stage(ctx, "prepare-corpus")
+    stand_in_for_training(ctx, tiny_model, "train-myx", "train-m0")
+    manifest = run_stage(ctx, "augment")
+    return ctx, corpus, manifest
+
+
+def test_augment_writes_one_record_per_segment_and_counts_drops(augmented):
+    ctx, corpus, manifest = augmented
+    out = records(ctx, ctx.prefix("augment"))
+    assert len(out) == corpus["outputs"]["count"] == manifest["counts"]["segments"]
+    assert len({r["id"] for r in out}) == len(out)
+    kept = [r for r in out if r["dropped"] is None]
+    assert manifest["outputs"]["count"] == len(kept)
+    drops = {k: v for k, v in manifest["counts"].items() if k.startswith("dropped_")}
+    assert sum(drops.values()) + len(kept) == len(out)
+    # max_tokens 12 cuts almost every random instruction: counted as too_long, never kept.
+    assert all(r["finish_reason"] == "stop" for r in kept)
+    assert manifest["inference"]["engine"] == "transformers"
+
+
+@pytest.mark.parametrize("mode", ["logprobs", "generate"])
+def test_curate_scores_every_candidate_and_selects_by_threshold(tmp_path, tiny_model, mode):
+    import json
+
+    from humpback_runtime.storage import ShardWriter
+
+    ctx = make_ctx(tmp_path, tiny_model, mode=mode, threshold=2)
+    stand_in_for_training(ctx, tiny_model, "train-myx", "train-m0")
+    # Candidates stand in for augment's (a random Myx rarely writes a usable instruction):
+    # real oasst1 pairs, plus one dropped record that curation must not score.
+    lines = (ROOT / "examples" / "data" / "oasst1_pairs.jsonl").read_text().splitlines()[:12]
+    pairs = [{"id": p["id"], "instruction": p["instruction"], "response": p["response"][:600], "dropped": None}
+             for p in map(json.loads, lines)]
+    with ShardWriter(ctx.store, ctx.prefix("augment")) as writer:
+        for p in pairs + [{"id": "x", "instruction": "", "response": "r", "dropped": "empty"}]:
+            writer.write(p)
+    write_success(ctx.store, ctx.prefix("augment"), {"fingerprint": ctx.plan["augment"].fingerprint,
+                                                     "outputs": {"records": writer.shards}})
+    manifest = run_stage(ctx, "curate-1")
+    scores = manifest["scores"]
+    assert manifest["scored"] == len(pairs)
+    assert sum(scores["histogram"].values()) + scores["unparsable"] == len(pairs)
+    selected = list(iter_shard_records(ctx.store, manifest["outputs"]["records"]))
+    assert len(selected) == manifest["selected"]
+    assert all(r["score"] >= 2 for r in selected)
+    if mode == "logprobs":
+        assert scores["unparsable"] == 0  # never unparsable: a distribution over 1..5 always exists
+        scored = records(ctx, ctx.prefix("curate-1"))
+        assert all(abs(sum(r["probs"].values()) - 1) < 1e-6 for r in scored)
+    else:
+        # A random model almost never ends with "Score: N": counted, never guessed.
+        assert scores["unparsable"] >= 1
