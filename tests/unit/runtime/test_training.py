@@ -1,0 +1,234 @@
+"""Training building blocks without a training run: tokenisation and loss mask, truncation, the
+learning-rate schedule, batch arithmetic, the DeepSpeed config, requests and checkpoint choice."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from humpback_runtime import prompts
+from humpback_runtime.spec import SystemPrompts, TrainingSpec
+from humpback_runtime.storage import LocalStore
+from humpback_runtime.training import (
+    COMPLETE,
+    IGNORE_INDEX,
+    TrainingError,
+    _choose_checkpoint,
+    deepspeed_config,
+    gradient_accumulation_steps,
+    learning_rate_at,
+    learning_rate_factor,
+    load_request,
+    resolve_bf16,
+    tokenize_example,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+SYSTEM = prompts.seed_system(SystemPrompts())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from humpback_runtime.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[dict]:
+    with open(ROOT / "examples" / "data" / "oasst1_pairs.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for _, line in zip(range(24), fh)]
+
+
+def _prompt_len(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt)["input_ids"])
+
+
+# --- tokenisation ---------------------------------------------------------------------------------
+
+
+def test_labels_mask_exactly_the_prompt_tokens(tokenizer, pairs) -> None:
+    for pair in pairs:
+        for ex in (prompts.forward_example(pair["instruction"], pair["response"], SYSTEM),
+                   prompts.backward_example(pair["instruction"], pair["response"])):
+            feat = tokenize_example(tokenizer, ex, 100_000)
+            n_prompt = _prompt_len(tokenizer, ex.prompt)
+            ids, labels = feat["input_ids"], feat["labels"]
+            assert len(ids) == len(labels) == len(feat["attention_mask"])
+            assert set(feat["attention_mask"]) == {1}
+            assert ids[0] == tokenizer.bos_token_id
+            assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+            assert labels[n_prompt:] == ids[n_prompt:]
+            assert ids[-1] == tokenizer.eos_token_id
+            # The unmasked tokens are the completion followed by EOS, nothing of the prompt.
+            assert tokenizer.decode(ids[n_prompt:]) == ex.completion + tokenizer.eos_token
+            assert tokenizer.decode(ids[:n_prompt]) == tokenizer.bos_token + ex.prompt
+
+
+def test_eos_is_appended_once_and_special_token_text_stays_text(tokenizer) -> None:
+    ex = prompts.forward_example("Say the end marker.", "It is written </s> like this.", SYSTEM)
+    feat = tokenize_example(tokenizer, ex, 4096)
+    assert feat["input_ids"].count(tokenizer.eos_token_id) == 1
+    assert feat["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_truncation_cuts_from_the_right_and_keeps_response_tokens(tokenizer, pairs) -> None:
+    ex = prompts.forward_example(pairs[0]["instruction"], pairs[0]["response"], SYSTEM)
+    full = tokenize_example(tokenizer, ex, 100_000)
+    n_prompt = _prompt_len(tokenizer, ex.prompt)
+    assert len(full["input_ids"]) > n_prompt + 3
+    cut = tokenize_example(tokenizer, ex, n_prompt + 3)
+    assert cut["input_ids"] == full["input_ids"][: n_prompt + 3]
+    assert sum(label != IGNORE_INDEX for label in cut["labels"]) == 3
+    assert cut["input_ids"][-1] != tokenizer.eos_token_id  # the stop was cut off with the tail
+
+
+def test_example_is_dropped_when_the_prompt_fills_the_window(tokenizer, pairs) -> None:
+    ex = prompts.forward_example(pairs[1]["instruction"], pairs[1]["response"], SYSTEM)
+    n_prompt = _prompt_len(tokenizer, ex.prompt)
+    assert tokenize_example(tokenizer, ex, n_prompt) is None
+    assert tokenize_example(tokenizer, ex, n_prompt - 1) is None
+    one = tokenize_example(tokenizer, ex, n_prompt + 1)
+    assert len(one["input_ids"]) == n_prompt + 1
+    assert sum(label != IGNORE_INDEX for label in one["labels"]) == 1
+
+
+def test_short_example_keeps_its_eos_within_the_window(tokenizer) -> None:
+    ex = prompts.forward_example("Hi", "Hello!", SYSTEM)
+    feat = tokenize_example(tokenizer, ex, 4096)
+    assert feat["labels"][-1] == tokenizer.eos_token_id
+
+
+# --- learning-rate schedule -----------------------------------------------------------------------
+
+
+def test_learning_rate_is_lr0_at_the_first_step_and_final_lr_at_the_last() -> None:
+    spec = TrainingSpec()  # paper: 1e-5 -> 9e-6
+    assert learning_rate_at(spec, 0, 500) == pytest.approx(1e-5, rel=1e-12)
+    assert learning_rate_at(spec, 499, 500) == pytest.approx(9e-6, rel=1e-12)
+    assert learning_rate_at(spec, 250, 501) == pytest.approx(9.5e-6, rel=1e-12)
+    lrs = [learning_rate_at(spec, t, 500) for t in range(500)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate_at(spec, 10_000, 500) == pytest.approx(9e-6)  # never below the final rate
+    assert learning_rate_at(spec, 0, 1) == pytest.approx(1e-5)
+
+
+def test_lambda_lr_over_an_optimizer_applies_the_schedule_per_step() -> None:
+    torch = pytest.importorskip("torch")
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-5)
+    steps = 6
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(learning_rate_factor, total_steps=steps, lr0=1e-5, lr_final=9e-6))
+    used = []
+    for _ in range(steps):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert used[0] == pytest.approx(1e-5)
+    assert used[-1] == pytest.approx(9e-6)
+    assert used == pytest.approx([1e-5 - 2e-7 * t for t in range(steps)])
+
+
+# --- batch arithmetic and configs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch", "per_device", "world", "expected"), [
+    (32, 1, 8, 4), (32, 4, 1, 8), (32, 2, 16, 1), (4, 2, 1, 2), (4, 1, 2, 2),
+])
+def test_gradient_accumulation_makes_up_the_global_batch(batch, per_device, world, expected) -> None:
+    spec = TrainingSpec(batch_size=batch, per_device_batch_size=per_device)
+    assert gradient_accumulation_steps(spec, world) == expected
+
+
+@pytest.mark.parametrize(("batch", "per_device", "world"), [(32, 3, 1), (4, 2, 4), (30, 4, 2)])
+def test_gradient_accumulation_error_names_the_fields(batch, per_device, world) -> None:
+    spec = TrainingSpec(batch_size=batch, per_device_batch_size=per_device)
+    with pytest.raises(TrainingError) as err:
+        gradient_accumulation_steps(spec, world)
+    msg = str(err.value)
+    assert f"batchSize ({batch})" in msg and f"perDeviceBatchSize ({per_device})" in msg
+    assert f"world size ({world})" in msg
+
+
+def test_deepspeed_config_per_zero_stage() -> None:
+    assert deepspeed_config(TrainingSpec(zero_stage=0), world_size=1, bf16=False, gpu=False) is None
+    cfg = deepspeed_config(TrainingSpec(batch_size=32, per_device_batch_size=2), world_size=8, bf16=True, gpu=True)
+    assert cfg["zero_optimization"]["stage"] == 2
+    batches = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    assert [cfg[k] for k in batches] == [32, 2, 2]
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
+    assert cfg["zero_allow_untested_optimizer"] is True
+    # The torch AdamW and our schedule: nothing for DeepSpeed to build or offload.
+    assert "optimizer" not in cfg and "scheduler" not in cfg
+    assert not any("offload" in k for k in cfg["zero_optimization"])
+    cpu = deepspeed_config(TrainingSpec(batch_size=4, per_device_batch_size=2), world_size=1, bf16=False, gpu=False)
+    assert cpu["bf16"] == {"enabled": False} and cpu["zero_optimization"]["overlap_comm"] is False
+    z3 = deepspeed_config(TrainingSpec(zero_stage=3, batch_size=8), world_size=8, bf16=True, gpu=True)
+    assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize(("precision", "cuda", "bf16"), [
+    ("auto", True, True), ("auto", False, False), ("bf16", False, True), ("bf16", True, True),
+    ("fp32", True, False), ("fp32", False, False),
+])
+def test_precision_resolution(precision, cuda, bf16) -> None:
+    assert resolve_bf16(precision, cuda) is bf16
+
+
+# --- worker requests ------------------------------------------------------------------------------
+
+
+def test_request_file_accepts_snake_and_camel_case(tmp_path: Path) -> None:
+    path = tmp_path / "req.json"
+    path.write_text(json.dumps({
+        "baseModel": "s3://models/llama", "examples_uri": "ns/run/train-m0/examples",
+        "settings": {"steps": 4, "batchSize": 4, "zeroStage": 3}, "storage": "s3://bucket/runs",
+        "prefix": "ns/run/train-m0", "card": {"stage": "train-m0"},
+    }))
+    req = load_request(path)
+    assert req.base_model == "s3://models/llama" and req.examples_uri == "ns/run/train-m0/examples"
+    assert req.settings.zero_stage == 3 and req.settings.steps_for(10) == 4
+    assert req.storage.uri == "s3://bucket/runs" and req.storage.s3.endpoint is None
+    path.write_text(json.dumps({
+        "base_model": "m", "examples_uri": "e", "prefix": "p", "learningRate": 1e-4,
+        "storage": {"uri": "/tmp/x", "s3": {"endpoint": "http://minio:9000"}},
+    }))
+    with pytest.raises(TrainingError, match="learningRate: unknown field"):
+        load_request(path)
+
+
+# --- checkpoint choice ----------------------------------------------------------------------------
+
+
+def _checkpoint(store: LocalStore, step: int, key: str | None, world_size: int = 1) -> None:
+    store.write_bytes(f"run/stage/checkpoints/step-{step}/trainer_state.json", b"{}")
+    if key is not None:
+        store.write_json(f"run/stage/checkpoints/step-{step}/{COMPLETE}",
+                         {"step": step, "training_key": key, "world_size": world_size})
+
+
+def test_resume_takes_the_latest_complete_checkpoint_of_this_request(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    assert _choose_checkpoint(store, "run/stage", "k", 1, 2) == (None, [])
+    _checkpoint(store, 100, "k")
+    _checkpoint(store, 200, "k")
+    _checkpoint(store, 300, "k")
+    _checkpoint(store, 400, None)  # an upload that never finished
+    _checkpoint(store, 50, "other")  # an earlier request (spec edited)
+    step, stale = _choose_checkpoint(store, "run/stage", "k", 1, 2)
+    assert step == 300
+    assert stale == [50, 100, 400]
+
+
+def test_zero_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    _checkpoint(store, 100, "k", world_size=8)
+    assert _choose_checkpoint(store, "run/stage", "k", 16, 2) == (None, [100])
+    assert _choose_checkpoint(store, "run/stage", "k", 16, 0) == (100, [])  # plain DDP state is portable
