@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 # which would otherwise pull the newest CUDA torch (gigabytes).
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 EXTRAS ?= train,s3,hub,dev
-# The model stages are not implemented yet; the demo stops after the data stages until they are.
-DEMO_UNTIL ?= prepare-corpus
+# Stop the demo after a stage, e.g. `make demo DEMO_UNTIL=prepare-corpus`; empty runs everything.
+DEMO_UNTIL ?=
 PYTEST_ARGS ?=
 
 .PHONY: install vllm-env demo test clean

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,19 +31,14 @@ log = logging.getLogger(__name__)
 # so a resumable stage continues only its own work and never mixes in a changed spec's.
 ATTEMPT = "_ATTEMPT.json"
 
-# Exit codes the runners tell apart: a stage that failed may succeed on retry; one that is not
-# implemented, or whose inputs are missing, will not.
+# Exit codes the runners tell apart: a stage that failed may succeed on retry; one whose inputs
+# are missing will not.
 EXIT_FAILED = 1
-EXIT_NOT_IMPLEMENTED = 3
 EXIT_INPUTS_MISSING = 4
 
 
 class StageError(RuntimeError):
     exit_code = EXIT_FAILED
-
-
-class StageNotImplemented(StageError):
-    exit_code = EXIT_NOT_IMPLEMENTED
 
 
 class InputsMissing(StageError):
@@ -127,6 +124,43 @@ def _lazy(module: str, function: str) -> StageFn:
     return run
 
 
+def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, int]]:
+    """The examples of a training stage, every template from prompts.py, and their counts."""
+    from humpback_runtime import prompts
+    from humpback_runtime.augmentation import stage_records
+
+    tags = ctx.run.spec.system_prompts
+    seed = list(stage_records(ctx, "prepare-seed"))
+    if stage.role == "backward":  # Myx learns p(instruction | response) on reversed seed pairs
+        return [prompts.backward_example(p["instruction"], p["response"]) for p in seed], {"seed": len(seed)}
+    examples = [prompts.forward_example(p["instruction"], p["response"], prompts.seed_system(tags)) for p in seed]
+    if stage.role == "seed":
+        return examples, {"seed": len(seed)}
+    curated = list(stage_records(ctx, f"curate-{stage.iteration}"))
+    examples += [prompts.forward_example(p["instruction"], p["response"], prompts.augmented_system(tags))
+                 for p in curated]
+    return examples, {"seed": len(seed), "curated": len(curated)}
+
+
+def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime.training import TrainRequest, train
+
+    spec = ctx.run.spec
+    base = spec.base_model
+    if base.startswith((".", "/", "file://")) and not Path(base.removeprefix("file://")).is_dir():
+        raise StageError(f"spec.baseModel: {base} is not a directory (a local model directory, hub id or "
+                         "s3:// URI is expected; the demo's is built by `humpback tiny-model .cache/tiny-llama`)")
+    examples, counts = training_examples(ctx, stage)
+    card = {"run": f"{ctx.run.namespace}/{ctx.run.name}", "stage": stage.name, "role": stage.role,
+            "baseModel": spec.base_model, "fingerprint": stage.fingerprint, "data": counts,
+            "inputs": {d: ctx.plan[d].fingerprint for d in stage.deps}}
+    metrics = train(TrainRequest(base_model=spec.base_model, examples=examples, settings=getattr(spec.training, stage.role),
+                                 store=ctx.store, prefix=prefix, card=card, s3_endpoint=spec.storage.s3.endpoint,
+                                 s3_region=spec.storage.s3.region))
+    return {"outputs": {"model": f"{prefix}/model", "count": metrics.get("examples", len(examples))},
+            "counts": counts, "metrics": metrics}
+
+
 def run_evaluate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime import prompts
     from humpback_runtime.engines import GenerationResult, Sampling
@@ -167,6 +201,7 @@ def run_report(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
 STAGES: dict[str, StageImpl] = {
     "prepare-seed": StageImpl(run_prepare_seed),
     "prepare-corpus": StageImpl(run_prepare_corpus),
+    "train": StageImpl(run_train, resumable=True),
     "augment": StageImpl(_lazy("augmentation", "run_augment"), resumable=True),
     "rewrite": StageImpl(_lazy("curation", "run_rewrite"), resumable=True),
     "curate": StageImpl(_lazy("curation", "run_curate"), resumable=True),
@@ -208,16 +243,14 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
         log.info("Skipped stage %s of run %s: already done (fingerprint %s)", name, ctx.run.name, stage.fingerprint)
         return None
     check_inputs(ctx, stage)
-    impl = STAGES.get(stage.family)
-    if impl is None:
-        raise StageNotImplemented(
-            f"stage {name} ({stage.family}) is not implemented in humpback {__version__}: the model "
-            "stages (training, augmentation, curation, evaluation, report) are not there yet. "
-            f"Run the data stages with `humpback run RUN.yaml --until prepare-corpus`."
-        )
+    impl = STAGES[stage.family]
 
     prefix = ctx.prefix(name)
     store = ctx.store
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun every process runs the stage; rank 0 alone owns the prefix and manifest.
+        impl.run(ctx, stage, prefix)
+        return None
     resumed = _claim_prefix(store, prefix, stage.fingerprint, impl.resumable)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()

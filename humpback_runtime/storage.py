@@ -161,6 +161,15 @@ class Store(ABC):
 
 # --- local files ------------------------------------------------------------------------------
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _atomic_write(dest: Path, fill: Callable[[BinaryIO], None]) -> None:
     """Write through a temporary file in the destination's folder, fsync, then rename over it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +179,8 @@ def _atomic_write(dest: Path, fill: Callable[[BinaryIO], None]) -> None:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; artifacts get the mode a plain open() would give them.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

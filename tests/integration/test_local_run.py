@@ -108,16 +108,6 @@ def test_a_spec_edit_reruns_only_the_changed_stage(tmp_path):
     assert after["counts"]["too_short"] > 0
 
 
-def test_missing_model_stage_fails_loudly_and_keeps_finished_work(tmp_path):
-    spec = write_spec(tmp_path)
-    result = humpback("run", spec)
-    assert result.returncode == 3
-    assert "[3/10] train-myx: FAILED (exit 3)" in result.stdout
-    assert "stage train-myx (train) is not implemented" in result.stderr
-    assert manifest(tmp_path, "train-myx") is None
-    assert manifest(tmp_path, "prepare-seed") and manifest(tmp_path, "prepare-corpus")
-
-
 def test_stage_refuses_to_run_before_its_inputs(tmp_path):
     spec = write_spec(tmp_path)
     result = humpback("stage", "train-myx", "--spec", spec)

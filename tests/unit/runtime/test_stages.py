@@ -36,3 +36,14 @@ def test_partial_work_of_unknown_origin_is_discarded(tmp_path):
     store.write_text("ns/run/augment/part-00000.jsonl", "{}\n")  # no _ATTEMPT.json beside it
     assert _claim_prefix(store, "ns/run/augment", "fp1", resumable=True) is False
     assert not store.exists("ns/run/augment/part-00000.jsonl")
+
+
+def test_every_planned_stage_has_an_implementation():
+    from humpback_runtime.plan import build_plan
+    from humpback_runtime.spec import parse_run
+    from humpback_runtime.stages import STAGES
+
+    run = parse_run({"metadata": {"name": "r"}, "spec": {
+        "baseModel": "m", "seed": {"source": "s"}, "corpus": {"source": "c"},
+        "curation": {"rewrite": {"enabled": True}}, "evaluation": {"enabled": True}}})
+    assert {s.family for s in build_plan(run).stages} <= set(STAGES)

@@ -346,3 +346,16 @@ def test_s3_list_does_not_show_objects_outside_the_root(s3_server, s3_client, s3
     store = open_store(f"{s3_bucket}/root", endpoint_url=s3_server)
     store.write_text("mine", "x")
     assert store.list() == ["mine"]
+
+
+def test_local_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from humpback_runtime.storage import open_store
+
+    store = open_store(str(tmp_path))
+    store.write_text("a/report.html", "<html></html>")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a" / "report.html").stat().st_mode) == 0o666 & ~mask
