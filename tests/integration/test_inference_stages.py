@@ -108,3 +108,43 @@ def test_curate_scores_every_candidate_and_selects_by_threshold(tmp_path, tiny_m
     else:
         # A random model almost never ends with "Score: N": counted, never guessed.
         assert scores["unparsable"] >= 1
+
+
+def _candidates(ctx, n=8):
+    import json
+
+    from humpback_runtime.storage import ShardWriter
+
+    lines = (ROOT / "examples" / "data" / "oasst1_pairs.jsonl").read_text().splitlines()[:n]
+    with ShardWriter(ctx.store, ctx.prefix("augment")) as writer:
+        for p in map(json.loads, lines):
+            writer.write({"id": p["id"], "instruction": p["instruction"], "response": p["response"][:400], "dropped": None})
+    write_success(ctx.store, ctx.prefix("augment"), {"fingerprint": ctx.plan["augment"].fingerprint,
+                                                     "outputs": {"records": writer.shards}})
+    return n
+
+
+def test_self_rewriting_by_the_previous_model_feeds_curation(tmp_path, tiny_model):
+    ctx = make_ctx(tmp_path, tiny_model, rewrite={"enabled": True, "sampling": {"maxTokens": 8}}, threshold=1)
+    stand_in_for_training(ctx, tiny_model, "train-myx", "train-m0")
+    n = _candidates(ctx)
+    assert ctx.plan["curate-1"].deps == ("rewrite-1", "train-m0")
+    manifest = run_stage(ctx, "rewrite-1")
+    rewritten = records(ctx, ctx.prefix("rewrite-1"))
+    assert len(rewritten) == n == manifest["counts"]["candidates"]
+    assert all(r["original_response"] and r["response"] for r in rewritten)
+    curated = run_stage(ctx, "curate-1")
+    assert curated["scored"] == manifest["outputs"]["count"]
+
+
+def test_rewriting_by_an_external_endpoint(tmp_path, tiny_model):
+    from humpback_runtime.openai_stub import StubServer
+
+    with StubServer(text="A rewritten, assistant-style answer.") as stub:
+        ctx = make_ctx(tmp_path, tiny_model, rewrite={"enabled": True, "endpoint": stub.url, "model": "model"})
+        n = _candidates(ctx)
+        assert ctx.plan["rewrite-1"].deps == ("augment",)  # no dependency on M0
+        manifest = run_stage(ctx, "rewrite-1")
+    rewritten = records(ctx, ctx.prefix("rewrite-1"))
+    assert {r["response"] for r in rewritten} == {"A rewritten, assistant-style answer."}
+    assert manifest["counts"]["rewritten"] == n and manifest["inference"]["engine"] == "vllm-server"
