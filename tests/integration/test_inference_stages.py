@@ -78,26 +78,15 @@ def test_augment_writes_one_record_per_segment_and_counts_drops(augmented):
 
 @pytest.mark.parametrize("mode", ["logprobs", "generate"])
 def test_curate_scores_every_candidate_and_selects_by_threshold(tmp_path, tiny_model, mode):
-    import json
-
-    from humpback_runtime.storage import ShardWriter
-
     ctx = make_ctx(tmp_path, tiny_model, mode=mode, threshold=2)
     stand_in_for_training(ctx, tiny_model, "train-myx", "train-m0")
     # Candidates stand in for augment's (a random Myx rarely writes a usable instruction):
     # real oasst1 pairs, plus one dropped record that curation must not score.
-    lines = (ROOT / "examples" / "data" / "oasst1_pairs.jsonl").read_text().splitlines()[:12]
-    pairs = [{"id": p["id"], "instruction": p["instruction"], "response": p["response"][:600], "dropped": None}
-             for p in map(json.loads, lines)]
-    with ShardWriter(ctx.store, ctx.prefix("augment")) as writer:
-        for p in pairs + [{"id": "x", "instruction": "", "response": "r", "dropped": "empty"}]:
-            writer.write(p)
-    write_success(ctx.store, ctx.prefix("augment"), {"fingerprint": ctx.plan["augment"].fingerprint,
-                                                     "outputs": {"records": writer.shards}})
+    n = _candidates(ctx, 12, extra=[{"id": "x", "instruction": "", "response": "r", "dropped": "empty"}])
     manifest = run_stage(ctx, "curate-1")
     scores = manifest["scores"]
-    assert manifest["scored"] == len(pairs)
-    assert sum(scores["histogram"].values()) + scores["unparsable"] == len(pairs)
+    assert manifest["scored"] == n
+    assert sum(scores["histogram"].values()) + scores["unparsable"] == n
     selected = list(iter_shard_records(ctx.store, manifest["outputs"]["records"]))
     assert len(selected) == manifest["selected"]
     assert all(r["score"] >= 2 for r in selected)
@@ -110,7 +99,8 @@ def test_curate_scores_every_candidate_and_selects_by_threshold(tmp_path, tiny_m
         assert scores["unparsable"] >= 1
 
 
-def _candidates(ctx, n=8):
+def _candidates(ctx, n=8, extra=()):
+    """Real oasst1 pairs written as augment's output, standing in for what Myx would write."""
     import json
 
     from humpback_runtime.storage import ShardWriter
@@ -119,6 +109,8 @@ def _candidates(ctx, n=8):
     with ShardWriter(ctx.store, ctx.prefix("augment")) as writer:
         for p in map(json.loads, lines):
             writer.write({"id": p["id"], "instruction": p["instruction"], "response": p["response"][:400], "dropped": None})
+        for record in extra:
+            writer.write(record)
     write_success(ctx.store, ctx.prefix("augment"), {"fingerprint": ctx.plan["augment"].fingerprint,
                                                      "outputs": {"records": writer.shards}})
     return n
