@@ -22,6 +22,7 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
+@pytest.mark.timeout(1800)  # two passes over the whole method: about 2 minutes on an idle 2-core machine
 def test_whole_run_survives_a_kill_mid_curation(tmp_path, tiny_model):
     data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
     data["spec"]["baseModel"] = str(tiny_model)
