@@ -140,3 +140,31 @@ def test_rewriting_by_an_external_endpoint(tmp_path, tiny_model):
     rewritten = records(ctx, ctx.prefix("rewrite-1"))
     assert {r["response"] for r in rewritten} == {"A rewritten, assistant-style answer."}
     assert manifest["counts"]["rewritten"] == n and manifest["inference"]["engine"] == "vllm-server"
+
+
+def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny_model):
+    import json
+
+    from humpback_runtime.openai_stub import StubServer
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"id": f"q{i}", "instruction": q}) + "\n" for i, q in
+                                    enumerate(["Name a planet.", "What is 2+2?", "Say hello."])))
+    with StubServer(text="Both are fine, A is clearer.\nVerdict: A") as judge:
+        ctx = make_ctx(tmp_path, tiny_model)
+        ctx.run.spec.evaluation = ctx.run.spec.evaluation.model_validate({
+            "enabled": True, "sets": [{"name": "mini", "source": str(prompts_file)}],
+            "judge": {"endpoint": judge.url, "model": "model"}, "sampling": {"maxTokens": 8}})
+        stand_in_for_training(ctx, tiny_model, "train-m0", "train-m1", "train-m2")
+        manifest = run_stage(ctx, "evaluate")
+        asked = judge.stats.requests
+    result = manifest["evaluation"]
+    assert result["judged"] is True
+    pairs = result["sets"]["mini"]["pairs"]
+    # M2 vs M0 and M2 vs M1, each prompt judged in both orders.
+    assert len(pairs) == 2 and asked == 2 * 2 * 3
+    for pair in pairs.values():
+        # The judge always says "A": a win when M2 is shown first, a loss when second -> 0.5.
+        assert pair["n"] == 3 and pair["win_rate"] == 0.5 and pair["wins"] == 3 and pair["losses"] == 3
+        assert pair["position_consistency"] == 0.0
+    assert manifest["outputs"]["answers"] == 3 * 3
