@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from humpback_runtime.prompts import TEMPLATE_VERSION
 from humpback_runtime.spec import BacktranslationRun
 
 # Bump when a stage's code changes what it writes for the same settings, so old outputs re-run.
@@ -29,6 +30,8 @@ STAGE_CODE_VERSIONS = {
     "evaluate": 1,
     "report": 1,
 }
+
+PROMPTED_FAMILIES = frozenset({"train", "augment", "rewrite", "curate", "evaluate"})
 
 StageKind = Literal["cpu", "train", "inference"]
 
@@ -106,6 +109,8 @@ def build_plan(run: BacktranslationRun) -> Plan:
             "settings": settings,
             "inputs": {d: fps[d] for d in deps},
         }
+        if family in PROMPTED_FAMILIES:  # a changed template changes what these stages write
+            payload["templates"] = TEMPLATE_VERSION
         fps[name] = fingerprint(payload)
         plan.stages.append(Stage(name, kind, family, tuple(deps), settings, fps[name], **extra))
 

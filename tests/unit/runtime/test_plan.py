@@ -105,3 +105,13 @@ def test_spec_and_plan_stay_light_for_the_operator():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_template_change_reruns_the_stages_that_use_prompts(monkeypatch):
+    import humpback_runtime.plan as plan_module
+
+    before = {s.name: s.fingerprint for s in build_plan(run_with()).stages}
+    monkeypatch.setattr(plan_module, "TEMPLATE_VERSION", plan_module.TEMPLATE_VERSION + 1)
+    after = {s.name: s.fingerprint for s in build_plan(run_with()).stages}
+    assert before["prepare-seed"] == after["prepare-seed"] and before["prepare-corpus"] == after["prepare-corpus"]
+    assert all(before[n] != after[n] for n in before if n.startswith(("train", "augment", "curate")))
