@@ -27,18 +27,9 @@ _SPACE = re.compile(r"\s+")
 _TEMPLATE_MARKERS = ("### Response:", "### Instruction")
 
 
-def stage_records(ctx: RunContext, stage: str) -> Iterator[dict[str, Any]]:
-    """The output records of a finished stage, from the shards its manifest lists."""
-    manifest = ctx.manifest(stage) or {}
-    keys = manifest.get("outputs", {}).get("records")
-    if keys is None:
-        keys = list_shards(ctx.store, ctx.prefix(stage))
-    return iter_shard_records(ctx.store, keys)
-
-
 def candidate_records(ctx: RunContext, stage: str) -> Iterator[dict[str, Any]]:
     """Usable (instruction, response) candidates of an augment or rewrite stage."""
-    return (r for r in stage_records(ctx, stage) if not r.get("dropped"))
+    return (r for r in ctx.records(stage) if not r.get("dropped"))
 
 
 def _normal(text: str) -> str:
@@ -74,7 +65,7 @@ def run_augment(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.models import engine_for
 
     spec = ctx.run.spec.augmentation
-    segments = list(stage_records(ctx, "prepare-corpus"))
+    segments = list(ctx.records("prepare-corpus"))
     engine = engine_for(ctx, stage.serves)
 
     def handle(segment: dict, result: GenerationResult) -> dict:

@@ -11,7 +11,9 @@ from functools import cached_property
 
 from humpback_runtime.plan import Plan, Stage, build_plan
 from humpback_runtime.spec import BacktranslationRun
-from humpback_runtime.storage import Store, open_store, read_success
+from collections.abc import Iterator
+
+from humpback_runtime.storage import Store, iter_shard_records, open_store, output_shards, read_success
 
 
 @dataclass
@@ -37,6 +39,11 @@ class RunContext:
 
     def manifest(self, stage: str) -> dict | None:
         return read_success(self.store, self.prefix(stage))
+
+    def records(self, stage: str) -> Iterator[dict]:
+        """The output records of a finished stage."""
+        prefix = self.prefix(stage)
+        return iter_shard_records(self.store, output_shards(self.store, prefix, self.manifest(stage)))
 
     def is_done(self, stage: Stage) -> bool:
         """Finished with the current settings: its manifest carries the plan's fingerprint."""

@@ -56,7 +56,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from humpback_runtime.storage import StorageError, Store, iter_shard_records, list_shards, read_success
+from humpback_runtime.storage import StorageError, Store, iter_shard_records, output_shards, read_success
 
 __all__ = ["build_report", "collect_report_inputs"]
 
@@ -135,13 +135,8 @@ def collect_report_inputs(store: Store, run_prefix: str, plan: Any, *, max_recor
 
 
 def _stage_records(store: Store, prefix: str, manifest: dict | None, limit: int) -> Iterator[dict]:
-    keys = _get(manifest, "outputs", "records")
-    if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
-        keys = None
     try:
-        if keys is None:
-            keys = list_shards(store, prefix)
-        for i, record in enumerate(iter_shard_records(store, keys)):
+        for i, record in enumerate(iter_shard_records(store, output_shards(store, prefix, manifest))):
             if i >= limit:
                 return
             if isinstance(record, dict):

@@ -127,16 +127,15 @@ def _lazy(module: str, function: str) -> StageFn:
 def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, int]]:
     """The examples of a training stage, every template from prompts.py, and their counts."""
     from humpback_runtime import prompts
-    from humpback_runtime.augmentation import stage_records
 
     tags = ctx.run.spec.system_prompts
-    seed = list(stage_records(ctx, "prepare-seed"))
+    seed = list(ctx.records("prepare-seed"))
     if stage.role == "backward":  # Myx learns p(instruction | response) on reversed seed pairs
         return [prompts.backward_example(p["instruction"], p["response"]) for p in seed], {"seed": len(seed)}
     examples = [prompts.forward_example(p["instruction"], p["response"], prompts.seed_system(tags)) for p in seed]
     if stage.role == "seed":
         return examples, {"seed": len(seed)}
-    curated = list(stage_records(ctx, f"curate-{stage.iteration}"))
+    curated = list(ctx.records(f"curate-{stage.iteration}"))
     examples += [prompts.forward_example(p["instruction"], p["response"], prompts.augmented_system(tags))
                  for p in curated]
     return examples, {"seed": len(seed), "curated": len(curated)}

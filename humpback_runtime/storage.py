@@ -39,6 +39,7 @@ __all__ = [
     "iter_stream_lines",
     "list_shards",
     "open_store",
+    "output_shards",
     "read_success",
     "write_success",
 ]
@@ -621,6 +622,14 @@ def list_shards(store: Store, prefix: str) -> list[str]:
     cut = len(prefix) + 1 if prefix else 0
     return [k for k in store.list(prefix)
             if "/" not in k[cut:] and k[cut:].startswith("part-") and k.endswith(_SHARD_EXTS)]
+
+
+def output_shards(store: Store, prefix: str, manifest: dict | None) -> list[str]:
+    """The record shards a stage wrote: those its manifest lists, else the part-* shards under it."""
+    keys = ((manifest or {}).get("outputs") or {}).get("records")
+    if isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys):
+        return keys
+    return list_shards(store, prefix)
 
 
 def iter_shard_records(store: Store, keys: Iterable[str]) -> Iterator[dict]:
