@@ -80,17 +80,12 @@ def _run_child(cmd: list[str]) -> int:
     # wait for it to finish its cleanup instead of dying first and orphaning it.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env)
-    while True:
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
         try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            try:
-                return proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                return 130
-            except KeyboardInterrupt:
-                proc.kill()
-                proc.wait()
-                return 130
+            return proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # stuck, or a second Ctrl-C
+            proc.kill()
+            proc.wait()
+            return 130

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import datetime, timezone
+from itertools import islice
 from typing import Any
 
 from humpback_runtime import __version__
@@ -88,7 +89,7 @@ def run_prepare_corpus(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, 
     counts = CorpusCounts()
     records = _input_records(ctx, spec.source, spec.split, bad)
     if spec.max_documents is not None:
-        records = _take(records, spec.max_documents)
+        records = islice(records, spec.max_documents)
     outputs = _write_records(ctx.store, prefix, filter_corpus(_progress(records, stage.name), spec, counts))
     if counts.kept == 0:
         raise StageError(
@@ -96,13 +97,6 @@ def run_prepare_corpus(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, 
             f"{bad.count}. Check spec.corpus.textField and the minChars/maxChars window."
         )
     return {"outputs": outputs, "counts": counts.as_dict(), "badRecords": bad.summary()}
-
-
-def _take(records: Iterator[tuple[str, dict]], n: int) -> Iterator[tuple[str, dict]]:
-    for i, rec in enumerate(records):
-        if i >= n:
-            return
-        yield rec
 
 
 StageFn = Callable[[RunContext, Stage, str], dict[str, Any]]
