@@ -1,0 +1,157 @@
+"""Kopf handlers of `BacktranslationRun`: one daemon per run that reconciles, and deletion.
+
+The daemon loops: read the run, decide (`reconcile.decide`), apply, then sleep until a child or
+the run changes, a retry is due, or a minute has passed. All state is in the run's status and in
+its children, so a restarted operator picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+
+from humpback_runtime.crd import GROUP, PLURAL, VERSION
+
+from humpback_operator import child_events
+from humpback_operator.config import OperatorConfig
+from humpback_operator.kube import ApiError, Kube
+from humpback_operator.reconcile import Decision, decide
+from humpback_operator.store_probe import StoreProbe
+
+log = logging.getLogger(__name__)
+
+# Children change in bursts (a Job's pods, conditions); wait this long after a wake-up so one
+# reconcile sees them all, and so Kopf's index has stored the change that woke us.
+DEBOUNCE_SECONDS = 0.1
+
+
+class Operator:
+    """What the handlers share: API access, settings, the store probe, metrics for the benchmark."""
+
+    def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None):
+        self.kube = kube or Kube()
+        self.config = config or OperatorConfig.from_env()
+        self.probe = StoreProbe()
+        self.reconciles = 0
+
+
+_operator: Operator | None = None
+
+
+def operator() -> Operator:
+    global _operator
+    if _operator is None:
+        _operator = Operator()
+    return _operator
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # The CRD's status schema has no `kopf` field: Kopf's bookkeeping goes into annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Events are posted explicitly (reconcile.Event); log lines become Events only from warnings up.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 270
+    operator()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def run_changed(namespace: str, name: str, **_: Any) -> None:
+    child_events.wakeup(namespace, name).set()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
+                     **kwargs: Any) -> None:
+    op = operator()
+    wake = child_events.wakeup(namespace, name)
+    while not stopped:
+        wake.clear()
+        try:
+            delay = await reconcile_once(op, namespace, name, kwargs, logger)
+        except ApiError as e:
+            logger.warning("Reconciling run %s/%s failed: %s; trying again in 10s", namespace, name, e)
+            delay = 10.0
+        if delay is None:  # the run is gone
+            return
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=max(delay, DEBOUNCE_SECONDS))
+            await asyncio.sleep(DEBOUNCE_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mapping[str, Any],
+                         logger: logging.Logger) -> float | None:
+    body = await op.kube.get_run(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    op.reconciles += 1
+    children = child_events.children_of(indexes, namespace, name)
+    store: dict[str, dict | None] = {}
+    now = datetime.now(timezone.utc)
+    decision = decide(body, children, store, now, op.config)
+    for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
+        if not decision.needs_store:
+            break
+        store.update(await op.probe.read(body, decision.needs_store, logger))
+        decision = decide(body, children, store, now, op.config)
+    await apply(op, body, decision, logger)
+    return decision.requeue_after
+
+
+async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logger: logging.Logger) -> None:
+    namespace = body["metadata"]["namespace"]
+    name = body["metadata"]["name"]
+    errors: list[str] = []
+    for obj in decision.update:
+        await op.kube.replace_data(obj)
+    for ref in decision.delete:
+        if await op.kube.delete(ref.api_version, ref.kind, namespace, ref.name):
+            logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
+    for obj in decision.create:
+        try:
+            if await op.kube.create(obj):
+                logger.info("Created %s %s for run %s", obj["kind"], obj["metadata"]["name"], name)
+        except ApiError as e:
+            # Kept in status and as an Event; the next reconcile tries again.
+            message = f"could not create {obj['kind']} {obj['metadata']['name']}: {e}"
+            errors.append(message)
+            kopf.event(body, type="Warning", reason="CreateFailed", message=message)
+    status = dict(decision.status)
+    if errors:
+        status["message"] = "; ".join(errors)
+        decision.requeue_after = min(decision.requeue_after, 30.0)
+    if _changed(body.get("status") or {}, status):
+        await op.kube.patch_run_status(namespace, name, status)
+    for event in decision.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return any(old.get(k) != v for k, v in new.items())
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwargs: Any) -> None:
+    """Delete the children now (GPUs free at once; ownerReferences are the backstop), then let go."""
+    op = operator()
+    started = time.monotonic()
+    for obj in child_events.children_of(kwargs, namespace, name):
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp"):
+            continue
+        try:
+            await op.kube.delete(obj["apiVersion"], obj["kind"], namespace, meta["name"])
+        except ApiError as e:  # never hold the run's deletion hostage: the garbage collector follows
+            logger.warning("Could not delete %s %s of run %s: %s", obj["kind"], meta["name"], name, e)
+    child_events.forget(namespace, name)
+    logger.info("Deleted the children of run %s/%s in %.2fs", namespace, name, time.monotonic() - started)

@@ -1,0 +1,109 @@
+"""Kopf indexes of every run's children, and wake-ups for the run daemons.
+
+Each kind of child the operator creates is watched (only objects labelled `humpback.dev/run`) and
+kept in an in-memory index keyed by (namespace, run), so a daemon reads its run's children without
+an API call. Any change of a child wakes its run's daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from humpback_operator.config import OperatorConfig
+from humpback_operator.names import LABEL_RUN
+from humpback_operator.backends import get_backend
+
+_wakeups: dict[tuple[str, str], asyncio.Event] = {}
+
+
+def wakeup(namespace: str, run: str) -> asyncio.Event:
+    return _wakeups.setdefault((namespace, run), asyncio.Event())
+
+
+def forget(namespace: str, run: str) -> None:
+    _wakeups.pop((namespace, run), None)
+
+
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the reconciler reads of a child (not the whole object: less memory per child)."""
+    meta = body.get("metadata", {})
+    out = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("humpback.dev/")},
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+        },
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+    if body.get("kind") == "ConfigMap":
+        out["data"] = dict(body.get("data") or {})
+    return out
+
+
+def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, str]) -> dict:
+    run = labels[LABEL_RUN]
+    wakeup(namespace or "", run).set()
+    return {(namespace, run): snapshot(body)}
+
+
+_RUN_LABEL = {LABEL_RUN: kopf.PRESENT}
+
+# One index per kind: Kopf passes each to handlers as a keyword argument of the same name.
+
+
+@kopf.index("batch", "v1", "jobs", labels=_RUN_LABEL)
+async def humpback_jobs(body, namespace, labels, **_):
+    return _index(body, namespace, labels)
+
+
+@kopf.index("apps", "v1", "deployments", labels=_RUN_LABEL)
+async def humpback_deployments(body, namespace, labels, **_):
+    return _index(body, namespace, labels)
+
+
+@kopf.index("", "v1", "services", labels=_RUN_LABEL)
+async def humpback_services(body, namespace, labels, **_):
+    return _index(body, namespace, labels)
+
+
+@kopf.index("", "v1", "configmaps", labels=_RUN_LABEL)
+async def humpback_configmaps(body, namespace, labels, **_):
+    return _index(body, namespace, labels)
+
+
+_backend = get_backend(OperatorConfig.from_env().training_backend)
+
+
+@kopf.index(_backend.group, _backend.version, _backend.plural, labels=_RUN_LABEL)
+async def humpback_trainjobs(body, namespace, labels, **_):
+    return _index(body, namespace, labels)
+
+
+# Deleted children leave the indexes by themselves; their deletion must still wake the run.
+@kopf.on.event("batch", "v1", "jobs", labels=_RUN_LABEL)
+@kopf.on.event("apps", "v1", "deployments", labels=_RUN_LABEL)
+@kopf.on.event(_backend.group, _backend.version, _backend.plural, labels=_RUN_LABEL)
+async def child_changed(type, namespace, labels, **_):
+    if type == "DELETED":
+        wakeup(namespace or "", labels[LABEL_RUN]).set()
+
+
+INDEX_NAMES = ("humpback_jobs", "humpback_deployments", "humpback_services", "humpback_configmaps", "humpback_trainjobs")
+
+
+def children_of(indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for index_name in INDEX_NAMES:
+        index = indexes.get(index_name)
+        if index is not None and (namespace, run) in index:
+            out.extend(index[(namespace, run)])
+    return out

@@ -1,0 +1,136 @@
+"""The few Kubernetes API calls the operator makes: get a run, patch its status, create and delete
+children. Kopf does the watching; these are the writes.
+
+The official `kubernetes` client does authentication (kubeconfig, in-cluster service account
+tokens and their rotation, TLS); its calls block, so they run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from humpback_runtime.crd import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+# apiVersion, kind -> plural: every kind the operator creates, deletes or reads.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("apps/v1", "Deployment"): "deployments",
+    ("batch/v1", "Job"): "jobs",
+    ("kubeflow.org/v1", "PyTorchJob"): "pytorchjobs",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjobs",
+    (f"{GROUP}/{VERSION}", "BacktranslationRun"): PLURAL,
+}
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, reason: str, message: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status} {reason}: {message}")
+
+
+def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+    try:
+        plural = PLURALS[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"the operator does not manage {kind} ({api_version})") from None
+    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = f"{root}/namespaces/{namespace}/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+class Kube:
+    def __init__(self, api_client: Any | None = None):
+        if api_client is None:
+            api_client = _default_api_client()
+        self.api = api_client
+        self.requests = 0  # for the benchmark: API calls this client made
+
+    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+              query: list[tuple[str, str]] | None = None) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        self.requests += 1
+        try:
+            data = self.api.call_api(
+                path, method, query_params=query or [], body=body,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+            )
+        except ApiException as e:
+            message = e.body or ""
+            try:
+                message = json.loads(message).get("message", message)
+            except (ValueError, AttributeError):
+                pass
+            raise ApiError(e.status or 0, e.reason or "", str(message)) from None
+        raw = data.data
+        return json.loads(raw) if raw else None
+
+    async def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                   query: list[tuple[str, str]] | None = None) -> Any:
+        return await asyncio.to_thread(self._call, method, path, body, content_type, query)
+
+    async def get_run(self, namespace: str, name: str) -> dict | None:
+        try:
+            return await self.call("GET", resource_path(f"{GROUP}/{VERSION}", "BacktranslationRun", namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def patch_run_status(self, namespace: str, name: str, status: dict) -> dict:
+        path = resource_path(f"{GROUP}/{VERSION}", "BacktranslationRun", namespace, name, "status")
+        return await self.call("PATCH", path, {"status": status}, "application/merge-patch+json")
+
+    async def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create `obj`; False when an object of that name exists already (a retry, a restart)."""
+        meta = obj["metadata"]
+        try:
+            await self.call("POST", resource_path(obj["apiVersion"], obj["kind"], meta["namespace"]), obj)
+        except ApiError as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    async def replace_data(self, obj: Mapping[str, Any]) -> None:
+        """Merge-patch `data` (and labels) of an existing object, e.g. the run's spec ConfigMap."""
+        meta = obj["metadata"]
+        patch = {"metadata": {"labels": meta.get("labels", {}), "annotations": meta.get("annotations", {})},
+                 "data": obj.get("data", {})}
+        await self.call("PATCH", resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
+                        patch, "application/merge-patch+json")
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete in the background (dependents go with the garbage collector); False if gone already."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        try:
+            await self.call("DELETE", resource_path(api_version, kind, namespace, name), body)
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+
+def _default_api_client() -> Any:
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)

@@ -1,0 +1,463 @@
+"""Pure decisions: what a run needs now, from what is observed.
+
+`decide()` takes the run object as the API server has it (spec and status), its children as the
+operator's watches see them, and what the store says about stages about to start, and returns the
+children to create and delete, the new status, the Events to post and when to look again. It does
+no I/O, so every behaviour of the operator (starting stages, retries, suspend, spec edits) is a
+plain function call in the unit tests; `backtranslationrun.py` applies the decision.
+
+Level-triggered: the same observation always gives the same decision, and applying a decision
+twice is harmless (creates of existing names are 409s, deletes of missing objects are 404s), so a
+restarted operator just decides again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from humpback_runtime.plan import Plan, Stage, build_plan
+from humpback_runtime.spec import BacktranslationRun, SpecError, parse_run
+
+from humpback_operator import names
+from humpback_operator.backends import get_backend
+from humpback_operator.children import (
+    build_spec_configmap,
+    build_stage_children,
+    cluster_problems,
+    job_outcome,
+    owner_reference,
+    served_models,
+    server_state,
+)
+from humpback_operator.config import OperatorConfig
+
+DONE = ("Succeeded", "Skipped")
+CONDITION_TYPES = ("Accepted", "Running", "Complete", "Failed", "Suspended")
+
+# Without news, look again after this long: a safety net for missed watch events.
+RESYNC_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Delete:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    create: list[dict] = field(default_factory=list)  # in order: servers before the Jobs that use them
+    update: list[dict] = field(default_factory=list)  # objects to replace in place (the spec ConfigMap)
+    delete: list[Delete] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    # Stages ready to start whose store state is unknown: read their _SUCCESS.json, decide again.
+    needs_store: list[str] = field(default_factory=list)
+    requeue_after: float = RESYNC_SECONDS
+
+
+def _now_str(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def _run_from_body(body: Mapping[str, Any]) -> BacktranslationRun:
+    meta = body.get("metadata", {})
+    data = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace", "default"),
+            "labels": dict(meta.get("labels") or {}),
+        },
+        "spec": body.get("spec"),
+    }
+    return parse_run(data, f"{meta.get('namespace')}/{meta.get('name')}")
+
+
+def storage_prefix_uri(run: BacktranslationRun, stage: str) -> str:
+    return f"{run.spec.storage.uri.rstrip('/')}/{run.namespace}/{run.name}/{stage}/"
+
+
+class _Children:
+    """A run's children by name, with the helpers decide() asks of them."""
+
+    def __init__(self, objects: list[Mapping[str, Any]]):
+        self.by_name: dict[tuple[str, str], Mapping[str, Any]] = {}
+        for obj in objects:
+            self.by_name[(obj.get("kind", ""), obj["metadata"]["name"])] = obj
+
+    def get(self, kind: str, name: str) -> Mapping[str, Any] | None:
+        return self.by_name.get((kind, name))
+
+    def of_stage(self, stage: str) -> list[Mapping[str, Any]]:
+        return [o for o in self.by_name.values() if o["metadata"].get("labels", {}).get(names.LABEL_STAGE) == stage]
+
+
+def _ref(obj: Mapping[str, Any]) -> dict[str, str]:
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"]}
+
+
+def _is_terminating(obj: Mapping[str, Any]) -> bool:
+    return bool(obj["metadata"].get("deletionTimestamp"))
+
+
+def _outcome(obj: Mapping[str, Any], config: OperatorConfig) -> tuple[str | None, str]:
+    if obj["kind"] == "Job":
+        return job_outcome(obj)
+    return get_backend(config.training_backend).outcome(obj)
+
+
+def _is_finished(obj: Mapping[str, Any], config: OperatorConfig) -> bool:
+    if obj["kind"] in ("Deployment", "Service", "ConfigMap"):
+        return False
+    return _outcome(obj, config)[0] is not None
+
+
+def decide(
+    body: Mapping[str, Any],
+    children: list[Mapping[str, Any]],
+    store: Mapping[str, dict | None],
+    now: datetime,
+    config: OperatorConfig,
+) -> Decision:
+    """The decision for one run. `store` maps stage name -> its `_SUCCESS.json` (None: not done)
+    for the stages the caller has read; a stage missing from it is reported in `needs_store`."""
+    d = Decision()
+    old_status = dict(body.get("status") or {})
+    generation = body.get("metadata", {}).get("generation")
+    try:
+        run = _run_from_body(body)
+        problems = cluster_problems(run)
+    except SpecError as e:
+        problems = e.errors
+        run = None
+    if problems:
+        return _invalid(d, old_status, generation, problems, now)
+
+    plan = build_plan(run)
+    kids = _Children(children)
+    owner = owner_reference(body)
+    old_stages = {s["name"]: s for s in old_status.get("stages") or [] if "name" in s}
+
+    configmap = build_spec_configmap(run, owner)
+    existing_cm = kids.get("ConfigMap", configmap["metadata"]["name"])
+    if existing_cm is None:
+        d.create.append(configmap)
+    elif existing_cm.get("data") != configmap["data"]:
+        d.update.append(configmap)
+
+    # Children of settings that no longer exist (a spec edit) are replaced: delete the active ones.
+    current = {s.name: s.fingerprint for s in plan.stages}
+    for obj in children:
+        labels = obj["metadata"].get("labels", {})
+        stage_name = labels.get(names.LABEL_STAGE)
+        if stage_name is None or _is_terminating(obj):
+            continue
+        fp = obj["metadata"].get("annotations", {}).get(names.ANNOTATION_FINGERPRINT)
+        if current.get(stage_name) != fp and not _is_finished(obj, config):
+            d.delete.append(Delete(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]))
+
+    suspended = run.spec.suspend
+    # A stage that failed for good (with today's settings and retry limit) stops new starts anywhere.
+    limit = run.spec.retries.limit
+    failed_before = any(s.get("phase") == "Failed" and s.get("fingerprint") == current.get(name)
+                        and int(s.get("attempt") or 0) > limit for name, s in old_stages.items())
+    failed_stage: str | None = None
+    states: dict[str, dict[str, Any]] = {}
+    for stage in plan.stages:
+        st = _stage_state(d, run, plan, stage, old_stages.get(stage.name), states, kids, store, now, config,
+                          owner, suspended=suspended, blocked=failed_before or failed_stage is not None)
+        states[stage.name] = st
+        if st["phase"] == "Failed" and failed_stage is None:
+            failed_stage = stage.name
+
+    if d.needs_store:  # the caller reads the store and decides again; apply nothing yet
+        d.create.clear()
+        d.update.clear()
+        d.delete.clear()
+        d.events.clear()
+    # Children must exist before the Jobs that use them: servers' Deployments and Services are
+    # appended before their client Job by _stage_state; the ConfigMap is first.
+    d.status = _run_status(run, plan, states, old_status, generation, suspended, failed_stage, now, d)
+    return d
+
+
+def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: datetime) -> Decision:
+    message = "invalid spec: " + "; ".join(problems)
+    conditions = {c["type"]: c for c in old.get("conditions") or []}
+    accepted = conditions.get("Accepted")
+    if not accepted or accepted.get("status") != "False" or accepted.get("message") != message:
+        d.events.append(Event("Warning", "InvalidSpec", message))
+    d.status = {
+        **{k: v for k, v in old.items() if k in ("stages", "progress")},
+        "observedGeneration": generation,
+        "phase": "Failed",
+        "stage": "",
+        "message": message,
+        "conditions": _conditions(old, now, generation, {
+            "Accepted": ("False", "InvalidSpec", message),
+            "Running": ("False", "InvalidSpec", "the spec must be fixed first"),
+            "Complete": ("False", "InvalidSpec", ""),
+            "Failed": ("True", "InvalidSpec", message),
+            "Suspended": ("False", "InvalidSpec", ""),
+        }),
+    }
+    d.requeue_after = RESYNC_SECONDS
+    return d
+
+
+def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage, old: dict | None,
+                 states: dict[str, dict[str, Any]], kids: _Children, store: Mapping[str, dict | None],
+                 now: datetime, config: OperatorConfig, owner: dict, *, suspended: bool, blocked: bool) -> dict[str, Any]:
+    st: dict[str, Any] = dict(old) if old else {"name": stage.name, "phase": "Pending", "attempt": 0}
+    if st.get("fingerprint") != stage.fingerprint:
+        if old and old.get("fingerprint") and old.get("phase") != "Pending":
+            d.events.append(Event("Normal", "StageReplanned",
+                                  f"Settings of stage {stage.name} changed: it will run again"))
+        st = {"name": stage.name, "phase": "Pending", "attempt": 0, "fingerprint": stage.fingerprint}
+
+    def delete_servers() -> None:
+        for obj in kids.of_stage(stage.name):
+            if obj["kind"] in ("Deployment", "Service") and not _is_terminating(obj):
+                d.delete.append(Delete(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]))
+
+    phase = st["phase"]
+    limit = run.spec.retries.limit
+    if phase in DONE or (phase == "Failed" and st.get("attempt", 0) > limit):
+        delete_servers()
+        return st
+
+    deps_done = all(states[dep]["phase"] in DONE for dep in stage.deps)
+    if not deps_done:
+        st.update(phase="Pending", message=f"waiting for {', '.join(x for x in stage.deps if states[x]['phase'] not in DONE)}")
+        return st
+
+    if suspended:
+        active = [o for o in kids.of_stage(stage.name)
+                  if o["metadata"].get("annotations", {}).get(names.ANNOTATION_FINGERPRINT) == stage.fingerprint
+                  and not _is_terminating(o) and not _is_finished(o, config)]
+        for obj in active:
+            d.delete.append(Delete(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]))
+        if phase == "Running":
+            d.events.append(Event("Normal", "StageSuspended", f"Stage {stage.name} stopped: the run is suspended"))
+            st.update(phase="Pending", message="suspended; continues when spec.suspend is false")
+        return st
+
+    attempt = int(st.get("attempt") or 0)
+    if attempt == 0:
+        if blocked:  # another stage failed for good: start nothing new
+            st["message"] = "not started: the run has failed"
+            return st
+        if stage.name not in store:
+            d.needs_store.append(stage.name)
+            return st
+        manifest = store[stage.name]
+        if manifest and manifest.get("fingerprint") == stage.fingerprint:
+            outputs = manifest.get("outputs") or {}
+            st.update(phase="Skipped", completionTime=_now_str(now), outputs=[storage_prefix_uri(run, stage.name)],
+                      message="already done in the store with the same settings; outputs reused"
+                      + (f" ({outputs.get('count')} records)" if isinstance(outputs, dict) and outputs.get("count") is not None else ""))
+            d.events.append(Event("Normal", "StageSkipped", f"Stage {stage.name} is already done in the store: skipped"))
+            return st
+        attempt = 1
+        st.update(phase="Running", attempt=1, startTime=_now_str(now), message="starting")
+        st.pop("completionTime", None)
+        st.pop("nextAttemptTime", None)
+
+    built = build_stage_children(run, plan, stage, attempt, config, owner)
+    primary = built.primary
+    existing = kids.get(primary["kind"], primary["metadata"]["name"])
+
+    if existing is not None and not _is_terminating(existing):
+        outcome, message = _outcome(existing, config)
+        if outcome == "Succeeded":
+            st.update(phase="Succeeded", completionTime=_now_str(now), outputs=[storage_prefix_uri(run, stage.name)],
+                      message=f"attempt {attempt} succeeded")
+            st.pop("nextAttemptTime", None)
+            d.events.append(Event("Normal", "StageSucceeded",
+                                  f"Stage {stage.name} succeeded ({primary['kind']} {primary['metadata']['name']})"))
+            delete_servers()
+            return st
+        if outcome == "Failed":
+            return _attempt_failed(d, st, stage, attempt, message, limit, run, now, delete_servers, rebuild_servers=False)
+        st.update(phase="Running", child=_ref(primary), message=f"attempt {attempt} running")
+        return st
+
+    # The current attempt's child is not there (yet): retries wait for their time, servers first.
+    retry_at = _parse_time(st.get("nextAttemptTime"))
+    if retry_at is not None and retry_at > now:
+        d.requeue_after = min(d.requeue_after, (retry_at - now).total_seconds())
+        return st
+    if existing is not None:  # same name still being deleted (suspend, then resume at once)
+        d.requeue_after = min(d.requeue_after, 2.0)
+        st["message"] = f"waiting for the old {primary['kind']} {primary['metadata']['name']} to be deleted"
+        return st
+
+    waiting: list[str] = []
+    for server in built.servers:
+        have = kids.get(server["kind"], server["metadata"]["name"])
+        if have is None:
+            d.create.append(server)
+            if server["kind"] == "Deployment":
+                waiting.append(server["metadata"]["name"])
+                d.events.append(Event("Normal", "ServerCreated",
+                                      f"Created vLLM Deployment {server['metadata']['name']} for stage {stage.name}"))
+        elif _is_terminating(have):
+            d.requeue_after = min(d.requeue_after, 2.0)
+            waiting.append(server["metadata"]["name"])
+        elif server["kind"] == "Deployment":
+            state, message = server_state(have)
+            if state == "Failed":
+                return _attempt_failed(d, st, stage, attempt, f"vLLM server {server['metadata']['name']}: {message}",
+                                       limit, run, now, delete_servers, rebuild_servers=True)
+            if state != "Available":
+                waiting.append(server["metadata"]["name"])
+    if waiting:
+        st.update(phase="Running", child=_ref(built.servers[0]),
+                  message=f"attempt {attempt}: waiting for vLLM server {', '.join(waiting)} to become available")
+        return st
+
+    d.create.append(primary)
+    st.pop("nextAttemptTime", None)
+    st.update(phase="Running", child=_ref(primary), message=f"attempt {attempt} running")
+    if attempt == 1 or st.get("startTime") is None:
+        st["startTime"] = st.get("startTime") or _now_str(now)
+    d.events.append(Event("Normal", "StageStarted",
+                          f"Created {primary['kind']} {primary['metadata']['name']} for stage {stage.name} (attempt {attempt})"))
+    return st
+
+
+def _attempt_failed(d: Decision, st: dict, stage: Stage, attempt: int, message: str, limit: int,
+                    run: BacktranslationRun, now: datetime, delete_servers, *, rebuild_servers: bool) -> dict:
+    if attempt > limit:  # that was the last one
+        st.update(phase="Failed", completionTime=_now_str(now),
+                  message=f"attempt {attempt} of {limit + 1} failed: {message}")
+        st.pop("nextAttemptTime", None)
+        d.events.append(Event("Warning", "StageFailed",
+                              f"Stage {stage.name} failed after {attempt} attempt(s): {message}"))
+        delete_servers()
+        return st
+    delay = run.spec.retries.backoff_seconds * 2 ** (attempt - 1)
+    retry_at = now + timedelta(seconds=delay)
+    st.update(phase="Running", attempt=attempt + 1, nextAttemptTime=_now_str(retry_at),
+              message=f"attempt {attempt} failed: {message}; attempt {attempt + 1} of {limit + 1} in {delay}s")
+    d.events.append(Event("Warning", "StageRetrying",
+                          f"Attempt {attempt} of stage {stage.name} failed: {message}; retrying in {delay}s"))
+    if rebuild_servers:  # a server that never became ready is rebuilt for the next attempt
+        delete_servers()
+    d.requeue_after = min(d.requeue_after, max(float(delay), 0.5))
+    return st
+
+
+def _run_status(run: BacktranslationRun, plan: Plan, states: dict[str, dict[str, Any]], old: dict, generation: Any,
+                suspended: bool, failed_stage: str | None, now: datetime, d: Decision) -> dict[str, Any]:
+    stages = [states[s.name] for s in plan.stages]
+    done = sum(1 for s in stages if s["phase"] in DONE)
+    running = [s["name"] for s in stages if s["phase"] == "Running"]
+    complete = done == len(stages)
+    total = len(stages)
+
+    if failed_stage:
+        failed = ("True", "StageFailed", f"stage {failed_stage} failed: {states[failed_stage].get('message', '')}")
+    else:
+        failed = ("False", "NoFailure", "")
+    if complete:
+        complete_c = ("True", "AllStagesDone", f"all {total} stages done")
+    else:
+        complete_c = ("False", "InProgress", f"{done}/{total} stages done")
+    if suspended:
+        running_c = ("False", "Suspended", "spec.suspend is true")
+    elif complete:
+        running_c = ("False", "Completed", "")
+    elif running:
+        running_c = ("True", "StagesRunning", ", ".join(running))
+    elif failed_stage:
+        running_c = ("False", "Failed", "")
+    else:
+        running_c = ("False", "Waiting", "no stage is running")
+    suspended_c = ("True", "Suspended", "running children deleted; finished work kept") if suspended \
+        else ("False", "NotSuspended", "")
+    conditions = _conditions(old, now, generation, {
+        "Accepted": ("True", "Planned", f"{total} stages planned"),
+        "Running": running_c,
+        "Complete": complete_c,
+        "Failed": failed,
+        "Suspended": suspended_c,
+    })
+    if failed_stage:
+        phase = "Failed"
+    elif complete:
+        phase = "Succeeded"
+    elif suspended:
+        phase = "Suspended"
+    elif running or done:
+        phase = "Running"
+    else:
+        phase = "Pending"
+
+    old_conditions = {c["type"]: c.get("status") for c in old.get("conditions") or []}
+    def flipped(kind: str, to: str) -> bool:
+        return old_conditions.get(kind) != to
+    if flipped("Accepted", "True"):
+        d.events.append(Event("Normal", "Accepted", f"Planned {total} stages: {', '.join(plan.names())}"))
+    if suspended and flipped("Suspended", "True"):
+        d.events.append(Event("Normal", "Suspended", "Run suspended: running children deleted, finished work kept"))
+    if not suspended and old_conditions.get("Suspended") == "True":
+        d.events.append(Event("Normal", "Resumed", "Run resumed"))
+    if complete and flipped("Complete", "True"):
+        d.events.append(Event("Normal", "Succeeded", f"Run succeeded: all {total} stages done"))
+    if failed_stage and flipped("Failed", "True"):
+        d.events.append(Event("Warning", "Failed", failed[2]))
+
+    message = failed[2] if failed_stage else complete_c[2] if complete else (
+        "suspended" if suspended else "; ".join(f"{s['name']}: {s.get('message', '')}" for s in stages if s["phase"] == "Running"))
+    return {
+        "observedGeneration": generation,
+        "phase": phase,
+        "stage": ",".join(running),
+        "progress": f"{done}/{total}",
+        "message": message,
+        "conditions": conditions,
+        "stages": stages,
+    }
+
+
+def _conditions(old: dict, now: datetime, generation: Any,
+                wanted: dict[str, tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Conditions in a fixed order; lastTransitionTime changes only when status does."""
+    previous = {c["type"]: c for c in old.get("conditions") or [] if "type" in c}
+    out = []
+    for kind in CONDITION_TYPES:
+        status, reason, message = wanted[kind]
+        before = previous.get(kind)
+        changed = before is None or before.get("status") != status
+        out.append({
+            "type": kind,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": _now_str(now) if changed else before.get("lastTransitionTime", _now_str(now)),
+            "observedGeneration": generation,
+        })
+    return out

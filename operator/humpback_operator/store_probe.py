@@ -1,0 +1,46 @@
+"""Reads `_SUCCESS.json` of stages about to start, so that finished work is skipped without a child.
+
+The operator uses its own credentials (its environment: AWS_* variables, IRSA, instance roles),
+never the run's Secret: it has no access to Secrets. When it cannot read the store, a stage counts
+as not done; its child then finds the stage done itself and exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from humpback_runtime.storage import open_store, read_success
+
+PROBE_TIMEOUT_SECONDS = 20.0
+
+
+class StoreProbe:
+    def __init__(self) -> None:
+        self._warned: set[str] = set()  # one warning per store, not one per stage
+
+    async def read(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger) -> dict[str, dict | None]:
+        meta = body["metadata"]
+        spec = body.get("spec") or {}
+        storage = spec.get("storage") or {}
+        uri = storage.get("uri", "./runs")
+        s3 = storage.get("s3") or {}
+        out: dict[str, dict | None] = {}
+        for stage in stages:
+            prefix = f"{meta['namespace']}/{meta['name']}/{stage}"
+            try:
+                out[stage] = await asyncio.wait_for(
+                    asyncio.to_thread(_read, uri, s3.get("endpoint"), s3.get("region"), prefix),
+                    timeout=PROBE_TIMEOUT_SECONDS)
+            except Exception as e:  # noqa: BLE001 - any failure means "unknown": the child decides
+                if uri not in self._warned:
+                    self._warned.add(uri)
+                    logger.warning("Cannot read the store %s (%s); stages will check it themselves", uri, e)
+                out[stage] = None
+        return out
+
+
+def _read(uri: str, endpoint: str | None, region: str | None, prefix: str) -> dict | None:
+    return read_success(open_store(uri, endpoint_url=endpoint, region=region), prefix)

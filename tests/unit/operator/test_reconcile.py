@@ -1,0 +1,326 @@
+"""The operator's decisions (`reconcile.decide`), driven through whole runs by a tiny in-memory
+cluster: what a real API server plus the training operator, Job and Deployment controllers would
+do, reduced to "objects by name" and a policy that finishes them."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from humpback_operator.config import OperatorConfig
+from humpback_operator.reconcile import decide
+from humpback_runtime.plan import build_plan
+from humpback_runtime.spec import parse_run
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIG = OperatorConfig()
+T0 = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+
+
+def tiny_body(**spec_updates) -> dict:
+    doc = yaml.safe_load((ROOT / "examples/tiny-cpu.yaml").read_text())
+    doc["metadata"].update(namespace="ml", uid="uid-1", generation=1)
+    doc["spec"]["storage"] = {"uri": "s3://bucket/runs"}
+    doc["spec"]["inference"]["engine"] = "auto"  # vLLM servers for inference stages
+    for path, value in spec_updates.items():
+        node = doc["spec"]
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return doc
+
+
+def conditions_true(obj: dict, *types: str) -> None:
+    obj["status"] = {"conditions": [{"type": t, "status": "True", "reason": t, "message": f"{t.lower()} here"}
+                                    for t in types]}
+
+
+class Cluster:
+    """Objects by (kind, name); `policy(obj) -> 'succeed' | 'fail' | 'hold'` finishes primaries."""
+
+    def __init__(self, body: dict, policy=lambda obj: "succeed"):
+        self.body = body
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.policy = policy
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.now = T0
+
+    def children(self) -> list[dict]:
+        return [copy.deepcopy(o) for o in self.objects.values()]
+
+    def step(self, store: dict | None = None, advance: float = 1.0):
+        """One reconcile: decide (reading the store when asked), apply, let controllers act."""
+        self.now += timedelta(seconds=advance)
+        store = dict(store or {})
+        d = decide(self.body, self.children(), store, self.now, CONFIG)
+        if d.needs_store:
+            store.update({s: None for s in d.needs_store if s not in store})
+            d = decide(self.body, self.children(), store, self.now, CONFIG)
+        assert not d.needs_store
+        for obj in d.update:
+            self.objects[(obj["kind"], obj["metadata"]["name"])]["data"] = obj["data"]
+        for ref in d.delete:
+            self.objects.pop((ref.kind, ref.name), None)
+            self.deleted.append(ref.name)
+        for obj in d.create:
+            key = (obj["kind"], obj["metadata"]["name"])
+            assert key not in self.objects, f"created {key} twice"
+            self.objects[key] = copy.deepcopy(obj)
+            self.created.append(obj["metadata"]["name"])
+        self.body["status"] = d.status
+        self.events += [(e.type, e.reason, e.message) for e in d.events]
+        self.controllers()
+        return d
+
+    def controllers(self):
+        for obj in self.objects.values():
+            if obj.get("status"):
+                continue
+            kind = obj["kind"]
+            if kind == "Deployment":
+                obj["status"] = {"availableReplicas": 1, "conditions": [{"type": "Available", "status": "True"}]}
+                continue
+            if kind not in ("Job", "PyTorchJob"):
+                continue
+            verdict = self.policy(obj)
+            if verdict == "hold":
+                continue
+            ok = "Complete" if kind == "Job" else "Succeeded"
+            conditions_true(obj, "Created", ok) if verdict == "succeed" else conditions_true(obj, "Failed")
+
+    def run_until(self, done, steps: int = 200, **kw):
+        for _ in range(steps):
+            self.step(**kw)
+            if done(self):
+                return
+        raise AssertionError(f"not done after {steps} steps: {self.body['status'].get('message')}")
+
+    def stage(self, name: str) -> dict:
+        return next(s for s in self.body["status"]["stages"] if s["name"] == name)
+
+    def reasons(self) -> list[str]:
+        return [r for _, r, _ in self.events]
+
+
+def phase_is(phase):
+    return lambda c: c.body.get("status", {}).get("phase") == phase
+
+
+def test_a_run_goes_through_the_whole_dag_for_two_iterations():
+    cluster = Cluster(tiny_body())
+    first = cluster.step()
+    kinds = sorted((o["kind"], o["metadata"]["labels"]["humpback.dev/stage"]) for o in first.create if o["kind"] != "ConfigMap")
+    assert kinds == [("Job", "prepare-corpus"), ("Job", "prepare-seed")]
+    assert first.create[0]["kind"] == "ConfigMap"  # pods read the spec from it
+    cluster.run_until(phase_is("Succeeded"))
+
+    status = cluster.body["status"]
+    plan = build_plan(parse_run({k: v for k, v in cluster.body.items() if k != "status"}))
+    assert [s["name"] for s in status["stages"]] == plan.names()
+    assert all(s["phase"] == "Succeeded" for s in status["stages"])
+    assert status["progress"] == f"{len(plan.stages)}/{len(plan.stages)}"
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Accepted": "True", "Running": "False", "Complete": "True", "Failed": "False", "Suspended": "False"}
+    # Both iterations ran, each curate-k scored by M(k-1).
+    assert any(n.startswith("tiny-cpu-curate-1-") and n.endswith("-m0") for n in cluster.created)
+    assert any(n.startswith("tiny-cpu-curate-2-") and n.endswith("-m1") for n in cluster.created)
+    # Every vLLM server is gone once its stage ended; Jobs and PyTorchJobs stay for their logs.
+    assert not [k for k in cluster.objects if k[0] in ("Deployment", "Service")]
+    assert cluster.reasons().count("StageSucceeded") == len(plan.stages)
+    assert cluster.reasons()[-1] == "Succeeded"
+
+
+def test_train_myx_and_train_m0_start_together():
+    cluster = Cluster(tiny_body())
+    started: list[list[str]] = []
+    for _ in range(10):
+        d = cluster.step()
+        started.append(sorted(o["metadata"]["labels"]["humpback.dev/stage"] for o in d.create if o["kind"] == "PyTorchJob"))
+    assert ["train-m0", "train-myx"] in started
+
+
+def test_inference_stage_waits_for_its_server_before_the_client_job():
+    cluster = Cluster(tiny_body(), policy=lambda o: "succeed")
+    cluster.controllers = lambda: None  # nothing becomes ready by itself
+    cluster.step()
+    for obj in cluster.objects.values():
+        if obj["kind"] == "Job":
+            conditions_true(obj, "Complete")
+    for _ in range(3):
+        cluster.step()
+        for obj in cluster.objects.values():
+            if obj["kind"] == "PyTorchJob":
+                conditions_true(obj, "Succeeded")
+    kinds = {k for k in cluster.objects if "augment" in k[1]}
+    assert {k[0] for k in kinds} == {"Deployment", "Service"}, kinds
+    assert "waiting for vLLM server" in cluster.stage("augment")["message"]
+    deployment = next(o for (k, _), o in cluster.objects.items() if k == "Deployment")
+    deployment["status"] = {"availableReplicas": 1, "conditions": [{"type": "Available", "status": "True"}]}
+    d = cluster.step()
+    client = [o for o in d.create if o["kind"] == "Job"]
+    assert len(client) == 1 and client[0]["metadata"]["labels"]["humpback.dev/stage"] == "augment"
+    env = {e["name"]: e.get("value") for e in client[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HUMPBACK_SERVED_MODEL"] == "train-myx"
+    assert env["HUMPBACK_ENDPOINT"].startswith("http://")
+
+
+def test_a_failed_attempt_is_retried_as_a_new_child_after_the_backoff():
+    failures = {"train-m0": 1}
+
+    def policy(obj):
+        stage = obj["metadata"]["labels"]["humpback.dev/stage"]
+        if failures.get(stage, 0) > 0:
+            failures[stage] -= 1
+            return "fail"
+        return "succeed"
+
+    body = tiny_body(**{"retries": {"limit": 2, "backoffSeconds": 30}})
+    cluster = Cluster(body, policy)
+    cluster.run_until(lambda c: c.body["status"]["stages"] and c.stage("train-m0").get("nextAttemptTime"))
+    st = cluster.stage("train-m0")
+    assert st["attempt"] == 2 and st["phase"] == "Running"
+    assert "attempt 1 failed" in st["message"]
+    assert "StageRetrying" in cluster.reasons()
+    # Not before the backoff: no second child yet.
+    d = cluster.step(advance=5)
+    assert not [o for o in d.create if o["metadata"]["name"].endswith("-a2")]
+    cluster.step(advance=30)
+    assert any(n.startswith("tiny-cpu-train-m0-") and n.endswith("-a2") for n in cluster.created)
+    cluster.run_until(phase_is("Succeeded"))
+    assert cluster.stage("train-m0")["attempt"] == 2
+
+
+def test_retries_exhausted_fail_the_run_with_reason_and_message():
+    body = tiny_body(**{"retries": {"limit": 1, "backoffSeconds": 0}})
+    cluster = Cluster(body, policy=lambda o: "fail" if o["metadata"]["labels"]["humpback.dev/stage"] == "prepare-seed" else "succeed")
+    cluster.run_until(phase_is("Failed"))
+    st = cluster.stage("prepare-seed")
+    assert st["phase"] == "Failed" and st["attempt"] == 2
+    assert "attempt 2 of 2 failed" in st["message"]
+    failed = next(c for c in cluster.body["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "StageFailed" and "prepare-seed" in failed["message"]
+    assert "StageFailed" in cluster.reasons() and "Failed" in cluster.reasons()
+    # Nothing downstream started.
+    assert not [n for n in cluster.created if "train" in n]
+    # Raising the retry limit (a spec edit that changes no fingerprint) lets the stage go on.
+    cluster.body["spec"]["retries"]["limit"] = 2
+    cluster.policy = lambda o: "succeed"
+    cluster.run_until(phase_is("Succeeded"))
+    assert cluster.stage("prepare-seed")["attempt"] == 3
+
+
+def test_stages_already_done_in_the_store_are_skipped_without_a_child():
+    body = tiny_body()
+    plan = build_plan(parse_run(body))
+    store = {"prepare-seed": {"fingerprint": plan["prepare-seed"].fingerprint, "outputs": {"count": 64}},
+             "prepare-corpus": {"fingerprint": "something-else"}}
+    cluster = Cluster(body)
+    d = cluster.step(store=store)
+    created = [o["metadata"]["labels"]["humpback.dev/stage"] for o in d.create if o["kind"] != "ConfigMap"]
+    # A stale manifest (other settings) does not count; what needs only prepare-seed starts at once.
+    assert sorted(created) == ["prepare-corpus", "train-m0", "train-myx"]
+    assert cluster.stage("prepare-seed")["phase"] == "Skipped"
+    assert "StageSkipped" in cluster.reasons()
+
+
+def test_suspend_deletes_running_children_keeps_finished_work_and_resume_continues():
+    cluster = Cluster(tiny_body(), policy=lambda o: "hold" if "train" in o["metadata"]["name"] else "succeed")
+    cluster.run_until(lambda c: any(k[0] == "PyTorchJob" for k in c.objects))
+    running = [k for k in cluster.objects if k[0] == "PyTorchJob"]
+    cluster.body["spec"]["suspend"] = True
+    cluster.step()
+    assert not [k for k in cluster.objects if k[0] == "PyTorchJob"]
+    assert cluster.body["status"]["phase"] == "Suspended"
+    assert cluster.stage("prepare-seed")["phase"] == "Succeeded"  # finished work kept
+    assert cluster.stage("train-m0")["phase"] == "Pending"
+    assert "Suspended" in cluster.reasons()
+    d = cluster.step()
+    assert not d.create  # stays suspended
+
+    cluster.body["spec"]["suspend"] = False
+    cluster.policy = lambda o: "succeed"
+    d = cluster.step()
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in d.create) == sorted(running)  # same attempt, same names
+    assert "Resumed" in cluster.reasons()
+    cluster.run_until(phase_is("Succeeded"))
+
+
+def test_a_spec_edit_reruns_only_changed_stages_and_replaces_their_running_children():
+    hold = {"curate-1"}
+    cluster = Cluster(tiny_body(), policy=lambda o: "hold" if o["metadata"]["labels"]["humpback.dev/stage"] in hold else "succeed")
+    cluster.run_until(lambda c: c.body["status"]["stages"] and c.stage("curate-1").get("child", {}).get("kind") == "Job")
+    old_curate = [k for k in cluster.objects if "curate-1" in k[1]]
+    before = {s["name"]: dict(s) for s in cluster.body["status"]["stages"]}
+
+    cluster.body["spec"]["curation"]["threshold"] = 3
+    cluster.body["metadata"]["generation"] = 2
+    d = cluster.step()
+    deleted = {(r.kind, r.name) for r in d.delete}
+    assert set(old_curate) <= deleted  # the running Job and its server are replaced
+    after = {s["name"]: s for s in cluster.body["status"]["stages"]}
+    for name in ("prepare-seed", "prepare-corpus", "train-myx", "train-m0", "augment"):
+        assert after[name] == before[name], name  # untouched
+    assert after["curate-1"]["fingerprint"] != before["curate-1"]["fingerprint"]
+    assert "StageReplanned" in cluster.reasons()
+    assert cluster.body["status"]["observedGeneration"] == 2
+    assert any(o["kind"] == "ConfigMap" for o in d.update)  # pods of the new attempt read the new spec
+    hold.clear()
+    cluster.run_until(phase_is("Succeeded"))
+    assert len([n for n in cluster.created if n.startswith("tiny-cpu-train-myx")]) == 1
+
+
+def test_restart_decides_the_same_and_creates_nothing_twice():
+    cluster = Cluster(tiny_body(), policy=lambda o: "hold" if "augment" in o["metadata"]["name"] else "succeed")
+    cluster.run_until(lambda c: any(k[0] == "Job" and "augment" in k[1] for k in c.objects))
+    # A new operator process sees the same status and children: nothing to create or delete.
+    d = decide(cluster.body, cluster.children(), {}, cluster.now, CONFIG)
+    assert not d.create and not d.delete and not d.needs_store
+    assert d.status["stages"] == cluster.body["status"]["stages"]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("storage", {"uri": "./runs"}, "spec.storage.uri"),  # pods on different nodes share no local path
+    ("corpus.minChars", 5000, "minChars"),  # above maxChars: only the runtime's validators catch it
+])
+def test_an_invalid_run_is_refused_with_a_condition_and_one_event(field, value, expected):
+    cluster = Cluster(tiny_body(**{field: value}))
+    d = cluster.step()
+    assert not d.create
+    status = cluster.body["status"]
+    assert status["phase"] == "Failed"
+    accepted = next(c for c in status["conditions"] if c["type"] == "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
+    assert expected in accepted["message"]
+    cluster.step()
+    assert cluster.reasons().count("InvalidSpec") == 1  # not repeated while nothing changes
+
+
+def test_completion_reads_every_condition_not_only_the_last():
+    cluster = Cluster(tiny_body(), policy=lambda o: "hold")
+    cluster.step()
+    job = next(o for (k, n), o in cluster.objects.items() if k == "Job" and "prepare-seed" in n)
+    job["status"] = {"conditions": [
+        {"type": "FailureTarget", "status": "True"},
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "exit 1"},
+        {"type": "Suspended", "status": "False"},  # last, and says nothing about the outcome
+    ]}
+    cluster.step()
+    assert "attempt 1 failed" in cluster.stage("prepare-seed")["message"]
+
+
+@pytest.mark.parametrize("unchanged_step", [1, 5])
+def test_a_second_decide_with_nothing_new_changes_nothing(unchanged_step):
+    cluster = Cluster(tiny_body(), policy=lambda o: "hold")
+    for _ in range(unchanged_step):
+        cluster.step()
+    status = copy.deepcopy(cluster.body["status"])
+    d = decide(cluster.body, cluster.children(), {}, cluster.now + timedelta(seconds=1), CONFIG)
+    assert not d.create and not d.delete and not d.events
+    assert d.status == status
