@@ -6,6 +6,7 @@
     humpback stage STAGE --spec RUN.yaml [--storage URI] [--force]
     humpback tiny-model OUT_DIR          # the demo's random-init base model
     humpback crd [-o FILE]               # the CustomResourceDefinition, generated from the spec models
+    humpback render RUN.yaml [-o FILE]   # the Kubernetes objects the operator would create for the run
 """
 
 from __future__ import annotations
@@ -148,6 +149,30 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    try:
+        from humpback_operator.children import cluster_problems, render_yaml
+        from humpback_operator.config import OperatorConfig
+    except ImportError:
+        print("humpback render needs the operator extra: pip install 'humpback[operator]'", file=sys.stderr)
+        return 1
+    run = load_run(args.file)
+    for problem in cluster_problems(run):
+        print(f"warning: {problem}", file=sys.stderr)
+    try:
+        config = OperatorConfig.from_env()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    text = render_yaml(run, config)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote the objects of run {run.namespace}/{run.name} to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="humpback", description="Instruction backtranslation (Humpback) pipeline.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("crd", help="print the BacktranslationRun CRD, generated from the spec models")
     s.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
     s.set_defaults(func=cmd_crd)
+
+    s = sub.add_parser("render", help="print the Kubernetes objects the operator would create for a run")
+    s.add_argument("file", metavar="RUN.yaml")
+    s.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
+    s.set_defaults(func=cmd_render)
 
     s = sub.add_parser("tiny-model", help="build the demo's tiny random-init Llama model and tokenizer")
     s.add_argument("out_dir", type=Path, metavar="OUT_DIR")

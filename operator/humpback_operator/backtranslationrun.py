@@ -18,7 +18,7 @@ import kopf
 
 from humpback_runtime.crd import GROUP, PLURAL, VERSION
 
-from humpback_operator import child_events
+from humpback_operator import child_events, metrics
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
 from humpback_operator.reconcile import Decision, decide
@@ -61,6 +61,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
     operator()
+    metrics.serve_from_env()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -95,6 +96,8 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     op.reconciles += 1
+    metrics.RECONCILES.inc()
+    started = time.monotonic()
     children = child_events.children_of(indexes, namespace, name)
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
@@ -105,7 +108,14 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
         store.update(await op.probe.read(body, decision.needs_store, logger))
         decision = decide(body, children, store, now, op.config)
     await apply(op, body, decision, logger)
+    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    _phases[(namespace, name)] = decision.status.get("phase", "Pending")
+    for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
+        metrics.RUNS.labels(phase).set(sum(1 for p in _phases.values() if p == phase))
     return decision.requeue_after
+
+
+_phases: dict[tuple[str, str], str] = {}
 
 
 async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logger: logging.Logger) -> None:
@@ -120,6 +130,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
     for obj in decision.create:
         try:
             if await op.kube.create(obj):
+                metrics.CHILDREN_CREATED.labels(obj["kind"]).inc()
                 logger.info("Created %s %s for run %s", obj["kind"], obj["metadata"]["name"], name)
         except ApiError as e:
             # Kept in status and as an Event; the next reconcile tries again.
@@ -133,6 +144,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
     if _changed(body.get("status") or {}, status):
         await op.kube.patch_run_status(namespace, name, status)
     for event in decision.events:
+        metrics.EVENTS.labels(event.reason).inc()
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
@@ -154,4 +166,5 @@ async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwarg
         except ApiError as e:  # never hold the run's deletion hostage: the garbage collector follows
             logger.warning("Could not delete %s %s of run %s: %s", obj["kind"], meta["name"], name, e)
     child_events.forget(namespace, name)
+    _phases.pop((namespace, name), None)
     logger.info("Deleted the children of run %s/%s in %.2fs", namespace, name, time.monotonic() - started)

@@ -14,7 +14,6 @@ from typing import Any
 
 import kopf
 
-from humpback_operator.config import OperatorConfig
 from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
 
@@ -80,7 +79,9 @@ async def humpback_configmaps(body, namespace, labels, **_):
     return _index(body, namespace, labels)
 
 
-_backend = get_backend(OperatorConfig.from_env().training_backend)
+# The training backend the operator supports today (config.SUPPORTED_TRAINING_BACKENDS); read at
+# import time, without the environment, so importing the package never fails on a bad setting.
+_backend = get_backend("pytorchjob")
 
 
 @kopf.index(_backend.group, _backend.version, _backend.plural, labels=_RUN_LABEL)

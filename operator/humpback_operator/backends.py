@@ -1,0 +1,153 @@
+"""The training backend seam: which custom resource runs a training stage, and how to read its outcome.
+
+children.py builds one pod template (image, torchrun command, env, resources, volumes, node
+selection, security context); a backend wraps it into its kind and reads completion back.
+
+- `PyTorchJobBackend`: Kubeflow training operator v1, `kubeflow.org/v1` `PyTorchJob`. The default,
+  and the only one `OperatorConfig.from_env` accepts.
+- `TrainJobBackend`: Kubeflow Trainer v2, `trainer.kubeflow.org/v1alpha1` `TrainJob` against the
+  `torch-distributed` ClusterTrainingRuntime. Built and validated against the CRD's schema, but
+  NOT complete, so not offered yet: a TrainJob cannot carry the pod template's security context
+  (runAsNonRoot, seccomp, dropped capabilities) nor its labels (spec.labels reach the JobSet and
+  Jobs, not the pods); those come from the runtime, which the cluster admin must set up to match.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from humpback_operator.names import object_meta, pod_labels
+
+
+class TrainingBackend(Protocol):
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str: ...
+
+    def build(self, *, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
+              pod_template: dict, nodes: int, procs_per_node: int) -> dict:
+        """The training object: `nodes` pods of `pod_template` (its first container trains), each
+        running `procs_per_node` processes."""
+        ...
+
+    def outcome(self, obj: Mapping) -> tuple[str | None, str]:
+        """("Succeeded" | "Failed" | None while running, message) from the object's conditions."""
+        ...
+
+
+def conditions_outcome(obj: Mapping, succeeded: Iterable[str], failed: Iterable[str]) -> tuple[str | None, str]:
+    """Outcome from status.conditions: any condition of a `failed` type with status "True" means
+    Failed, else any of a `succeeded` type means Succeeded. Every condition counts, never only the
+    last: controllers append conditions, and the terminal one need not come last."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    true = [c for c in conditions if c.get("status") == "True"]
+    for phase, types in (("Failed", set(failed)), ("Succeeded", set(succeeded))):
+        for c in true:
+            if c.get("type") in types:
+                text = ": ".join(p for p in (c.get("reason"), c.get("message")) if p)
+                return phase, text or c["type"]
+    return None, ""
+
+
+class _Backend:
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+    def _object(self, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
+                spec: dict) -> dict:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "metadata": object_meta(name, namespace, labels, annotations, owner),
+            "spec": spec,
+        }
+
+
+class PyTorchJobBackend(_Backend):
+    group, version, plural, kind = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+    CONTAINER = "pytorch"  # the training operator finds the trainer container (and its port) by this name
+
+    def build(self, *, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
+              pod_template: dict, nodes: int, procs_per_node: int) -> dict:
+        def replicas(n: int) -> dict:
+            template = copy.deepcopy(pod_template)
+            template["spec"]["containers"][0]["name"] = self.CONTAINER
+            # Never: a failed pod fails the PyTorchJob at once (backoffLimit 0), and the operator
+            # retries the stage as a new PyTorchJob that resumes from the last checkpoint in the
+            # store, with its own pods and logs. ExitCode (restart in place on retryable exit codes)
+            # would be the alternative, but it hides failures inside one attempt.
+            return {"replicas": n, "restartPolicy": "Never", "template": template}
+
+        specs = {"Master": replicas(1)}
+        if nodes > 1:
+            specs["Worker"] = replicas(nodes - 1)
+        spec = {
+            # torchrun also reads it as PET_NPROC_PER_NODE; the CRD types it as a string.
+            "nprocPerNode": str(procs_per_node),
+            # cleanPodPolicy None keeps the pods of a finished attempt for `kubectl logs`; the run's
+            # deletion removes them with the PyTorchJob.
+            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": specs,
+        }
+        return self._object(name, namespace, labels, annotations, owner, spec)
+
+    def outcome(self, obj: Mapping) -> tuple[str | None, str]:
+        return conditions_outcome(obj, succeeded=("Succeeded",), failed=("Failed",))
+
+
+class TrainJobBackend(_Backend):
+    group, version, plural, kind = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+    RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs for torchrun
+    TARGET_JOB = "node"  # the runtime's replicated Job and its trainer container are both named node
+
+    def build(self, *, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
+              pod_template: dict, nodes: int, procs_per_node: int) -> dict:
+        pod = copy.deepcopy(pod_template["spec"])
+        container = pod["containers"][0]
+        trainer = {
+            "image": container["image"],
+            "command": container["command"],
+            "env": container.get("env", []),
+            "numNodes": nodes,
+            "numProcPerNode": procs_per_node,
+        }
+        if container.get("resources"):
+            trainer["resourcesPerNode"] = container["resources"]
+        override: dict = {"targetJobs": [{"name": self.TARGET_JOB}]}
+        if container.get("volumeMounts"):
+            override["containers"] = [{"name": self.TARGET_JOB, "volumeMounts": container["volumeMounts"]}]
+        for key in ("volumes", "nodeSelector", "tolerations", "serviceAccountName"):
+            if pod.get(key):
+                override[key] = pod[key]
+        spec = {
+            "runtimeRef": {"name": self.RUNTIME},
+            "labels": pod_labels(labels),
+            "trainer": trainer,
+            "podSpecOverrides": [override],
+        }
+        return self._object(name, namespace, labels, annotations, owner, spec)
+
+    def outcome(self, obj: Mapping) -> tuple[str | None, str]:
+        return conditions_outcome(obj, succeeded=("Complete",), failed=("Failed",))
+
+
+BACKENDS: dict[str, type[_Backend]] = {"pytorchjob": PyTorchJobBackend, "trainjob": TrainJobBackend}
+
+
+def get_backend(name: str) -> TrainingBackend:
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ValueError(f"unknown training backend {name!r}: expected one of {', '.join(BACKENDS)}") from None

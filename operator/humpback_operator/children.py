@@ -1,0 +1,469 @@
+"""Pure builders of a run's Kubernetes children: spec + plan + stage -> manifest dicts.
+
+No I/O and no API calls: the reconciler decides when to create what, and `humpback render`
+prints the same objects for review:
+
+    humpback render examples/llama2-7b-paper.yaml
+
+Per stage (see operator/README.md): a `Job` for cpu stages and in-process inference, a training
+object of the configured backend (PyTorchJob) for train stages, and for inference stages served
+by the operator one vLLM `Deployment` + `Service` per model plus a client `Job`. Every runtime
+container runs `humpback stage STAGE --spec env:HUMPBACK_RUN_SPEC` with the spec from the
+ConfigMap `<run>-spec`; credentials are only ever Secret references.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import yaml
+
+from humpback_operator.backends import conditions_outcome, get_backend
+from humpback_operator.config import OperatorConfig
+from humpback_operator.names import (
+    ANNOTATION_FINGERPRINT,
+    LABEL_COMPONENT,
+    LABEL_MODEL,
+    LABEL_RUN,
+    LABEL_STAGE,
+    child_labels,
+    model_short,
+    object_meta,
+    pod_labels,
+    server_name,
+    spec_configmap_name,
+    stage_child_name,
+)
+from humpback_runtime.plan import Plan, Stage, build_plan
+from humpback_runtime.spec import BacktranslationRun, PodResources, dump_run
+
+ENV_RUN_SPEC = "HUMPBACK_RUN_SPEC"
+SPEC_KEY = "run.yaml"
+
+# Contract with the runtime. Copied, not imported: those runtime modules pull in the inference
+# engines, which the operator must never import. tests/unit/operator/test_children.py checks
+# that the copies match humpback_runtime.models / evaluation / curation.
+MODEL_DIR = "model"  # models.MODEL_DIR: a training stage's model is <uri>/<namespace>/<run>/<stage>/model
+ENDPOINT_ENV = "HUMPBACK_ENDPOINT"  # models.ENDPOINT_ENV
+SERVED_MODEL_ENV = "HUMPBACK_SERVED_MODEL"  # models.SERVED_MODEL_ENV
+ENDPOINTS_ENV = "HUMPBACK_ENDPOINTS"  # models.ENDPOINTS_ENV
+JUDGE_API_KEY_ENV = "HUMPBACK_JUDGE_API_KEY"  # evaluation.JUDGE_API_KEY_ENV
+REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"  # curation.REWRITE_API_KEY_ENV
+API_KEY_SECRET_KEY = "apiKey"  # the key in judge.apiKeySecret / rewrite.apiKeySecret
+
+CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process engines
+IN_PROCESS_ENGINES = ("transformers", "vllm")
+
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+# vLLM loads a 7B model from S3 in minutes, but a cold node first pulls a large image: allow
+# 30 minutes (period 10 s x 180) before the kubelet gives up on the startup probe.
+STARTUP_PROBE = {"periodSeconds": 10, "failureThreshold": 180}
+READINESS_PROBE = {"periodSeconds": 10, "failureThreshold": 3}
+# Lenient: a server busy with a full batch may answer /health slowly, and a restart loses the KV cache.
+LIVENESS_PROBE = {"periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 5}
+SERVER_PROGRESS_DEADLINE_S = 3600
+
+
+def owner_reference(body: Mapping) -> dict:
+    """A controller ownerReference to the live run `body`: its children go when it goes."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def cluster_problems(run: BacktranslationRun) -> list[str]:
+    """What makes a valid spec unrunnable on a cluster, one "field.path: message" each.
+
+    Local paths in sources and baseModel are not problems: users may bake data into their images.
+    """
+    problems = []
+    uri = run.spec.storage.uri
+    if not uri.startswith("s3://"):
+        problems.append(f"spec.storage.uri: a cluster run needs s3:// storage (pods share nothing else), got {uri}")
+    return problems
+
+
+def build_spec_configmap(run: BacktranslationRun, owner: dict | None) -> dict:
+    """ConfigMap `<run>-spec` with the run's spec (defaults filled in) under key run.yaml.
+
+    metadata is reduced to name and namespace: the live object's labels and annotations (Kopf's
+    among them) change without changing what a stage does. The fingerprint annotation is a hash
+    of the content, so a stale ConfigMap is easy to tell.
+    """
+    data = dump_run(run)
+    data["metadata"] = {"name": run.name, "namespace": run.namespace}
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(spec_configmap_name(run.name), run.namespace, child_labels(run, None, "spec"),
+                                {ANNOTATION_FINGERPRINT: digest}, owner),
+        "data": {SPEC_KEY: text},
+    }
+
+
+def served_models(run: BacktranslationRun, stage: Stage) -> list[str]:
+    """Training stages whose models the operator must serve with vLLM while `stage` runs."""
+    inference = run.spec.inference
+    if stage.kind != "inference" or inference.engine in IN_PROCESS_ENGINES or inference.endpoint:
+        return []
+    if stage.family == "evaluate":
+        return list(stage.deps)  # every model M0..Mk, each on its own server
+    return [stage.serves] if stage.serves else []  # None: rewrite with an external endpoint
+
+
+def _runs_in_process(run: BacktranslationRun, stage: Stage) -> bool:
+    """An inference stage whose engine loads the model in the Job's own pod (needs GPUs there)."""
+    external_rewrite = stage.family == "rewrite" and stage.serves is None
+    return stage.kind == "inference" and run.spec.inference.engine in IN_PROCESS_ENGINES and not external_rewrite
+
+
+@dataclass(frozen=True)
+class StageChildren:
+    servers: list[dict]  # for each served model: its Deployment, then its Service (creation order)
+    primary: dict  # the Job or training object whose conditions decide the attempt
+
+
+def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, attempt: int,
+                         config: OperatorConfig, owner: dict | None = None) -> StageChildren:
+    """The children of one attempt of `stage`. Only the primary's name and attempt label depend on the attempt: the
+    servers of a stage are shared by its attempts."""
+    if stage.name not in plan:
+        raise ValueError(f"stage {stage.name!r} is not in the plan of run {run.name}")
+    resources = run.spec.resources
+    models = served_models(run, stage)
+    servers: list[dict] = []
+    for model in models:
+        servers += _server(run, stage, model, config, owner)
+
+    if stage.kind == "train":
+        primary = _training(run, stage, attempt, config, owner)
+    elif models:  # a client of the servers: CPU only, the GPUs are the servers'
+        primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
+                       extra_env=_endpoint_env(run, stage, models, config))
+    elif _runs_in_process(run, stage):
+        primary = _job(run, stage, attempt, config, owner, "job", resources.inference,
+                       gpus=resources.inference.gpus_per_replica)
+    elif stage.kind == "inference":  # a client of the user's endpoint or of an external rewriter
+        primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0)
+    else:
+        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0)
+    return StageChildren(servers=servers, primary=primary)
+
+
+def render_run(run: BacktranslationRun, config: OperatorConfig) -> list[dict]:
+    """Every object of the run at attempt 1, in plan order, without ownerReferences (the run has no
+    uid before it is applied)."""
+    plan = build_plan(run)
+    objects = [build_spec_configmap(run, None)]
+    for stage in plan.stages:
+        children = build_stage_children(run, plan, stage, 1, config)
+        objects += [*children.servers, children.primary]
+    return objects
+
+
+def render_yaml(run: BacktranslationRun, config: OperatorConfig) -> str:
+    """`render_run` as the multi-document YAML that `humpback render` prints."""
+    out = [
+        f"# Kubernetes objects of BacktranslationRun {run.namespace}/{run.name}, as the humpback operator",
+        "# creates them (rendered only: nothing is applied). The operator adds an ownerReference to the run",
+        "# to each one; a retried stage gets a new Job / PyTorchJob named ...-a2, ...-a3; vLLM servers",
+        "# exist only while their stage runs.",
+    ]
+    for obj in render_run(run, config):
+        stage = obj["metadata"]["labels"].get(LABEL_STAGE, "run")
+        out += ["---", f"# {stage}: {obj['kind']} {obj['metadata']['name']}", to_yaml(obj).rstrip("\n")]
+    return "\n".join(out) + "\n"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (the spec in the ConfigMap), no anchors or aliases."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def to_yaml(obj: object) -> str:
+    # Wide lines: a folded JSON value (HUMPBACK_ENDPOINTS) is valid YAML but hard to read.
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=4096)
+
+
+# --- reading children's status --------------------------------------------------------------
+
+
+def job_outcome(job: Mapping) -> tuple[str | None, str]:
+    """("Succeeded" | "Failed" | None while running, "reason: message") of a batch/v1 Job.
+
+    FailureTarget (Kubernetes 1.31+) is set as soon as the Job is bound to fail, before its pods
+    are gone and Failed is added: the attempt is over either way.
+    """
+    return conditions_outcome(job, succeeded=("Complete",), failed=("Failed", "FailureTarget"))
+
+
+def server_state(deployment: Mapping) -> tuple[str, str]:
+    """("Available" | "Progressing" | "Failed", message) of a vLLM Deployment. One available
+    replica is enough for the client to start."""
+    status = deployment.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    available = conditions.get("Available", {})
+    if available.get("status") == "True" or (status.get("availableReplicas") or 0) >= 1:
+        return "Available", available.get("message") or f"{status.get('availableReplicas', 0)} replica(s) available"
+    progressing = conditions.get("Progressing", {})
+    message = ": ".join(p for p in (progressing.get("reason"), progressing.get("message")) if p)
+    if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return "Failed", message
+    return "Progressing", message or "waiting for the vLLM server to become available"
+
+
+# --- pods -----------------------------------------------------------------------------------
+
+
+def _stage_args(stage: Stage) -> list[str]:
+    return ["stage", stage.name, "--spec", f"env:{ENV_RUN_SPEC}"]
+
+
+def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict:
+    ref: dict = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _s3_env(run: BacktranslationRun) -> list[dict]:
+    """S3 access for boto3 and the Run:ai streamer: Secret references, region, endpoint."""
+    s3 = run.spec.storage.s3
+    env = []
+    if s3.credentials_secret:
+        env += [_secret_env(key, s3.credentials_secret, key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        env.append(_secret_env("AWS_SESSION_TOKEN", s3.credentials_secret, "AWS_SESSION_TOKEN", optional=True))
+    if s3.region:
+        env += [{"name": "AWS_REGION", "value": s3.region}, {"name": "AWS_DEFAULT_REGION", "value": s3.region}]
+    if s3.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
+    return env
+
+
+def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
+    spec = run.spec
+    env = [
+        {"name": ENV_RUN_SPEC, "valueFrom": {"configMapKeyRef": {"name": spec_configmap_name(run.name), "key": SPEC_KEY}}},
+        {"name": "HOME", "value": "/tmp"},  # caches of HF, torch and Triton; the image's HOME may not be ours
+        {"name": "HUMPBACK_CACHE", "value": CACHE_DIR},
+        *_s3_env(run),
+    ]
+    judge = spec.evaluation.judge
+    if stage.family == "evaluate" and judge and judge.api_key_secret:
+        env.append(_secret_env(JUDGE_API_KEY_ENV, judge.api_key_secret, API_KEY_SECRET_KEY))
+    rewrite = spec.curation.rewrite
+    if stage.family == "rewrite" and rewrite.api_key_secret:
+        env.append(_secret_env(REWRITE_API_KEY_ENV, rewrite.api_key_secret, API_KEY_SECRET_KEY))
+    return env
+
+
+def _resources(res: PodResources, gpus: int) -> dict:
+    amounts = {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
+    limits = dict(amounts)
+    if gpus > 0:
+        limits["nvidia.com/gpu"] = gpus  # extended resources: the limit is also the request
+    out = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _volumes(shm: bool, cache: bool) -> tuple[list[dict], list[dict]]:
+    """(volumes, volumeMounts): /dev/shm in memory for NCCL and vLLM workers (the runtime's 64 MiB
+    default is far too small), and a scratch cache for downloaded models."""
+    volumes, mounts = [], []
+    if cache:
+        volumes.append({"name": "cache", "emptyDir": {}})
+        mounts.append({"name": "cache", "mountPath": CACHE_DIR})
+    if shm:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def _container(name: str, image: str, env: list[dict], resources: dict, mounts: list[dict], *,
+               command: list[str] | None = None, args: list[str] | None = None) -> dict:
+    container: dict = {"name": name, "image": image}
+    if command:
+        container["command"] = command
+    if args:
+        container["args"] = args
+    container["env"] = env
+    if resources:
+        container["resources"] = resources
+    if mounts:
+        container["volumeMounts"] = mounts
+    container["securityContext"] = copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
+    return container
+
+
+def _pod_template(labels: dict, res: PodResources, config: OperatorConfig, containers: list[dict],
+                  volumes: list[dict], *, restart_policy: str | None = None) -> dict:
+    spec: dict = {}
+    if restart_policy:
+        spec["restartPolicy"] = restart_policy
+    if config.service_account:
+        spec["serviceAccountName"] = config.service_account
+    # Stages and vLLM never call the Kubernetes API. (IRSA and Pod Identity use their own token.)
+    spec["automountServiceAccountToken"] = False
+    spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
+    if res.node_selector:
+        spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations]
+    spec["containers"] = containers
+    if volumes:
+        spec["volumes"] = volumes
+    return {"metadata": {"labels": pod_labels(labels)}, "spec": spec}
+
+
+def _fingerprint(stage: Stage) -> dict[str, str]:
+    return {ANNOTATION_FINGERPRINT: stage.fingerprint}
+
+
+# --- children by kind -----------------------------------------------------------------------
+
+
+def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig,
+              owner: dict | None) -> dict:
+    res = run.spec.resources.training
+    procs = res.gpus_per_node or 1
+    # torchrun takes nnodes, node rank and the master's address from the PET_* variables that the
+    # training operator injects; only the processes per node are ours to say.
+    command = ["torchrun", f"--nproc-per-node={procs}", "-m", "humpback_runtime", *_stage_args(stage)]
+    labels = child_labels(run, stage.name, "train", attempt=str(attempt))
+    volumes, mounts = _volumes(shm=True, cache=True)
+    container = _container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
+                           _resources(res, res.gpus_per_node), mounts, command=command)
+    template = _pod_template(labels, res, config, [container], volumes)
+    return get_backend(config.training_backend).build(
+        name=stage_child_name(run.name, stage, attempt), namespace=run.namespace, labels=labels,
+        annotations=_fingerprint(stage), owner=owner, pod_template=template, nodes=res.nodes, procs_per_node=procs,
+    )
+
+
+def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig, owner: dict | None,
+         component: str, res: PodResources, *, gpus: int, extra_env: list[dict] | None = None) -> dict:
+    """A batch/v1 Job running the stage once. backoffLimit 0: a failure ends the attempt, and the
+    operator's retry is a new Job (its pods and logs stay beside the failed one's)."""
+    labels = child_labels(run, stage.name, component, attempt=str(attempt))
+    volumes, mounts = _volumes(shm=gpus > 0, cache=True)
+    command = ["humpback", *_stage_args(stage)]
+    container = _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
+                           _resources(res, gpus), mounts, command=command)
+    template = _pod_template(labels, res, config, [container], volumes, restart_policy="Never")
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": object_meta(stage_child_name(run.name, stage, attempt), run.namespace, labels,
+                                _fingerprint(stage), owner),
+        "spec": {"backoffLimit": 0, "template": template},
+    }
+
+
+def model_uri(run: BacktranslationRun, train_stage: str) -> str:
+    """Where `train_stage` leaves its model: <storage uri>/<namespace>/<run>/<stage>/model."""
+    return f"{run.spec.storage.uri.rstrip('/')}/{run.namespace}/{run.name}/{train_stage}/{MODEL_DIR}"
+
+
+def server_url(run: BacktranslationRun, stage: Stage, train_stage: str, config: OperatorConfig) -> str:
+    """The OpenAI-compatible API root of the server of `train_stage` for `stage`."""
+    return f"http://{server_name(run.name, stage, train_stage)}.{run.namespace}.svc:{config.vllm_port}/v1"
+
+
+def _endpoint_env(run: BacktranslationRun, stage: Stage, models: list[str], config: OperatorConfig) -> list[dict]:
+    if stage.family == "evaluate":
+        urls = {model: server_url(run, stage, model, config) for model in models}
+        return [{"name": ENDPOINTS_ENV, "value": json.dumps(urls)}]
+    (model,) = models
+    return [{"name": ENDPOINT_ENV, "value": server_url(run, stage, model, config)},
+            {"name": SERVED_MODEL_ENV, "value": model}]
+
+
+def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: OperatorConfig,
+            owner: dict | None) -> list[dict]:
+    """The vLLM Deployment serving `train_stage`'s model from S3 as `train_stage`, and its Service."""
+    res = run.spec.resources.inference
+    name = server_name(run.name, stage, train_stage)
+    labels = child_labels(run, stage.name, "server", model=model_short(train_stage))
+    selector = {key: labels[key] for key in (LABEL_RUN, LABEL_STAGE, LABEL_COMPONENT, LABEL_MODEL)}
+    args = [
+        "--model", model_uri(run, train_stage),
+        "--load-format", "runai_streamer",  # streams safetensors from S3 straight to the GPUs
+        "--served-model-name", train_stage,
+        "--tensor-parallel-size", str(max(res.gpus_per_replica, 1)),
+        "--host", "0.0.0.0",
+        "--port", str(config.vllm_port),
+        *res.extra_args,
+    ]
+    env = [*_s3_env(run), {"name": "HOME", "value": "/tmp"}]
+    if run.spec.storage.s3.endpoint:
+        # The Run:ai streamer's own endpoint variable, and path-style addressing, which S3-compatible
+        # stores (MinIO, Ceph) need; the runtime's boto3 client uses path style there too.
+        env += [{"name": "RUNAI_STREAMER_S3_ENDPOINT", "value": run.spec.storage.s3.endpoint},
+                {"name": "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "value": "0"}]
+    volumes, mounts = _volumes(shm=True, cache=False)
+    container = _container("vllm", res.image or config.vllm_image, env, _resources(res, res.gpus_per_replica),
+                           mounts, args=args)
+    container["ports"] = [{"name": "http", "containerPort": config.vllm_port, "protocol": "TCP"}]
+    health = {"httpGet": {"path": "/health", "port": "http"}}
+    container["startupProbe"] = {**copy.deepcopy(health), **STARTUP_PROBE}
+    container["readinessProbe"] = {**copy.deepcopy(health), **READINESS_PROBE}
+    container["livenessProbe"] = {**copy.deepcopy(health), **LIVENESS_PROBE}
+    template = _pod_template(labels, res, config, [container], volumes)
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(name, run.namespace, labels, _fingerprint(stage), owner),
+        "spec": {
+            "replicas": res.replicas,
+            "selector": {"matchLabels": selector},
+            # Recreate: never two generations of GPU pods at once (there may be no GPUs for both).
+            "strategy": {"type": "Recreate"},
+            "progressDeadlineSeconds": SERVER_PROGRESS_DEADLINE_S,
+            "template": template,
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(name, run.namespace, labels, _fingerprint(stage), owner),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": dict(selector),
+            "ports": [{"name": "http", "port": config.vllm_port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return [deployment, service]
