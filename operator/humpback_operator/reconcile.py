@@ -155,6 +155,12 @@ def decide(
     if problems:
         return _invalid(d, old_status, generation, problems, now)
 
+    if _finished_and_unchanged(old_status, generation):
+        # A finished run stays finished: an operator upgrade that changes fingerprints (new code
+        # versions, new defaults) must not start it again. Editing the spec does.
+        d.status = old_status
+        return d
+
     plan = build_plan(run)
     kids = _Children(children)
     owner = owner_reference(body)
@@ -201,6 +207,13 @@ def decide(
     # appended before their client Job by _stage_state; the ConfigMap is first.
     d.status = _run_status(run, plan, states, old_status, generation, suspended, failed_stage, now, d)
     return d
+
+
+def _finished_and_unchanged(old: Mapping[str, Any], generation: Any) -> bool:
+    return (old.get("phase") in ("Succeeded", "Failed")
+            and old.get("observedGeneration") == generation
+            and any(c.get("type") == "Accepted" and c.get("status") == "True" for c in old.get("conditions") or [])
+            and not any(s.get("phase") == "Running" for s in old.get("stages") or []))
 
 
 def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: datetime) -> Decision:

@@ -211,6 +211,7 @@ def test_retries_exhausted_fail_the_run_with_reason_and_message():
     assert not [n for n in cluster.created if "train" in n]
     # Raising the retry limit (a spec edit that changes no fingerprint) lets the stage go on.
     cluster.body["spec"]["retries"]["limit"] = 2
+    cluster.body["metadata"]["generation"] = 2
     cluster.policy = lambda o: "succeed"
     cluster.run_until(phase_is("Succeeded"))
     assert cluster.stage("prepare-seed")["attempt"] == 3
@@ -324,3 +325,19 @@ def test_a_second_decide_with_nothing_new_changes_nothing(unchanged_step):
     d = decide(cluster.body, cluster.children(), {}, cluster.now + timedelta(seconds=1), CONFIG)
     assert not d.create and not d.delete and not d.events
     assert d.status == status
+
+
+def test_a_finished_run_is_left_alone_until_its_spec_changes(monkeypatch):
+    cluster = Cluster(tiny_body())
+    cluster.run_until(phase_is("Succeeded"))
+    finished = copy.deepcopy(cluster.body["status"])
+    # A newer operator whose stage code changed what stages write: every fingerprint differs.
+    from humpback_runtime import plan as plan_module
+    monkeypatch.setitem(plan_module.STAGE_CODE_VERSIONS, "train", 99)
+    d = decide(cluster.body, cluster.children(), {}, cluster.now, CONFIG)
+    assert not d.create and not d.delete and not d.events and d.status == finished
+    # An edit (a new generation) re-plans with the new fingerprints.
+    cluster.body["metadata"]["generation"] = 2
+    d = cluster.step()
+    assert cluster.body["status"]["phase"] == "Running"
+    assert {o["metadata"]["labels"]["humpback.dev/stage"] for o in d.create if o["kind"] == "PyTorchJob"} == {"train-myx", "train-m0"}
