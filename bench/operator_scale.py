@@ -1,0 +1,228 @@
+"""The operator under load: N runs at once against the emulated Kubernetes API, with instant
+stand-in controllers (every child finishes the moment it appears), artifacts on a moto S3 server.
+
+    .venv/bin/python bench/operator_scale.py --runs 100
+
+Measures, for the operator process (`kopf run -m humpback_operator`):
+- latency from a child's completion (a Job/PyTorchJob finishing, or a vLLM Deployment becoming
+  available) to the creation of the next child of the same run, p50 and p95 (goal p95 <= 2 s);
+- API requests per run (everything the operator sent: Kopf's watches and patches, our creates,
+  deletes and status patches), and by kind of request;
+- operator memory: peak resident set (VmHWM) (goal <= 300 MB).
+
+Writes bench/results/operator_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import kubernetes  # noqa: E402
+from support.kube_emulator import Emulator, kube_env, write_kubeconfig  # noqa: E402
+
+BENCH_AGENT = "humpback-bench"
+NAMESPACE = "default"
+WATCHED = {  # kind: (list function, patch-status function, terminal status)
+    "Job": ("batch", "v1", "jobs"),
+    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
+    "Deployment": ("apps", "v1", "deployments"),
+}
+
+
+def done_status(kind: str) -> dict:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if kind == "Deployment":
+        return {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1,
+                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}]}
+    kind_ok = "Complete" if kind == "Job" else "Succeeded"
+    return {"conditions": [{"type": kind_ok, "status": "True", "reason": "Done", "lastTransitionTime": now}]}
+
+
+class InstantControllers:
+    """Watches children and finishes each one as soon as it is created; records both times."""
+
+    def __init__(self, kubeconfig: Path):
+        self.api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        self.api.user_agent = BENCH_AGENT
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.events: dict[str, list[tuple[float, str, str]]] = collections.defaultdict(list)  # run -> (t, what, name)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(8)
+        self.seen: set[tuple[str, str]] = set()
+        self.threads = [threading.Thread(target=self.watch, args=(kind,), daemon=True) for kind in WATCHED]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def watch(self, kind: str) -> None:
+        group, version, plural = WATCHED[kind]
+        path = f"/apis/{group}/{version}/namespaces/{NAMESPACE}/{plural}"
+        w = kubernetes.watch.Watch()
+        while not self.stop.is_set():
+            try:
+                for ev in w.stream(self._list, path, timeout_seconds=5):
+                    obj = ev["object"]
+                    if ev["type"] != "ADDED" or obj.get("status"):
+                        continue
+                    name = obj["metadata"]["name"]
+                    if (kind, name) in self.seen:
+                        continue
+                    self.seen.add((kind, name))
+                    run = obj["metadata"]["labels"]["humpback.dev/run"]
+                    with self.lock:
+                        self.events[run].append((time.monotonic(), "created", name))
+                    self.pool.submit(self.finish, kind, path, name, run)
+            except Exception as e:  # noqa: BLE001 - a dropped watch just restarts
+                if not self.stop.is_set():
+                    print(f"watch {kind}: {e}", file=sys.stderr)
+
+    def _list(self, path: str, **kwargs):
+        query = [(k, str(v).lower() if isinstance(v, bool) else v) for k, v in kwargs.items() if k != "_preload_content"]
+        return self.api.call_api(path, "GET", query_params=query, auth_settings=["BearerToken"],
+                                 _preload_content=False, _return_http_data_only=True)
+
+    def finish(self, kind: str, path: str, name: str, run: str) -> None:
+        self.api.call_api(f"{path}/{name}/status", "PATCH", body={"status": done_status(kind)},
+                          header_params={"Content-Type": "application/merge-patch+json"},
+                          auth_settings=["BearerToken"], _preload_content=False)
+        with self.lock:
+            self.events[run].append((time.monotonic(), "completed", name))
+
+    def latencies(self) -> list[float]:
+        """Per run: each completion -> the next creation of that run (the operator's reaction)."""
+        out = []
+        for events in self.events.values():
+            events = sorted(events)
+            last_completion = None
+            for t, what, _ in events:
+                if what == "completed":
+                    last_completion = t
+                elif last_completion is not None:
+                    out.append(t - last_completion)
+                    last_completion = None  # one reaction per completion
+        return out
+
+
+def run_doc(name: str, bucket: str, endpoint: str) -> dict:
+    doc = yaml.safe_load((ROOT / "examples/tiny-cpu.yaml").read_text())
+    doc["metadata"] = {"name": name, "namespace": NAMESPACE}
+    doc["spec"]["storage"] = {"uri": f"s3://{bucket}/runs", "s3": {"endpoint": endpoint}}
+    doc["spec"]["inference"]["engine"] = "auto"  # vLLM server + client Job per inference stage
+    return doc
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/operator_scale.json")
+    args = p.parse_args()
+
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    from moto.server import ThreadedMotoServer
+    import boto3
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    s3_endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="bench")
+
+    work = ROOT / "bench/results/operator_scale"
+    work.mkdir(parents=True, exist_ok=True)
+    with Emulator() as emulator:
+        kubeconfig = write_kubeconfig(work / "kubeconfig", emulator.url)
+        controllers = InstantControllers(kubeconfig)
+        controllers.start()
+        log = (work / "operator.log").open("wb")
+        env = kube_env(kubeconfig, HOME=str(work))
+        op = subprocess.Popen([str(Path(sys.executable).parent / "kopf"), "run", "-m", "humpback_operator",
+                               "--standalone", "--all-namespaces", "--quiet"], env=env, cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+        time.sleep(3)
+        mark = emulator.request_count()
+        custom = kubernetes.client.CustomObjectsApi(controllers.api)
+        started = time.monotonic()
+        for i in range(args.runs):
+            custom.create_namespaced_custom_object("humpback.dev", "v1alpha1", NAMESPACE, "backtranslationruns",
+                                                   run_doc(f"bench-{i:03d}", "bench", s3_endpoint))
+        created = time.monotonic() - started
+
+        def phases() -> collections.Counter:
+            items = custom.list_namespaced_custom_object("humpback.dev", "v1alpha1", NAMESPACE, "backtranslationruns")["items"]
+            return collections.Counter((o.get("status") or {}).get("phase", "-") for o in items)
+
+        rss_samples = []
+        while time.monotonic() - started < args.timeout:
+            counts = phases()
+            rss_samples.append(peak_rss_mb(op.pid))
+            if counts.get("Succeeded", 0) + counts.get("Failed", 0) == args.runs:
+                break
+            time.sleep(1)
+        wall = time.monotonic() - started
+        counts = phases()
+        peak = peak_rss_mb(op.pid)
+        requests = [r for r in emulator.requests_since(mark) if BENCH_AGENT not in r.user_agent
+                    and "humpback-standins" not in r.user_agent]
+        by_kind = collections.Counter(r.key for r in requests)
+        op.send_signal(signal.SIGTERM)
+        op.wait(30)
+        controllers.stop.set()
+
+    moto.stop()
+    lat = controllers.latencies()
+    result = {
+        "runs": args.runs,
+        "phases": dict(counts),
+        "wall_seconds": round(wall, 1),
+        "create_runs_seconds": round(created, 2),
+        "reactions": len(lat),
+        "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
+        "latency_p95_s": round(percentile(lat, 0.95), 3) if lat else None,
+        "latency_max_s": round(max(lat), 3) if lat else None,
+        "requests_total": len(requests),
+        "requests_per_run": round(len(requests) / args.runs, 1),
+        "requests_by_kind_per_run": {k: round(v / args.runs, 1) for k, v in by_kind.most_common()},
+        "operator_peak_rss_mb": round(peak, 1),
+        "machine": f"{os.cpu_count()} cores",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    ok = counts.get("Succeeded", 0) == args.runs
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""Stand-ins for the controllers a real cluster runs and the emulator has not: the Kubeflow training
+operator (PyTorchJob), the Job controller and the Deployment controller. They work through the
+HTTP API like the real ones, polling from a background thread, and write the status the real
+controllers write, so that the humpback operator sees what it would see on a cluster.
+
+    with StandIns(kubeconfig, policy=stage_policy({"train-m0": "fail"})) as standins:
+        ...                                           # the operator creates children
+        wait_until(lambda: "Job" in standins.seen)
+        assert standins.seen["PyTorchJob"] == ["run-train-m0-abc123-a1", ...]
+
+What happens to a child is its outcome, from `policy(obj)` when the stand-in first sees it:
+
+    "succeed"      runs, then Succeeded (PyTorchJob) / Complete (Job) / Available (Deployment)
+    "fail"         runs, then Failed; a Deployment misses its progress deadline
+    "hold"         runs (a Deployment: progressing, not available) until `release(name, outcome)`
+    "never-ready"  never runs (pods pending); a Deployment misses its progress deadline
+    "run"          kubelet mode: runs the container's command on this machine; its exit code
+                   decides Succeeded/Complete (0) or Failed (anything else)
+
+`StandIns(..., kubelet=True)` makes "run" the default outcome of Jobs and PyTorchJobs; each child's
+output goes to `log_dir/<kind>-<name>.log` (`standins.logs[name]`). Deployments (vLLM servers)
+are never run, only marked available.
+
+What they saw: `seen` (kind → names in the order first seen), `history` ((kind, name, state) in
+order: created, running, succeeded, failed, progressing, available, never-ready, blocked,
+deleted), `states()` (name → last state), `exit_codes`, `logs`, `errors` (should stay empty).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+
+from support.kube_emulator import REPO_ROOT, STANDINS_USER_AGENT
+
+Policy = Callable[[dict[str, Any]], str]
+OUTCOMES = ("succeed", "fail", "hold", "never-ready", "run")
+KINDS: dict[str, tuple[str, str, str]] = {  # kind: (group, version, plural)
+    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
+    "Job": ("batch", "v1", "jobs"),
+    "Deployment": ("apps", "v1", "deployments"),
+}
+STAGE_LABEL = "humpback.dev/stage"
+ATTEMPT_LABEL = "humpback.dev/attempt"
+
+
+def attempt_of(obj: Mapping[str, Any]) -> int | None:
+    """The attempt of a child: its `humpback.dev/attempt` label, else its name's `-a<N>` suffix."""
+    meta = obj.get("metadata") or {}
+    label = (meta.get("labels") or {}).get(ATTEMPT_LABEL)
+    if label is not None and str(label).isdigit():
+        return int(label)
+    match = re.search(r"-a(\d+)$", meta.get("name", ""))
+    return int(match.group(1)) if match else None
+
+
+def stage_policy(outcomes: Mapping[str | tuple[str, int], str], default: str = "succeed") -> Policy:
+    """A policy by the `humpback.dev/stage` label: {"train-m0": "fail"} fails every attempt,
+    {("train-m0", 1): "fail"} only the first; anything else gets `default`."""
+    for outcome in [*outcomes.values(), default]:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+
+    def policy(obj: dict[str, Any]) -> str:
+        stage = ((obj.get("metadata") or {}).get("labels") or {}).get(STAGE_LABEL, "")
+        return outcomes.get((stage, attempt_of(obj) or 0), outcomes.get(stage, default))
+
+    return policy
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, message: str = "") -> Any:
+    """Poll `condition()` until it returns something truthy (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(message or f"condition not met in {timeout} s: {condition}")
+        time.sleep(interval)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _set_condition(conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str) -> list[dict[str, Any]]:
+    """Conditions as the controllers keep them: one per type; lastTransitionTime moves on a change."""
+    now, result, found = _now(), [], False
+    for condition in conditions:
+        if condition.get("type") == type_:
+            found = True
+            changed = condition.get("status") != status
+            condition = {**condition, "status": status, "reason": reason, "message": message, "lastUpdateTime": now,
+                         "lastTransitionTime": now if changed else condition.get("lastTransitionTime", now)}
+        result.append(condition)
+    if not found:
+        result.append({"type": type_, "status": status, "reason": reason, "message": message,
+                       "lastUpdateTime": now, "lastTransitionTime": now})
+    return result
+
+
+@dataclasses.dataclass(eq=False)
+class _Child:
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    outcome: str
+    step: int = 0  # what was written: 0 nothing, 1 created/started, 2 running, 3 final
+    next_at: float = 0.0
+    process: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+    blocked: str = ""  # why the container cannot start yet (a missing ConfigMap, Secret or key)
+
+
+class StandIns:
+    """The three stand-in controllers in one background thread; `stop()` joins it and ends the
+    children's processes. Thread-safe to read: `seen`, `history`, `exit_codes`, `logs`, `errors`."""
+
+    def __init__(
+        self,
+        kubeconfig: Path | str,
+        *,
+        policy: Policy | None = None,
+        kubelet: bool = False,
+        namespace: str | None = None,
+        delay: float = 0.0,
+        interval: float = 0.05,
+        workdir: Path | str = REPO_ROOT,
+        env: Mapping[str, str] | None = None,
+        env_overrides: Mapping[str, str] | None = None,
+        log_dir: Path | str | None = None,
+        concurrency: int = 2,
+        entrypoint: tuple[str, ...] = ("humpback",),
+        kinds: tuple[str, ...] = tuple(KINDS),
+    ) -> None:
+        self.kubelet = kubelet
+        self.policy: Policy = policy or (lambda obj: "run" if kubelet and obj.get("kind") != "Deployment" else "succeed")
+        self.namespace, self.delay, self.interval = namespace, delay, interval
+        self.workdir = Path(workdir)
+        self.env = dict(os.environ if env is None else env)  # under the container's env
+        self.env_overrides = dict(env_overrides or {})  # over it: endpoints that only the test knows
+        self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="humpback-standins-"))
+        self.concurrency, self.entrypoint, self.kinds = concurrency, entrypoint, kinds
+        self.seen: dict[str, list[str]] = {}  # kind: names in the order first seen
+        self.history: list[tuple[str, str, str]] = []  # (kind, name, state) in order
+        self.exit_codes: dict[str, int] = {}
+        self.logs: dict[str, Path] = {}
+        self.errors: list[str] = []
+        self._children: dict[tuple[str, str, str, str], _Child] = {}
+        self._releases: dict[str | None, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        self._api.user_agent = STANDINS_USER_AGENT
+        self._objects = kubernetes.client.CustomObjectsApi(self._api)
+        self._core = kubernetes.client.CoreV1Api(self._api)
+
+    # --- control -------------------------------------------------------------------------------
+
+    def __enter__(self) -> StandIns:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> StandIns:
+        self._thread = threading.Thread(target=self._loop, name="standins", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+        for child in list(self._children.values()):
+            self._kill(child)
+        self._api.close()
+
+    def release(self, name: str | None = None, outcome: str | None = None) -> None:
+        """End the hold of child `name` (once), or with no name of every child: those held now and
+        those the policy would hold later. They go on to `outcome` (default: "run" in kubelet mode,
+        else "succeed")."""
+        outcome = outcome or ("run" if self.kubelet else "succeed")
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        with self._lock:
+            self._releases[name] = outcome
+
+    def states(self, kind: str | None = None) -> dict[str, str]:
+        """The last state each child reached, by name (created, running, succeeded, failed, …)."""
+        with self._lock:
+            return {name: state for k, name, state in self.history if kind in (None, k)}
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for kind in self.kinds:
+                try:
+                    self._reconcile(kind)
+                except Exception as exc:  # noqa: BLE001 -- a stand-in never dies of one bad object
+                    if not self._stop.is_set():
+                        self._error(f"{kind}: {type(exc).__name__}: {exc}")
+            self._stop.wait(self.interval)
+
+    def _reconcile(self, kind: str) -> None:
+        group, version, plural = KINDS[kind]
+        if self.namespace:
+            items = self._objects.list_namespaced_custom_object(group, version, self.namespace, plural)["items"]
+        else:
+            items = self._objects.list_cluster_custom_object(group, version, plural)["items"]
+        present = set()
+        for obj in items:
+            meta = obj["metadata"]
+            key = (kind, meta["namespace"], meta["name"], meta["uid"])
+            present.add(key)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._first_sight(kind, obj)
+            if child.step < 3 and time.monotonic() >= child.next_at:
+                self._advance(child, obj)
+            elif kind == "Deployment" and child.step >= 1:
+                self._observe_generation(child, obj)
+        for key in [key for key in self._children if key[0] == kind and key not in present]:
+            child = self._children.pop(key)
+            self._kill(child)
+            self._record(child, "deleted")
+
+    def _first_sight(self, kind: str, obj: dict[str, Any]) -> _Child:
+        meta = obj["metadata"]
+        outcome = self.policy(obj)
+        if outcome not in OUTCOMES:
+            raise ValueError(f"policy returned {outcome!r} for {kind} {meta['name']}; expected one of {OUTCOMES}")
+        if outcome == "run" and kind == "Deployment":
+            outcome = "succeed"
+        child = _Child(kind, meta["namespace"], meta["name"], meta["uid"], outcome)
+        if _is_final(kind, obj.get("status") or {}):
+            child.step = 3  # finished before this stand-in started (e.g. a restarted test fixture)
+        with self._lock:
+            self.seen.setdefault(kind, []).append(child.name)
+        return child
+
+    def _advance(self, child: _Child, obj: dict[str, Any]) -> None:
+        with self._lock:
+            for key in (child.name, None):
+                if child.outcome == "hold" and key in self._releases:
+                    child.outcome = self._releases[key] if key is None else self._releases.pop(key)
+        if child.kind == "Deployment":
+            return self._advance_deployment(child, obj)
+        if child.step == 0:
+            self._write(child, obj, "created")
+            return self._schedule(child)
+        if child.outcome == "never-ready":
+            return
+        waiting = child.outcome == "run" and child.process is None and child.exit_code is None
+        if waiting and (self._running() >= self.concurrency or not self._start(child, obj)):
+            return  # waits for a free slot (a pending pod) or for its ConfigMaps and Secrets
+        if child.step == 1:
+            self._write(child, obj, "running")
+            return self._schedule(child)
+        if child.outcome == "hold":
+            return
+        if child.outcome == "run" and child.exit_code is None:
+            if child.process is None or child.process.poll() is None:
+                return
+            child.exit_code = child.process.returncode
+            child.process = None
+            with self._lock:
+                self.exit_codes[child.name] = child.exit_code
+        succeeded = child.outcome == "succeed" or (child.outcome == "run" and child.exit_code == 0)
+        self._write(child, obj, "succeeded" if succeeded else "failed")
+
+    def _schedule(self, child: _Child) -> None:
+        child.step += 1
+        child.next_at = time.monotonic() + self.delay
+
+    # --- statuses as the real controllers write them ----------------------------------------------
+
+    def _write(self, child: _Child, obj: dict[str, Any], state: str) -> None:
+        status = dict(obj.get("status") or {})
+        conditions = list(status.get("conditions") or [])
+        now, ref = _now(), f"{child.namespace}/{child.name}"
+        if child.kind == "PyTorchJob":  # kubeflow/training-operator v1
+            replicas = {"Master": {}}
+            if state == "created":
+                conditions = _set_condition(conditions, "Created", "True", "PyTorchJobCreated", f"PyTorchJob {ref} is created.")
+            elif state == "running":
+                status["startTime"] = now
+                replicas = {"Master": {"active": 1}}
+                conditions = _set_condition(conditions, "Running", "True", "PyTorchJobRunning", f"PyTorchJob {ref} is running.")
+            elif state == "succeeded":
+                replicas = {"Master": {"succeeded": 1}}
+                status["completionTime"] = now
+                conditions = _set_condition(conditions, "Running", "False", "PyTorchJobSucceeded", f"PyTorchJob {ref} successfully completed.")
+                conditions = _set_condition(conditions, "Succeeded", "True", "PyTorchJobSucceeded", f"PyTorchJob {ref} successfully completed.")
+            else:
+                replicas = {"Master": {"failed": 1}}
+                message = f"PyTorchJob {ref} has failed because 1 Master replica(s) failed."
+                conditions = _set_condition(conditions, "Running", "False", "PyTorchJobFailed", message)
+                conditions = _set_condition(conditions, "Failed", "True", "PyTorchJobFailed", message)
+            status["replicaStatuses"] = replicas
+        else:  # the Job controller (Kubernetes 1.31+: SuccessCriteriaMet/FailureTarget come first)
+            status.setdefault("startTime", now)
+            status.update(active=1, ready=0, terminating=0, uncountedTerminatedPods={})
+            if state == "running":
+                status["ready"] = 1
+            elif state == "succeeded":
+                status.update(active=0, ready=0, succeeded=1, completionTime=now)
+                message = "Reached expected number of succeeded pods"
+                conditions = _set_condition(conditions, "SuccessCriteriaMet", "True", "CompletionsReached", message)
+                conditions = _set_condition(conditions, "Complete", "True", "CompletionsReached", message)
+            elif state == "failed":
+                status.update(active=0, ready=0, failed=1)
+                message = "Job has reached the specified backoff limit"
+                conditions = _set_condition(conditions, "FailureTarget", "True", "BackoffLimitExceeded", message)
+                conditions = _set_condition(conditions, "Failed", "True", "BackoffLimitExceeded", message)
+        if conditions:
+            status["conditions"] = [{k: v for k, v in c.items() if not (child.kind == "Job" and k == "lastUpdateTime")}
+                                    for c in conditions]  # Job conditions carry lastProbeTime, not lastUpdateTime
+        if child.kind == "Job":
+            for condition in status.get("conditions", []):
+                condition.setdefault("lastProbeTime", condition["lastTransitionTime"])
+        self._patch_status(child, status, obj)
+        if state in ("succeeded", "failed"):
+            child.step = 3
+        self._record(child, state)
+
+    def _advance_deployment(self, child: _Child, obj: dict[str, Any]) -> None:
+        spec, meta = obj.get("spec") or {}, obj["metadata"]
+        replicas = int(spec.get("replicas", 1))
+        status = dict(obj.get("status") or {})
+        conditions = list(status.get("conditions") or [])
+        name = f'ReplicaSet "{child.name}-{meta["uid"][:10]}"'
+        if child.step == 0:
+            conditions = _set_condition(conditions, "Progressing", "True", "ReplicaSetUpdated", f"{name} is progressing.")
+            conditions = _set_condition(conditions, "Available", "False", "MinimumReplicasUnavailable",
+                                        "Deployment does not have minimum availability.")
+            status.update(observedGeneration=meta.get("generation", 1), replicas=replicas, updatedReplicas=replicas,
+                          unavailableReplicas=replicas, conditions=conditions)
+            self._patch_status(child, status, obj)
+            self._record(child, "progressing")
+            return self._schedule(child)
+        if child.outcome == "hold":
+            return
+        if child.outcome in ("succeed", "run"):  # a server is never run here, only made available
+            conditions = _set_condition(conditions, "Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
+            conditions = _set_condition(conditions, "Progressing", "True", "NewReplicaSetAvailable", f"{name} has successfully progressed.")
+            status.update(readyReplicas=replicas, availableReplicas=replicas, unavailableReplicas=None, conditions=conditions)
+            state = "available"
+        else:  # fail, never-ready
+            conditions = _set_condition(conditions, "Progressing", "False", "ProgressDeadlineExceeded", f"{name} has timed out progressing.")
+            status["conditions"] = conditions
+            state = "never-ready"
+        self._patch_status(child, status, obj)
+        child.step = 3
+        self._record(child, state)
+
+    def _observe_generation(self, child: _Child, obj: dict[str, Any]) -> None:
+        generation = obj["metadata"].get("generation", 1)
+        if (obj.get("status") or {}).get("observedGeneration") != generation:
+            self._patch_status(child, {**(obj.get("status") or {}), "observedGeneration": generation}, obj)
+
+    def _patch_status(self, child: _Child, status: dict[str, Any], obj: dict[str, Any]) -> None:
+        """Replace the status (as the controllers' status updates do) with a merge patch that also
+        deletes what the new status leaves out."""
+        group, version, plural = KINDS[child.kind]
+        try:
+            self._objects.patch_namespaced_custom_object_status(
+                group, version, child.namespace, plural, child.name, {"status": _replacing(obj.get("status") or {}, status)},
+                _content_type="application/merge-patch+json")
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: the next poll forgets it
+                raise
+
+    def _record(self, child: _Child, state: str) -> None:
+        with self._lock:
+            self.history.append((child.kind, child.name, state))
+
+    def _error(self, message: str) -> None:
+        with self._lock:
+            if message not in self.errors:
+                self.errors.append(message)
+
+    # --- the kubelet -----------------------------------------------------------------------------
+
+    def _running(self) -> int:
+        return sum(1 for child in self._children.values() if child.process is not None)
+
+    def _start(self, child: _Child, obj: dict[str, Any]) -> bool:
+        """Start the child's (PyTorchJob: its Master's) container here; False while it cannot."""
+        if child.kind == "PyTorchJob":
+            template = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+            pod_name = f"{child.name}-master-0"
+        else:
+            template = obj["spec"]["template"]
+            pod_name = f"{child.name}-{secrets.token_hex(3)[:5]}"
+        containers = template["spec"]["containers"]
+        container = next((c for c in containers if c.get("name") == "pytorch"), containers[0])
+        pod_meta = {"name": pod_name, "namespace": child.namespace, "uid": child.uid,
+                    "labels": {**(obj["metadata"].get("labels") or {}), **((template.get("metadata") or {}).get("labels") or {})},
+                    "annotations": (template.get("metadata") or {}).get("annotations") or {}}
+        try:
+            container_env = self._container_env(child.namespace, container, pod_meta, template["spec"])
+        except LookupError as exc:  # the kubelet's CreateContainerConfigError: the pod waits (and retries)
+            if not child.blocked:
+                self._error(f"{child.kind} {child.name}: {exc}")
+                self._record(child, "blocked")
+            child.blocked = str(exc)
+            return False
+        child.blocked = ""
+        argv = [_expand(arg, container_env) for arg in (container.get("command") or list(self.entrypoint)) + (container.get("args") or [])]
+        argv = self._local_executable(argv)
+        env = {**self.env, **container_env, **self.env_overrides}
+        if child.kind == "PyTorchJob":
+            nproc = str(obj["spec"].get("nprocPerNode") or _flag(argv, "--nproc-per-node", "--nproc_per_node") or "1")
+            port = str(_free_port())
+            env.update(PET_NNODES="1", PET_NODE_RANK="0", PET_NPROC_PER_NODE=nproc, PET_MASTER_ADDR="127.0.0.1",
+                       PET_MASTER_PORT=port, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="1", RANK="0")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{child.kind.lower()}-{child.name}.log"
+        with open(log_path, "ab") as log:
+            log.write(f"$ {' '.join(argv)}\n".encode())
+            log.flush()
+            child.process = subprocess.Popen(argv, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        with self._lock:
+            self.logs[child.name] = log_path
+        return True
+
+    def _container_env(self, namespace: str, container: dict[str, Any], pod: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            ref = source.get("configMapRef") or source.get("secretRef")
+            data = self._read_data(namespace, "secret" if "secretRef" in source else "configmap", ref["name"], ref.get("optional", False))
+            env.update({prefix + key: value for key, value in (data or {}).items()})
+        for var in container.get("env") or []:
+            name, source = var["name"], var.get("valueFrom")
+            if source is None:
+                env[name] = _expand(var.get("value", ""), env)
+            elif "configMapKeyRef" in source or "secretKeyRef" in source:
+                kind = "configmap" if "configMapKeyRef" in source else "secret"
+                ref = source.get("configMapKeyRef") or source.get("secretKeyRef")
+                data = self._read_data(namespace, kind, ref["name"], ref.get("optional", False))
+                if data is not None and ref["key"] in data:
+                    env[name] = data[ref["key"]]
+                elif not ref.get("optional", False):
+                    raise LookupError(f'couldn\'t find key {ref["key"]} in {kind} {namespace}/{ref["name"]}')
+            elif "fieldRef" in source:
+                env[name] = _field(pod, pod_spec, source["fieldRef"]["fieldPath"])
+            elif "resourceFieldRef" in source:
+                env[name] = "1"
+        return env
+
+    def _read_data(self, namespace: str, kind: str, name: str, optional: bool) -> dict[str, str] | None:
+        try:
+            if kind == "secret":
+                secret = self._core.read_namespaced_secret(name, namespace)
+                return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+            return dict(self._core.read_namespaced_config_map(name, namespace).data or {})
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404 and optional:
+                return None
+            if exc.status == 404:
+                raise LookupError(f'{kind} "{name}" not found in namespace {namespace}') from None
+            raise
+
+    def _local_executable(self, argv: list[str]) -> list[str]:
+        """The image's programs are this venv's: humpback, torchrun, python."""
+        if not argv:
+            raise ValueError("the container has no command")
+        bin_dir = Path(sys.executable).parent
+        if argv[0] in ("python", "python3"):
+            return [sys.executable, *argv[1:]]
+        if argv[0] in ("humpback", "torchrun", "kopf") and (bin_dir / argv[0]).exists():
+            return [str(bin_dir / argv[0]), *argv[1:]]
+        return argv
+
+    def _kill(self, child: _Child) -> None:
+        process = child.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(5)
+
+
+def _replacing(old: Any, new: Any) -> Any:
+    """A JSON merge patch that turns `old` into `new` (keys that `new` lacks become null)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch = {key: _replacing(old.get(key), value) for key, value in new.items() if value is not None}
+    patch.update({key: None for key in old if new.get(key) is None})
+    return patch
+
+
+def _is_final(kind: str, status: Mapping[str, Any]) -> bool:
+    final = {"PyTorchJob": ("Succeeded", "Failed"), "Job": ("Complete", "Failed"), "Deployment": ()}[kind]
+    return any(c.get("type") in final and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' $(VAR) references in command, args and env values; $$(VAR) escapes."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+def _field(pod: Mapping[str, Any], pod_spec: Mapping[str, Any], path: str) -> str:
+    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if match:
+        return str(pod[match.group(1)].get(match.group(2), ""))
+    return {
+        "metadata.name": pod["name"], "metadata.namespace": pod["namespace"], "metadata.uid": pod["uid"],
+        "spec.nodeName": "standin-node", "spec.serviceAccountName": pod_spec.get("serviceAccountName", "default"),
+        "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1", "status.podIPs": "127.0.0.1",
+    }.get(path, "")
+
+
+def _flag(argv: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+__all__ = ["ATTEMPT_LABEL", "KINDS", "OUTCOMES", "STAGE_LABEL", "Policy", "StandIns", "attempt_of", "stage_policy", "wait_until"]
