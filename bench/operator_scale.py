@@ -130,6 +130,34 @@ def run_doc(name: str, bucket: str, endpoint: str) -> dict:
     return doc
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The operator's own view from its /metrics: reconciles and the time they took."""
+    import urllib.request
+
+    values: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(("humpback_reconcile_seconds_sum", "humpback_reconcile_seconds_count", "humpback_reconciles_total")):
+                name, value = line.split()
+                values[name] = float(value)
+    count = values.get("humpback_reconcile_seconds_count", 0)
+    return {"reconciles": count,
+            "mean_reconcile_ms": round(1000 * values.get("humpback_reconcile_seconds_sum", 0) / count, 1) if count else None}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -146,18 +174,25 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--profile", action="store_true", help="cProfile the operator into bench/results/operator_scale/")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/operator_scale.json")
     args = p.parse_args()
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    from moto.server import ThreadedMotoServer
     import boto3
 
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    s3_endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="bench")
+    # moto in its own process: the emulator (this process) should not share its GIL with it.
+    s3_port = free_port()
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s3_endpoint = f"http://127.0.0.1:{s3_port}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for _ in range(100):
+        try:
+            s3.create_bucket(Bucket="bench")
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.1)
 
     work = ROOT / "bench/results/operator_scale"
     work.mkdir(parents=True, exist_ok=True)
@@ -166,8 +201,10 @@ def main() -> int:
         controllers = InstantControllers(kubeconfig)
         controllers.start()
         log = (work / "operator.log").open("wb")
-        env = kube_env(kubeconfig, HOME=str(work))
-        op = subprocess.Popen([str(Path(sys.executable).parent / "kopf"), "run", "-m", "humpback_operator",
+        metrics_port = free_port()
+        env = kube_env(kubeconfig, HOME=str(work), HUMPBACK_METRICS_PORT=str(metrics_port))
+        profile = ["-m", "cProfile", "-o", str(work / "operator.prof")] if args.profile else []
+        op = subprocess.Popen([sys.executable, *profile, str(Path(sys.executable).parent / "kopf"), "run", "-m", "humpback_operator",
                                "--standalone", "--all-namespaces", "--quiet"], env=env, cwd=ROOT, stdout=log,
                               stderr=subprocess.STDOUT)
         time.sleep(3)
@@ -193,14 +230,17 @@ def main() -> int:
         wall = time.monotonic() - started
         counts = phases()
         peak = peak_rss_mb(op.pid)
+        operator_cpu = cpu_seconds(op.pid)
+        reconcile = scrape(metrics_port)
+        harness_cpu = cpu_seconds(os.getpid())
         requests = [r for r in emulator.requests_since(mark) if BENCH_AGENT not in r.user_agent
                     and "humpback-standins" not in r.user_agent]
         by_kind = collections.Counter(r.key for r in requests)
-        op.send_signal(signal.SIGTERM)
-        op.wait(30)
+        op.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)  # cProfile writes on a clean exit
+        op.wait(60)
         controllers.stop.set()
 
-    moto.stop()
+    moto.terminate()
     lat = controllers.latencies()
     result = {
         "runs": args.runs,
@@ -211,10 +251,14 @@ def main() -> int:
         "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
         "latency_p95_s": round(percentile(lat, 0.95), 3) if lat else None,
         "latency_max_s": round(max(lat), 3) if lat else None,
+        "reconciles_per_run": round(reconcile["reconciles"] / args.runs, 1),
+        "mean_reconcile_ms": reconcile["mean_reconcile_ms"],  # wall time inside the operator, API calls included
         "requests_total": len(requests),
         "requests_per_run": round(len(requests) / args.runs, 1),
         "requests_by_kind_per_run": {k: round(v / args.runs, 1) for k, v in by_kind.most_common()},
         "operator_peak_rss_mb": round(peak, 1),
+        "operator_cpu_seconds": round(operator_cpu, 1),
+        "harness_cpu_seconds": round(harness_cpu, 1),  # emulator + instant controllers, same 2 cores
         "machine": f"{os.cpu_count()} cores",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

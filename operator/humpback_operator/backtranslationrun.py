@@ -8,6 +8,8 @@ its children, so a restarted operator picks up where the last one stopped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -31,14 +33,46 @@ log = logging.getLogger(__name__)
 DEBOUNCE_SECONDS = 0.1
 
 
+# How long our own creates and deletes stand in for what Kopf's indexes have not seen yet.
+RECENT_SECONDS = 30.0
+
+
 class Operator:
-    """What the handlers share: API access, settings, the store probe, metrics for the benchmark."""
+    """What the handlers share: API access, settings, the store probe, our recent writes."""
 
     def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None):
         self.kube = kube or Kube()
         self.config = config or OperatorConfig.from_env()
         self.probe = StoreProbe()
         self.reconciles = 0
+        # (namespace, run) -> (kind, name) -> (time, object created | None when deleted)
+        self.recent: dict[tuple[str, str], dict[tuple[str, str], tuple[float, dict | None]]] = {}
+
+    def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
+        self.recent.setdefault((namespace, run), {})[(kind, name)] = (time.monotonic(), obj)
+
+    def children(self, indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict]:
+        """The indexes' view, corrected by our own writes they have not caught up with: a reconcile
+        right after a create must not create again (a 409 and a duplicate Event), nor act on a
+        child it has just deleted."""
+        seen = child_events.children_of(indexes, namespace, run)
+        recent = self.recent.get((namespace, run))
+        if not recent:
+            return seen
+        now = time.monotonic()
+        by_key = {(o["kind"], o["metadata"]["name"]): o for o in seen}
+        for key, (when, obj) in list(recent.items()):
+            if now - when > RECENT_SECONDS:
+                del recent[key]
+            elif obj is not None and key not in by_key:
+                by_key[key] = child_events.snapshot(obj)
+            elif obj is None and key in by_key:
+                gone = dict(by_key[key])
+                gone["metadata"] = {**gone["metadata"], "deletionTimestamp": "deleting"}
+                by_key[key] = gone
+            elif obj is None or key in by_key:
+                del recent[key]  # the index caught up
+        return list(by_key.values())
 
 
 _operator: Operator | None = None
@@ -60,12 +94,22 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Events are posted explicitly (reconcile.Event); log lines become Events only from warnings up.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
+    # API calls and store reads run in threads (blocking clients); the default pool (cores + 4)
+    # would queue the reconciles of many runs behind each other.
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
     operator()
     metrics.serve_from_env()
 
 
+# resourceVersion of each run's last status patch by this operator: the watch event it causes
+# carries nothing new, so it need not wake the daemon again.
+_own_versions: dict[tuple[str, str], str] = {}
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_changed(namespace: str, name: str, **_: Any) -> None:
+async def run_changed(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+    if body.get("metadata", {}).get("resourceVersion") == _own_versions.get((namespace, name)):
+        return
     child_events.wakeup(namespace, name).set()
 
 
@@ -92,13 +136,15 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
 
 async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mapping[str, Any],
                          logger: logging.Logger) -> float | None:
-    body = await op.kube.get_run(namespace, name)
+    body = _current_body(indexes.get("body"), namespace, name)
+    if body is None:  # the watch has not shown us our own last status patch yet: ask the API
+        body = await op.kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     op.reconciles += 1
     metrics.RECONCILES.inc()
     started = time.monotonic()
-    children = child_events.children_of(indexes, namespace, name)
+    children = op.children(indexes, namespace, name)
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
     decision = decide(body, children, store, now, op.config)
@@ -118,20 +164,37 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
 _phases: dict[tuple[str, str], str] = {}
 
 
+def _current_body(live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
+    """Kopf's live view of the run, when it is known to include our last status patch (so a
+    decision never rests on a status older than what we wrote); None means: read it from the API."""
+    if live is None:
+        return None
+    own = _own_versions.get((namespace, name))
+    if own is not None and live.get("metadata", {}).get("resourceVersion") != own:
+        return None
+    return copy.deepcopy(dict(live))
+
+
 async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logger: logging.Logger) -> None:
     namespace = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
     errors: list[str] = []
+    existed: set[str] = set()
     for obj in decision.update:
         await op.kube.replace_data(obj)
     for ref in decision.delete:
+        op.note(namespace, name, ref.kind, ref.name, None)
         if await op.kube.delete(ref.api_version, ref.kind, namespace, ref.name):
             logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
     for obj in decision.create:
         try:
-            if await op.kube.create(obj):
+            created = await op.kube.create(obj)
+            op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj)
+            if created:
                 metrics.CHILDREN_CREATED.labels(obj["kind"]).inc()
                 logger.info("Created %s %s for run %s", obj["kind"], obj["metadata"]["name"], name)
+            else:
+                existed.add(obj["metadata"]["name"])
         except ApiError as e:
             # Kept in status and as an Event; the next reconcile tries again.
             message = f"could not create {obj['kind']} {obj['metadata']['name']}: {e}"
@@ -142,8 +205,11 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
         status["message"] = "; ".join(errors)
         decision.requeue_after = min(decision.requeue_after, 30.0)
     if _changed(body.get("status") or {}, status):
-        await op.kube.patch_run_status(namespace, name, status)
+        patched = await op.kube.patch_run_status(namespace, name, status)
+        _own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
     for event in decision.events:
+        if event.child in existed:  # not ours to announce: it was there already
+            continue
         metrics.EVENTS.labels(event.reason).inc()
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
@@ -166,5 +232,7 @@ async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwarg
         except ApiError as e:  # never hold the run's deletion hostage: the garbage collector follows
             logger.warning("Could not delete %s %s of run %s: %s", obj["kind"], meta["name"], name, e)
     child_events.forget(namespace, name)
+    op.recent.pop((namespace, name), None)
     _phases.pop((namespace, name), None)
+    _own_versions.pop((namespace, name), None)
     logger.info("Deleted the children of run %s/%s in %.2fs", namespace, name, time.monotonic() - started)

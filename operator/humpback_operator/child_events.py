@@ -89,13 +89,8 @@ async def humpback_trainjobs(body, namespace, labels, **_):
     return _index(body, namespace, labels)
 
 
-# Deleted children leave the indexes by themselves; their deletion must still wake the run.
-@kopf.on.event("batch", "v1", "jobs", labels=_RUN_LABEL)
-@kopf.on.event("apps", "v1", "deployments", labels=_RUN_LABEL)
-@kopf.on.event(_backend.group, _backend.version, _backend.plural, labels=_RUN_LABEL)
-async def child_changed(type, namespace, labels, **_):
-    if type == "DELETED":
-        wakeup(namespace or "", labels[LABEL_RUN]).set()
+# A deleted child leaves its index without a call to the index function, so without a wake-up:
+# the reconciler looks again within seconds whenever it waits for a deletion (reconcile.py).
 
 
 INDEX_NAMES = ("humpback_jobs", "humpback_deployments", "humpback_services", "humpback_configmaps", "humpback_trainjobs")

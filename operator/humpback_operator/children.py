@@ -110,7 +110,8 @@ def build_spec_configmap(run: BacktranslationRun, owner: dict | None) -> dict:
     """
     data = dump_run(run)
     data["metadata"] = {"name": run.name, "namespace": run.namespace}
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    # libyaml when present: the operator builds this on every reconcile of every run.
+    text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False, allow_unicode=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return {
         "apiVersion": "v1",

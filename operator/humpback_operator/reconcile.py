@@ -13,6 +13,8 @@ restarted operator just decides again.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -53,6 +55,7 @@ class Event:
     type: str  # Normal or Warning
     reason: str
     message: str
+    child: str | None = None  # posted only if creating this child really created it (not a 409)
 
 
 @dataclass
@@ -166,7 +169,7 @@ def decide(
     owner = owner_reference(body)
     old_stages = {s["name"]: s for s in old_status.get("stages") or [] if "name" in s}
 
-    configmap = build_spec_configmap(run, owner)
+    configmap = _spec_configmap(run, body, owner)
     existing_cm = kids.get("ConfigMap", configmap["metadata"]["name"])
     if existing_cm is None:
         d.create.append(configmap)
@@ -207,6 +210,22 @@ def decide(
     # appended before their client Job by _stage_state; the ConfigMap is first.
     d.status = _run_status(run, plan, states, old_status, generation, suspended, failed_stage, now, d)
     return d
+
+
+_configmaps: dict[str, dict] = {}
+
+
+def _spec_configmap(run: BacktranslationRun, body: Mapping[str, Any], owner: dict) -> dict:
+    """The spec ConfigMap, built once per spec: YAML-dumping it on every reconcile of every run was
+    the operator's largest CPU cost under load (bench/operator_scale.py)."""
+    meta = body.get("metadata", {})
+    key = json.dumps([meta.get("namespace"), meta.get("name"), meta.get("uid"), meta.get("labels"), body.get("spec")],
+                     sort_keys=True, default=str)
+    if key not in _configmaps:
+        if len(_configmaps) >= 1024:
+            _configmaps.clear()
+        _configmaps[key] = build_spec_configmap(run, owner)
+    return copy.deepcopy(_configmaps[key])
 
 
 def _finished_and_unchanged(old: Mapping[str, Any], generation: Any) -> bool:
@@ -335,7 +354,8 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             if server["kind"] == "Deployment":
                 waiting.append(server["metadata"]["name"])
                 d.events.append(Event("Normal", "ServerCreated",
-                                      f"Created vLLM Deployment {server['metadata']['name']} for stage {stage.name}"))
+                                      f"Created vLLM Deployment {server['metadata']['name']} for stage {stage.name}",
+                                      child=server["metadata"]["name"]))
         elif _is_terminating(have):
             d.requeue_after = min(d.requeue_after, 2.0)
             waiting.append(server["metadata"]["name"])
@@ -357,7 +377,8 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
     if attempt == 1 or st.get("startTime") is None:
         st["startTime"] = st.get("startTime") or _now_str(now)
     d.events.append(Event("Normal", "StageStarted",
-                          f"Created {primary['kind']} {primary['metadata']['name']} for stage {stage.name} (attempt {attempt})"))
+                          f"Created {primary['kind']} {primary['metadata']['name']} for stage {stage.name} (attempt {attempt})",
+                          child=primary["metadata"]["name"]))
     return st
 
 

@@ -8,11 +8,12 @@ as not done; its child then finds the stage done itself and exits at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from humpback_runtime.storage import open_store, read_success
+from humpback_runtime.storage import Store, open_store, read_success
 
 PROBE_TIMEOUT_SECONDS = 20.0
 
@@ -43,4 +44,11 @@ class StoreProbe:
 
 
 def _read(uri: str, endpoint: str | None, region: str | None, prefix: str) -> dict | None:
-    return read_success(open_store(uri, endpoint_url=endpoint, region=region), prefix)
+    return read_success(_store(uri, endpoint, region), prefix)
+
+
+@functools.lru_cache(maxsize=64)
+def _store(uri: str, endpoint: str | None, region: str | None) -> Store:
+    # One client per store for the operator's lifetime: making a boto3 client costs tens of
+    # milliseconds of CPU, which at hundreds of runs is most of a reconcile. Clients are thread-safe.
+    return open_store(uri, endpoint_url=endpoint, region=region, max_attempts=2)
