@@ -404,6 +404,7 @@ def status_schema() -> dict[str, Any]:
             },
             "startTime": _time("When the current attempt started."),
             "completionTime": _time("When the stage finished."),
+            "nextAttemptTime": _time("When the next attempt starts, after a failed one (retry backoff)."),
             "outputs": {
                 "description": "Artifact URIs the stage wrote.",
                 "type": "array",

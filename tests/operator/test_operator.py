@@ -223,8 +223,15 @@ def test_a_run_goes_through_the_whole_dag_for_two_iterations(cluster, start_oper
 def test_a_failed_attempt_is_retried_as_a_new_child(cluster, start_operator, make_standins, s3_bucket, s3_server):
     standins = make_standins(policy=stage_policy({("train-m0", 1): "fail"}))
     op = start_operator()
-    cluster.create_run(tiny_run(s3_bucket, s3_server))
+    cluster.create_run(tiny_run(s3_bucket, s3_server, retries={"limit": 2, "backoffSeconds": 3}))
+    # The backoff is in status (the API server keeps it: it is in the CRD's schema), and it holds.
+    retry_at = wait_for(lambda: cluster.stage("tiny", "train-m0").get("nextAttemptTime"), 60, "a scheduled retry",
+                        explain(cluster, "tiny", op))
+    assert cluster.stage("tiny", "train-m0")["attempt"] == 2
+    assert not [n for n in standins.seen["PyTorchJob"] if "-train-m0-" in n and n.endswith("-a2")]
     wait_for(cluster.phase_is("tiny", "Succeeded"), 120, "phase Succeeded", explain(cluster, "tiny", op))
+    a2 = cluster.emulator.get("kubeflow.org/v1/pytorchjobs", [n for n in standins.seen["PyTorchJob"] if "-train-m0-" in n][-1])
+    assert a2["metadata"]["creationTimestamp"] >= retry_at
     m0 = [n for n in standins.seen["PyTorchJob"] if "-train-m0-" in n]
     assert [n[-3:] for n in m0] == ["-a1", "-a2"]
     assert cluster.stage("tiny", "train-m0")["attempt"] == 2
@@ -323,7 +330,9 @@ def test_an_operator_restart_mid_run_continues_without_duplicates(cluster, start
     stages = cluster.status("tiny")["stages"]
     assert all(s["attempt"] == 1 for s in stages)
     assert len([n for n in standins.seen["Job"] if "-augment-" in n]) == 1
-    assert cluster.reasons("tiny").count("StageStarted") == len([s for s in stages])
+    # No stage announced twice. (An Event still queued in the killed process may be lost:
+    # Events are best effort, status is the record.)
+    assert len(stages) - 1 <= cluster.reasons("tiny").count("StageStarted") <= len(stages)
 
 
 def test_an_invalid_run_is_refused_with_a_condition_and_an_event(cluster, start_operator, make_standins, s3_bucket, s3_server):
