@@ -87,12 +87,13 @@ class OperatorProcess:
 
 
 @pytest.fixture
-def start_operator(kube_env, s3_server, tmp_path) -> Iterator[Callable[[], OperatorProcess]]:
+def start_operator(kube_env, s3_server, tmp_path) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
-    def start() -> OperatorProcess:
+    def start(**extra_env: str) -> OperatorProcess:
         env = dict(kube_env, AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
-                   AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1")
+                   AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1",
+                   **extra_env)
         op = OperatorProcess(env, tmp_path / "operator.log")
         started.append(op)
         return op
@@ -195,6 +196,7 @@ def test_a_run_goes_through_the_whole_dag_for_two_iterations(cluster, start_oper
     assert all(s["phase"] == "Succeeded" and s["attempt"] == 1 for s in stages.values())
     assert status["progress"] == f"{len(stages)}/{len(stages)}"
     assert status["observedGeneration"] == 1
+    assert cluster.run("tiny")["metadata"]["generation"] == 1  # the controller never wrote the spec
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["status"] == "True" and conditions["Failed"]["status"] == "False"
     assert all(c.get("lastTransitionTime") for c in conditions.values())
@@ -348,3 +350,17 @@ def test_an_invalid_run_is_refused_with_a_condition_and_an_event(cluster, start_
     wait_for(lambda: "InvalidSpec" in cluster.reasons("tiny"), 10, "the InvalidSpec Event")
     assert standins.seen == {} or not any(standins.seen.values())
     assert cluster.children("tiny", "jobs") == []
+
+
+def test_the_operator_serves_prometheus_metrics_when_asked(cluster, start_operator, make_standins, s3_bucket, s3_server):
+    make_standins()
+    port = free_port()
+    op = start_operator(HUMPBACK_METRICS_PORT=str(port))
+    cluster.create_run(tiny_run(s3_bucket, s3_server))
+    wait_for(cluster.phase_is("tiny", "Succeeded"), 120, "phase Succeeded", explain(cluster, "tiny", op))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert values["humpback_reconciles_total"] > 0
+    assert values['humpback_children_created_total{kind="PyTorchJob"}'] == 4
+    assert values['humpback_runs{phase="Succeeded"}'] == 1

@@ -341,3 +341,20 @@ def test_a_finished_run_is_left_alone_until_its_spec_changes(monkeypatch):
     d = cluster.step()
     assert cluster.body["status"]["phase"] == "Running"
     assert {o["metadata"]["labels"]["humpback.dev/stage"] for o in d.create if o["kind"] == "PyTorchJob"} == {"train-myx", "train-m0"}
+
+
+def test_a_server_that_misses_its_progress_deadline_fails_the_attempt_and_is_rebuilt():
+    cluster = Cluster(tiny_body(**{"retries": {"limit": 1, "backoffSeconds": 0}}))
+    cluster.run_until(lambda c: any(k[0] == "Deployment" for k in c.objects))
+    deployment = next(o for (k, _), o in cluster.objects.items() if k == "Deployment")
+    name = deployment["metadata"]["name"]
+    # The instant Deployment controller of this fake already marked it available; make it stuck.
+    deployment["status"] = {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                            "message": "ReplicaSet has timed out progressing."}]}
+    # The state of the attempt that failed, as the fake cluster runs on after this step.
+    d = decide(cluster.body, cluster.children(), {}, cluster.now, CONFIG)
+    assert any(r.name == name for r in d.delete)  # rebuilt for the next attempt
+    assert "StageRetrying" in [e.reason for e in d.events]
+    augment = next(s for s in d.status["stages"] if s["name"] == "augment")
+    assert augment["attempt"] == 2 and "ProgressDeadlineExceeded" in augment["message"]
+    assert not [o for o in d.create if o["kind"] == "Job"]  # no client Job against a dead server
