@@ -26,10 +26,10 @@ from humpback_runtime.augmentation import candidate_records, summarize
 from humpback_runtime.context import RunContext
 from humpback_runtime.engines import GenerationResult, Sampling, VLLMServerEngine
 from humpback_runtime.plan import Stage
+from humpback_runtime.pod_contract import REWRITE_API_KEY_ENV
 from humpback_runtime.storage import ShardWriter, iter_shard_records, list_shards
 
 SELECTED = "selected"
-REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"
 
 
 def _candidates_stage(stage: Stage) -> str:

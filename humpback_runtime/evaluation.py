@@ -55,6 +55,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+from humpback_runtime.pod_contract import JUDGE_API_KEY_ENV
 from urllib.parse import urlsplit, urlunsplit
 
 from humpback_runtime.inference_client import ClientSettings, CompletionsClient, run_completions
@@ -82,9 +84,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SETS = ("vicuna80", "mt_bench")
-# The judge's API key, if it needs one: the operator mounts the Secret named by
-# spec.evaluation.judge.apiKeySecret (key apiKey) as this variable; locally, export it.
-JUDGE_API_KEY_ENV = "HUMPBACK_JUDGE_API_KEY"
+# The judge's API key, if it needs one, is JUDGE_API_KEY_ENV: the operator sets it from the Secret
+# named by spec.evaluation.judge.apiKeySecret (key apiKey); locally, export it.
 ORDERS = ("ab", "ba")
 
 # (model stage, prompt records, store prefix for its checkpoints) -> {prompt id: answer}

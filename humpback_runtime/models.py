@@ -16,17 +16,12 @@ from pathlib import Path
 
 from humpback_runtime.context import RunContext
 from humpback_runtime.engines import Engine, make_engine
+from humpback_runtime.pod_contract import ENDPOINT_ENV, ENDPOINTS_ENV, MODEL_DIR, SERVED_MODEL_ENV
 from humpback_runtime.stages import InputsMissing, StageError
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = "model"
 COMPLETE = "_COMPLETE"
-ENDPOINT_ENV = "HUMPBACK_ENDPOINT"
-SERVED_MODEL_ENV = "HUMPBACK_SERVED_MODEL"
-# Stages that use several models (evaluate) get one server per model: a JSON object mapping the
-# training stage to its server's /v1 root; each server serves its model under the stage's name.
-ENDPOINTS_ENV = "HUMPBACK_ENDPOINTS"
 
 
 def model_prefix(ctx: RunContext, train_stage: str) -> str:

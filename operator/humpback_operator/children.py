@@ -39,21 +39,19 @@ from humpback_operator.names import (
     stage_child_name,
 )
 from humpback_runtime.plan import Plan, Stage, build_plan
+from humpback_runtime.pod_contract import (
+    API_KEY_SECRET_KEY,
+    ENDPOINT_ENV,
+    ENDPOINTS_ENV,
+    JUDGE_API_KEY_ENV,
+    MODEL_DIR,
+    REWRITE_API_KEY_ENV,
+    SERVED_MODEL_ENV,
+)
 from humpback_runtime.spec import BacktranslationRun, PodResources, dump_run
 
 ENV_RUN_SPEC = "HUMPBACK_RUN_SPEC"
 SPEC_KEY = "run.yaml"
-
-# Contract with the runtime. Copied, not imported: those runtime modules pull in the inference
-# engines, which the operator must never import. tests/unit/operator/test_children.py checks
-# that the copies match humpback_runtime.models / evaluation / curation.
-MODEL_DIR = "model"  # models.MODEL_DIR: a training stage's model is <uri>/<namespace>/<run>/<stage>/model
-ENDPOINT_ENV = "HUMPBACK_ENDPOINT"  # models.ENDPOINT_ENV
-SERVED_MODEL_ENV = "HUMPBACK_SERVED_MODEL"  # models.SERVED_MODEL_ENV
-ENDPOINTS_ENV = "HUMPBACK_ENDPOINTS"  # models.ENDPOINTS_ENV
-JUDGE_API_KEY_ENV = "HUMPBACK_JUDGE_API_KEY"  # evaluation.JUDGE_API_KEY_ENV
-REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"  # curation.REWRITE_API_KEY_ENV
-API_KEY_SECRET_KEY = "apiKey"  # the key in judge.apiKeySecret / rewrite.apiKeySecret
 
 CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process engines
 IN_PROCESS_ENGINES = ("transformers", "vllm")

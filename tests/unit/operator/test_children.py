@@ -590,17 +590,6 @@ def test_config_rejects_an_invalid_port():
 # --- contracts and boundaries ---------------------------------------------------------------
 
 
-def test_runtime_contract_constants_match_the_runtime():
-    from humpback_runtime import curation, evaluation, models
-
-    assert ch.MODEL_DIR == models.MODEL_DIR
-    assert ch.ENDPOINT_ENV == models.ENDPOINT_ENV
-    assert ch.SERVED_MODEL_ENV == models.SERVED_MODEL_ENV
-    assert ch.ENDPOINTS_ENV == models.ENDPOINTS_ENV
-    assert ch.JUDGE_API_KEY_ENV == evaluation.JUDGE_API_KEY_ENV
-    assert ch.REWRITE_API_KEY_ENV == curation.REWRITE_API_KEY_ENV
-
-
 def test_model_uri_matches_the_runtime_layout():
     from humpback_runtime.context import RunContext
     from humpback_runtime.models import model_prefix
@@ -611,7 +600,7 @@ def test_model_uri_matches_the_runtime_layout():
 
 
 BUILDER_MODULES = ["config", "names", "children", "backends"]
-ALLOWED_IMPORTS = {"humpback_runtime.spec", "humpback_runtime.plan", "yaml"}
+ALLOWED_IMPORTS = {"humpback_runtime.spec", "humpback_runtime.plan", "humpback_runtime.pod_contract", "yaml"}
 
 
 @pytest.mark.parametrize("module", BUILDER_MODULES)

@@ -1,0 +1,13 @@
+"""Names shared by the stages and the operator that starts them: environment variables a pod gets
+and where a training stage leaves its model. Standard library only: the operator imports it.
+"""
+
+MODEL_DIR = "model"  # a training stage's model: <storage>/<namespace>/<run>/<stage>/model
+ENDPOINT_ENV = "HUMPBACK_ENDPOINT"  # the vLLM server's /v1 root for a stage that uses one model
+SERVED_MODEL_ENV = "HUMPBACK_SERVED_MODEL"  # the name that server serves the model under
+# Stages that use several models (evaluate) get one server per model: a JSON object mapping the
+# training stage to its server's /v1 root; each server serves its model under the stage's name.
+ENDPOINTS_ENV = "HUMPBACK_ENDPOINTS"
+JUDGE_API_KEY_ENV = "HUMPBACK_JUDGE_API_KEY"  # from the Secret evaluation.judge.apiKeySecret
+REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"  # from the Secret curation.rewrite.apiKeySecret
+API_KEY_SECRET_KEY = "apiKey"  # the key in those Secrets
