@@ -392,9 +392,14 @@ def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorCo
     }
 
 
+def stage_uri(run: BacktranslationRun, stage: str) -> str:
+    """Where `stage` writes its outputs: <storage uri>/<namespace>/<run>/<stage>."""
+    return f"{run.spec.storage.uri.rstrip('/')}/{run.namespace}/{run.name}/{stage}"
+
+
 def model_uri(run: BacktranslationRun, train_stage: str) -> str:
-    """Where `train_stage` leaves its model: <storage uri>/<namespace>/<run>/<stage>/model."""
-    return f"{run.spec.storage.uri.rstrip('/')}/{run.namespace}/{run.name}/{train_stage}/{MODEL_DIR}"
+    """Where `train_stage` leaves its model."""
+    return f"{stage_uri(run, train_stage)}/{MODEL_DIR}"
 
 
 def server_url(run: BacktranslationRun, stage: Stage, train_stage: str, config: OperatorConfig) -> str:

@@ -33,6 +33,7 @@ from humpback_operator.children import (
     owner_reference,
     served_models,
     server_state,
+    stage_uri,
 )
 from humpback_operator.config import OperatorConfig
 
@@ -96,10 +97,6 @@ def _run_from_body(body: Mapping[str, Any]) -> BacktranslationRun:
         "spec": body.get("spec"),
     }
     return parse_run(data, f"{meta.get('namespace')}/{meta.get('name')}")
-
-
-def storage_prefix_uri(run: BacktranslationRun, stage: str) -> str:
-    return f"{run.spec.storage.uri.rstrip('/')}/{run.namespace}/{run.name}/{stage}/"
 
 
 class _Children:
@@ -307,7 +304,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
         manifest = store[stage.name]
         if manifest and manifest.get("fingerprint") == stage.fingerprint:
             outputs = manifest.get("outputs") or {}
-            st.update(phase="Skipped", completionTime=_now_str(now), outputs=[storage_prefix_uri(run, stage.name)],
+            st.update(phase="Skipped", completionTime=_now_str(now), outputs=[stage_uri(run, stage.name) + "/"],
                       message="already done in the store with the same settings; outputs reused"
                       + (f" ({outputs.get('count')} records)" if isinstance(outputs, dict) and outputs.get("count") is not None else ""))
             d.events.append(Event("Normal", "StageSkipped", f"Stage {stage.name} is already done in the store: skipped"))
@@ -324,7 +321,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
     if existing is not None and not _is_terminating(existing):
         outcome, message = _outcome(existing, config)
         if outcome == "Succeeded":
-            st.update(phase="Succeeded", completionTime=_now_str(now), outputs=[storage_prefix_uri(run, stage.name)],
+            st.update(phase="Succeeded", completionTime=_now_str(now), outputs=[stage_uri(run, stage.name) + "/"],
                       message=f"attempt {attempt} succeeded")
             st.pop("nextAttemptTime", None)
             d.events.append(Event("Normal", "StageSucceeded",
