@@ -44,7 +44,6 @@ class Operator:
         self.kube = kube or Kube()
         self.config = config or OperatorConfig.from_env()
         self.probe = StoreProbe()
-        self.reconciles = 0
         # (namespace, run) -> (kind, name) -> (time, object created | None when deleted)
         self.recent: dict[tuple[str, str], dict[tuple[str, str], tuple[float, dict | None]]] = {}
 
@@ -141,7 +140,6 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
         body = await op.kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
-    op.reconciles += 1
     metrics.RECONCILES.inc()
     started = time.monotonic()
     children = op.children(indexes, namespace, name)
@@ -182,7 +180,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
     existed: set[str] = set()
     for obj in decision.update:
         await op.kube.replace_data(obj)
-    for ref in decision.delete:
+    for ref in dict.fromkeys(decision.delete):  # a stale server may be listed twice (stale, and stage over)
         op.note(namespace, name, ref.kind, ref.name, None)
         if await op.kube.delete(ref.api_version, ref.kind, namespace, ref.name):
             logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)

@@ -15,6 +15,8 @@ from typing import Any
 
 from humpback_runtime.crd import GROUP, PLURAL, VERSION
 
+from humpback_operator.backends import BACKENDS
+
 log = logging.getLogger(__name__)
 
 # apiVersion, kind -> plural: every kind the operator creates, deletes or reads.
@@ -23,9 +25,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Service"): "services",
     ("apps/v1", "Deployment"): "deployments",
     ("batch/v1", "Job"): "jobs",
-    ("kubeflow.org/v1", "PyTorchJob"): "pytorchjobs",
-    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjobs",
     (f"{GROUP}/{VERSION}", "BacktranslationRun"): PLURAL,
+    **{(f"{b.group}/{b.version}", b.kind): b.plural for b in (cls() for cls in BACKENDS.values())},
 }
 
 
@@ -55,13 +56,11 @@ class Kube:
         if api_client is None:
             api_client = _default_api_client()
         self.api = api_client
-        self.requests = 0  # for the benchmark: API calls this client made
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
               query: list[tuple[str, str]] | None = None) -> Any:
         from kubernetes.client.exceptions import ApiException
 
-        self.requests += 1
         try:
             data = self.api.call_api(
                 path, method, query_params=query or [], body=body,

@@ -61,7 +61,7 @@ class Event:
 
 @dataclass
 class Decision:
-    create: list[dict] = field(default_factory=list)  # in order: servers before the Jobs that use them
+    create: list[dict] = field(default_factory=list)  # in order: ConfigMap, servers, then the Jobs that use them
     update: list[dict] = field(default_factory=list)  # objects to replace in place (the spec ConfigMap)
     delete: list[Delete] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
@@ -203,8 +203,6 @@ def decide(
         d.update.clear()
         d.delete.clear()
         d.events.clear()
-    # Children must exist before the Jobs that use them: servers' Deployments and Services are
-    # appended before their client Job by _stage_state; the ConfigMap is first.
     d.status = _run_status(run, plan, states, old_status, generation, suspended, failed_stage, now, d)
     return d
 
