@@ -99,7 +99,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from humpback_runtime.plan import stale_reasons
 
-    ctx = RunContext.create(_load_spec(args.file), args.storage, identify_inputs=not args.spec_only)
+    # --offline reads neither the store nor remote inputs: fingerprints from the spec alone then.
+    ctx = RunContext.create(_load_spec(args.file), args.storage, identify_inputs=not (args.spec_only or args.offline))
     plan = ctx.plan
     if problem := _check_stage_args(plan, args):
         print(problem, file=sys.stderr)

@@ -402,11 +402,13 @@ def _s3_identity(source: str, *, endpoint_url: str | None, region: str | None) -
     return _digest({store.url(k): store.version_tag(k) for k in keys})
 
 
-def _hub_identity(source: str) -> str:
+def _hub_identity(source: str) -> str | None:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None  # offline: no revision to ask for
     from huggingface_hub import HfApi
 
     name = source.removeprefix("hf://").strip("/")
-    return "hf:" + str(HfApi().dataset_info(name).sha)
+    return "hf:" + str(HfApi().dataset_info(name, timeout=10).sha)
 
 
 # --- the Hugging Face Hub -----------------------------------------------------------------------
