@@ -60,18 +60,19 @@ def run_local(run: BacktranslationRun, spec_path: str | Path, *, storage_uri: st
           file=out, flush=True)
     t_run = time.perf_counter()
     outcome: dict[str, str] = {}
+    forced_here: set[str] = set()
     code = 0
     for i, name in enumerate(names, 1):
         stage = plan[name]
         tag = f"[{i}/{total}] {name}"
-        # A stage whose input stage ran again in this run runs again too, even with the same fingerprint.
-        rerun_inputs = [d for d in stage.deps if outcome.get(d) == "ran"]
+        # A forced stage's outputs are new though its fingerprint is not: what reads them runs again too.
+        rerun_inputs = [d for d in stage.deps if d in forced_here]
         forced = name in force or bool(rerun_inputs)
         if not forced and ctx.is_done(stage):
             print(f"{tag}: done (fingerprint {stage.fingerprint}), skipped", file=out, flush=True)
             outcome[name] = "skipped"
             continue
-        why = "forced" if name in force else f"{', '.join(rerun_inputs)} ran again" if rerun_inputs else ""
+        why = "forced" if name in force else f"forced: {', '.join(rerun_inputs)} ran again" if rerun_inputs else ""
         print(f"{tag}: running (fingerprint {stage.fingerprint}{'; ' + why if why else ''})", file=out, flush=True)
         t0 = time.perf_counter()
         code = _run_child(stage_command(name, spec_path, storage_uri, force=forced))
@@ -93,6 +94,8 @@ def run_local(run: BacktranslationRun, spec_path: str | Path, *, storage_uri: st
             outcome[name], code = "FAILED", 1
             break
         outcome[name] = "ran"
+        if forced:
+            forced_here.add(name)
         print(f"{tag}: done in {elapsed}", file=out, flush=True)
     print_summary(ctx, names, outcome, out)
     if code == 0:
