@@ -243,6 +243,32 @@ def boilerplate_page_reason(text: str) -> str | None:
 # --- deduplication --------------------------------------------------------------------------
 
 _NON_WORD = re.compile(r"[\W_]+")
+# ASCII bytes that are not letters or digits become spaces; UTF-8 sequences (>= 0x80) stay.
+_ASCII_NON_WORD_TO_SPACE = bytes(c if c >= 0x80 or chr(c).isalnum() else 0x20 for c in range(256))
+
+
+def normalised_utf8(text: str) -> bytes:
+    """`normalise(text)` in UTF-8 (surrogates passed through), without a regex pass over every
+    character: one byte translation turns ASCII punctuation into spaces, and only the runs of
+    non-ASCII characters meet the regex (for Unicode punctuation and spaces). The same words
+    as `normalise`, in a third to half of the time."""
+    data = text.lower().encode("utf-8", "surrogatepass").translate(_ASCII_NON_WORD_TO_SPACE)
+    if not data.isascii():
+        data = _unicode_non_word_to_space(data)
+    return b" ".join(data.split())
+
+
+def _unicode_non_word_to_space(data: bytes) -> bytes:
+    # A maximal run of bytes >= 0x80 is whole UTF-8 sequences, so each run decodes on its own.
+    high = np.frombuffer(data, dtype=np.uint8) >= 0x80
+    edges = np.flatnonzero(np.diff(high, prepend=False, append=False)).tolist()  # start, end, ...
+    pieces, last = [], 0
+    for start, end in zip(edges[::2], edges[1::2]):
+        run = data[start:end].decode("utf-8", "surrogatepass")
+        pieces += [data[last:start], _NON_WORD.sub(" ", run).encode("utf-8", "surrogatepass")]
+        last = end
+    pieces.append(data[last:])
+    return b"".join(pieces)
 
 
 def normalise(text: str) -> str:
@@ -250,8 +276,10 @@ def normalise(text: str) -> str:
     return _NON_WORD.sub(" ", text.lower()).strip()
 
 
-def exact_key(normalised: str) -> int:
-    return xxhash.xxh3_128_intdigest(normalised.encode("utf-8", "surrogatepass"))
+def exact_key(normalised: str | bytes) -> int:
+    if isinstance(normalised, str):
+        normalised = normalised.encode("utf-8", "surrogatepass")
+    return xxhash.xxh3_128_intdigest(normalised)
 
 
 # MinHash signatures, vectorised over the whole shingle set of a document: no Python call per
@@ -494,7 +522,7 @@ class CorpusFilter:
             c.too_long += 1
             return None
         if self._exact is not None or self._near is not None:
-            norm = normalise(text)
+            norm = normalised_utf8(text)
             if self._exact is not None:
                 key = exact_key(norm)
                 if key in self._exact:

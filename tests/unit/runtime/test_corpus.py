@@ -19,6 +19,7 @@ from humpback_runtime.corpus import (
     filter_corpus,
     lsh_bands,
     normalise,
+    normalised_utf8,
     shingle_hash32,
 )
 from humpback_runtime.spec import CorpusSpec, DedupSpec
@@ -243,6 +244,13 @@ def test_signature_equals_datasketch_minhash_of_the_shingles(in_window):
 
 def test_normalise_ignores_case_whitespace_and_punctuation():
     assert normalise("  Hello,\n\tWORLD!  It's   me.") == "hello world it s me"
+
+
+def test_the_fast_normalisation_gives_the_same_words(c4):
+    odd = ["a_b__c", "___", "", "\ud83d lone \ud800\udfff x\u00a0y caf\u00e9\u2019s \u201cq\u201d \u2014 42\u00b2 \u0130stanbul \ufb01ne",
+           "\u00c0\u00c9-\u00fc \u3000\u6f22\u5b57\u3002\u304b\u306a", "tab\tand\x0bvertical\x0cfeed\r\n\x85next"]
+    for text in [r["text"] for r in c4] + odd:
+        assert normalised_utf8(text).decode("utf-8", "surrogatepass") == normalise(text), text[:60]
 
 
 # --- boilerplate ----------------------------------------------------------------------------
