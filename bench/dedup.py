@@ -200,8 +200,8 @@ def ideal_removals(docs: list[tuple[str, str]], threshold: float):
 # --- the methods ----------------------------------------------------------------------------
 
 
-def _shingles(normalised: str) -> list[str]:
-    words = normalised.split(" ")
+def _shingles(normalised: bytes) -> list[str]:
+    words = normalised.decode("utf-8", "surrogatepass").split(" ")
     return [" ".join(words[i:i + NGRAM]) for i in range(max(len(words) - NGRAM + 1, 1))]
 
 
@@ -213,7 +213,7 @@ class DatasketchIndex:
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
         self.n = 0
 
-    def seen(self, normalised: str) -> bool:
+    def seen(self, normalised: bytes) -> bool:
         m = self.minhash()
         m.update_batch([s.encode("utf-8", "surrogatepass") for s in _shingles(normalised)])
         if self.lsh.query(m):
@@ -232,7 +232,7 @@ class RensaIndex:
         self.lsh = RMinHashLSH(threshold=threshold, num_perm=NUM_PERM, num_bands=16)
         self.kept: list = []
 
-    def seen(self, normalised: str) -> bool:
+    def seen(self, normalised: bytes) -> bool:
         m = self.RMinHash(num_perm=NUM_PERM, seed=42)
         m.update(_shingles(normalised))
         if any(m.jaccard(self.kept[key]) >= self.threshold for key in self.lsh.query(m)):
@@ -243,10 +243,14 @@ class RensaIndex:
 
 
 def run_method(name: str, corpus: Path, store_root: Path, threshold: float) -> dict:
-    spec = CorpusSpec(source=str(corpus), dedup=DedupSpec(threshold=threshold))
+    # "humpback" runs the default spec; "humpback-64" sets num_perm=64 (fewer MinHash values).
+    num_perm = int(name.split("-")[1]) if name.startswith("humpback-") else NUM_PERM
+    spec = CorpusSpec(source=str(corpus), dedup=DedupSpec(threshold=threshold, num_perm=num_perm))
     counts = CorpusCounts()
     flt = CorpusFilter(spec, counts)
-    if name == "datasketch":
+    if name == "exact only":
+        flt._near = None  # the baseline: everything but the near-dup step
+    elif name == "datasketch":
         flt._near = DatasketchIndex(threshold)  # the same filter, another near-dup step
     elif name == "rensa":
         flt._near = RensaIndex(threshold)
@@ -254,7 +258,7 @@ def run_method(name: str, corpus: Path, store_root: Path, threshold: float) -> d
     kept_ids = []
     gc.collect()
     wall, cpu = time.perf_counter(), time.process_time()
-    with ShardWriter(LocalStore(store_root), f"{name}/prepare-corpus") as writer:
+    with ShardWriter(LocalStore(store_root), f"{re.sub(r'[^a-z0-9-]', '-', name)}/prepare-corpus") as writer:
         for where, record in iter_source_records(str(corpus), bad=bad):
             segment = flt.process(where, record.get("text"))
             if segment is not None:
@@ -307,7 +311,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--planted", type=float, default=0.25, help="fraction of documents that copy an earlier one")
     parser.add_argument("--threshold", type=float, default=0.8)
-    parser.add_argument("--methods", nargs="+", default=["humpback", "datasketch", "rensa"])
+    parser.add_argument("--methods", nargs="+", default=["exact only", "humpback", "datasketch", "rensa"],
+                        help='also "humpback-N": humpback with num_perm=N')
     parser.add_argument("--data", type=Path, default=ROOT / "examples" / "data" / "c4_sample.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dedup.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -345,12 +350,22 @@ def main() -> None:
             results[name] = score(raw, len(docs), ideal, sets, docs)
             print(f"  ran {name}")
 
-    header = f"{'method':12} {'removed':>8} {'recall':>7} {'false pos':>9} {'missed':>7} {'docs/cpu-s':>10} {'docs/s wall':>11}"
+    base = results.get("exact only")
+    for r in results.values():
+        # CPU time per document that the near-dup step adds to the rest of the stage.
+        r["near_dup_us_per_doc"] = (r["cpu_s"] - base["cpu_s"]) / len(docs) * 1e6 if base else None
+    header = (f"{'method':12} {'removed':>8} {'recall':>7} {'false pos':>9} {'missed':>7} {'docs/cpu-s':>10} "
+              f"{'docs/s wall':>11} {'near-dup us/doc':>15}")
     print("\n" + header + "\n" + "-" * len(header))
     print(f"{'ideal':12} {len(ideal):>8,} {1:>7.1%} {0:>9} {0:>7}")
     for name, r in results.items():
+        cost = "" if r["near_dup_us_per_doc"] is None or name == "exact only" else f"{r['near_dup_us_per_doc']:,.0f}"
         print(f"{name:12} {r['removed']:>8,} {r['recall']:>7.1%} {r['false_positives']:>9,} {r['missed']:>7,} "
-              f"{r['docs_per_cpu_s']:>10,.0f} {r['docs_per_wall_s']:>11,.0f}")
+              f"{r['docs_per_cpu_s']:>10,.0f} {r['docs_per_wall_s']:>11,.0f} {cost:>15}")
+    for name, r in results.items():
+        if name != "exact only":
+            print(f"{name}: false positives at planted Jaccard {summary(r['false_positive_planted_jaccard'])}; "
+                  f"misses at {summary(r['missed_planted_jaccard'])}")
 
     import datasketch
 
@@ -373,6 +388,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
+
+
+def summary(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f} (n={len(values)})" if values else "none"
 
 
 def _dist_version(name: str) -> str | None:

@@ -261,7 +261,11 @@ def normalised_utf8(text: str) -> bytes:
 def _unicode_non_word_to_space(data: bytes) -> bytes:
     # A maximal run of bytes >= 0x80 is whole UTF-8 sequences, so each run decodes on its own.
     high = np.frombuffer(data, dtype=np.uint8) >= 0x80
-    edges = np.flatnonzero(np.diff(high, prepend=False, append=False)).tolist()  # start, end, ...
+    edges = (np.flatnonzero(high[1:] != high[:-1]) + 1).tolist()  # where runs start and end
+    if high[0]:
+        edges.insert(0, 0)
+    if high[-1]:
+        edges.append(len(data))
     pieces, last = [], 0
     for start, end in zip(edges[::2], edges[1::2]):
         run = data[start:end].decode("utf-8", "surrogatepass")
@@ -458,8 +462,8 @@ class NearDuplicateIndex:
         keys = self._band_keys(self.hasher.signature_of(hashes))
         shingles = None  # the distinct hashes, computed only if there is a candidate
         checked: set[int] = set()
-        for table, key in zip(self._tables, keys):
-            hit = table.get(key)
+        hits = [table.get(key) for table, key in zip(self._tables, keys)]
+        for hit in hits:
             if hit is None:
                 continue
             for doc in hit if isinstance(hit, list) else (hit,):
@@ -474,8 +478,7 @@ class NearDuplicateIndex:
                 self.counts.lsh_rejected += 1
         doc = len(self._shingles)
         self._shingles.append(hashes)  # as they come: np.unique only when a candidate needs it
-        for table, key in zip(self._tables, keys):
-            hit = table.get(key)
+        for table, key, hit in zip(self._tables, keys, hits):
             if hit is None:
                 table[key] = doc  # the common case: a band no kept document has
             elif isinstance(hit, list):
