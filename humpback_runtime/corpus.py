@@ -422,10 +422,11 @@ class NearDuplicateIndex:
     shingle sets (32-bit shingle hashes, kept per indexed document) decides, so neither a chance
     band collision nor a signature estimate's error removes a document.
 
-    The band tables are dicts from a band's hash to the documents with that band (an int, or a
-    list when several): datasketch's MinHashLSH stores a set per entry and hashes each band in
-    Python, about twice the memory and time at 25 bands. Per indexed document: its shingle
-    hashes (4 bytes each, ~1.2 KB for 3,000 characters) and one dict entry per band.
+    The band tables are dicts from a band's hash (one vectorised step for all bands) to the
+    documents with that band (an int, or a list when several): at 25 bands datasketch's
+    MinHashLSH (bytes per band, a set per entry) takes ~4x longer per document to query and
+    insert. Per indexed document: its shingle hashes (4 bytes per word) and one dict entry per
+    band, ~5.5 KB in all for 1,600 characters (docs/corpus.md).
     """
 
     def __init__(self, dedup: DedupSpec, counts: CorpusCounts | None = None):

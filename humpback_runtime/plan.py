@@ -22,7 +22,7 @@ from humpback_runtime.spec import BacktranslationRun
 # One number per stage family keeps unrelated stages untouched.
 STAGE_CODE_VERSIONS = {
     "prepare-seed": 1,
-    "prepare-corpus": 1,
+    "prepare-corpus": 2,  # 2: near-duplicates verified by exact shingle Jaccard
     "train": 1,
     "augment": 1,
     "rewrite": 1,
