@@ -171,7 +171,7 @@ def copies_at_jaccard(texts, low, high, n=40):
 @pytest.mark.parametrize("low,high", [(0.8, 0.84), (0.84, 0.88), (0.88, 0.95)])
 def test_every_pair_at_or_above_the_threshold_is_removed(in_window, low, high):
     # Estimated-Jaccard verification misses a pair at 0.82 about a third of the time, and a plain
-    # LSH decision a fifth; exact verification of the candidates of a 25x5 banding misses ~1e-5.
+    # LSH decision a fifth; exact verification of the candidates of a 16x4 banding misses ~1e-4.
     pairs = copies_at_jaccard(in_window, low, high)
     originals = [a for a, _ in pairs]
     rows = [{"text": t} for t in originals + [b for _, b in pairs]]
@@ -183,7 +183,7 @@ def test_every_pair_at_or_above_the_threshold_is_removed(in_window, low, high):
 
 @pytest.mark.parametrize("low,high", [(0.55, 0.65), (0.72, 0.8)])
 def test_no_pair_under_the_threshold_is_removed(in_window, low, high):
-    # The LSH returns most of these pairs as candidates (25 bands of 5 rows: 87% at 0.6); the exact
+    # The LSH returns most of these pairs as candidates (16 bands of 4 rows: 89% at 0.6); the exact
     # Jaccard rejects them all, where a signature estimate would remove some of those near 0.8.
     pairs = copies_at_jaccard(in_window, low, high)
     rows = [{"text": t} for pair in pairs for t in pair]
@@ -213,6 +213,7 @@ def test_the_earlier_of_two_near_duplicates_is_kept_in_either_order(in_window):
 
 
 def test_lsh_banding_favours_recall_at_the_threshold():
+    assert lsh_bands(0.8, 64) == (16, 4)  # the default
     assert lsh_bands(0.8, 128) == (25, 5)
     assert lsh_bands(1.0, 128) == (1, 128)  # identical shingle sets share every band
     for threshold in (0.5, 0.7, 0.8, 0.9, 0.95):
