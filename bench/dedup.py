@@ -34,18 +34,20 @@ Methods, each timed over the whole stage loop on one core: read the corpus JSONL
 kept segments with `ShardWriter` to a LocalStore, as prepare-corpus does. Only the near-dup step
 differs:
 
-- humpback: `filter_corpus` with the default spec (MinHash 64, LSH banded for recall, each
-  candidate verified by exact shingle Jaccard);
+- exact only: the baseline, near-dup off (what the rest of the stage costs);
+- humpback: `CorpusFilter` with the default spec (MinHash 64, LSH banded for recall, each
+  candidate verified by exact shingle Jaccard); "humpback-128" and so on set dedup.numPerm;
 - datasketch: `MinHash(num_perm=128, hashfunc=xxh32).update_batch(shingles)` and
   `MinHashLSH(threshold, num_perm=128)` (its own banding, 9x13 at 0.8): a document with any
   LSH result is a duplicate, otherwise it is inserted (the library's documented use);
 - rensa: `RMinHash(128, seed=42).update(shingles)`, `RMinHashLSH(threshold, 128, num_bands=16)`,
-  and each candidate verified by the estimated Jaccard of the two signatures (rensa's README loop).
+  and each candidate verified by the estimated Jaccard of the two signatures (`RMinHash.jaccard`).
 
 Reports, per method: removed, recall against the ideal (ideal removals it removed / ideal), false
 positives (removals outside the ideal) and documents per CPU second (the per-core rate; wall time
-beside it), plus the Jaccard of the false positives and misses. Results go to
-bench/results/dedup.json.
+beside it; with --repeat N, each method's fastest of N interleaved rounds), the CPU time per
+document the near-dup step adds to the baseline, and the planted Jaccard of the false positives
+and misses. Results go to bench/results/dedup.json.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ import xxhash
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from humpback_runtime.corpus import CorpusCounts, CorpusFilter, clean_boilerplate, filter_corpus, normalise  # noqa: E402
+from humpback_runtime.corpus import CorpusCounts, CorpusFilter, clean_boilerplate, normalise  # noqa: E402
 from humpback_runtime.sources import BadRecords, iter_source_records  # noqa: E402
 from humpback_runtime.spec import CorpusSpec, DedupSpec  # noqa: E402
 from humpback_runtime.storage import LocalStore, ShardWriter  # noqa: E402
