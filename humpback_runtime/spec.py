@@ -130,9 +130,9 @@ class SeedSpec(DataSource):
 
 class DedupSpec(Model):
     exact: bool = Field(True, description="Drop segments whose normalised text was seen before.")
-    near_duplicates: bool = Field(True, description="Drop near-duplicates (MinHash LSH).")
-    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity above which two segments are near-duplicates.")
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    near_duplicates: bool = Field(True, description="Drop near-duplicates (MinHash LSH proposes candidates, exact shingle Jaccard decides).")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of the shingle sets at or above which a segment is a near-duplicate of an earlier kept one.")
+    num_perm: int = Field(64, ge=16, le=1024, description="MinHash permutations; the LSH bands them for recall at the threshold (16 bands of 4 rows at 0.8). More: fewer chance candidates to verify, slower signatures.")
     ngram: int = Field(5, ge=1, le=32, description="Word n-gram size of the shingles.")
 
 
