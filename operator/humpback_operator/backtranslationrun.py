@@ -43,7 +43,7 @@ class Operator:
     def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None):
         self.kube = kube or Kube()
         self.config = config or OperatorConfig.from_env()
-        self.probe = StoreProbe()
+        self.probe = StoreProbe(self.config)
         # (namespace, run) -> (kind, name) -> (time, object created | None when deleted)
         self.recent: dict[tuple[str, str], dict[tuple[str, str], tuple[float, dict | None]]] = {}
 

@@ -7,10 +7,13 @@ Read once at start; an invalid value stops the operator with an error that names
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/humpback-dev/humpback-runtime:0.1.0"
 # Built FROM vllm/vllm-openai:v0.32.0 (pinned), plus what S3 loading with the Run:ai streamer needs.
@@ -26,8 +29,61 @@ ENV_RUNTIME_IMAGE = "HUMPBACK_RUNTIME_IMAGE"
 ENV_VLLM_IMAGE = "HUMPBACK_VLLM_IMAGE"
 ENV_SERVICE_ACCOUNT = "HUMPBACK_SERVICE_ACCOUNT"
 ENV_TRAINING_BACKEND = "HUMPBACK_TRAINING_BACKEND"
+ENV_PROBE_ALLOWED_STORES = "HUMPBACK_PROBE_ALLOWED_STORES"
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def normalize_endpoint(url: str | None) -> str:
+    """scheme://host[:port] in lower case, without path or trailing slash; "" for no endpoint."""
+    if not url:
+        return ""
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+@dataclass(frozen=True)
+class AllowedStore:
+    """A store the operator may read with its own credentials: buckets matching `bucket` (a glob,
+    e.g. "ml-runs-*") at exactly `endpoint` ("" = AWS S3 itself; a plain http:// endpoint is only
+    ever allowed by naming it here)."""
+
+    bucket: str
+    endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.bucket or "/" in self.bucket:
+            raise ValueError(f"bucket: expected a bucket name or glob (no '/'), got {self.bucket!r}")
+        endpoint = normalize_endpoint(self.endpoint)
+        if endpoint and (urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc
+                         or any(c in endpoint for c in "*?[")):
+            raise ValueError(f"endpoint: expected an exact http(s)://host[:port] (no globs), got {self.endpoint!r}")
+        object.__setattr__(self, "endpoint", endpoint)
+
+    def allows(self, uri: str, endpoint: str | None) -> bool:
+        if not uri.startswith("s3://"):
+            return False
+        bucket = urlsplit(uri).netloc
+        return fnmatch.fnmatchcase(bucket, self.bucket) and normalize_endpoint(endpoint) == self.endpoint
+
+
+def parse_allowed_stores(raw: str) -> tuple[AllowedStore, ...]:
+    """`[{"bucket": "ml-*", "endpoint": "https://minio.example:9000"}, ...]` (JSON, as the chart writes it)."""
+    try:
+        items = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"expected a JSON list of {{bucket, endpoint}} objects ({e})") from None
+    if not isinstance(items, list):
+        raise ValueError("expected a JSON list of {bucket, endpoint} objects")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"bucket", "endpoint"}:
+            raise ValueError(f"item {i}: expected an object with keys bucket and endpoint, got {item!r}")
+        try:
+            out.append(AllowedStore(str(item.get("bucket") or ""), str(item.get("endpoint") or "")))
+        except ValueError as e:
+            raise ValueError(f"item {i}: {e}") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -37,6 +93,12 @@ class OperatorConfig:
     service_account: str | None = None  # of every child pod (e.g. one with IRSA for S3); None: namespace default
     training_backend: str = "pytorchjob"
     vllm_port: int = 8000
+    # Stores the operator reads with its own credentials (the store probe); empty: none, every
+    # stage's pod checks its own store with the run's Secret.
+    probe_allowed_stores: tuple[AllowedStore, ...] = ()
+
+    def probe_allowed(self, uri: str, endpoint: str | None) -> bool:
+        return any(a.allows(uri, endpoint) for a in self.probe_allowed_stores)
 
     def __post_init__(self) -> None:
         for name, problem in _problems(vars(self)):
@@ -51,7 +113,12 @@ class OperatorConfig:
             "service_account": ENV_SERVICE_ACCOUNT,
             "training_backend": ENV_TRAINING_BACKEND,
         }
-        values = {field: environ[var].strip() for field, var in env_of.items() if environ.get(var, "").strip()}
+        values: dict = {field: environ[var].strip() for field, var in env_of.items() if environ.get(var, "").strip()}
+        if environ.get(ENV_PROBE_ALLOWED_STORES, "").strip():
+            try:
+                values["probe_allowed_stores"] = parse_allowed_stores(environ[ENV_PROBE_ALLOWED_STORES])
+            except ValueError as e:
+                raise ValueError(f"{ENV_PROBE_ALLOWED_STORES}: {e}") from None
         # Checked here first so that the error names the variable rather than the field.
         merged = {f.name: f.default for f in fields(cls)} | values
         for field, problem in _problems(merged, backends=SUPPORTED_TRAINING_BACKENDS):

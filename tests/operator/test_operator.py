@@ -9,6 +9,7 @@ exactly as `kubectl get btr -w` / `kubectl describe btr` would.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -93,6 +94,8 @@ def start_operator(kube_env, s3_server, tmp_path) -> Iterator[Callable[..., Oper
     def start(**extra_env: str) -> OperatorProcess:
         env = dict(kube_env, AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
                    AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1",
+                   # The admin allows the probe to read the test buckets at moto's plain-http endpoint.
+                   HUMPBACK_PROBE_ALLOWED_STORES=json.dumps([{"bucket": "test-*", "endpoint": s3_server}]),
                    **extra_env)
         op = OperatorProcess(env, tmp_path / "operator.log")
         started.append(op)
