@@ -55,6 +55,8 @@ SPEC_KEY = "run.yaml"
 
 CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process engines
 IN_PROCESS_ENGINES = ("transformers", "vllm")
+HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret
+S3_COMPATIBLE_REGION = "us-east-1"  # signing region of an S3-compatible endpoint that names none
 
 POD_SECURITY_CONTEXT = {
     "runAsNonRoot": True,
@@ -262,10 +264,18 @@ def _s3_env(run: BacktranslationRun) -> list[dict]:
     if s3.credentials_secret:
         env += [_secret_env(key, s3.credentials_secret, key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         env.append(_secret_env("AWS_SESSION_TOKEN", s3.credentials_secret, "AWS_SESSION_TOKEN", optional=True))
-    if s3.region:
-        env += [{"name": "AWS_REGION", "value": s3.region}, {"name": "AWS_DEFAULT_REGION", "value": s3.region}]
+    # An S3-compatible store (MinIO, Ceph, R2, GCS's XML API) still needs a signing region, and
+    # has no instance metadata to ask: without AWS_EC2_METADATA_DISABLED the SDKs first wait on
+    # 169.254.169.254 for credentials and region. Its checksum headers (boto3 >= 1.36 sends CRC32
+    # on every upload) are refused by GCS and older MinIO: only when an operation requires them.
+    region = s3.region or (S3_COMPATIBLE_REGION if s3.endpoint else None)
+    if region:
+        env += [{"name": "AWS_REGION", "value": region}, {"name": "AWS_DEFAULT_REGION", "value": region}]
     if s3.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
+        env += [{"name": "AWS_ENDPOINT_URL", "value": s3.endpoint},
+                {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
+                {"name": "AWS_REQUEST_CHECKSUM_CALCULATION", "value": "when_required"},
+                {"name": "AWS_RESPONSE_CHECKSUM_VALIDATION", "value": "when_required"}]
     return env
 
 
@@ -277,6 +287,8 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
         {"name": "HUMPBACK_CACHE", "value": CACHE_DIR},
         *_s3_env(run),
     ]
+    if spec.huggingface.token_secret:  # gated models and datasets on the hub
+        env.append(_secret_env(HF_TOKEN_ENV, spec.huggingface.token_secret, HF_TOKEN_ENV))
     judge = spec.evaluation.judge
     if stage.family == "evaluate" and judge and judge.api_key_secret:
         env.append(_secret_env(JUDGE_API_KEY_ENV, judge.api_key_secret, API_KEY_SECRET_KEY))
@@ -328,15 +340,32 @@ def _container(name: str, image: str, env: list[dict], resources: dict, mounts: 
     return container
 
 
-def _pod_template(labels: dict, res: PodResources, config: OperatorConfig, containers: list[dict],
-                  volumes: list[dict], *, restart_policy: str | None = None) -> dict:
+def pod_service_account(run: BacktranslationRun, config: OperatorConfig) -> str | None:
+    """The run's own service account, else the operator's default (None: the namespace's default)."""
+    return run.spec.pod_template.service_account_name or config.service_account
+
+
+def _pod_template(run: BacktranslationRun, labels: dict, res: PodResources, config: OperatorConfig,
+                  containers: list[dict], volumes: list[dict], *, restart_policy: str | None = None) -> dict:
+    extra = run.spec.pod_template
+    own_env = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in extra.env]
+    for container in containers:  # the run's own variables replace the operator's of the same name
+        names = {e["name"] for e in own_env}
+        container["env"] = [e for e in container["env"] if e["name"] not in names] + copy.deepcopy(own_env)
+        if extra.env_from:
+            container["envFrom"] = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in extra.env_from]
     spec: dict = {}
     if restart_policy:
         spec["restartPolicy"] = restart_policy
-    if config.service_account:
-        spec["serviceAccountName"] = config.service_account
-    # Stages and vLLM never call the Kubernetes API. (IRSA and Pod Identity use their own token.)
-    spec["automountServiceAccountToken"] = False
+    service_account = pod_service_account(run, config)
+    if service_account:
+        spec["serviceAccountName"] = service_account
+    # Stages and vLLM never call the Kubernetes API, so the namespace's default account gets no
+    # token. A named account is there for its cloud identity (IRSA, EKS Pod Identity, Workload
+    # Identity), which needs the token.
+    spec["automountServiceAccountToken"] = service_account is not None
+    if extra.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s.name} for s in extra.image_pull_secrets]
     spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
     if res.node_selector:
         spec["nodeSelector"] = dict(res.node_selector)
@@ -345,7 +374,10 @@ def _pod_template(labels: dict, res: PodResources, config: OperatorConfig, conta
     spec["containers"] = containers
     if volumes:
         spec["volumes"] = volumes
-    return {"metadata": {"labels": pod_labels(labels)}, "spec": spec}
+    metadata: dict = {"labels": {**extra.labels, **pod_labels(labels)}}
+    if extra.annotations:
+        metadata["annotations"] = dict(extra.annotations)
+    return {"metadata": metadata, "spec": spec}
 
 
 def _fingerprint(stage: Stage) -> dict[str, str]:
@@ -366,7 +398,7 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
     volumes, mounts = _volumes(shm=True, cache=True)
     container = _container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
                            _resources(res, res.gpus_per_node), mounts, command=command)
-    template = _pod_template(labels, res, config, [container], volumes)
+    template = _pod_template(run, labels, res, config, [container], volumes)
     return get_backend(config.training_backend).build(
         name=stage_child_name(run.name, stage, attempt), namespace=run.namespace, labels=labels,
         annotations=_fingerprint(stage), owner=owner, pod_template=template, nodes=res.nodes, procs_per_node=procs,
@@ -382,7 +414,7 @@ def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorCo
     command = ["humpback", *_stage_args(stage)]
     container = _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
                            _resources(res, gpus), mounts, command=command)
-    template = _pod_template(labels, res, config, [container], volumes, restart_policy="Never")
+    template = _pod_template(run, labels, res, config, [container], volumes, restart_policy="Never")
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -446,7 +478,7 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
     container["startupProbe"] = {**copy.deepcopy(health), **STARTUP_PROBE}
     container["readinessProbe"] = {**copy.deepcopy(health), **READINESS_PROBE}
     container["livenessProbe"] = {**copy.deepcopy(health), **LIVENESS_PROBE}
-    template = _pod_template(labels, res, config, [container], volumes)
+    template = _pod_template(run, labels, res, config, [container], volumes)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -12,6 +12,7 @@ import ast
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ from humpback_operator.names import (
 )
 
 from humpback_runtime.plan import build_plan
-from humpback_runtime.spec import load_run, parse_run
+from humpback_runtime.spec import SpecError, load_run, parse_run
 
 REPO = Path(__file__).resolve().parents[3]
 GOLDEN = Path(__file__).parent / "golden"
@@ -277,6 +278,75 @@ def test_api_keys_are_secret_references_and_no_value_looks_like_a_secret():
             for e in template["spec"]["containers"][0]["env"]:
                 if any(word in e["name"] for word in ("KEY", "SECRET", "TOKEN")):
                     assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
+
+
+def test_a_hugging_face_token_reaches_every_runtime_pod_by_reference():
+    run = make_run(baseModel="meta-llama/Llama-2-7b-hf", huggingface={"tokenSecret": "hf-token"})
+    objects = render_run(run, CONFIG)
+    runtime = [o for o in objects if o["kind"] in ("Job", "PyTorchJob")]
+    assert runtime
+    for obj in runtime:
+        for template in pod_templates(obj):
+            assert env_of(template["spec"]["containers"][0])["HF_TOKEN"]["valueFrom"] == {
+                "secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+    assert all("HF_TOKEN" not in env_of(container_of(o)) for o in render_run(make_run(), CONFIG)
+               if o["kind"] in ("Job", "PyTorchJob"))
+
+
+def test_the_pod_template_reaches_every_pod_and_a_named_service_account_gets_its_token():
+    run = make_run(podTemplate={
+        "serviceAccountName": "irsa-runner", "imagePullSecrets": [{"name": "registry"}],
+        "env": [{"name": "HF_ENDPOINT", "value": "https://hf-mirror.internal"}, {"name": "HOME", "value": "/work"}],
+        "envFrom": [{"secretRef": {"name": "wandb"}}],
+        "annotations": {"sidecar.istio.io/inject": "false"}, "labels": {"team": "nlp"}})
+    kinds = set()
+    for obj in render_run(run, CONFIG):
+        for template in pod_templates(obj):
+            kinds.add(obj["kind"])
+            pod = template["spec"]
+            assert pod["serviceAccountName"] == "irsa-runner"
+            assert pod["automountServiceAccountToken"] is True  # IRSA / Pod Identity need the token
+            assert pod["imagePullSecrets"] == [{"name": "registry"}]
+            assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+            assert template["metadata"]["labels"]["team"] == "nlp"
+            assert template["metadata"]["labels"]["humpback.dev/run"] == "demo"
+            for container in pod["containers"]:
+                env = env_of(container)
+                assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.internal"
+                assert env["HOME"]["value"] == "/work"  # the run's value replaces the operator's
+                assert [e["name"] for e in container["env"]].count("HOME") == 1
+                assert container["envFrom"] == [{"secretRef": {"name": "wandb"}}]
+    assert kinds == {"Job", "PyTorchJob", "Deployment"}
+
+
+def test_without_a_named_service_account_no_token_is_mounted():
+    for config, named in ((CONFIG, False), (OperatorConfig(service_account="runner"), True)):
+        for obj in render_run(make_run(), config):
+            for template in pod_templates(obj):
+                assert template["spec"]["automountServiceAccountToken"] is named
+
+
+def test_the_run_cannot_set_the_operators_variables_or_labels():
+    for pod_template, field in (({"env": [{"name": "HUMPBACK_RUN_SPEC", "value": "x"}]}, "spec.podTemplate.env[0].name"),
+                                ({"labels": {"humpback.dev/run": "other"}}, "spec.podTemplate.labels"),
+                                ({"envFrom": [{}]}, "spec.podTemplate.envFrom[0]")):
+        with pytest.raises(SpecError, match=re.escape(field)):
+            make_run(podTemplate=pod_template)
+
+
+def test_an_s3_compatible_store_gets_a_region_no_instance_metadata_and_no_default_checksums():
+    run = make_run(storage={"uri": "s3://bucket/runs", "s3": {"endpoint": "https://storage.googleapis.com",
+                                                               "credentialsSecret": "gcs-hmac"}})
+    for obj in render_run(run, CONFIG):
+        for template in pod_templates(obj):
+            env = env_of(template["spec"]["containers"][0])
+            assert env["AWS_REGION"]["value"] == env["AWS_DEFAULT_REGION"]["value"] == "us-east-1"
+            assert env["AWS_EC2_METADATA_DISABLED"]["value"] == "true"
+            assert env["AWS_REQUEST_CHECKSUM_CALCULATION"]["value"] == "when_required"
+    # On AWS itself: the instance metadata service is how IRSA-less nodes get credentials and region.
+    for obj in render_run(make_run(storage={"uri": "s3://bucket/runs"}), CONFIG):
+        for template in pod_templates(obj):
+            assert not {"AWS_EC2_METADATA_DISABLED", "AWS_REGION"} & set(env_of(template["spec"]["containers"][0]))
 
 
 # --- inference and vLLM servers -------------------------------------------------------------

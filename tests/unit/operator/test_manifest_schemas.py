@@ -127,6 +127,14 @@ RUNS = {
         "cpu": {"cpu": "500m", "memory": "2Gi", "nodeSelector": {"pool": "cpu"}}}),
     "rewrite-in-process": lambda: make_run(inference={"engine": "vllm"}, curation={
         "iterations": 1, "rewrite": {"enabled": True, "endpoint": "http://x/v1", "model": "m", "apiKeySecret": "rk"}}),
+    "credentials": lambda: make_run(huggingface={"tokenSecret": "hf"}, podTemplate={
+        "serviceAccountName": "irsa-runner", "imagePullSecrets": [{"name": "registry"}],
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "0"},
+                {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key", "optional": True}}}],
+        "envFrom": [{"configMapRef": {"name": "proxy"}}, {"prefix": "X_", "secretRef": {"name": "extra"}}],
+        "annotations": {"eks.amazonaws.com/skip-containers": "none"}, "labels": {"team": "a"}},
+        storage={"uri": "s3://b/r", "s3": {"endpoint": "https://storage.googleapis.com", "region": "auto",
+                                          "credentialsSecret": "gcs-hmac"}}),
 }
 SERVICE_ACCOUNT = OperatorConfig(service_account="humpback-runner")
 
