@@ -19,11 +19,12 @@ from typing import Any
 import kopf
 
 from humpback_runtime.crd import GROUP, PLURAL, VERSION
+from humpback_runtime.spec import SpecError
 
-from humpback_operator import child_events, metrics
+from humpback_operator import child_events, metrics, policy
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
-from humpback_operator.reconcile import Decision, decide
+from humpback_operator.reconcile import Decision, run_from_body, decide
 from humpback_operator.store_probe import StoreProbe
 
 log = logging.getLogger(__name__)
@@ -145,12 +146,13 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
     children = op.children(indexes, namespace, name)
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
-    decision = decide(body, children, store, now, op.config)
+    secrets = await secret_labels(op, body)
+    decision = decide(body, children, store, now, op.config, secrets)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config)
+        decision = decide(body, children, store, now, op.config, secrets)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     _phases[(namespace, name)] = decision.status.get("phase", "Pending")
@@ -160,6 +162,16 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
 
 
 _phases: dict[tuple[str, str], str] = {}
+
+
+async def secret_labels(op: Operator, body: Mapping[str, Any]) -> dict[str, dict | None]:
+    """Labels of the Secrets the run references, when the policy checks them (else nothing)."""
+    try:
+        run = run_from_body(body)
+    except SpecError:
+        return {}
+    namespace = body["metadata"]["namespace"]
+    return {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
 
 
 def _current_body(live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:

@@ -30,6 +30,7 @@ ENV_VLLM_IMAGE = "HUMPBACK_VLLM_IMAGE"
 ENV_SERVICE_ACCOUNT = "HUMPBACK_SERVICE_ACCOUNT"
 ENV_TRAINING_BACKEND = "HUMPBACK_TRAINING_BACKEND"
 ENV_PROBE_ALLOWED_STORES = "HUMPBACK_PROBE_ALLOWED_STORES"
+ENV_POLICY = "HUMPBACK_POLICY"
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -96,6 +97,11 @@ class OperatorConfig:
     # Stores the operator reads with its own credentials (the store probe); empty: none, every
     # stage's pod checks its own store with the run's Secret.
     probe_allowed_stores: tuple[AllowedStore, ...] = ()
+    # Tenancy policy (policy.py; the chart's `policy`), from HUMPBACK_POLICY as JSON
+    # {"allowedImages": [...], "allowedServiceAccounts": [...], "secretLabel": "key=value"}.
+    allowed_images: tuple[str, ...] = ()  # prefixes of images a run may name; empty: any
+    allowed_service_accounts: tuple[str, ...] = ()  # globs a run may name; empty: none ("*": any)
+    secret_label: str = ""  # "key=value" every Secret a run references must carry; empty: any Secret
 
     def probe_allowed(self, uri: str, endpoint: str | None) -> bool:
         return any(a.allows(uri, endpoint) for a in self.probe_allowed_stores)
@@ -119,11 +125,39 @@ class OperatorConfig:
                 values["probe_allowed_stores"] = parse_allowed_stores(environ[ENV_PROBE_ALLOWED_STORES])
             except ValueError as e:
                 raise ValueError(f"{ENV_PROBE_ALLOWED_STORES}: {e}") from None
+        if environ.get(ENV_POLICY, "").strip():
+            try:
+                values.update(parse_policy(environ[ENV_POLICY]))
+            except ValueError as e:
+                raise ValueError(f"{ENV_POLICY}: {e}") from None
         # Checked here first so that the error names the variable rather than the field.
         merged = {f.name: f.default for f in fields(cls)} | values
         for field, problem in _problems(merged, backends=SUPPORTED_TRAINING_BACKENDS):
             raise ValueError(f"{env_of[field]}: {problem}")
         return cls(**values)
+
+
+def parse_policy(raw: str) -> dict:
+    """The fields of HUMPBACK_POLICY (JSON, as the chart writes it) as OperatorConfig arguments."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"expected a JSON object ({e})") from None
+    keys = {"allowedImages": "allowed_images", "allowedServiceAccounts": "allowed_service_accounts",
+            "secretLabel": "secret_label"}
+    if not isinstance(data, dict) or set(data) - set(keys):
+        raise ValueError(f"expected a JSON object with keys {', '.join(keys)}, got {raw.strip()!r}")
+    out: dict = {}
+    for key in ("allowedImages", "allowedServiceAccounts"):
+        items = data.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(i, str) and i.strip() for i in items):
+            raise ValueError(f"{key}: expected a list of non-empty strings, got {items!r}")
+        out[keys[key]] = tuple(i.strip() for i in items)
+    label = data.get("secretLabel") or ""
+    if not isinstance(label, str) or (label and (label.count("=") != 1 or not label.split("=")[0])):
+        raise ValueError(f"secretLabel: expected KEY=VALUE (e.g. humpback.dev/usable-by-runs=true), got {label!r}")
+    out["secret_label"] = label
+    return out
 
 
 def _problems(values: Mapping[str, object], backends: tuple[str, ...] = KNOWN_TRAINING_BACKENDS) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
+    ("v1", "Secret"): "secrets",
     ("apps/v1", "Deployment"): "deployments",
     ("batch/v1", "Job"): "jobs",
     (f"{GROUP}/{VERSION}", "BacktranslationRun"): PLURAL,
@@ -58,13 +59,13 @@ class Kube:
         self.api = api_client
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-              query: list[tuple[str, str]] | None = None) -> Any:
+              query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
         from kubernetes.client.exceptions import ApiException
 
         try:
             data = self.api.call_api(
                 path, method, query_params=query or [], body=body,
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={"Content-Type": content_type, "Accept": accept},
                 auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
             )
         except ApiException as e:
@@ -78,8 +79,8 @@ class Kube:
         return json.loads(raw) if raw else None
 
     async def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                   query: list[tuple[str, str]] | None = None) -> Any:
-        return await asyncio.to_thread(self._call, method, path, body, content_type, query)
+                   query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
+        return await asyncio.to_thread(self._call, method, path, body, content_type, query, accept)
 
     async def get_run(self, namespace: str, name: str) -> dict | None:
         try:
@@ -88,6 +89,18 @@ class Kube:
             if e.status == 404:
                 return None
             raise
+
+    async def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The labels of a Secret (None: no such Secret), for the tenancy policy. Only its metadata
+        is asked for; the operator never reads a Secret's data."""
+        try:
+            obj = await self.call("GET", resource_path("v1", "Secret", namespace, name),
+                                  accept="application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1")
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict((obj or {}).get("metadata", {}).get("labels") or {})
 
     async def patch_run_status(self, namespace: str, name: str, status: dict) -> dict:
         path = resource_path(f"{GROUP}/{VERSION}", "BacktranslationRun", namespace, name, "status")

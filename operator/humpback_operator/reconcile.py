@@ -23,7 +23,7 @@ from typing import Any
 from humpback_runtime.plan import Plan, Stage, build_plan
 from humpback_runtime.spec import BacktranslationRun, SpecError, parse_run
 
-from humpback_operator import names
+from humpback_operator import names, policy
 from humpback_operator.backends import get_backend
 from humpback_operator.children import (
     build_spec_configmap,
@@ -84,7 +84,7 @@ def _parse_time(value: str | None) -> datetime | None:
         return None
 
 
-def _run_from_body(body: Mapping[str, Any]) -> BacktranslationRun:
+def run_from_body(body: Mapping[str, Any]) -> BacktranslationRun:
     meta = body.get("metadata", {})
     data = {
         "apiVersion": body.get("apiVersion"),
@@ -140,20 +140,26 @@ def decide(
     store: Mapping[str, dict | None],
     now: datetime,
     config: OperatorConfig,
+    secret_labels: Mapping[str, Mapping[str, str] | None] | None = None,
 ) -> Decision:
     """The decision for one run. `store` maps stage name -> its `_SUCCESS.json` (None: not done)
-    for the stages the caller has read; a stage missing from it is reported in `needs_store`."""
+    for the stages the caller has read; a stage missing from it is reported in `needs_store`.
+    `secret_labels`: labels of the Secrets the run references (None: no such Secret), when the
+    policy checks them (`policy.needs_secret_labels`)."""
     d = Decision()
     old_status = dict(body.get("status") or {})
     generation = body.get("metadata", {}).get("generation")
     try:
-        run = _run_from_body(body)
+        run = run_from_body(body)
         problems = cluster_problems(run)
     except SpecError as e:
         problems = e.errors
         run = None
     if problems:
         return _invalid(d, old_status, generation, problems, now)
+    refused = policy.violations(run, config, secret_labels)
+    if refused:
+        return _invalid(d, old_status, generation, refused, now, reason="PolicyViolation")
 
     if _finished_and_unchanged(old_status, generation):
         # A finished run stays finished: an operator upgrade that changes fingerprints (new code
@@ -230,12 +236,14 @@ def _finished_and_unchanged(old: Mapping[str, Any], generation: Any) -> bool:
             and not any(s.get("phase") == "Running" for s in old.get("stages") or []))
 
 
-def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: datetime) -> Decision:
-    message = "invalid spec: " + "; ".join(problems)
+def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: datetime,
+             reason: str = "InvalidSpec") -> Decision:
+    prefix = "refused by the operator's policy: " if reason == "PolicyViolation" else "invalid spec: "
+    message = prefix + "; ".join(problems)
     conditions = {c["type"]: c for c in old.get("conditions") or []}
     accepted = conditions.get("Accepted")
     if not accepted or accepted.get("status") != "False" or accepted.get("message") != message:
-        d.events.append(Event("Warning", "InvalidSpec", message))
+        d.events.append(Event("Warning", reason, message))
     d.status = {
         **{k: v for k, v in old.items() if k in ("stages", "progress")},
         "observedGeneration": generation,
@@ -243,11 +251,11 @@ def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: 
         "stage": "",
         "message": message,
         "conditions": _conditions(old, now, generation, {
-            "Accepted": ("False", "InvalidSpec", message),
-            "Running": ("False", "InvalidSpec", "the spec must be fixed first"),
-            "Complete": ("False", "InvalidSpec", ""),
-            "Failed": ("True", "InvalidSpec", message),
-            "Suspended": ("False", "InvalidSpec", ""),
+            "Accepted": ("False", reason, message),
+            "Running": ("False", reason, "the spec must be fixed first"),
+            "Complete": ("False", reason, ""),
+            "Failed": ("True", reason, message),
+            "Suspended": ("False", reason, ""),
         }),
     }
     d.requeue_after = RESYNC_SECONDS
