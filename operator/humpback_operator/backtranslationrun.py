@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import secrets
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from humpback_runtime.crd import GROUP, PLURAL, VERSION
 from humpback_runtime.spec import SpecError
 
 from humpback_operator import child_events, metrics, policy
+from humpback_operator.children import ANNOTATION_GENERATED_KEY
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
 from humpback_operator.reconcile import Decision, run_from_body, decide
@@ -198,7 +200,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
             logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
     for obj in decision.create:
         try:
-            created = await op.kube.create(obj)
+            created = await op.kube.create(with_generated_key(obj))
             op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj)
             if created:
                 metrics.CHILDREN_CREATED.labels(obj["kind"]).inc()
@@ -222,6 +224,15 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
             continue
         metrics.EVENTS.labels(event.reason).inc()
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def with_generated_key(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A Secret the builders mark with `humpback.dev/generated-key: KEY` gets a new random value
+    under KEY (a vLLM server's API key). Only here: the builders stay pure and nothing logs it."""
+    key = (obj["metadata"].get("annotations") or {}).get(ANNOTATION_GENERATED_KEY)
+    if obj["kind"] != "Secret" or not key:
+        return obj
+    return {**obj, "stringData": {key: secrets.token_urlsafe(32)}}
 
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

@@ -47,6 +47,7 @@ from humpback_runtime.pod_contract import (
     MODEL_DIR,
     REWRITE_API_KEY_ENV,
     SERVED_MODEL_ENV,
+    server_api_key_env,
 )
 from humpback_runtime.spec import BacktranslationRun, PodResources, dump_run
 
@@ -55,6 +56,8 @@ SPEC_KEY = "run.yaml"
 
 CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process engines
 IN_PROCESS_ENGINES = ("transformers", "vllm")
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+ANNOTATION_GENERATED_KEY = "humpback.dev/generated-key"  # on a Secret: the operator fills this key at creation
 HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret
 S3_COMPATIBLE_REGION = "us-east-1"  # signing region of an S3-compatible endpoint that names none
 
@@ -140,7 +143,9 @@ def _runs_in_process(run: BacktranslationRun, stage: Stage) -> bool:
 
 @dataclass(frozen=True)
 class StageChildren:
-    servers: list[dict]  # for each served model: its Deployment, then its Service (creation order)
+    # For each served model, in creation order: its API key Secret, NetworkPolicy, Deployment, Service
+    # (all four named alike).
+    servers: list[dict]
     primary: dict  # the Job or training object whose conditions decide the attempt
 
 
@@ -160,7 +165,7 @@ def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, atte
         primary = _training(run, stage, attempt, config, owner)
     elif models:  # a client of the servers: CPU only, the GPUs are the servers'
         primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
-                       extra_env=_endpoint_env(run, stage, models, config))
+                       extra_env=_endpoint_env(run, stage, models, config) + _server_key_env(run, stage, models))
     elif _runs_in_process(run, stage):
         primary = _job(run, stage, attempt, config, owner, "job", resources.inference,
                        gpus=resources.inference.gpus_per_replica)
@@ -448,6 +453,11 @@ def _endpoint_env(run: BacktranslationRun, stage: Stage, models: list[str], conf
             {"name": SERVED_MODEL_ENV, "value": model}]
 
 
+def _server_key_env(run: BacktranslationRun, stage: Stage, models: list[str]) -> list[dict]:
+    return [_secret_env(server_api_key_env(model), server_name(run.name, stage, model), API_KEY_SECRET_KEY)
+            for model in models]
+
+
 def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: OperatorConfig,
             owner: dict | None) -> list[dict]:
     """The vLLM Deployment serving `train_stage`'s model from S3 as `train_stage`, and its Service."""
@@ -462,9 +472,12 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
         "--tensor-parallel-size", str(max(res.gpus_per_replica, 1)),
         "--host", "0.0.0.0",
         "--port", str(config.vllm_port),
+        # Expanded by the kubelet from the env below: the key is in the Secret, not in the spec.
+        "--api-key", f"$({VLLM_API_KEY_ENV})",
         *res.extra_args,
     ]
-    env = [*_s3_env(run), {"name": "HOME", "value": "/tmp"}]
+    env = [*_s3_env(run), {"name": "HOME", "value": "/tmp"},
+           _secret_env(VLLM_API_KEY_ENV, name, API_KEY_SECRET_KEY)]
     if run.spec.storage.s3.endpoint:
         # The Run:ai streamer's own endpoint variable, and path-style addressing, which S3-compatible
         # stores (MinIO, Ceph) need; the runtime's boto3 client uses path style there too.
@@ -502,4 +515,26 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
             "ports": [{"name": "http", "port": config.vllm_port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
-    return [deployment, service]
+    key = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": object_meta(name, run.namespace, labels, {**_fingerprint(stage), ANNOTATION_GENERATED_KEY: API_KEY_SECRET_KEY},
+                                owner),
+        "type": "Opaque",
+        # No data here: the operator writes a random key into it when it creates it (kube layer).
+    }
+    clients = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_COMPONENT: "client"}
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(name, run.namespace, labels, _fingerprint(stage), owner),
+        "spec": {
+            # Only this stage's client pods reach the server, and only its API port. (The kubelet's
+            # probes come from the node, which network policies do not filter.)
+            "podSelector": {"matchLabels": dict(selector)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": clients}}],
+                         "ports": [{"protocol": "TCP", "port": config.vllm_port}]}],
+        },
+    }
+    return [key, policy, deployment, service]

@@ -40,6 +40,9 @@ from humpback_operator.config import OperatorConfig
 DONE = ("Succeeded", "Skipped")
 CONDITION_TYPES = ("Accepted", "Running", "Complete", "Failed", "Suspended")
 
+# A server's API key Secret and NetworkPolicy: created with the server, never watched.
+UNWATCHED_KINDS = ("Secret", "NetworkPolicy")
+
 # Without news, look again after this long: a safety net for missed watch events.
 RESYNC_SECONDS = 60.0
 
@@ -276,6 +279,9 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
         for obj in kids.of_stage(stage.name):
             if obj["kind"] in ("Deployment", "Service") and not _is_terminating(obj):
                 d.delete.append(Delete(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]))
+                if obj["kind"] == "Deployment":  # its key and NetworkPolicy (not watched: by name)
+                    d.delete += [Delete("v1", "Secret", obj["metadata"]["name"]),
+                                 Delete("networking.k8s.io/v1", "NetworkPolicy", obj["metadata"]["name"])]
 
     phase = st["phase"]
     limit = run.spec.retries.limit
@@ -351,6 +357,12 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
 
     waiting: list[str] = []
     for server in built.servers:
+        if server["kind"] in UNWATCHED_KINDS:
+            # Not watched (the operator must not read Secrets): made with their Deployment, kept
+            # until the run goes (ownerReference). A 409 after a restart adopts them.
+            if kids.get("Deployment", server["metadata"]["name"]) is None:
+                d.create.append(server)
+            continue
         have = kids.get(server["kind"], server["metadata"]["name"])
         if have is None:
             d.create.append(server)
@@ -370,7 +382,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             if state != "Available":
                 waiting.append(server["metadata"]["name"])
     if waiting:
-        st.update(phase="Running", child=_ref(built.servers[0]),
+        st.update(phase="Running", child=_ref(next(o for o in built.servers if o["kind"] == "Deployment")),
                   message=f"attempt {attempt}: waiting for vLLM server {', '.join(waiting)} to become available")
         return st
 

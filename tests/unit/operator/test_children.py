@@ -356,8 +356,9 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     run = make_run(resources={"inference": {"replicas": 3, "gpusPerReplica": 2, "extraArgs": ["--max-model-len", "4096"],
                                             "cpu": "8", "memory": "64Gi"}})
     built = stage_children(run, "augment")
-    deployment, service = built.servers
-    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    key, policy, deployment, service = built.servers
+    assert [o["kind"] for o in built.servers] == ["Secret", "NetworkPolicy", "Deployment", "Service"]
+    assert len({o["metadata"]["name"] for o in built.servers}) == 1
     assert deployment["metadata"]["name"] == service["metadata"]["name"]
     assert deployment["metadata"]["name"].endswith("-myx")
     spec = deployment["spec"]
@@ -368,7 +369,7 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     assert vllm["args"] == [
         "--model", "s3://bucket/runs/team-a/demo/train-myx/model", "--load-format", "runai_streamer",
         "--served-model-name", "train-myx", "--tensor-parallel-size", "2", "--host", "0.0.0.0", "--port", "8000",
-        "--max-model-len", "4096"]
+        "--api-key", "$(VLLM_API_KEY)", "--max-model-len", "4096"]
     assert vllm["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 2}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert vllm[probe]["httpGet"] == {"path": "/health", "port": "http"}
@@ -391,12 +392,27 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     pod = client["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert "nvidia.com/gpu" not in json.dumps(pod)
+    # The server requires a key that only this stage's client gets, from a Secret the operator fills.
+    name = key["metadata"]["name"]
+    assert key["type"] == "Opaque" and "data" not in key and "stringData" not in key
+    assert key["metadata"]["annotations"]["humpback.dev/generated-key"] == "apiKey"
+    assert env_of(vllm)["VLLM_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": name, "key": "apiKey"}}
+    assert env["HUMPBACK_SERVER_API_KEY_MYX"]["valueFrom"] == {"secretKeyRef": {"name": name, "key": "apiKey"}}
+    # Only that client's pods reach the server's port.
+    assert policy["spec"]["podSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= client["spec"]["template"]["metadata"]["labels"].items()
+    assert peer["podSelector"]["matchLabels"][LABEL_COMPONENT] == "client"
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}] and policy["spec"]["policyTypes"] == ["Ingress"]
+    other_stage = stage_children(run, "curate-1")
+    assert not peer["podSelector"]["matchLabels"].items() <= other_stage.primary["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_vllm_servers_get_the_inference_node_selection():
     run = make_run(resources={"inference": {"nodeSelector": {"pool": "l40s"},
                                             "tolerations": [{"key": "gpu", "operator": "Exists"}]}})
-    deployment = stage_children(run, "curate-1").servers[0]
+    deployment = stage_children(run, "curate-1").servers[2]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "l40s"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
@@ -404,7 +420,7 @@ def test_vllm_servers_get_the_inference_node_selection():
 
 def test_vllm_with_a_custom_s3_endpoint_gets_the_streamer_endpoint_and_path_style():
     run = make_run(storage={"uri": "s3://bucket/runs", "s3": {"endpoint": "http://minio:9000"}})
-    env = env_of(container_of(stage_children(run, "augment").servers[0]))
+    env = env_of(container_of(stage_children(run, "augment").servers[2]))
     assert env["AWS_ENDPOINT_URL"]["value"] == env["RUNAI_STREAMER_S3_ENDPOINT"]["value"] == "http://minio:9000"
     assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"]["value"] == "0"
 
@@ -414,7 +430,7 @@ def test_evaluate_gets_one_server_per_model_and_a_json_map_of_endpoints():
     built = stage_children(run, "evaluate")
     deployments = [o for o in built.servers if o["kind"] == "Deployment"]
     services = [o for o in built.servers if o["kind"] == "Service"]
-    assert [o["kind"] for o in built.servers] == ["Deployment", "Service"] * 3
+    assert [o["kind"] for o in built.servers] == ["Secret", "NetworkPolicy", "Deployment", "Service"] * 3
     assert [d["metadata"]["labels"][LABEL_MODEL] for d in deployments] == ["m0", "m1", "m2"]
     endpoints = json.loads(env_of(container_of(built.primary))["HUMPBACK_ENDPOINTS"]["value"])
     assert endpoints == {f"train-m{k}": f"http://{services[k]['metadata']['name']}.team-a.svc:8000/v1"
@@ -474,7 +490,7 @@ def test_external_rewrite_gets_no_server_and_the_api_key_reference():
 def test_self_rewrite_serves_the_previous_model():
     run = make_run(curation={"iterations": 1, "rewrite": {"enabled": True}})
     built = stage_children(run, "rewrite-1")
-    assert [o["metadata"]["labels"][LABEL_MODEL] for o in built.servers] == ["m0", "m0"]
+    assert [o["metadata"]["labels"][LABEL_MODEL] for o in built.servers] == ["m0"] * 4
 
 
 # --- names, labels, owners ------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_the_multi_node_variant_really_has_workers():
 @pytest.mark.parametrize("run_name", RUNS)
 def test_every_core_object_validates_with_kubernetes_validate(run_name):
     objects = [o for o in all_objects(RUNS[run_name](), SERVICE_ACCOUNT) if "/" not in o["apiVersion"]
-               or o["apiVersion"] in ("apps/v1", "batch/v1")]
+               or o["apiVersion"] in ("apps/v1", "batch/v1", "networking.k8s.io/v1")]
     assert {o["kind"] for o in objects} >= {"ConfigMap", "Job"}
     for obj in objects:
         validate_core_object(obj)
@@ -172,7 +172,7 @@ def test_trainjobs_validate_against_the_trainer_crd(run_name):
 
 def test_all_kinds_are_covered():
     kinds = {o["kind"] for name in RUNS for o in all_objects(RUNS[name]())}
-    assert kinds == {"ConfigMap", "Job", "PyTorchJob", "Deployment", "Service"}
+    assert kinds == {"ConfigMap", "Job", "PyTorchJob", "Deployment", "Service", "Secret", "NetworkPolicy"}
 
 
 def test_names_env_and_volumes_are_unique():
