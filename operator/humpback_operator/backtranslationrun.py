@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 # reconcile sees them all, and so Kopf's index has stored the change that woke us.
 DEBOUNCE_SECONDS = 0.1
 
+
+ENV_PEERING_PRIORITY = "HUMPBACK_PEERING_PRIORITY"
+ENV_PEERING_LIFETIME = "HUMPBACK_PEERING_LIFETIME"
+ENV_PEERING_NAMESPACES = "HUMPBACK_PEERING_NAMESPACES"  # watching some namespaces: where the KopfPeerings go
 
 # How long our own creates and deletes stand in for what Kopf's indexes have not seen yet.
 RECENT_SECONDS = 30.0
@@ -99,7 +104,15 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # API calls and store reads run in threads (blocking clients); the default pool (cores + 4)
     # would queue the reconciles of many runs behind each other.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
-    operator()
+    # Replicas (`kopf run --peering=NAME`): the highest priority acts, the others wait; equal
+    # priorities would freeze all of them, so each process draws its own unless one is given.
+    settings.peering.priority = int(os.environ.get(ENV_PEERING_PRIORITY) or secrets.randbelow(2**31 - 1) + 1)
+    settings.peering.lifetime = int(os.environ.get(ENV_PEERING_LIFETIME) or settings.peering.lifetime)
+    op = operator()
+    if not settings.peering.standalone and settings.peering.name:
+        namespaces = [None] if settings.peering.clusterwide else os.environ.get(ENV_PEERING_NAMESPACES, "").split()
+        for namespace in namespaces:
+            await op.kube.ensure_peering(settings.peering.name, namespace)
     metrics.serve_from_env()
 
 

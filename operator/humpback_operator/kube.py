@@ -124,6 +124,21 @@ class Kube:
             raise
         return dict((obj or {}).get("metadata", {}).get("labels") or {})
 
+    async def ensure_peering(self, name: str, namespace: str | None) -> bool:
+        """Create Kopf's peering object (ClusterKopfPeering; KopfPeering in `namespace`) unless it
+        exists; True if created. The CRDs come with the chart; the object cannot (Helm cannot
+        create an object of a kind whose CRD the same release installs)."""
+        kind, plural = ("KopfPeering", "kopfpeerings") if namespace else ("ClusterKopfPeering", "clusterkopfpeerings")
+        path = f"/apis/kopf.dev/v1/namespaces/{namespace}/{plural}" if namespace else f"/apis/kopf.dev/v1/{plural}"
+        meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+        try:
+            await self.call("POST", path, {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": meta})
+        except ApiError as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
     async def patch_run_status(self, namespace: str, name: str, status: dict) -> dict:
         path = resource_path(f"{GROUP}/{VERSION}", "BacktranslationRun", namespace, name, "status")
         return await self.call("PATCH", path, {"status": status}, "application/merge-patch+json")
