@@ -490,11 +490,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 new.pop("status", None)
         else:
             new = changed
-            new.pop("status", None)
+            status = new.pop("status", None)  # (new is changed: keep the status before it goes)
             if route.rtype.has_status and "status" in old:
                 new["status"] = copy.deepcopy(old["status"])  # the main resource never changes the status
-            elif not route.rtype.has_status and "status" in changed:
-                new["status"] = changed["status"]
+            elif not route.rtype.has_status and status is not None:
+                new["status"] = status  # without a status subresource, the main resource writes it
             # Server-owned metadata stays as it was, whatever the client sent.
             meta = new.setdefault("metadata", {})
             for field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
