@@ -1,5 +1,11 @@
 """Kopf handlers of `BacktranslationRun`: one daemon per run that reconciles, and deletion.
 
+    kopf run -m humpback_operator.backtranslationrun --standalone --all-namespaces
+
+Importing this module registers the operator's handlers: these, and the children's indexes of
+`child_events` (imported below). What the handlers share lives on one `Operator` object, made at
+startup and kept in Kopf's operator-wide memo (each resource's memo is a shallow copy of it).
+
 The daemon loops: read the run, decide (`reconcile.decide`), apply, then sleep until a child or
 the run changes, a retry is due, or a minute has passed. All state is in the run's status and in
 its children, so a restarted operator picks up where the last one stopped.
@@ -20,8 +26,7 @@ from typing import Any
 
 import kopf
 
-from humpback_runtime.crd import GROUP, PLURAL, VERSION
-from humpback_runtime.spec import SpecError
+from humpback_runtime.spec import GROUP, PLURAL, VERSION, SpecError
 
 from humpback_operator import child_events, metrics, policy
 from humpback_operator.children import ANNOTATION_GENERATED_KEY
@@ -46,14 +51,30 @@ RECENT_SECONDS = 30.0
 
 
 class Operator:
-    """What the handlers share: API access, settings, the store probe, our recent writes."""
+    """What the handlers share: API access, settings, the store probe, and per run (keyed by
+    (namespace, run)) what this operator process remembers of it."""
 
     def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None):
         self.kube = kube or Kube()
         self.config = config or OperatorConfig.from_env()
         self.probe = StoreProbe(self.config)
-        # (namespace, run) -> (kind, name) -> (time, object created | None when deleted)
+        # Our recent writes: (kind, name) -> (time, object created | None when deleted).
         self.recent: dict[tuple[str, str], dict[tuple[str, str], tuple[float, dict | None]]] = {}
+        # resourceVersion of the run's last status patch by this operator: the watch event it
+        # causes carries nothing new, so it need not wake the daemon again.
+        self.own_versions: dict[tuple[str, str], str] = {}
+        # The run's phase after its last reconcile, for the `humpback_runs` gauge.
+        self.phases: dict[tuple[str, str], str] = {}
+        # Set when the run or one of its children changes: wakes the run's daemon.
+        self.wakeups: dict[tuple[str, str], asyncio.Event] = {}
+
+    def wakeup(self, namespace: str, run: str) -> asyncio.Event:
+        return self.wakeups.setdefault((namespace, run), asyncio.Event())
+
+    def forget(self, namespace: str, run: str) -> None:
+        """Drop all that is remembered of a deleted run."""
+        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups):
+            per_run.pop((namespace, run), None)
 
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
         self.recent.setdefault((namespace, run), {})[(kind, name)] = (time.monotonic(), obj)
@@ -82,18 +103,8 @@ class Operator:
         return list(by_key.values())
 
 
-_operator: Operator | None = None
-
-
-def operator() -> Operator:
-    global _operator
-    if _operator is None:
-        _operator = Operator()
-    return _operator
-
-
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The CRD's status schema has no `kopf` field: Kopf's bookkeeping goes into annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -108,7 +119,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # priorities would freeze all of them, so each process draws its own unless one is given.
     settings.peering.priority = int(os.environ.get(ENV_PEERING_PRIORITY) or secrets.randbelow(2**31 - 1) + 1)
     settings.peering.lifetime = int(os.environ.get(ENV_PEERING_LIFETIME) or settings.peering.lifetime)
-    op = operator()
+    # Kopf watches nothing before the startup handlers are done, so every handler finds it.
+    memo.operator = op = Operator()
     if not settings.peering.standalone and settings.peering.name:
         namespaces = [None] if settings.peering.clusterwide else os.environ.get(ENV_PEERING_NAMESPACES, "").split()
         for namespace in namespaces:
@@ -116,23 +128,19 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     metrics.serve_from_env()
 
 
-# resourceVersion of each run's last status patch by this operator: the watch event it causes
-# carries nothing new, so it need not wake the daemon again.
-_own_versions: dict[tuple[str, str], str] = {}
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_changed(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-    if body.get("metadata", {}).get("resourceVersion") == _own_versions.get((namespace, name)):
+async def run_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator = memo.operator
+    if body.get("metadata", {}).get("resourceVersion") == op.own_versions.get((namespace, name)):
         return
-    child_events.wakeup(namespace, name).set()
+    op.wakeup(namespace, name).set()
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
 async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
-                     **kwargs: Any) -> None:
-    op = operator()
-    wake = child_events.wakeup(namespace, name)
+                     memo: kopf.Memo, **kwargs: Any) -> None:
+    op: Operator = memo.operator
+    wake = op.wakeup(namespace, name)
     while not stopped:
         wake.clear()
         try:
@@ -151,7 +159,7 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
 
 async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mapping[str, Any],
                          logger: logging.Logger) -> float | None:
-    body = _current_body(indexes.get("body"), namespace, name)
+    body = _current_body(op, indexes.get("body"), namespace, name)
     if body is None:  # the watch has not shown us our own last status patch yet: ask the API
         body = await op.kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -161,22 +169,19 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
     children = op.children(indexes, namespace, name)
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
-    secrets = await secret_labels(op, body)
-    decision = decide(body, children, store, now, op.config, secrets)
+    secret_labels_ = await secret_labels(op, body)
+    decision = decide(body, children, store, now, op.config, secret_labels_)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config, secrets)
+        decision = decide(body, children, store, now, op.config, secret_labels_)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-    _phases[(namespace, name)] = decision.status.get("phase", "Pending")
+    op.phases[(namespace, name)] = decision.status.get("phase", "Pending")
     for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
-        metrics.RUNS.labels(phase).set(sum(1 for p in _phases.values() if p == phase))
+        metrics.RUNS.labels(phase).set(sum(1 for p in op.phases.values() if p == phase))
     return decision.requeue_after
-
-
-_phases: dict[tuple[str, str], str] = {}
 
 
 async def secret_labels(op: Operator, body: Mapping[str, Any]) -> dict[str, dict | None]:
@@ -189,12 +194,12 @@ async def secret_labels(op: Operator, body: Mapping[str, Any]) -> dict[str, dict
     return {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
 
 
-def _current_body(live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
+def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
     """Kopf's live view of the run, when it is known to include our last status patch (so a
     decision never rests on a status older than what we wrote); None means: read it from the API."""
     if live is None:
         return None
-    own = _own_versions.get((namespace, name))
+    own = op.own_versions.get((namespace, name))
     if own is not None and live.get("metadata", {}).get("resourceVersion") != own:
         return None
     return copy.deepcopy(dict(live))
@@ -231,7 +236,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
         decision.requeue_after = min(decision.requeue_after, 30.0)
     if _changed(body.get("status") or {}, status):
         patched = await op.kube.patch_run_status(namespace, name, status)
-        _own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
+        op.own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
     for event in decision.events:
         if event.child in existed:  # not ours to announce: it was there already
             continue
@@ -253,9 +258,9 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwargs: Any) -> None:
+async def run_deleted(namespace: str, name: str, logger: logging.Logger, memo: kopf.Memo, **kwargs: Any) -> None:
     """Delete the children now (GPUs free at once; ownerReferences are the backstop), then let go."""
-    op = operator()
+    op: Operator = memo.operator
     started = time.monotonic()
     for obj in child_events.children_of(kwargs, namespace, name):
         meta = obj["metadata"]
@@ -265,8 +270,5 @@ async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwarg
             await op.kube.delete(obj["apiVersion"], obj["kind"], namespace, meta["name"])
         except ApiError as e:  # never hold the run's deletion hostage: the garbage collector follows
             logger.warning("Could not delete %s %s of run %s: %s", obj["kind"], meta["name"], name, e)
-    child_events.forget(namespace, name)
-    op.recent.pop((namespace, name), None)
-    _phases.pop((namespace, name), None)
-    _own_versions.pop((namespace, name), None)
+    op.forget(namespace, name)
     logger.info("Deleted the children of run %s/%s in %.2fs", namespace, name, time.monotonic() - started)

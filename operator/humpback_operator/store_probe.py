@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from humpback_runtime.layout import stage_prefix
 from humpback_runtime.storage import Store, open_store, read_success
 
 from humpback_operator.config import OperatorConfig, normalize_endpoint
@@ -79,7 +80,7 @@ class StoreProbe:
             if breaker.open_until > time.monotonic():
                 out[stage] = None
                 continue
-            prefix = f"{meta['namespace']}/{meta['name']}/{stage}"
+            prefix = stage_prefix(meta["namespace"], meta["name"], stage)
             future = loop.run_in_executor(self._pool, _read, uri, endpoint, s3.get("region"), prefix)
             try:
                 out[stage] = await asyncio.wait_for(future, timeout=self.timeout)
