@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from humpback_runtime.context import RunContext
@@ -30,7 +29,6 @@ from humpback_runtime.pod_contract import (
 
 if TYPE_CHECKING:
     from humpback_runtime.spec import InferenceSpec
-humpback_runtime/inference/models.py
 
 log = logging.getLogger(__name__)
 
