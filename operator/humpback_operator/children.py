@@ -93,12 +93,20 @@ def owner_reference(body: Mapping) -> dict:
     }
 
 
-def cluster_problems(run: BacktranslationRun) -> list[str]:
+def training_backend(run: BacktranslationRun, config: OperatorConfig) -> str:
+    """The run's own `spec.trainingBackend`, else the operator's default."""
+    return run.spec.training_backend or config.training_backend
+
+
+def cluster_problems(run: BacktranslationRun, config: OperatorConfig | None = None) -> list[str]:
     """What makes a valid spec unrunnable on a cluster, one "field.path: message" each.
 
     Local paths in sources and baseModel are not problems: users may bake data into their images.
     """
     problems = []
+    if config is not None and training_backend(run, config) == "trainjob" and not config.trainjobs:
+        problems.append("spec.trainingBackend: trainjob (Kubeflow Trainer v2) is not enabled on this cluster "
+                        "(the chart's rbac.trainJobs)")
     uri = run.spec.storage.uri
     if not uri.startswith("s3://"):
         problems.append(f"spec.storage.uri: a cluster run needs s3:// storage (pods share nothing else), got {uri}")
@@ -405,7 +413,7 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
     container = _container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
                            _resources(res, res.gpus_per_node), mounts, command=command)
     template = _pod_template(run, labels, res, config, [container], volumes)
-    return get_backend(config.training_backend).build(
+    return get_backend(training_backend(run, config)).build(
         name=stage_child_name(run.name, stage, attempt), namespace=run.namespace, labels=labels,
         annotations=_fingerprint(stage), owner=owner, pod_template=template, nodes=res.nodes, procs_per_node=procs,
     )

@@ -19,16 +19,16 @@ DEFAULT_RUNTIME_IMAGE = "ghcr.io/humpback-dev/humpback-runtime:0.1.0"
 # Built FROM vllm/vllm-openai:v0.32.0 (pinned), plus what S3 loading with the Run:ai streamer needs.
 DEFAULT_VLLM_IMAGE = "ghcr.io/humpback-dev/humpback-vllm:0.1.0"
 
-# Backends that backends.py can build, and the ones the operator's environment may select.
-# "trainjob" (Kubeflow Trainer v2) is built and schema-checked but not offered yet: see the
-# docstring of backends.py for what its API cannot carry. Code and tests may still pick it.
+# Backends that backends.py can build.
 KNOWN_TRAINING_BACKENDS = ("pytorchjob", "trainjob")
-SUPPORTED_TRAINING_BACKENDS = ("pytorchjob",)
 
 ENV_RUNTIME_IMAGE = "HUMPBACK_RUNTIME_IMAGE"
 ENV_VLLM_IMAGE = "HUMPBACK_VLLM_IMAGE"
 ENV_SERVICE_ACCOUNT = "HUMPBACK_SERVICE_ACCOUNT"
 ENV_TRAINING_BACKEND = "HUMPBACK_TRAINING_BACKEND"
+# "true": Kubeflow Trainer v2 is installed and the operator may create and watch TrainJobs (the
+# chart's rbac.trainJobs); implied by HUMPBACK_TRAINING_BACKEND=trainjob.
+ENV_TRAINJOBS = "HUMPBACK_TRAINJOBS"
 ENV_PROBE_ALLOWED_STORES = "HUMPBACK_PROBE_ALLOWED_STORES"
 ENV_POLICY = "HUMPBACK_POLICY"
 
@@ -92,7 +92,8 @@ class OperatorConfig:
     runtime_image: str = DEFAULT_RUNTIME_IMAGE  # training pods and Jobs
     vllm_image: str = DEFAULT_VLLM_IMAGE  # vLLM server Deployments
     service_account: str | None = None  # of every child pod (e.g. one with IRSA for S3); None: namespace default
-    training_backend: str = "pytorchjob"
+    training_backend: str = "pytorchjob"  # runs may choose their own (spec.trainingBackend)
+    trainjobs: bool = False  # TrainJobs may be created (and are watched); see ENV_TRAINJOBS
     vllm_port: int = 8000
     # Stores the operator reads with its own credentials (the store probe); empty: none, every
     # stage's pod checks its own store with the run's Secret.
@@ -109,6 +110,8 @@ class OperatorConfig:
     def __post_init__(self) -> None:
         for name, problem in _problems(vars(self)):
             raise ValueError(f"OperatorConfig.{name}: {problem}")
+        if self.training_backend == "trainjob":
+            object.__setattr__(self, "trainjobs", True)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -132,9 +135,16 @@ class OperatorConfig:
                 raise ValueError(f"{ENV_POLICY}: {e}") from None
         # Checked here first so that the error names the variable rather than the field.
         merged = {f.name: f.default for f in fields(cls)} | values
-        for field, problem in _problems(merged, backends=SUPPORTED_TRAINING_BACKENDS):
+        for field, problem in _problems(merged):
             raise ValueError(f"{env_of[field]}: {problem}")
+        values["trainjobs"] = trainjobs_enabled(environ)
         return cls(**values)
+
+
+def trainjobs_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the operator may create and watch TrainJobs (read at import by the Kopf indexes too)."""
+    return (environ.get(ENV_TRAINJOBS, "").strip().lower() == "true"
+            or environ.get(ENV_TRAINING_BACKEND, "").strip() == "trainjob")
 
 
 def parse_policy(raw: str) -> dict:
@@ -171,11 +181,7 @@ def _problems(values: Mapping[str, object], backends: tuple[str, ...] = KNOWN_TR
     if sa is not None and (not isinstance(sa, str) or len(sa) > 253 or not _DNS_SUBDOMAIN.match(sa)):
         problems.append(("service_account", f"expected a ServiceAccount name (lowercase letters, digits, '-' and '.'), got {sa!r}"))
     backend = values["training_backend"]
-    if backend == "trainjob" and backend not in backends:
-        problems.append(("training_backend", ("'trainjob' (Kubeflow Trainer v2) is not supported yet: its TrainJob "
-                                              "cannot carry the pod labels and security context the operator sets; "
-                                              "use pytorchjob")))
-    elif backend not in backends:
+    if backend not in backends:
         problems.append(("training_backend", f"expected one of {', '.join(backends)}, got {backend!r}"))
     port = values["vllm_port"]
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:

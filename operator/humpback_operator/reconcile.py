@@ -24,7 +24,7 @@ from humpback_runtime.plan import Plan, Stage, build_plan
 from humpback_runtime.spec import BacktranslationRun, SpecError, parse_run
 
 from humpback_operator import names, policy
-from humpback_operator.backends import get_backend
+from humpback_operator.backends import backend_of_kind
 from humpback_operator.children import (
     build_spec_configmap,
     build_stage_children,
@@ -128,7 +128,8 @@ def _is_terminating(obj: Mapping[str, Any]) -> bool:
 def _outcome(obj: Mapping[str, Any], config: OperatorConfig) -> tuple[str | None, str]:
     if obj["kind"] == "Job":
         return job_outcome(obj)
-    return get_backend(config.training_backend).outcome(obj)
+    backend = backend_of_kind(obj["kind"])
+    return backend.outcome(obj) if backend else (None, "")  # servers, Secrets, ...: no outcome
 
 
 def _is_finished(obj: Mapping[str, Any], config: OperatorConfig) -> bool:
@@ -154,7 +155,7 @@ def decide(
     generation = body.get("metadata", {}).get("generation")
     try:
         run = run_from_body(body)
-        problems = cluster_problems(run)
+        problems = cluster_problems(run, config)
     except SpecError as e:
         problems = e.errors
         run = None

@@ -648,9 +648,51 @@ def test_trainjob_backend_carries_command_resources_and_node_selection():
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
     assert trainer["command"][:2] == ["torchrun", "--nproc-per-node=8"]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
-    override = job["spec"]["podSpecOverrides"][0]
-    assert override["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in override["volumes"]
+    assert "podSpecOverrides" not in job["spec"] and "labels" not in job["spec"]  # gone in Trainer v2.1/v2.2
+    (patch,) = job["spec"]["runtimePatches"]
+    assert patch["manager"] == "humpback.dev/operator"
+    (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"
+    pod = replicated["template"]["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
+
+
+def test_trainjob_keeps_our_pod_template_security_context_and_labels():
+    run = make_run(podTemplate={"serviceAccountName": "irsa", "imagePullSecrets": [{"name": "reg"}],
+                                "labels": {"team": "nlp"}, "annotations": {"a": "b"}})
+    pytorch = stage_children(run, "train-m0").primary["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    job = stage_children(run, "train-m0", config=OperatorConfig(training_backend="trainjob")).primary
+    template = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
+    pod = template["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    # The same pod metadata, security contexts, volumes and identity as the PyTorchJob's pods.
+    assert pod["metadata"] == pytorch["metadata"]
+    assert pod["metadata"]["labels"]["humpback.dev/stage"] == "train-m0" and pod["metadata"]["labels"]["team"] == "nlp"
+    for key in ("securityContext", "serviceAccountName", "imagePullSecrets", "volumes", "nodeSelector"):
+        assert pod["spec"][key] == pytorch["spec"][key], key
+    (container,) = pod["spec"]["containers"]
+    ours = pytorch["spec"]["containers"][0]
+    assert container == {"name": "node", "securityContext": ours["securityContext"], "volumeMounts": ours["volumeMounts"]}
+    assert job["spec"]["trainer"]["env"] == ours["env"]
+    assert template["metadata"]["labels"]["humpback.dev/run"] == "demo"  # the JobSet
+
+
+def test_a_run_chooses_its_training_backend_where_the_cluster_enables_it():
+    run = make_run(trainingBackend="trainjob")
+    assert stage_children(run, "train-m0", config=OperatorConfig(trainjobs=True)).primary["kind"] == "TrainJob"
+    assert stage_children(make_run(trainingBackend="pytorchjob"), "train-m0",
+                          config=OperatorConfig(training_backend="trainjob")).primary["kind"] == "PyTorchJob"
+    assert cluster_problems(run, OperatorConfig()) == [
+        "spec.trainingBackend: trainjob (Kubeflow Trainer v2) is not enabled on this cluster (the chart's rbac.trainJobs)"]
+    assert cluster_problems(run, OperatorConfig.from_env({"HUMPBACK_TRAINJOBS": "true"})) == []
+
+
+def test_render_with_the_trainjob_backend_shows_trainjobs(tmp_path):
+    env = {**os.environ, "HUMPBACK_TRAINING_BACKEND": "trainjob"}
+    out = subprocess.run([sys.executable, "-m", "humpback_runtime", "render", str(REPO / "examples" / "llama2-7b-paper.yaml")],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    kinds = [d["kind"] for d in yaml.safe_load_all(out) if d]
+    assert "TrainJob" in kinds and "PyTorchJob" not in kinds
 
 
 def test_config_from_env_reads_the_settings_and_names_the_variable_on_errors():
@@ -658,10 +700,10 @@ def test_config_from_env_reads_the_settings_and_names_the_variable_on_errors():
                                       "HUMPBACK_SERVICE_ACCOUNT": "runner", "HUMPBACK_TRAINING_BACKEND": ""})
     assert config == OperatorConfig(runtime_image="r:1", vllm_image="v:1", service_account="runner")
     assert OperatorConfig.from_env({}) == OperatorConfig()
-    with pytest.raises(ValueError, match="^HUMPBACK_TRAINING_BACKEND: expected one of pytorchjob, got 'mpi'"):
+    with pytest.raises(ValueError, match="^HUMPBACK_TRAINING_BACKEND: expected one of pytorchjob, trainjob, got 'mpi'"):
         OperatorConfig.from_env({"HUMPBACK_TRAINING_BACKEND": "mpi"})
-    with pytest.raises(ValueError, match="^HUMPBACK_TRAINING_BACKEND: 'trainjob'.*not supported yet"):
-        OperatorConfig.from_env({"HUMPBACK_TRAINING_BACKEND": "trainjob"})
+    trainjob = OperatorConfig.from_env({"HUMPBACK_TRAINING_BACKEND": "trainjob"})
+    assert trainjob.training_backend == "trainjob" and trainjob.trainjobs
     with pytest.raises(ValueError, match="^HUMPBACK_SERVICE_ACCOUNT:"):
         OperatorConfig.from_env({"HUMPBACK_SERVICE_ACCOUNT": "Not_A_Name"})
     with pytest.raises(ValueError, match="^HUMPBACK_VLLM_IMAGE:"):

@@ -75,7 +75,7 @@ def crd_validator(filename: str, version: str) -> jsonschema.Validator:
 
 
 def validate_crd_object(obj: dict) -> None:
-    files = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "TrainJob": "trainer.kubeflow.org_trainjobs.yaml"}
+    files = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "TrainJob": "trainer.kubeflow.org_trainjobs.v2.3.0.yaml"}
     group, version = obj["apiVersion"].split("/")
     crd = load_crd(files[obj["kind"]])
     assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == obj["kind"]
@@ -161,8 +161,8 @@ def test_every_core_object_validates_with_kubernetes_validate(run_name):
         validate_core_object(obj)
 
 
-@pytest.mark.parametrize("run_name", ["llama2-7b-paper", "multi-node"])
-def test_trainjobs_validate_against_the_trainer_crd(run_name):
+@pytest.mark.parametrize("run_name", ["llama2-7b-paper", "multi-node", "credentials"])
+def test_trainjobs_validate_against_the_trainer_v2_3_crd(run_name):
     config = OperatorConfig(training_backend="trainjob", service_account="humpback-runner")
     jobs = [o for o in all_objects(RUNS[run_name](), config) if o["kind"] == "TrainJob"]
     assert len(jobs) == 2 * len([s for s in build_plan(RUNS[run_name]()).stages if s.kind == "train"])
@@ -232,6 +232,15 @@ def test_a_broken_trainjob_fails_validation():
     del job["spec"]["runtimeRef"]
     with pytest.raises(AssertionError):
         validate_crd_object(job)
+    # What the backend built before Trainer v2.1 is refused by the v2.3.0 CRD.
+    old = get_backend("trainjob").build(name="x", namespace="ns", labels={}, annotations={}, owner=None,
+                                        pod_template={"metadata": {}, "spec": {"containers": [
+                                            {"name": "t", "image": "i", "command": ["c"]}]}},
+                                        nodes=1, procs_per_node=1)
+    old["spec"]["podSpecOverrides"] = [{"targetJobs": [{"name": "node"}]}]
+    old["spec"]["labels"] = {"a": "b"}
+    with pytest.raises(AssertionError):
+        validate_crd_object(old)
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "Service", "Job", "ConfigMap"])
