@@ -220,6 +220,7 @@ def test_ci_values_reach_the_deployment(render):
         "HUMPBACK_METRICS_PORT": "9102",
         "HUMPBACK_METRICS_ADDRESS": "0.0.0.0",
         "HUMPBACK_TRAINING_BACKEND": "trainjob",
+        "HUMPBACK_TRAINJOBS": "true",
         "HUMPBACK_PROBE_ALLOWED_STORES": json.dumps([{"bucket": "ml-runs-*"},
                                                      {"bucket": "scratch", "endpoint": "http://minio.minio.svc:9000"}],
                                                     separators=(",", ":")),
@@ -378,6 +379,11 @@ def test_values_schema_refuses_bad_values(helm_run, args):
     result = helm_run("template", "humpback-operator", "charts/humpback-operator", *args)
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+
+
+def test_the_trainjob_backend_needs_its_rbac(helm_run):
+    result = helm_run("template", "x", "charts/humpback-operator", "--set", "training.backend=trainjob")
+    assert result.returncode != 0 and "training.backend trainjob needs rbac.trainJobs" in result.stderr
 
 
 def test_service_monitor_needs_the_metrics_port(helm_run):
