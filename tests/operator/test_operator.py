@@ -383,6 +383,25 @@ def test_an_invalid_run_is_refused_with_a_condition_and_an_event(cluster, start_
     assert cluster.children("tiny", "jobs") == []
 
 
+def test_a_run_referencing_an_unlabelled_secret_is_refused_by_the_policy(cluster, start_operator, make_standins,
+                                                                          s3_bucket, s3_server):
+    make_standins()
+    label = "humpback.dev/usable-by-runs=true"
+    op = start_operator(HUMPBACK_POLICY=json.dumps({"secretLabel": label}))
+    cluster.core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": "prod-db"}, "stringData": {"HF_TOKEN": "x"}})
+    cluster.core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": "hf", "labels": {"humpback.dev/usable-by-runs": "true"}},
+                                                      "stringData": {"HF_TOKEN": "x"}})
+    cluster.create_run(tiny_run(s3_bucket, s3_server, name="bad", huggingface={"tokenSecret": "prod-db"}))
+    cluster.create_run(tiny_run(s3_bucket, s3_server, name="good", huggingface={"tokenSecret": "hf"}))
+    wait_for(cluster.phase_is("bad", "Failed"), 30, "phase Failed", explain(cluster, "bad", op))
+    accepted = next(c for c in cluster.status("bad")["conditions"] if c["type"] == "Accepted")
+    assert accepted["reason"] == "PolicyViolation"
+    assert f"policy.secretLabel: spec.huggingface.tokenSecret: Secret prod-db is not labelled {label}" in accepted["message"]
+    assert cluster.children("bad", "jobs") == []
+    # The labelled Secret passes: that run starts its first stages.
+    wait_for(lambda: cluster.children("good", "jobs"), 30, "the good run's Jobs", explain(cluster, "good", op))
+
+
 def test_the_operator_serves_prometheus_metrics_when_asked(cluster, start_operator, make_standins, s3_bucket, s3_server):
     make_standins()
     port = free_port()
