@@ -411,8 +411,6 @@ def status_schema() -> dict[str, Any]:
                                   "excluded); pendingTimeout counts from here."),
             "disruptions": _int("Attempts ended by a disruption (eviction, preemption, node loss): re-created "
                                 "without counting against retries.limit."),
-            "generation": _int("metadata.generation the fingerprint was computed for: while it is unchanged, an "
-                               "operator upgrade that computes fingerprints differently keeps the running child."),
             "outputs": {
                 "description": "Artifact URIs the stage wrote.",
                 "type": "array",
