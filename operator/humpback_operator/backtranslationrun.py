@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import os
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from humpback_runtime.crd import GROUP, PLURAL, VERSION
 from humpback_operator import child_events, metrics
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
-from humpback_operator.reconcile import Decision, decide
+from humpback_operator.reconcile import Decision, _finished_and_unchanged, decide
 from humpback_operator.store_probe import StoreProbe
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ DEBOUNCE_SECONDS = 0.1
 # How long our own creates and deletes stand in for what Kopf's indexes have not seen yet.
 RECENT_SECONDS = 30.0
 
+# Every so often a run's reconcile lists its children from the API instead of trusting Kopf's
+# indexes: a child deleted while a watch was down never leaves an index (no DELETED event).
+# Only runs that are not finished have a daemon, so this costs a few lists per active run.
+SAFETY_NET_SECONDS = float(os.environ.get("HUMPBACK_SAFETY_NET_SECONDS", "300"))
+
 
 class Operator:
     """What the handlers share: API access, settings, the store probe, our recent writes."""
@@ -46,6 +52,14 @@ class Operator:
         self.probe = StoreProbe()
         # (namespace, run) -> (kind, name) -> (time, object created | None when deleted)
         self.recent: dict[tuple[str, str], dict[tuple[str, str], tuple[float, dict | None]]] = {}
+        # When each run's children were last listed from the API (the safety net), and what the
+        # indexes still hold that the API said was gone: (kind, name, uid).
+        self.listed: dict[tuple[str, str], float] = {}
+        self.ghosts: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
+
+    def forget(self, namespace: str, run: str) -> None:
+        for per_run in (self.recent, self.listed, self.ghosts):
+            per_run.pop((namespace, run), None)
 
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
         self.recent.setdefault((namespace, run), {})[(kind, name)] = (time.monotonic(), obj)
@@ -55,6 +69,10 @@ class Operator:
         right after a create must not create again (a 409 and a duplicate Event), nor act on a
         child it has just deleted."""
         seen = child_events.children_of(indexes, namespace, run)
+        ghosts = self.ghosts.get((namespace, run))
+        if ghosts:
+            ghosts &= {_identity(o) for o in seen}  # those gone from the index need no filter
+            seen = [o for o in seen if _identity(o) not in ghosts]
         recent = self.recent.get((namespace, run))
         if not recent:
             return seen
@@ -72,6 +90,29 @@ class Operator:
             elif obj is None or key in by_key:
                 del recent[key]  # the index caught up
         return list(by_key.values())
+
+
+    async def safety_net(self, indexes: Mapping[str, Any], namespace: str, run: str) -> None:
+        """Every SAFETY_NET_SECONDS: list the run's children from the API; what the indexes hold
+        and the API does not is a ghost from then on, what the API has and the indexes miss
+        stands in as a recent create."""
+        now = time.monotonic()
+        key = (namespace, run)
+        if now - self.listed.setdefault(key, now) < SAFETY_NET_SECONDS:
+            return
+        self.listed[key] = now
+        listed = await self.kube.list_children(namespace, run)
+        indexed = child_events.children_of(indexes, namespace, run)
+        self.ghosts[key] = {_identity(o) for o in indexed} - {_identity(o) for o in listed}
+        known = {(o["kind"], o["metadata"]["name"]) for o in indexed}
+        for obj in listed:
+            if (obj["kind"], obj["metadata"]["name"]) not in known:
+                self.note(namespace, run, obj["kind"], obj["metadata"]["name"], obj)
+
+
+def _identity(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return obj.get("kind", ""), meta.get("name", ""), meta.get("uid") or ""
 
 
 _operator: Operator | None = None
@@ -93,8 +134,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Events are posted explicitly (reconcile.Event); log lines become Events only from warnings up.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
-    # API calls and store reads run in threads (blocking clients); the default pool (cores + 4)
-    # would queue the reconciles of many runs behind each other.
+    # API calls run in Kube's own pool; store reads (and anything else in threads) in the default
+    # one, made larger: the default (cores + 4) would queue the reads of many runs.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
     operator()
     metrics.serve_from_env()
@@ -112,7 +153,13 @@ async def run_changed(namespace: str, name: str, body: kopf.Body, **_: Any) -> N
     child_events.wakeup(namespace, name).set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+def _active(body: kopf.Body, **_: Any) -> bool:
+    """A run that still has work (or a spec not yet seen) gets a daemon; a finished one costs
+    nothing, and a spec edit (a new generation) brings its daemon back."""
+    return not _finished_and_unchanged(body.get("status") or {}, body.get("metadata", {}).get("generation"))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, when=_active)
 async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                      **kwargs: Any) -> None:
     op = operator()
@@ -127,7 +174,7 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
         if delay is None:  # the run is gone
             return
         try:
-            await asyncio.wait_for(wake.wait(), timeout=max(delay, DEBOUNCE_SECONDS))
+            await asyncio.wait_for(wake.wait(), timeout=max(min(delay, SAFETY_NET_SECONDS), DEBOUNCE_SECONDS))
             await asyncio.sleep(DEBOUNCE_SECONDS)
         except asyncio.TimeoutError:
             pass
@@ -142,15 +189,18 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
         return None
     metrics.RECONCILES.inc()
     started = time.monotonic()
+    await op.safety_net(indexes, namespace, name)
     children = op.children(indexes, namespace, name)
+    pods = child_events.pods_of(indexes, namespace, name)
+    events = child_events.events_of(indexes, namespace, [c["metadata"]["name"] for c in children])
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
-    decision = decide(body, children, store, now, op.config)
+    decision = decide(body, children, store, now, op.config, pods, events)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config)
+        decision = decide(body, children, store, now, op.config, pods, events)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     _phases[(namespace, name)] = decision.status.get("phase", "Pending")
@@ -230,7 +280,7 @@ async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwarg
         except ApiError as e:  # never hold the run's deletion hostage: the garbage collector follows
             logger.warning("Could not delete %s %s of run %s: %s", obj["kind"], meta["name"], name, e)
     child_events.forget(namespace, name)
-    op.recent.pop((namespace, name), None)
+    op.forget(namespace, name)
     _phases.pop((namespace, name), None)
     _own_versions.pop((namespace, name), None)
     logger.info("Deleted the children of run %s/%s in %.2fs", namespace, name, time.monotonic() - started)

@@ -52,12 +52,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
 
 
 class OperatorProcess:
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, modules: tuple[str, ...] = ()):
         self.port = free_port()
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
-            [str(KOPF), "run", "-m", "humpback_operator", "--standalone", "--all-namespaces",
+            [str(KOPF), "run", "-m", "humpback_operator", *(a for m in modules for a in ("-m", m)), "--standalone", "--all-namespaces",
              f"--liveness=http://127.0.0.1:{self.port}/healthz"],
             env=env, cwd=REPO_ROOT, stdout=self._out, stderr=subprocess.STDOUT,
         )
@@ -90,11 +90,11 @@ class OperatorProcess:
 def start_operator(kube_env, s3_server, tmp_path) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
-    def start(**extra_env: str) -> OperatorProcess:
+    def start(modules: tuple[str, ...] = (), **extra_env: str) -> OperatorProcess:
         env = dict(kube_env, AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
                    AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1",
                    **extra_env)
-        op = OperatorProcess(env, tmp_path / "operator.log")
+        op = OperatorProcess(env, tmp_path / "operator.log", modules)
         started.append(op)
         return op
 
