@@ -1,6 +1,6 @@
 # The two commands a fresh clone needs (Python 3.11 and the package registries, nothing else):
 #   make demo   runs examples/tiny-cpu.yaml on this machine, on CPU
-#   make test   runs the test suite
+#   make test   runs the test suite (`make install` adds the dev-only test-support package testing/)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,12 +11,14 @@ EXTRAS ?= train,s3,hub,operator,dev
 # Stop the demo after a stage, e.g. `make demo DEMO_UNTIL=prepare-corpus`; empty runs everything.
 DEMO_UNTIL ?=
 PYTEST_ARGS ?=
+comma := ,
 
 .PHONY: install vllm-env kube-tools demo test clean
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
+# With the dev extra (the default) the test-support package testing/ (humpback_testing) comes too.
+$(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt testing/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' $(if $(filter dev,$(subst $(comma), ,$(EXTRAS))),-e testing)
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/client_overhead.py [--records 20000] [--concurrency 64 256]
 
-Starts the OpenAI stub (`python -m humpback_runtime.openai_stub`, delay 0) as a separate process,
+Starts the OpenAI stub (`python -m humpback_testing.openai_stub`, delay 0) as a separate process,
 so client and server do not share one GIL, then for each concurrency runs:
 
 - raw: `CompletionsClient.complete` from `concurrency` workers, no bookkeeping (the HTTP floor);
@@ -30,11 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from humpback_runtime.inference_client import ClientSettings, CompletionsClient, run_completions  # noqa: E402
+from humpback_runtime.inference.client import ClientSettings, CompletionsClient, run_completions  # noqa: E402
 from humpback_runtime.storage import list_shards, open_store  # noqa: E402
 
 GOAL = 2000.0
@@ -47,7 +46,7 @@ def _proc_cpu(pid: int) -> float:
 
 
 def start_stub_process(text: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "humpback_runtime.openai_stub", "--port", "0", "--text", text],
+    proc = subprocess.Popen([sys.executable, "-m", "humpback_testing.openai_stub", "--port", "0", "--text", text],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("listening on "):

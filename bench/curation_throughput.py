@@ -54,14 +54,14 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from humpback_runtime import prompts  # noqa: E402
-from humpback_runtime.engines import Engine, Sampling, TransformersEngine, VLLMServerEngine  # noqa: E402
+from humpback_runtime.inference.engines import Engine, Sampling, VLLMServerEngine  # noqa: E402
+from humpback_runtime.inference.local import TransformersEngine  # noqa: E402
 from humpback_runtime.spec import SystemPrompts  # noqa: E402
 from humpback_runtime.storage import open_store  # noqa: E402
 from humpback_runtime.tiny_model import build_tiny_model  # noqa: E402
-from humpback_runtime.vllm_server import CPU_ARGS, VLLMServer  # noqa: E402
+from humpback_testing.vllm_server import CPU_ARGS, VLLMServer  # noqa: E402
 
 PAIRS_FILE = ROOT / "examples/data/oasst1_pairs.jsonl"
 GOAL = 20.0

@@ -3,7 +3,7 @@ stand-in controllers (every child finishes the moment it appears), artifacts on 
 
     .venv/bin/python bench/operator_scale.py --runs 100
 
-Measures, for the operator process (`kopf run -m humpback_operator`):
+Measures, for the operator process (`kopf run -m humpback_operator.backtranslationrun`):
 - latency from a child's completion (a Job/PyTorchJob finishing, or a vLLM Deployment becoming
   available) to the creation of the next child of the same run, p50 and p95 (goal p95 <= 2 s);
 - API requests per run (everything the operator sent: Kopf's watches and patches, our creates,
@@ -29,13 +29,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import kubernetes
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from humpback_testing.kube import Emulator, kube_env, write_kubeconfig
+from humpback_testing.standins import PYTORCHJOB_CRD, STANDINS_USER_AGENT
 
-import kubernetes  # noqa: E402
-from support.kube_emulator import Emulator, kube_env, write_kubeconfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+# What the emulated cluster serves: humpback's CRD and the training operator's.
+CRDS = (ROOT / "manifests" / "crd" / "humpback.dev_backtranslationruns.yaml", PYTORCHJOB_CRD)
 
 BENCH_AGENT = "humpback-bench"
 NAMESPACE = "default"
@@ -208,7 +210,7 @@ def main() -> int:
 
     work = ROOT / "bench/results/operator_scale"
     work.mkdir(parents=True, exist_ok=True)
-    with Emulator() as emulator:
+    with Emulator(crds=CRDS) as emulator:
         kubeconfig = write_kubeconfig(work / "kubeconfig", emulator.url)
         import multiprocessing
 
@@ -221,7 +223,7 @@ def main() -> int:
         metrics_port = free_port()
         env = kube_env(kubeconfig, HOME=str(work), HUMPBACK_METRICS_PORT=str(metrics_port))
         profile = ["-m", "cProfile", "-o", str(work / "operator.prof")] if args.profile else []
-        op = subprocess.Popen([sys.executable, *profile, str(Path(sys.executable).parent / "kopf"), "run", "-m", "humpback_operator",
+        op = subprocess.Popen([sys.executable, *profile, str(Path(sys.executable).parent / "kopf"), "run", "-m", "humpback_operator.backtranslationrun",
                                "--standalone", "--all-namespaces", "--quiet"], env=env, cwd=ROOT, stdout=log,
                               stderr=subprocess.STDOUT)
         time.sleep(3)
@@ -251,7 +253,7 @@ def main() -> int:
         reconcile = scrape(metrics_port)
         harness_cpu = cpu_seconds(os.getpid())
         requests = [r for r in emulator.requests_since(mark) if BENCH_AGENT not in r.user_agent
-                    and "humpback-standins" not in r.user_agent]
+                    and STANDINS_USER_AGENT not in r.user_agent]
         by_kind = collections.Counter(r.key for r in requests)
         op.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)  # cProfile writes on a clean exit
         op.wait(60)

@@ -37,7 +37,6 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from humpback_runtime.corpus import CorpusCounts, MinHasher, filter_corpus, normalise  # noqa: E402
 from humpback_runtime.spec import CorpusSpec, DedupSpec  # noqa: E402

@@ -17,9 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from humpback_runtime.errors import EXIT_INVALID, StageError
 from humpback_runtime.spec import BacktranslationRun, SpecError, load_run, parse_run
-
-EXIT_INVALID = 2
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -94,7 +93,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if not args.offline:
-        print(f"\nstore: {ctx.store.url(f'{plan.namespace}/{plan.run_name}')}")
+        print(f"\nstore: {ctx.store.url(ctx.run_prefix)}")
     return 0
 
 
@@ -114,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from humpback_runtime.context import RunContext
-    from humpback_runtime.stages import StageError, run_stage
+    from humpback_runtime.stages import run_stage
 
     run = _load_spec(args.spec)
     ctx = RunContext.create(run, args.storage)
@@ -150,12 +149,10 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    try:
-        from humpback_operator.children import cluster_problems, render_yaml
-        from humpback_operator.config import OperatorConfig
-    except ImportError:
-        print("humpback render needs the operator extra: pip install 'humpback[operator]'", file=sys.stderr)
-        return 1
+    # The operator's pure builders ship in this distribution and need only pydantic and PyYAML.
+    from humpback_operator.children import cluster_problems, render_yaml
+    from humpback_operator.config import OperatorConfig
+
     run = load_run(args.file)
     for problem in cluster_problems(run):
         print(f"warning: {problem}", file=sys.stderr)

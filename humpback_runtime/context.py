@@ -1,18 +1,18 @@
 """Where a run's artifacts live and which stages are finished, shared by the stages and runners.
 
-Layout: `<storage uri>/<namespace>/<run name>/<stage>/…`, each finished stage closed by a
-`_SUCCESS.json` that carries its fingerprint.
+Layout (:mod:`humpback_runtime.layout`): `<storage uri>/<namespace>/<run name>/<stage>/…`, each
+finished stage closed by a `_SUCCESS.json` that carries its fingerprint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
+from humpback_runtime.layout import run_prefix, stage_prefix
 from humpback_runtime.plan import Plan, Stage, build_plan
 from humpback_runtime.spec import BacktranslationRun
-from collections.abc import Iterator
-
 from humpback_runtime.storage import Store, iter_shard_records, open_store, output_shards, read_success
 
 
@@ -34,8 +34,12 @@ class RunContext:
         s3 = self.run.spec.storage.s3
         return open_store(self.storage_uri, endpoint_url=s3.endpoint, region=s3.region)
 
+    @property
+    def run_prefix(self) -> str:
+        return run_prefix(self.run.namespace, self.run.name)
+
     def prefix(self, stage: str) -> str:
-        return f"{self.run.namespace}/{self.run.name}/{stage}"
+        return stage_prefix(self.run.namespace, self.run.name, stage)
 
     def manifest(self, stage: str) -> dict | None:
         return read_success(self.store, self.prefix(stage))

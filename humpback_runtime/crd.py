@@ -52,14 +52,9 @@ import yaml
 from pydantic import BaseModel
 
 from humpback_runtime import spec as spec_models
+from humpback_runtime.spec import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
-GROUP = "humpback.dev"
-VERSION = "v1alpha1"
-PLURAL = "backtranslationruns"
-SINGULAR = "backtranslationrun"
-KIND = "BacktranslationRun"
 LIST_KIND = f"{KIND}List"
-SHORT_NAMES = ["btr"]
 CATEGORIES = ["humpback"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
@@ -457,7 +452,7 @@ def openapi_v3_schema() -> dict[str, Any]:
         "The same file runs locally with `humpback run`.",
         "type": "object",
         "properties": {
-            "apiVersion": _str("APIVersion of this object: humpback.dev/v1alpha1."),
+            "apiVersion": _str(f"APIVersion of this object: {GROUP}/{VERSION}."),
             "kind": _str("Kind of this object: BacktranslationRun."),
             "metadata": {"type": "object"},
             "spec": spec_schema(),

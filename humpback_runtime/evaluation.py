@@ -23,7 +23,7 @@ Public API (everything else is internal):
   source with ``id`` and ``instruction`` fields.
 - :func:`judge_pairs`: every prompt judged in both orders (model A's answer first, ``ID:ab``, then
   model B's first, ``ID:ba``) to cancel position bias; judgments are checkpointed shards written
-  by :func:`~humpback_runtime.inference_client.run_completions`, so a restart asks the judge only
+  by :func:`~humpback_runtime.inference.client.run_completions`, so a restart asks the judge only
   what is not judged yet. A verdict that :func:`~humpback_runtime.prompts.parse_verdict` cannot
   read is stored as ``None`` and counted, never guessed.
 - :func:`win_rate` ``(judgments) -> {...}``: the statistics of one comparison.
@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from humpback_runtime.pod_contract import JUDGE_API_KEY_ENV
 from urllib.parse import urlsplit, urlunsplit
 
-from humpback_runtime.inference_client import ClientSettings, CompletionsClient, run_completions
+from humpback_runtime.inference.client import ClientSettings, CompletionsClient, run_completions
 from humpback_runtime.prompts import pairwise_judge_prompt, parse_verdict
 from humpback_runtime.sources import BadRecords, DataError, iter_source_records
 from humpback_runtime.storage import Store, iter_shard_records, list_shards

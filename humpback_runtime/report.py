@@ -51,7 +51,6 @@ import html
 import io
 import logging
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -62,7 +61,6 @@ __all__ = ["build_report", "collect_report_inputs"]
 
 log = logging.getLogger(__name__)
 
-_CURATE = re.compile(r"^curate-(\d+)$")
 _EXAMPLE_CHARS = 600
 _CI_Z = 1.96  # error bars: 95% normal interval, +-1.96 standard errors
 
@@ -103,7 +101,7 @@ def collect_report_inputs(store: Store, run_prefix: str, plan: Any, *, max_recor
         lengths["seed"] = _lengths(records("prepare-seed"))
     if manifests.get("augment"):
         lengths["augmented"] = _lengths(records("augment"))
-    curate = sorted((int(m.group(1)), s.name) for s in stages if (m := _CURATE.match(s.name)))
+    curate = sorted((s.iteration, s.name) for s in stages if s.family == "curate")  # the plan knows them
     for k, name in curate:
         manifest = manifests.get(name)
         if not manifest:
@@ -131,6 +129,7 @@ def collect_report_inputs(store: Store, run_prefix: str, plan: Any, *, max_recor
         "scores": scores,
         "win_rates": evaluation if isinstance(evaluation, dict) else None,
         "examples": picked,
+        "curate_stages": curate,
     }
 
 
@@ -245,10 +244,6 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "
 
 def _kv(rows: Iterable[tuple[str, Any]]) -> str:
     return _table(["", ""], ((_e(k), _num(v)) for k, v in rows), cls="kv")
-
-
-def _curate_stages(manifests: Mapping[str, Any]) -> list[tuple[int, str]]:
-    return sorted((int(m.group(1)), name) for name in manifests if (m := _CURATE.match(name)))
 
 
 def _count(manifest: Any, field: str) -> Any:
@@ -417,6 +412,7 @@ _SECTIONS = [("summary", "Run summary"), ("stages", "Stages"), ("counts", "Count
 def build_report(
     manifests: Mapping[str, dict | None],
     *,
+    curate_stages: Sequence[tuple[int, str]] = (),
     run: Mapping[str, Any] | None = None,
     loss_curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
     lengths: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
@@ -429,6 +425,7 @@ def build_report(
 
     Args:
         manifests: stage name -> its ``_SUCCESS.json`` (None: planned, not run), in plan order.
+        curate_stages: ``[(iteration, curate stage name), ...]`` from the plan.
         run: ``name``, ``namespace``, ``storage`` for the summary.
         loss_curves: trained model stage -> ``[(step, loss), ...]``.
         lengths: series (``seed``, ``augmented``, ``curated-1``, ...) -> ``{"instruction": [chars],
@@ -441,6 +438,7 @@ def build_report(
     """
     plots = _Plots()
     manifests = dict(manifests)
+    curate = sorted(curate_stages)
     run = dict(run or {})
     generated = generated or datetime.now(timezone.utc)
     name = run.get("name") or "run"
@@ -454,12 +452,12 @@ def build_report(
         f'<p class="muted">generated {_e(generated.strftime("%Y-%m-%d %H:%M:%S %Z").strip())}'
         + (f" · plots by matplotlib {_e(plots._version)}" if plots.missing is None else "") + "</p>",
         "<nav>" + "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in _SECTIONS) + "</nav>",
-        _section("summary", _summary(manifests, run)),
+        _section("summary", _summary(manifests, curate, run)),
         _section("stages", _stages_table(manifests)),
-        _section("counts", _counts(manifests)),
+        _section("counts", _counts(manifests, curate)),
         _section("lengths", _lengths_section(plots, manifests, lengths or {})),
-        _section("scores", _scores_section(plots, manifests, scores or {})),
-        _section("yield", _yield_section(plots, manifests)),
+        _section("scores", _scores_section(plots, manifests, curate, scores or {})),
+        _section("yield", _yield_section(plots, manifests, curate)),
         _section("loss", _loss_section(plots, manifests, loss_curves or {})),
         _section("win-rates", _win_section(plots, manifests, win_rates)),
         _section("examples", _examples_section(examples or {})),
@@ -473,7 +471,7 @@ def _section(sid: str, body: str) -> str:
     return f'<section id="{sid}"><h2>{_e(title)}</h2>\n{body}\n</section>'
 
 
-def _summary(manifests: dict, run: dict) -> str:
+def _summary(manifests: dict, curate: list[tuple[int, str]], run: dict) -> str:
     done = [n for n, m in manifests.items() if m]
     seconds = sum(s for m in manifests.values() if _is_number(s := _get(m, "timings", "seconds")))
     versions = sorted({str(v) for m in manifests.values() if (v := _get(m, "humpbackVersion"))})
@@ -489,7 +487,7 @@ def _summary(manifests: dict, run: dict) -> str:
     rows.append(("seed pairs", seed if seed is not None else _get(manifests.get("prepare-seed"), "outputs", "count")))
     rows.append(("corpus segments kept", _count(manifests.get("prepare-corpus"), "kept")))
     rows.append(("augmented candidates", _get(manifests.get("augment"), "outputs", "count")))
-    for k, stage in _curate_stages(manifests):
+    for k, stage in curate:
         rows.append((f"curated pairs, iteration {k}", _count(manifests[stage], "selected")))
     return _kv((k, v) for k, v in rows if v is not None)
 
@@ -515,7 +513,7 @@ def _int_fields(counts: Any) -> list[tuple[str, int]]:
     return [(str(k), v) for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)]
 
 
-def _counts(manifests: dict) -> str:
+def _counts(manifests: dict, curate: list[tuple[int, str]]) -> str:
     out = []
 
     def block(title: str, stage: str, body) -> None:
@@ -556,7 +554,6 @@ def _counts(manifests: dict) -> str:
         if name.startswith("rewrite-"):
             block(f"Rewriting ({name})", name, generic)
     out.append("<h3>Curated yield per iteration</h3>")
-    curate = _curate_stages(manifests)
     if not curate:
         out.append(_na("stage curate-k not run"))
     else:
@@ -591,8 +588,7 @@ def _lengths_section(plots: _Plots, manifests: dict, lengths: Mapping) -> str:
     return table + "\n" + plot
 
 
-def _scores_section(plots: _Plots, manifests: dict, scores: Mapping) -> str:
-    curate = _curate_stages(manifests)
+def _scores_section(plots: _Plots, manifests: dict, curate: list[tuple[int, str]], scores: Mapping) -> str:
     usable = {k: v for k, v in scores.items() if _weighted(v)[0]}
     if not usable:
         return _na("stage curate-k not run" if not any(manifests.get(s) for _, s in curate)
@@ -617,9 +613,9 @@ def _na_text(reason: str) -> str:
     return f"not available ({reason})"
 
 
-def _yield_section(plots: _Plots, manifests: dict) -> str:
+def _yield_section(plots: _Plots, manifests: dict, curate: list[tuple[int, str]]) -> str:
     rows = []
-    for k, stage in _curate_stages(manifests):
+    for k, stage in curate:
         selected, scored = _count(manifests.get(stage), "selected"), _count(manifests.get(stage), "scored")
         if _is_number(selected) and _is_number(scored) and scored > 0:
             rows.append((k, selected / scored))

@@ -44,7 +44,7 @@ def run_local(run: BacktranslationRun, spec_path: str | Path, *, storage_uri: st
     # --until: everything the plan orders up to and including that stage (its inputs come earlier).
     names = plan.names()[: plan.names().index(until) + 1] if until else plan.names()
     total = len(names)
-    print(f"Run {run.namespace}/{run.name}: {total} stage(s), artifacts in {ctx.store.url(f'{run.namespace}/{run.name}')}",
+    print(f"Run {run.namespace}/{run.name}: {total} stage(s), artifacts in {ctx.store.url(ctx.run_prefix)}",
           file=out, flush=True)
     t_run = time.perf_counter()
     for i, name in enumerate(names, 1):

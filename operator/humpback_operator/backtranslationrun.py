@@ -1,5 +1,11 @@
 """Kopf handlers of `BacktranslationRun`: one daemon per run that reconciles, and deletion.
 
+    kopf run -m humpback_operator.backtranslationrun --standalone --all-namespaces
+
+Importing this module registers the operator's handlers: these, and the children's indexes of
+`child_events` (imported below). What the handlers share lives on one `Operator` object, made at
+startup and kept in Kopf's operator-wide memo (each resource's memo is a shallow copy of it).
+
 The daemon loops: read the run, decide (`reconcile.decide`), apply, then sleep until a child or
 the run changes, a retry is due, or a minute has passed. All state is in the run's status and in
 its children, so a restarted operator picks up where the last one stopped.
@@ -19,7 +25,7 @@ from typing import Any
 
 import kopf
 
-from humpback_runtime.crd import GROUP, PLURAL, VERSION
+from humpback_runtime.spec import GROUP, PLURAL, VERSION
 
 from humpback_operator import child_events, metrics
 from humpback_operator.config import OperatorConfig
@@ -44,21 +50,33 @@ SAFETY_NET_SECONDS = float(os.environ.get("HUMPBACK_SAFETY_NET_SECONDS", "300"))
 
 
 class Operator:
-    """What the handlers share: API access, settings, the store probe, our recent writes."""
+    """What the handlers share: API access, settings, the store probe, and per run (keyed by
+    (namespace, run)) what this operator process remembers of it."""
 
     def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None):
         self.kube = kube or Kube()
         self.config = config or OperatorConfig.from_env()
         self.probe = StoreProbe()
-        # (namespace, run) -> (kind, name) -> (time, object created | None when deleted)
+        # Our recent writes: (kind, name) -> (time, object created | None when deleted).
         self.recent: dict[tuple[str, str], dict[tuple[str, str], tuple[float, dict | None]]] = {}
+        # resourceVersion of the run's last status patch by this operator: the watch event it
+        # causes carries nothing new, so it need not wake the daemon again.
+        self.own_versions: dict[tuple[str, str], str] = {}
+        # The run's phase after its last reconcile, for the `humpback_runs` gauge.
+        self.phases: dict[tuple[str, str], str] = {}
+        # Set when the run or one of its children changes: wakes the run's daemon.
+        self.wakeups: dict[tuple[str, str], asyncio.Event] = {}
         # When each run's children were last listed from the API (the safety net), and what the
         # indexes still hold that the API said was gone: (kind, name, uid).
         self.listed: dict[tuple[str, str], float] = {}
         self.ghosts: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
 
+    def wakeup(self, namespace: str, run: str) -> asyncio.Event:
+        return self.wakeups.setdefault((namespace, run), asyncio.Event())
+
     def forget(self, namespace: str, run: str) -> None:
-        for per_run in (self.recent, self.listed, self.ghosts):
+        """Drop all that is remembered of a deleted run."""
+        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups, self.listed, self.ghosts):
             per_run.pop((namespace, run), None)
 
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
@@ -115,18 +133,14 @@ def _identity(obj: Mapping[str, Any]) -> tuple[str, str, str]:
     return obj.get("kind", ""), meta.get("name", ""), meta.get("uid") or ""
 
 
-_operator: Operator | None = None
-
-
-def operator() -> Operator:
-    global _operator
-    if _operator is None:
-        _operator = Operator()
-    return _operator
+def _active(body: kopf.Body, **_: Any) -> bool:
+    """A run that still has work (or a spec not yet seen) gets a daemon; a finished one costs
+    nothing, and a spec edit (a new generation) brings its daemon back."""
+    return not _finished_and_unchanged(body.get("status") or {}, body.get("metadata", {}).get("generation"))
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The CRD's status schema has no `kopf` field: Kopf's bookkeeping goes into annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -137,33 +151,24 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # API calls run in Kube's own pool; store reads (and anything else in threads) in the default
     # one, made larger: the default (cores + 4) would queue the reads of many runs.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
-    operator()
+    # Kopf watches nothing before the startup handlers are done, so every handler finds it.
+    memo.operator = Operator()
     metrics.serve_from_env()
 
 
-# resourceVersion of each run's last status patch by this operator: the watch event it causes
-# carries nothing new, so it need not wake the daemon again.
-_own_versions: dict[tuple[str, str], str] = {}
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_changed(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-    if body.get("metadata", {}).get("resourceVersion") == _own_versions.get((namespace, name)):
+async def run_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator = memo.operator
+    if body.get("metadata", {}).get("resourceVersion") == op.own_versions.get((namespace, name)):
         return
-    child_events.wakeup(namespace, name).set()
-
-
-def _active(body: kopf.Body, **_: Any) -> bool:
-    """A run that still has work (or a spec not yet seen) gets a daemon; a finished one costs
-    nothing, and a spec edit (a new generation) brings its daemon back."""
-    return not _finished_and_unchanged(body.get("status") or {}, body.get("metadata", {}).get("generation"))
+    op.wakeup(namespace, name).set()
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, when=_active)
 async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
-                     **kwargs: Any) -> None:
-    op = operator()
-    wake = child_events.wakeup(namespace, name)
+                     memo: kopf.Memo, **kwargs: Any) -> None:
+    op: Operator = memo.operator
+    wake = op.wakeup(namespace, name)
     while not stopped:
         wake.clear()
         try:
@@ -182,7 +187,7 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
 
 async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mapping[str, Any],
                          logger: logging.Logger) -> float | None:
-    body = _current_body(indexes.get("body"), namespace, name)
+    body = _current_body(op, indexes.get("body"), namespace, name)
     if body is None:  # the watch has not shown us our own last status patch yet: ask the API
         body = await op.kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -203,21 +208,18 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
         decision = decide(body, children, store, now, op.config, pods, events)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-    _phases[(namespace, name)] = decision.status.get("phase", "Pending")
+    op.phases[(namespace, name)] = decision.status.get("phase", "Pending")
     for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
-        metrics.RUNS.labels(phase).set(sum(1 for p in _phases.values() if p == phase))
+        metrics.RUNS.labels(phase).set(sum(1 for p in op.phases.values() if p == phase))
     return decision.requeue_after
 
 
-_phases: dict[tuple[str, str], str] = {}
-
-
-def _current_body(live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
+def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
     """Kopf's live view of the run, when it is known to include our last status patch (so a
     decision never rests on a status older than what we wrote); None means: read it from the API."""
     if live is None:
         return None
-    own = _own_versions.get((namespace, name))
+    own = op.own_versions.get((namespace, name))
     if own is not None and live.get("metadata", {}).get("resourceVersion") != own:
         return None
     return copy.deepcopy(dict(live))
@@ -254,7 +256,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
         decision.requeue_after = min(decision.requeue_after, 30.0)
     if _changed(body.get("status") or {}, status):
         patched = await op.kube.patch_run_status(namespace, name, status)
-        _own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
+        op.own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
     for event in decision.events:
         if event.child in existed:  # not ours to announce: it was there already
             continue
@@ -267,9 +269,9 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwargs: Any) -> None:
+async def run_deleted(namespace: str, name: str, logger: logging.Logger, memo: kopf.Memo, **kwargs: Any) -> None:
     """Delete the children now (GPUs free at once; ownerReferences are the backstop), then let go."""
-    op = operator()
+    op: Operator = memo.operator
     started = time.monotonic()
     for obj in child_events.children_of(kwargs, namespace, name):
         meta = obj["metadata"]
@@ -279,8 +281,5 @@ async def run_deleted(namespace: str, name: str, logger: logging.Logger, **kwarg
             await op.kube.delete(obj["apiVersion"], obj["kind"], namespace, meta["name"])
         except ApiError as e:  # never hold the run's deletion hostage: the garbage collector follows
             logger.warning("Could not delete %s %s of run %s: %s", obj["kind"], meta["name"], name, e)
-    child_events.forget(namespace, name)
     op.forget(namespace, name)
-    _phases.pop((namespace, name), None)
-    _own_versions.pop((namespace, name), None)
     logger.info("Deleted the children of run %s/%s in %.2fs", namespace, name, time.monotonic() - started)

@@ -2,12 +2,12 @@
 
 Each kind of child the operator creates is watched (only objects labelled `humpback.dev/run`) and
 kept in an in-memory index keyed by (namespace, run), so a daemon reads its run's children without
-an API call. Any change of a child wakes its run's daemon.
+an API call. Any change of a child wakes its run's daemon (through the `Operator` object in
+Kopf's memo, `backtranslationrun.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -17,17 +17,6 @@ import kopf
 from humpback_operator.diagnosis import FAILED_CREATE_EVENTS
 from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
-
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
-
-
-def wakeup(namespace: str, run: str) -> asyncio.Event:
-    return _wakeups.setdefault((namespace, run), asyncio.Event())
-
-
-def forget(namespace: str, run: str) -> None:
-    _wakeups.pop((namespace, run), None)
-
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the reconciler reads of a child (not the whole object: less memory per child)."""
@@ -53,9 +42,9 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, str]) -> dict:
+def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo) -> dict:
     run = labels[LABEL_RUN]
-    wakeup(namespace or "", run).set()
+    memo.operator.wakeup(namespace or "", run).set()
     return {(namespace, run): snapshot(body)}
 
 
@@ -65,39 +54,39 @@ _RUN_LABEL = {LABEL_RUN: kopf.PRESENT}
 
 
 @kopf.index("batch", "v1", "jobs", labels=_RUN_LABEL)
-async def humpback_jobs(body, namespace, labels, **_):
-    return _index(body, namespace, labels)
+async def humpback_jobs(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
 
 
 @kopf.index("apps", "v1", "deployments", labels=_RUN_LABEL)
-async def humpback_deployments(body, namespace, labels, **_):
-    return _index(body, namespace, labels)
+async def humpback_deployments(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
 
 
 @kopf.index("", "v1", "services", labels=_RUN_LABEL)
-async def humpback_services(body, namespace, labels, **_):
-    return _index(body, namespace, labels)
+async def humpback_services(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
 
 
 @kopf.index("", "v1", "configmaps", labels=_RUN_LABEL)
-async def humpback_configmaps(body, namespace, labels, **_):
-    return _index(body, namespace, labels)
+async def humpback_configmaps(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
 
 
 # The training backend the operator supports today (config.SUPPORTED_TRAINING_BACKENDS); read at
-# import time, without the environment, so importing the package never fails on a bad setting.
+# import time, without the environment, so importing the handlers never fails on a bad setting.
 _backend = get_backend("pytorchjob")
 
 
 @kopf.index(_backend.group, _backend.version, _backend.plural, labels=_RUN_LABEL)
-async def humpback_trainjobs(body, namespace, labels, **_):
-    return _index(body, namespace, labels)
+async def humpback_pytorchjobs(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
 
 
 # The pods of the children (their templates carry the run label): why a stage is not moving.
 @kopf.index("", "v1", "pods", labels=_RUN_LABEL)
-async def humpback_pods(body, namespace, labels, **_):
-    return _index(body, namespace, labels)
+async def humpback_pods(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
 
 
 def _refused_create(body: Mapping[str, Any], **_: Any) -> bool:
@@ -108,10 +97,10 @@ def _refused_create(body: Mapping[str, Any], **_: Any) -> bool:
 # shows: keyed by (namespace, name of the object they are about). Events carry no labels of ours,
 # so the run whose child it is is found by name (child names start with the run's name).
 @kopf.index("", "v1", "events", when=_refused_create)
-async def humpback_child_events(body, namespace, **_):
+async def humpback_child_events(body, namespace, memo, **_):
     involved = body.get("involvedObject") or {}
     name = involved.get("name", "")
-    for (ns, run), wake in list(_wakeups.items()):
+    for (ns, run), wake in list(memo.operator.wakeups.items()):
         if ns == namespace and name.startswith(run + "-"):
             wake.set()
     return {(namespace, name): {"involvedObject": {"kind": involved.get("kind"), "name": name},
@@ -123,7 +112,8 @@ async def humpback_child_events(body, namespace, **_):
 # the reconciler looks again within seconds whenever it waits for a deletion (reconcile.py).
 
 
-INDEX_NAMES = ("humpback_jobs", "humpback_deployments", "humpback_services", "humpback_configmaps", "humpback_trainjobs")
+INDEX_NAMES = ("humpback_jobs", "humpback_deployments", "humpback_services", "humpback_configmaps",
+               "humpback_pytorchjobs")
 
 
 def children_of(indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ from humpback_operator.names import (
     spec_configmap_name,
     stage_child_name,
 )
+from humpback_runtime.layout import stage_prefix
 from humpback_runtime.plan import Plan, Stage, build_plan
 from humpback_runtime.pod_contract import (
     API_KEY_SECRET_KEY,
@@ -436,7 +437,7 @@ def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorCo
 
 def stage_uri(run: BacktranslationRun, stage: str) -> str:
     """Where `stage` writes its outputs: <storage uri>/<namespace>/<run>/<stage>."""
-    return f"{run.spec.storage.uri.rstrip('/')}/{run.namespace}/{run.name}/{stage}"
+    return f"{run.spec.storage.uri.rstrip('/')}/{stage_prefix(run.namespace, run.name, stage)}"
 
 
 def model_uri(run: BacktranslationRun, train_stage: str) -> str:

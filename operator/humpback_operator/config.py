@@ -1,6 +1,6 @@
 """Operator settings from the environment: default images, service account, training backend.
 
-    HUMPBACK_RUNTIME_IMAGE=registry.example.com/humpback-runtime:0.1.0 kopf run -m humpback_operator ...
+    HUMPBACK_RUNTIME_IMAGE=registry.example.com/humpback-runtime:0.1.0 kopf run -m humpback_operator.backtranslationrun ...
 
 Read once at start; an invalid value stops the operator with an error that names the variable.
 """

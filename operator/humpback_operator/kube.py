@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from humpback_runtime.crd import GROUP, PLURAL, VERSION
+from humpback_runtime.spec import GROUP, PLURAL, VERSION
 
 from humpback_operator.backends import BACKENDS
 from humpback_operator.names import LABEL_RUN

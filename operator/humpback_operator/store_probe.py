@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from humpback_runtime.layout import stage_prefix
 from humpback_runtime.storage import Store, open_store, read_success
 
 PROBE_TIMEOUT_SECONDS = 20.0
@@ -30,7 +31,7 @@ class StoreProbe:
         s3 = storage.get("s3") or {}
         out: dict[str, dict | None] = {}
         for stage in stages:
-            prefix = f"{meta['namespace']}/{meta['name']}/{stage}"
+            prefix = stage_prefix(meta["namespace"], meta["name"], stage)
             try:
                 out[stage] = await asyncio.wait_for(
                     asyncio.to_thread(_read, uri, s3.get("endpoint"), s3.get("region"), prefix),

@@ -22,7 +22,7 @@ CHART = ROOT / "charts" / "humpback-operator"
 CRD = ROOT / "manifests" / "crd" / "humpback.dev_backtranslationruns.yaml"
 CI_VALUES = "charts/humpback-operator/ci/ci-values.yaml"
 VALUE_SETS = {"default": (), "ci": ("-f", CI_VALUES)}
-COMMAND = ["kopf", "run", "-m", "humpback_operator", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
+COMMAND = ["kopf", "run", "-m", "humpback_operator.backtranslationrun", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
 NOT_CORE = {"ServiceMonitor"}  # monitoring.coreos.com: no schema in kubernetes-validate
 
 

@@ -32,7 +32,7 @@ PUBLISHED = {
     "runtime": "ghcr.io/humpback-dev/humpback-runtime",
     "vllm": "ghcr.io/humpback-dev/humpback-vllm",
 }
-OPERATOR_CMD = ["run", "-m", "humpback_operator", "--standalone", "--all-namespaces",
+OPERATOR_CMD = ["run", "-m", "humpback_operator.backtranslationrun", "--standalone", "--all-namespaces",
                 "--liveness=http://0.0.0.0:8080/healthz"]
 
 
@@ -397,8 +397,9 @@ def test_operator_image():
     df = parse_dockerfile(IMAGES / "operator" / "Dockerfile")
     assert exec_form(last(df.final, "ENTRYPOINT")) == ["kopf"]
     assert exec_form(last(df.final, "CMD")) == OPERATOR_CMD
-    # What `kopf run -m humpback_operator` imports is in the repository...
-    assert (ROOT / "operator" / "humpback_operator" / "__init__.py").is_file()
+    # What `kopf run -m humpback_operator.backtranslationrun` imports is in the repository...
+    module = OPERATOR_CMD[OPERATOR_CMD.index("-m") + 1]
+    assert (ROOT / "operator" / Path(*module.split("."))).with_suffix(".py").is_file()
     # ...and kopf (with everything the operator imports) is pinned in its requirements.
     pins = pinned_requirements(IMAGES / "operator" / "requirements.txt")
     assert "kopf" in pins

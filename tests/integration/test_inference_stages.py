@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from humpback_runtime.context import RunContext
-from humpback_runtime.models import COMPLETE, model_prefix
+from humpback_runtime.inference.models import COMPLETE, model_prefix
 from humpback_runtime.spec import parse_run
 from humpback_runtime.stages import run_stage
 from humpback_runtime.storage import iter_shard_records, list_shards, write_success
@@ -130,7 +130,7 @@ def test_self_rewriting_by_the_previous_model_feeds_curation(tmp_path, tiny_mode
 
 
 def test_rewriting_by_an_external_endpoint(tmp_path, tiny_model):
-    from humpback_runtime.openai_stub import StubServer
+    from humpback_testing.openai_stub import StubServer
 
     with StubServer(text="A rewritten, assistant-style answer.") as stub:
         ctx = make_ctx(tmp_path, tiny_model, rewrite={"enabled": True, "endpoint": stub.url, "model": "model"})
@@ -145,7 +145,7 @@ def test_rewriting_by_an_external_endpoint(tmp_path, tiny_model):
 def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny_model):
     import json
 
-    from humpback_runtime.openai_stub import StubServer
+    from humpback_testing.openai_stub import StubServer
 
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"id": f"q{i}", "instruction": q}) + "\n" for i, q in

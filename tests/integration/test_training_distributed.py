@@ -202,21 +202,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_zero2_over_gloo(tiny_model, examples, tmp_path) -> None:
+def test_torchrun_two_processes_zero2_over_gloo(tiny_model, tmp_path) -> None:
+    """The command a PyTorchJob pod runs: `torchrun -m humpback_runtime stage train-m0 --spec ...`."""
+    import yaml
+
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.spec import load_run
+    from humpback_runtime.stages import run_stage
+
+    data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    data["spec"]["baseModel"] = str(tiny_model)
+    data["spec"]["seed"].update(source=str(ROOT / "examples" / "data" / "oasst1_sample.jsonl"), maxExamples=32)
+    data["spec"]["training"]["seed"] = {"steps": 4, "batchSize": 4, "perDeviceBatchSize": 1, "maxSeqLength": 128,
+                                        "checkpointEvery": 2, "zeroStage": 2, "gradientCheckpointing": False}
+    data["spec"]["storage"]["uri"] = str(tmp_path / "store")
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    ctx = RunContext.create(load_run(spec))
+    run_stage(ctx, "prepare-seed")
     store = LocalStore(tmp_path / "store")
-    lines = "".join(json.dumps({"prompt": ex.prompt, "completion": ex.completion}) + "\n" for ex in examples)
-    store.write_text("default/tiny/train-m0/examples/part-00000.jsonl", lines)
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({
-        "base_model": str(tiny_model),
-        "examples_uri": "default/tiny/train-m0/examples",
-        "settings": {"steps": 4, "batchSize": 4, "perDeviceBatchSize": 1, "maxSeqLength": 128,
-                     "checkpointEvery": 2, "zeroStage": 2},
-        "storage": str(tmp_path / "store"),
-        "prefix": "default/tiny/train-m0",
-        "card": CARD,
-        "keepCheckpoints": True,
-    }))
+    prefix = ctx.prefix("train-m0")
+
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(_TRACE_WRITES)
@@ -225,28 +231,30 @@ def test_torchrun_two_processes_zero2_over_gloo(tiny_model, examples, tmp_path) 
            "HUMPBACK_TEST_WRITES": str(writes)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    metrics_out = tmp_path / "metrics.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         "-m", "humpback_runtime.training", "--request", str(request), "--metrics-out", str(metrics_out)],
+         "-m", "humpback_runtime", "stage", "train-m0", "--spec", str(spec)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
 
-    metrics = json.loads(metrics_out.read_text())
+    manifest = ctx.manifest("train-m0")
+    assert manifest and manifest["fingerprint"] == ctx.plan["train-m0"].fingerprint
+    metrics = manifest["metrics"]
     assert metrics["world_size"] == 2 and metrics["steps"] == 4 and metrics["zero_stage"] == 2
     assert metrics["gradient_accumulation_steps"] == 2 and metrics["checkpoints"] == [2, 4]
-    assert store.exists(f"default/tiny/train-m0/model/{COMPLETE}")
-    assert transformers.AutoModelForCausalLM.from_pretrained(str(store.local_path("default/tiny/train-m0/model")))
-    # Both ranks wrote ZeRO partitions, and only rank 0 wrote to the store.
-    ckpt = "default/tiny/train-m0/checkpoints/step-4"
-    assert {k.rsplit("/", 1)[1] for k in store.list(ckpt) if "optim_states" in k} == {
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert store.exists(f"{prefix}/model/{COMPLETE}")
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(store.local_path(f"{prefix}/model")))
     records = [line.split(" ", 2) for line in writes.read_text().splitlines()]
     assert records, "the write trace is empty: sitecustomize was not loaded"
+    # Both ranks' ZeRO partitions reached the checkpoint (deleted once the model was complete),
+    # and only rank 0 wrote to the store.
+    uploaded = {key.rsplit("/", 1)[1] for _, _, key in records if f"{prefix}/checkpoints/step-4/" in key}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= uploaded
     assert {rank for rank, _, _ in records} == {"0"}, sorted({r for r, _, _ in records})
     assert any(key.endswith(f"model/{COMPLETE}") for _, _, key in records)
+    assert not store.list(f"{prefix}/checkpoints")
     # Only rank 0 logs at INFO.
     assert "INFO humpback_runtime.training: Trained" in proc.stderr
     assert proc.stderr.count("Uploaded checkpoint step 2") == 1

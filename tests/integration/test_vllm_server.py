@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from humpback_runtime.vllm_server import CPU_ARGS, DEFAULT_PYTHON, VLLMServer, vllm_python
+from humpback_testing.vllm_server import CPU_ARGS, DEFAULT_PYTHON, VLLMServer, vllm_python
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_READY = vllm_python(DEFAULT_PYTHON).parent.parent / ".ready"
@@ -89,7 +89,7 @@ def test_top_logprobs_of_the_next_token(vllm_server):
 
 
 def test_run_completions_checkpoints_against_vllm(vllm_server, tmp_path):
-    from humpback_runtime.inference_client import ClientSettings, CompletionsClient, run_completions
+    from humpback_runtime.inference.client import ClientSettings, CompletionsClient, run_completions
     from humpback_runtime.storage import LocalStore, iter_shard_records, list_shards
 
     store = LocalStore(tmp_path / "store")
@@ -135,7 +135,7 @@ def test_augment_and_both_curation_modes_through_the_server(vllm_server, tmp_pat
     import yaml
 
     from humpback_runtime.context import RunContext
-    from humpback_runtime.models import COMPLETE, model_prefix
+    from humpback_runtime.inference.models import COMPLETE, model_prefix
     from humpback_runtime.spec import parse_run
     from humpback_runtime.stages import run_stage
     from humpback_runtime.storage import ShardWriter, iter_shard_records, list_shards, write_success

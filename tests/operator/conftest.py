@@ -3,37 +3,36 @@ controllers, and kubectl.
 
     def test_something(kube_emulator, kube_api, standins): ...
 
-The support modules are imported as `support.…` (tests/support/): pytest's default import mode
-("prepend") puts tests/ on sys.path when it loads tests/conftest.py, a conftest outside any
-package; the two lines below keep it there under `--import-mode=importlib` too.
+The emulator and the stand-ins come from the test-support package (testing/humpback_testing,
+installed by `make install`); the emulator knows nothing of humpback: the CRDs it serves are
+passed in here.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-pytest.importorskip("kmock", reason="kmock is not installed (pip install -e .[dev])")
+pytest.importorskip("humpback_testing", reason="the test-support package is not installed (make install, or pip install -e testing)")
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client is not installed (pip install -e .[operator])")
 
-from support.kube_emulator import REPO_ROOT, Emulator, write_kubeconfig  # noqa: E402
-from support.kube_emulator import kube_env as make_kube_env  # noqa: E402
-from support.standins import StandIns  # noqa: E402
+from humpback_testing.kube import Emulator, write_kubeconfig  # noqa: E402
+from humpback_testing.kube import kube_env as make_kube_env  # noqa: E402
+from humpback_testing.standins import PYTORCHJOB_CRD, StandIns  # noqa: E402
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBE_TOOLS = REPO_ROOT / ".cache" / "kube-tools" / "bin"
+# What the emulated cluster serves: humpback's CRD (the file users apply) and the training operator's.
+CRDS = (REPO_ROOT / "manifests" / "crd" / "humpback.dev_backtranslationruns.yaml", PYTORCHJOB_CRD)
 
 
 @pytest.fixture
 def kube_emulator() -> Iterator[Emulator]:
     """A running API server with the BacktranslationRun and PyTorchJob CRDs and the namespaces
     default and kube-system. Function-scoped: every test starts from an empty cluster."""
-    with Emulator() as emulator:
+    with Emulator(crds=CRDS) as emulator:
         yield emulator
 
 
@@ -70,6 +69,7 @@ def make_standins(kubeconfig: Path, tmp_path: Path) -> Iterator:
 
     def make(**kwargs) -> StandIns:
         kwargs.setdefault("log_dir", tmp_path / "standins")
+        kwargs.setdefault("workdir", REPO_ROOT)  # the children's commands run in the checkout
         standins = StandIns(kubeconfig, **kwargs).start()
         started.append(standins)
         return standins

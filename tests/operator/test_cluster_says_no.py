@@ -1,6 +1,6 @@
 """The operator on a cluster that says no (issue 11): pods that cannot be scheduled, pulled, admitted
 or kept, deadlines, disruptions, Kueue, watch gaps and operator upgrades, each met through the
-stricter emulator and stand-ins (`support.kube_emulator`, `support.standins`) with the operator in
+stricter emulator and stand-ins (`humpback_testing.kube`, `humpback_testing.standins`) with the operator in
 its own process (test_operator.py's fixtures)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import kubernetes
 
-from support.standins import stage_policy
+from humpback_testing.standins import stage_policy
 from test_operator import NAMESPACE, cluster, explain, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures)
 
 

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from support.kube_emulator import REPO_ROOT
-
 from test_operator import cluster, explain, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures too)
 
 kubernetes = pytest.importorskip("kubernetes")
@@ -25,6 +23,7 @@ pytest.importorskip("torch", reason="the model stages need the train extra")
 # About two minutes on an idle 2-core machine; allow for a loaded one.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = REPO_ROOT / ".cache" / "tiny-llama"
 SECRET = "humpback-e2e-secret-7f3c9a1d"
 

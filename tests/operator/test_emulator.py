@@ -18,8 +18,11 @@ import yaml
 
 kubernetes = pytest.importorskip("kubernetes")
 
-from support.kube_emulator import PYTORCHJOB_CRD, REPO_ROOT, Emulator  # noqa: E402
-from support.standins import stage_policy, wait_until  # noqa: E402
+import humpback_testing.kube as kube_package  # noqa: E402
+from humpback_testing.kube import Emulator  # noqa: E402
+from humpback_testing.standins import PYTORCHJOB_CRD, stage_policy, wait_until  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 BTR = ("humpback.dev", "v1alpha1", "backtranslationruns")
 BTR_PATH = "/apis/humpback.dev/v1alpha1/namespaces/default/backtranslationruns"
@@ -328,6 +331,24 @@ def test_requests_are_counted_by_verb_and_resource(kube_emulator):
     assert kube_emulator.request_counts(since=mark) == {
         "CREATE backtranslationruns": 1, "PATCH backtranslationruns/status": 1, "LIST backtranslationruns": 1, "GET /api/v1": 1}
     assert [r.verb for r in kube_emulator.requests_since(mark)] == ["create", "patch", "list", "get"]
+
+
+def test_request_counts_can_leave_a_user_agent_out(kube_emulator):
+    mark = kube_emulator.request_count()
+    http(kube_emulator, "GET", BTR_PATH, headers={"User-Agent": "some-standin/1"})
+    http(kube_emulator, "GET", JOBS_PATH, headers={"User-Agent": "kopf/1"})
+    assert kube_emulator.request_counts(since=mark, exclude_user_agent="standin") == {"LIST jobs": 1}
+    assert kube_emulator.request_counts(since=mark, user_agent="standin") == {"LIST backtranslationruns": 1}
+
+
+def test_the_emulator_serves_only_the_crds_it_is_given_and_names_nothing_of_humpback():
+    with Emulator() as kube:
+        groups = {g["name"] for g in http(kube, "GET", "/apis")[1]["groups"]}
+        assert {"apps", "batch", "apiextensions.k8s.io"} <= groups
+        assert not groups & {"humpback.dev", "kubeflow.org"}
+    source = "\n".join(p.read_text() for p in Path(kube_package.__file__).parent.glob("*.py")).lower()
+    for name in ("humpback.dev", "backtranslation", "kubeflow", "pytorchjob", "standin", "manifests/"):
+        assert name not in source, name
 
 
 def test_kmock_reactions_of_a_test_take_precedence(kube_emulator):

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support.kube_emulator import PYTORCHJOB_CRD, REPO_ROOT, Emulator, write_kubeconfig
-from support.kube_emulator import kube_env as make_kube_env
+from humpback_testing.kube import Emulator, write_kubeconfig
+from humpback_testing.kube import kube_env as make_kube_env
+from humpback_testing.standins import PYTORCHJOB_CRD
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 EXAMPLES = ("tiny-cpu", "llama2-7b-paper")
 CRD_FILE = "manifests/crd/humpback.dev_backtranslationruns.yaml"

@@ -1,4 +1,4 @@
-"""The operator as a user meets it: `kopf run -m humpback_operator` in its own process, against an
+"""The operator as a user meets it: `kopf run -m humpback_operator.backtranslationrun` in its own process, against an
 emulated Kubernetes API, with stand-ins for the training operator and the Job and Deployment
 controllers, and artifacts in a moto S3 server.
 
@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
-from support.kube_emulator import REPO_ROOT
-from support.standins import stage_policy
+from humpback_testing.standins import stage_policy
 
 kubernetes = pytest.importorskip("kubernetes")
 pytest.importorskip("kopf")
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "humpback.dev", "v1alpha1", "backtranslationruns"
 NAMESPACE = "default"
 KOPF = Path(sys.executable).parent / "kopf"
@@ -57,7 +57,8 @@ class OperatorProcess:
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
-            [str(KOPF), "run", "-m", "humpback_operator", *(a for m in modules for a in ("-m", m)), "--standalone", "--all-namespaces",
+            [str(KOPF), "run", "-m", "humpback_operator.backtranslationrun", *(a for m in modules for a in ("-m", m)),
+             "--standalone", "--all-namespaces",
              f"--liveness=http://127.0.0.1:{self.port}/healthz"],
             env=env, cwd=REPO_ROOT, stdout=self._out, stderr=subprocess.STDOUT,
         )

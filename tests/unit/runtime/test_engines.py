@@ -12,19 +12,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("aiohttp")
 
-from humpback_runtime import engines, prompts  # noqa: E402
-from humpback_runtime.engines import (  # noqa: E402
-    GenerationResult,
-    Sampling,
-    TransformersEngine,
-    VLLMServerEngine,
-    make_engine,
-    record_seed,
-)
-from humpback_runtime.openai_stub import StubServer  # noqa: E402
+from humpback_runtime import prompts  # noqa: E402
+from humpback_runtime.inference import engines  # noqa: E402
+from humpback_runtime.inference import local as local_engines  # noqa: E402
+from humpback_runtime.inference.engines import GenerationResult, Sampling, VLLMServerEngine, record_seed  # noqa: E402
+from humpback_runtime.inference.local import TransformersEngine  # noqa: E402
+from humpback_runtime.inference import models as inference_models  # noqa: E402
+from humpback_runtime.inference.models import make_engine  # noqa: E402
 from humpback_runtime.spec import InferenceSpec  # noqa: E402
 from humpback_runtime.storage import LocalStore, iter_shard_records, list_shards  # noqa: E402
 from humpback_runtime.tiny_model import build_tiny_model  # noqa: E402
+from humpback_testing.openai_stub import StubServer  # noqa: E402
 
 TEXTS = [
     "Humpback whales sing long, complex songs.",
@@ -330,7 +328,7 @@ def test_make_engine_auto_takes_the_server_when_an_endpoint_is_given(model_dir):
 
 
 def test_make_engine_auto_takes_vllm_when_installed_else_transformers(model_dir, monkeypatch):
-    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    monkeypatch.setattr(inference_models, "vllm_available", lambda: False)
     engine = make_engine(InferenceSpec(batch_size=5), model_dir)
     assert isinstance(engine, TransformersEngine) and engine.batch_size == 5
 
@@ -338,8 +336,8 @@ def test_make_engine_auto_takes_vllm_when_installed_else_transformers(model_dir,
         def __init__(self, model, batch_size):
             self.model, self.batch_size = model, batch_size
 
-    monkeypatch.setattr(engines, "vllm_available", lambda: True)
-    monkeypatch.setattr(engines, "VLLMEngine", FakeVLLMEngine)
+    monkeypatch.setattr(inference_models, "vllm_available", lambda: True)
+    monkeypatch.setattr(inference_models, "VLLMEngine", FakeVLLMEngine)
     engine = make_engine(InferenceSpec(batch_size=5), model_dir)
     assert isinstance(engine, FakeVLLMEngine) and engine.batch_size == 5
 
@@ -351,7 +349,7 @@ def test_make_engine_explicit_choices(model_dir, monkeypatch):
         make_engine(InferenceSpec(engine="vllm-server"), "m")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         make_engine(InferenceSpec(engine="transformers"), model_dir / "missing")
-    if not engines.vllm_available():
+    if not local_engines.vllm_available():
         with pytest.raises(ImportError, match="vLLM is not installed.*'transformers'.*'vllm-server'"):
             make_engine(InferenceSpec(engine="vllm"), model_dir)
 
@@ -372,9 +370,9 @@ def test_sampling_validates_its_fields():
 # --- in-process vLLM, where installed -------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not engines.vllm_available(), reason="vLLM is not installed")
+@pytest.mark.skipif(not local_engines.vllm_available(), reason="vLLM is not installed")
 def test_vllm_engine_gives_the_same_shapes(model_dir, store):
-    vllm_engine = engines.VLLMEngine(model_dir, batch_size=4, enforce_eager=True, gpu_memory_utilization=0.3)
+    vllm_engine = local_engines.VLLMEngine(model_dir, batch_size=4, enforce_eager=True, gpu_memory_utilization=0.3)
     results = _generate(vllm_engine, store, Sampling(temperature=0.7, max_tokens=8, seed=1))
     again = _generate(vllm_engine, store, Sampling(temperature=0.7, max_tokens=8, seed=1), prefix="again")
     assert results == again

@@ -19,10 +19,10 @@ from humpback_runtime.evaluation import (  # noqa: E402
     load_eval_set,
     win_rate,
 )
-from humpback_runtime.inference_client import ClientSettings  # noqa: E402
-from humpback_runtime.openai_stub import StubServer  # noqa: E402
+from humpback_runtime.inference.client import ClientSettings  # noqa: E402
 from humpback_runtime.spec import EvalSet, EvaluationSpec, JudgeSpec  # noqa: E402
 from humpback_runtime.storage import ShardWriter, iter_shard_records, list_shards, open_store  # noqa: E402
+from humpback_testing.openai_stub import StubServer  # noqa: E402
 
 PREFIX = "ns/run/evaluate/judgments/tiny/train-m1-vs-train-m0"
 _ANSWERS = re.compile(r"Answer A:\n(?P<a>.*)\n\nAnswer B:\n(?P<b>.*)\Z", re.S)

@@ -18,15 +18,15 @@ import pytest
 
 pytest.importorskip("aiohttp")
 
-from humpback_runtime.inference_client import (  # noqa: E402
+from humpback_runtime.inference.client import (  # noqa: E402
     ClientSettings,
     CompletionError,
     CompletionsClient,
     _retry_after,
     run_completions,
 )
-from humpback_runtime.openai_stub import StubServer, start_stub  # noqa: E402
 from humpback_runtime.storage import iter_shard_records, list_shards, open_store  # noqa: E402
+from humpback_testing.openai_stub import StubServer, start_stub  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 PREFIX = "ns/run/augment-m0"
@@ -295,7 +295,7 @@ def test_output_without_the_id_gets_it_and_a_changed_id_is_refused(store):
 
 _KILLED_RUN = textwrap.dedent("""
     import asyncio, json, sys
-    from humpback_runtime.inference_client import ClientSettings, CompletionsClient, run_completions
+    from humpback_runtime.inference.client import ClientSettings, CompletionsClient, run_completions
     from humpback_runtime.storage import open_store
 
     url, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -353,7 +353,7 @@ def test_cancelled_run_flushes_what_finished(store):
 
 
 def test_stub_runs_as_a_separate_process():
-    proc = subprocess.Popen([sys.executable, "-m", "humpback_runtime.openai_stub", "--port", "0", "--text", "hi"],
+    proc = subprocess.Popen([sys.executable, "-m", "humpback_testing.openai_stub", "--port", "0", "--text", "hi"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -189,7 +189,7 @@ def test_report_from_manifests_alone_with_odd_fields(store):
     manifests = {"prepare-seed": {"fingerprint": "x", "counts": "garbage", "timings": None},
                  "curate-1": {"selected": 3, "scored": 0, "scores": {"histogram": {"five": 2}}},
                  "train-m0": {"metrics": {"train_loss": [[1, "nan"], "bad"]}}}
-    page = build_report(manifests, loss_curves={}, scores={}, win_rates=None)
+    page = build_report(manifests, curate_stages=[(1, "curate-1")], loss_curves={}, scores={}, win_rates=None)
     text = " ".join(_parse(page).text)
     assert "not available (stage evaluate not in the plan: evaluation is not enabled)" in text
     assert "not available (no metrics.train_loss in the train manifests)" in text

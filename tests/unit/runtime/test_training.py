@@ -1,5 +1,5 @@
 """Training building blocks without a training run: tokenisation and loss mask, truncation, the
-learning-rate schedule, batch arithmetic, the DeepSpeed config, requests and checkpoint choice."""
+learning-rate schedule, batch arithmetic, the DeepSpeed config and checkpoint choice."""
 
 from __future__ import annotations
 
@@ -12,16 +12,13 @@ import pytest
 from humpback_runtime import prompts
 from humpback_runtime.spec import SystemPrompts, TrainingSpec
 from humpback_runtime.storage import LocalStore
-from humpback_runtime.training import (
-    COMPLETE,
-    IGNORE_INDEX,
-    TrainingError,
-    _choose_checkpoint,
+from humpback_runtime.training import COMPLETE, IGNORE_INDEX, TrainingError
+from humpback_runtime.training.checkpoints import choose_checkpoint
+from humpback_runtime.training.recipe import (
     deepspeed_config,
     gradient_accumulation_steps,
     learning_rate_at,
     learning_rate_factor,
-    load_request,
     resolve_bf16,
     tokenize_example,
 )
@@ -182,28 +179,6 @@ def test_precision_resolution(precision, cuda, bf16) -> None:
     assert resolve_bf16(precision, cuda) is bf16
 
 
-# --- worker requests ------------------------------------------------------------------------------
-
-
-def test_request_file_accepts_snake_and_camel_case(tmp_path: Path) -> None:
-    path = tmp_path / "req.json"
-    path.write_text(json.dumps({
-        "baseModel": "s3://models/llama", "examples_uri": "ns/run/train-m0/examples",
-        "settings": {"steps": 4, "batchSize": 4, "zeroStage": 3}, "storage": "s3://bucket/runs",
-        "prefix": "ns/run/train-m0", "card": {"stage": "train-m0"},
-    }))
-    req = load_request(path)
-    assert req.base_model == "s3://models/llama" and req.examples_uri == "ns/run/train-m0/examples"
-    assert req.settings.zero_stage == 3 and req.settings.steps_for(10) == 4
-    assert req.storage.uri == "s3://bucket/runs" and req.storage.s3.endpoint is None
-    path.write_text(json.dumps({
-        "base_model": "m", "examples_uri": "e", "prefix": "p", "learningRate": 1e-4,
-        "storage": {"uri": "/tmp/x", "s3": {"endpoint": "http://minio:9000"}},
-    }))
-    with pytest.raises(TrainingError, match="learningRate: unknown field"):
-        load_request(path)
-
-
 # --- checkpoint choice ----------------------------------------------------------------------------
 
 
@@ -216,13 +191,13 @@ def _checkpoint(store: LocalStore, step: int, key: str | None, world_size: int =
 
 def test_resume_takes_the_latest_complete_checkpoint_of_this_request(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    assert _choose_checkpoint(store, "run/stage", "k", 1, 2) == (None, [])
+    assert choose_checkpoint(store, "run/stage", "k", 1, 2) == (None, [])
     _checkpoint(store, 100, "k")
     _checkpoint(store, 200, "k")
     _checkpoint(store, 300, "k")
     _checkpoint(store, 400, None)  # an upload that never finished
     _checkpoint(store, 50, "other")  # an earlier request (spec edited)
-    step, stale = _choose_checkpoint(store, "run/stage", "k", 1, 2)
+    step, stale = choose_checkpoint(store, "run/stage", "k", 1, 2)
     assert step == 300
     assert stale == [50, 100, 400]
 
@@ -230,5 +205,5 @@ def test_resume_takes_the_latest_complete_checkpoint_of_this_request(tmp_path: P
 def test_zero_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     _checkpoint(store, 100, "k", world_size=8)
-    assert _choose_checkpoint(store, "run/stage", "k", 16, 2) == (None, [100])
-    assert _choose_checkpoint(store, "run/stage", "k", 16, 0) == (100, [])  # plain DDP state is portable
+    assert choose_checkpoint(store, "run/stage", "k", 16, 2) == (None, [100])
+    assert choose_checkpoint(store, "run/stage", "k", 16, 0) == (100, [])  # plain DDP state is portable

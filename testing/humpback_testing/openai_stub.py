@@ -1,6 +1,6 @@
 """A tiny OpenAI-compatible completions server on loopback, for tests and benchmarks.
 
-    .venv/bin/python -m humpback_runtime.openai_stub --port 8000 [--text ok] [--delay-s 0.05]
+    .venv/bin/python -m humpback_testing.openai_stub --port 8000 [--text ok] [--delay-s 0.05]
 
 prints `listening on http://127.0.0.1:PORT/v1` once it serves, and runs until killed. It answers
 
@@ -258,7 +258,7 @@ class StubServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m humpback_runtime.openai_stub", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m humpback_testing.openai_stub", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     p.add_argument("--text", default="ok", help="the completion of every prompt")

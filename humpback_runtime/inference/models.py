@@ -1,4 +1,4 @@
-"""Where a stage finds the model it serves, and the engine that runs it.
+"""Which engine a stage gets, and where it finds the model that engine runs: the one factory.
 
 A training stage leaves its model under `<run>/<train stage>/model/` (safetensors, tokenizer,
 model card, `_COMPLETE` last). In-process engines need it on local disk: a local store is read in
@@ -14,10 +14,16 @@ import logging
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from humpback_runtime.context import RunContext
-from humpback_runtime.engines import Engine, make_engine
+from humpback_runtime.errors import InputsMissing, StageError
+from humpback_runtime.inference.engines import Engine, VLLMServerEngine
+from humpback_runtime.inference.local import TransformersEngine, VLLMEngine, vllm_available
 from humpback_runtime.pod_contract import ENDPOINT_ENV, ENDPOINTS_ENV, MODEL_DIR, SERVED_MODEL_ENV
-from humpback_runtime.stages import InputsMissing, StageError
+
+if TYPE_CHECKING:
+    from humpback_runtime.spec import InferenceSpec
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +91,30 @@ def tokenizer_encode(ctx: RunContext, train_stage: str):
 
     tokenizer = AutoTokenizer.from_pretrained(local_model_dir(ctx, train_stage))
     return lambda text: tokenizer.encode(text, add_special_tokens=False)
+
+
+def make_engine(spec: InferenceSpec, model: str | Path, *, endpoint: str | None = None,
+                api_key: str | None = None) -> Engine:
+    """The engine `spec.engine` names, for `model` (a local directory; the served name for a server).
+
+    `endpoint` (else `spec.endpoint`) is the server's API root (…/v1). `auto`: the server when there
+    is an endpoint, in-process vLLM when it is installed, transformers on CPU otherwise.
+    """
+    endpoint = endpoint or spec.endpoint
+    kind = spec.engine
+    if kind == "auto":
+        kind = "vllm-server" if endpoint else "vllm" if vllm_available() else "transformers"
+    if kind == "vllm-server":
+        if not endpoint:
+            raise ValueError("inference.endpoint: engine 'vllm-server' needs the server's API root "
+                             "(http://HOST:PORT/v1), got none")
+        engine: Engine = VLLMServerEngine(endpoint, str(model), api_key=api_key, concurrency=spec.concurrency,
+                                          max_retries=spec.max_retries, per_request_seed=spec.per_request_seed)
+    elif kind == "vllm":
+        engine = VLLMEngine(model, batch_size=spec.batch_size)
+    elif kind == "transformers":
+        engine = TransformersEngine(model, batch_size=spec.batch_size)
+    else:
+        raise ValueError(f"inference.engine: expected auto, vllm-server, vllm or transformers, got {kind!r}")
+    log.info("Using inference engine %s (inference.engine %s)", engine, spec.engine)
+    return engine

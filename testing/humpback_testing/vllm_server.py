@@ -10,7 +10,7 @@ nothing extra::
 
 or from a shell, in the foreground until Ctrl-C::
 
-    python -m humpback_runtime.vllm_server .cache/tiny-llama [--port 8000] [-- EXTRA VLLM ARGS]
+    python -m humpback_testing.vllm_server .cache/tiny-llama [--port 8000] [-- EXTRA VLLM ARGS]
 
 The server listens on 127.0.0.1 only. Its output goes to a log file (`server.log_path`, kept after
 the server stops); when the process dies or does not answer `GET /health` with 200 within
@@ -37,7 +37,8 @@ from pathlib import Path
 
 __all__ = ["CPU_ARGS", "DEFAULT_PYTHON", "VLLMServer", "VLLMServerError", "free_port", "vllm_python"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The checkout (testing/humpback_testing/ is installed editable): .venv-vllm/ lives there.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PYTHON = ".venv-vllm/bin/python"
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     parser = argparse.ArgumentParser(
-        prog="python -m humpback_runtime.vllm_server",
+        prog="python -m humpback_testing.vllm_server",
         description="Serve a model with vLLM (from .venv-vllm) on 127.0.0.1 until Ctrl-C. "
                     "Arguments after `--` go to vLLM.")
     parser.add_argument("model_dir", type=Path)

@@ -32,9 +32,12 @@ Deployment, retried until the pod is admitted):
                    scheduling gate while its progress deadline passes; `release(name, outcome)`
                    admits it
 
-`StandIns(..., kubelet=True)` makes "run" the default outcome of Jobs and PyTorchJobs; each child's
-output goes to `log_dir/<kind>-<name>.log` (`standins.logs[name]`). Deployments (vLLM servers)
-are never run, only marked available.
+`StandIns(..., kubelet=True)` makes "run" the default outcome of Jobs and PyTorchJobs: the stand-in
+kubelet (kubelet.py) runs them in `workdir` (default: the current directory); each child's output
+goes to `log_dir/<kind>-<name>.log` (`standins.logs[name]`). Deployments (vLLM servers) are
+never run, only marked available.
+
+A cluster with the training operator serves its CRD: pass `PYTORCHJOB_CRD` to the emulator.
 
 What they saw: `seen` (kind → names in the order first seen), `history` ((kind, name, state) in
 order: created, running, succeeded, failed, progressing, available, never-ready, blocked,
@@ -43,16 +46,12 @@ deleted), `states()` (name → last state), `exit_codes`, `logs`, `errors` (shou
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -62,7 +61,7 @@ from typing import Any
 
 import kubernetes
 
-from support.kube_emulator import REPO_ROOT, STANDINS_USER_AGENT
+from humpback_testing.kubelet import Kubelet, kill
 
 Policy = Callable[[dict[str, Any]], str]
 POD_OUTCOMES = ("pending", "image-pull", "oom", "evict", "queued")
@@ -76,6 +75,31 @@ KINDS: dict[str, tuple[str, str, str]] = {  # kind: (group, version, plural)
 }
 STAGE_LABEL = "humpback.dev/stage"
 ATTEMPT_LABEL = "humpback.dev/attempt"
+# Their User-Agent, so that request counts can leave the stand-ins' polling out
+# (`Emulator.request_counts(exclude_user_agent=STANDINS_USER_AGENT)`).
+STANDINS_USER_AGENT = "humpback-standins/0"
+
+# The Kubeflow training operator's PyTorchJob, reduced to what the API server needs to serve it.
+PYTORCHJOB_CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "pytorchjobs.kubeflow.org"},
+    "spec": {
+        "group": "kubeflow.org",
+        "names": {"kind": "PyTorchJob", "listKind": "PyTorchJobList", "plural": "pytorchjobs",
+                  "singular": "pytorchjob"},
+        "scope": "Namespaced",
+        "versions": [{
+            "name": "v1", "served": True, "storage": True,
+            "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            "additionalPrinterColumns": [
+                {"name": "State", "type": "string", "jsonPath": ".status.conditions[-1:].type"},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            ],
+        }],
+    },
+}
 
 
 def attempt_of(obj: Mapping[str, Any]) -> int | None:
@@ -162,7 +186,7 @@ class StandIns:
         namespace: str | None = None,
         delay: float = 0.0,
         interval: float = 0.05,
-        workdir: Path | str = REPO_ROOT,
+        workdir: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         env_overrides: Mapping[str, str] | None = None,
         log_dir: Path | str | None = None,
@@ -173,11 +197,8 @@ class StandIns:
         self.kubelet = kubelet
         self.policy: Policy = policy or (lambda obj: "run" if kubelet and obj.get("kind") != "Deployment" else "succeed")
         self.namespace, self.delay, self.interval = namespace, delay, interval
-        self.workdir = Path(workdir)
-        self.env = dict(os.environ if env is None else env)  # under the container's env
-        self.env_overrides = dict(env_overrides or {})  # over it: endpoints that only the test knows
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="humpback-standins-"))
-        self.concurrency, self.entrypoint, self.kinds = concurrency, entrypoint, kinds
+        self.concurrency, self.kinds = concurrency, kinds
         self.seen: dict[str, list[str]] = {}  # kind: names in the order first seen
         self.history: list[tuple[str, str, str]] = []  # (kind, name, state) in order
         self.exit_codes: dict[str, int] = {}
@@ -192,6 +213,9 @@ class StandIns:
         self._api.user_agent = STANDINS_USER_AGENT
         self._objects = kubernetes.client.CustomObjectsApi(self._api)
         self._core = kubernetes.client.CoreV1Api(self._api)
+        self._kubelet = Kubelet(kubernetes.client.CoreV1Api(self._api), workdir=Path(workdir or os.getcwd()),
+                                env=os.environ if env is None else env, env_overrides=env_overrides or {},
+                                log_dir=self.log_dir, entrypoint=entrypoint)
 
     # --- control -------------------------------------------------------------------------------
 
@@ -212,7 +236,7 @@ class StandIns:
             self._thread.join(30)
             self._thread = None
         for child in list(self._children.values()):
-            self._kill(child)
+            kill(child.process)
         self._api.close()
 
     def release(self, name: str | None = None, outcome: str | None = None) -> None:
@@ -262,7 +286,7 @@ class StandIns:
                 self._observe_generation(child, obj)
         for key in [key for key in self._children if key[0] == kind and key not in present]:
             child = self._children.pop(key)
-            self._kill(child)
+            kill(child.process)
             self._record(child, "deleted")
 
     def _first_sight(self, kind: str, obj: dict[str, Any]) -> _Child:
@@ -562,6 +586,26 @@ class StandIns:
             if exc.status != 404:  # deleted meanwhile: the next poll forgets it
                 raise
 
+    # --- the kubelet (kubelet.py runs the containers) ----------------------------------------------
+
+    def _running(self) -> int:
+        return sum(1 for child in self._children.values() if child.process is not None)
+
+    def _start(self, child: _Child, obj: dict[str, Any]) -> bool:
+        """Start the child's container here; False while it cannot."""
+        try:
+            child.process, log_path = self._kubelet.start(child.kind, child.namespace, child.name, child.uid, obj)
+        except LookupError as exc:  # the kubelet's CreateContainerConfigError: the pod waits (and retries)
+            if not child.blocked:
+                self._error(f"{child.kind} {child.name}: {exc}")
+                self._record(child, "blocked")
+            child.blocked = str(exc)
+            return False
+        child.blocked = ""
+        with self._lock:
+            self.logs[child.name] = log_path
+        return True
+
     def _record(self, child: _Child, state: str) -> None:
         with self._lock:
             self.history.append((child.kind, child.name, state))
@@ -570,116 +614,6 @@ class StandIns:
         with self._lock:
             if message not in self.errors:
                 self.errors.append(message)
-
-    # --- the kubelet -----------------------------------------------------------------------------
-
-    def _running(self) -> int:
-        return sum(1 for child in self._children.values() if child.process is not None)
-
-    def _start(self, child: _Child, obj: dict[str, Any]) -> bool:
-        """Start the child's (PyTorchJob: its Master's) container here; False while it cannot."""
-        if child.kind == "PyTorchJob":
-            template = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
-            pod_name = f"{child.name}-master-0"
-        else:
-            template = obj["spec"]["template"]
-            pod_name = f"{child.name}-{secrets.token_hex(3)[:5]}"
-        containers = template["spec"]["containers"]
-        container = next((c for c in containers if c.get("name") == "pytorch"), containers[0])
-        pod_meta = {"name": pod_name, "namespace": child.namespace, "uid": child.uid,
-                    "labels": {**(obj["metadata"].get("labels") or {}), **((template.get("metadata") or {}).get("labels") or {})},
-                    "annotations": (template.get("metadata") or {}).get("annotations") or {}}
-        try:
-            container_env = self._container_env(child.namespace, container, pod_meta, template["spec"])
-        except LookupError as exc:  # the kubelet's CreateContainerConfigError: the pod waits (and retries)
-            if not child.blocked:
-                self._error(f"{child.kind} {child.name}: {exc}")
-                self._record(child, "blocked")
-            child.blocked = str(exc)
-            return False
-        child.blocked = ""
-        argv = [_expand(arg, container_env) for arg in (container.get("command") or list(self.entrypoint)) + (container.get("args") or [])]
-        argv = self._local_executable(argv)
-        env = {**self.env, **container_env, **self.env_overrides}
-        if child.kind == "PyTorchJob":
-            nproc = str(obj["spec"].get("nprocPerNode") or _flag(argv, "--nproc-per-node", "--nproc_per_node") or "1")
-            port = str(_free_port())
-            env.update(PET_NNODES="1", PET_NODE_RANK="0", PET_NPROC_PER_NODE=nproc, PET_MASTER_ADDR="127.0.0.1",
-                       PET_MASTER_PORT=port, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="1", RANK="0")
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{child.kind.lower()}-{child.name}.log"
-        with open(log_path, "ab") as log:
-            log.write(f"$ {' '.join(argv)}\n".encode())
-            log.flush()
-            child.process = subprocess.Popen(argv, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
-        with self._lock:
-            self.logs[child.name] = log_path
-        return True
-
-    def _container_env(self, namespace: str, container: dict[str, Any], pod: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for source in container.get("envFrom") or []:
-            prefix = source.get("prefix", "")
-            ref = source.get("configMapRef") or source.get("secretRef")
-            data = self._read_data(namespace, "secret" if "secretRef" in source else "configmap", ref["name"], ref.get("optional", False))
-            env.update({prefix + key: value for key, value in (data or {}).items()})
-        for var in container.get("env") or []:
-            name, source = var["name"], var.get("valueFrom")
-            if source is None:
-                env[name] = _expand(var.get("value", ""), env)
-            elif "configMapKeyRef" in source or "secretKeyRef" in source:
-                kind = "configmap" if "configMapKeyRef" in source else "secret"
-                ref = source.get("configMapKeyRef") or source.get("secretKeyRef")
-                data = self._read_data(namespace, kind, ref["name"], ref.get("optional", False))
-                if data is not None and ref["key"] in data:
-                    env[name] = data[ref["key"]]
-                elif not ref.get("optional", False):
-                    raise LookupError(f'couldn\'t find key {ref["key"]} in {kind} {namespace}/{ref["name"]}')
-            elif "fieldRef" in source:
-                env[name] = _field(pod, pod_spec, source["fieldRef"]["fieldPath"])
-            elif "resourceFieldRef" in source:
-                env[name] = "1"
-        return env
-
-    def _read_data(self, namespace: str, kind: str, name: str, optional: bool) -> dict[str, str] | None:
-        try:
-            if kind == "secret":
-                secret = self._core.read_namespaced_secret(name, namespace)
-                return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-            return dict(self._core.read_namespaced_config_map(name, namespace).data or {})
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404 and optional:
-                return None
-            if exc.status == 404:
-                raise LookupError(f'{kind} "{name}" not found in namespace {namespace}') from None
-            raise
-
-    def _local_executable(self, argv: list[str]) -> list[str]:
-        """The image's programs are this venv's: humpback, torchrun, python."""
-        if not argv:
-            raise ValueError("the container has no command")
-        bin_dir = Path(sys.executable).parent
-        if argv[0] in ("python", "python3"):
-            return [sys.executable, *argv[1:]]
-        if argv[0] in ("humpback", "torchrun", "kopf") and (bin_dir / argv[0]).exists():
-            return [str(bin_dir / argv[0]), *argv[1:]]
-        return argv
-
-    def _kill(self, child: _Child) -> None:
-        process = child.process
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(5)
-
 
 def _replacing(old: Any, new: Any) -> Any:
     """A JSON merge patch that turns `old` into `new` (keys that `new` lacks become null)."""
@@ -704,37 +638,6 @@ def _is_final(kind: str, status: Mapping[str, Any]) -> bool:
     return any(c.get("type") in final and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-def _expand(text: str, env: Mapping[str, str]) -> str:
-    """Kubernetes' $(VAR) references in command, args and env values; $$(VAR) escapes."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
-
-def _field(pod: Mapping[str, Any], pod_spec: Mapping[str, Any], path: str) -> str:
-    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
-    if match:
-        return str(pod[match.group(1)].get(match.group(2), ""))
-    return {
-        "metadata.name": pod["name"], "metadata.namespace": pod["namespace"], "metadata.uid": pod["uid"],
-        "spec.nodeName": "standin-node", "spec.serviceAccountName": pod_spec.get("serviceAccountName", "default"),
-        "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1", "status.podIPs": "127.0.0.1",
-    }.get(path, "")
-
-
-def _flag(argv: list[str], *names: str) -> str | None:
-    for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                return argv[i + 1]
-            if arg.startswith(name + "="):
-                return arg.split("=", 1)[1]
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-__all__ = ["ATTEMPT_LABEL", "KINDS", "OUTCOMES", "STAGE_LABEL", "Policy", "StandIns", "attempt_of", "stage_policy", "wait_until"]
+__all__ = ["ATTEMPT_LABEL", "KINDS", "OUTCOMES", "PYTORCHJOB_CRD", "STAGE_LABEL", "STANDINS_USER_AGENT", "Policy", "StandIns",
+           "attempt_of", "stage_policy", "wait_until"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from humpback_runtime import prompts
 from humpback_runtime.context import RunContext
-from humpback_runtime.engines import GenerationResult, Sampling
+from humpback_runtime.inference.engines import GenerationResult, Sampling
 from humpback_runtime.plan import Stage
 from humpback_runtime.storage import iter_shard_records, list_shards
 
@@ -62,7 +62,7 @@ def summarize(ctx: RunContext, prefix: str) -> dict[str, Any]:
 
 
 def run_augment(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
-    from humpback_runtime.models import engine_for
+    from humpback_runtime.inference.models import engine_for
 
     spec = ctx.run.spec.augmentation
     segments = list(ctx.records("prepare-corpus"))

@@ -1,4 +1,4 @@
-"""curate-k and rewrite-k: M(k-1) rates (and optionally first rewrites) the candidate pairs.
+"""curate-k: M(k-1) rates the candidate pairs and keeps the best (self-curation).
 
     humpback stage curate-1 --spec RUN.yaml
 
@@ -11,22 +11,20 @@ curate-k scores every candidate in one of two modes (`spec.curation.mode`):
 
 Scores land in checkpointed shards under the stage prefix (exactly-once on restart); a final pass
 writes the pairs that reach `spec.curation.threshold` to `<prefix>/selected/`, which train-mk reads.
-rewrite-k rewrites each candidate's response in assistant style first (self-rewriting with M(k-1),
-or an external OpenAI-compatible model as in back-and-forth translation).
+The candidates come from augment, or from rewrite-k when the run rewrites them first
+(:mod:`humpback_runtime.stages.rewrite`).
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Any
 
 from humpback_runtime import prompts
-from humpback_runtime.augmentation import candidate_records, summarize
 from humpback_runtime.context import RunContext
-from humpback_runtime.engines import GenerationResult, Sampling, VLLMServerEngine
+from humpback_runtime.inference.engines import GenerationResult, Sampling
 from humpback_runtime.plan import Stage
-from humpback_runtime.pod_contract import REWRITE_API_KEY_ENV
+from humpback_runtime.stages.augment import candidate_records
 from humpback_runtime.storage import ShardWriter, iter_shard_records, list_shards
 
 SELECTED = "selected"
@@ -41,7 +39,7 @@ def _score_record(pair: dict, **fields: Any) -> dict:
 
 
 def run_curate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
-    from humpback_runtime.models import engine_for, tokenizer_encode
+    from humpback_runtime.inference.models import engine_for, tokenizer_encode
 
     spec = ctx.run.spec.curation
     system = prompts.inference_system(ctx.run.spec.system_prompts)
@@ -121,38 +119,4 @@ def select(ctx: RunContext, prefix: str, threshold: float, mode: str) -> dict[st
             "yield": round(selected / scored, 4) if scored else None,
             **({"expected_histogram": dict(sorted(expected_histogram.items()))} if expected_histogram else {}),
         },
-    }
-
-
-def run_rewrite(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
-    from humpback_runtime.models import engine_for
-
-    spec = ctx.run.spec.curation.rewrite
-    pairs = list(candidate_records(ctx, "augment"))
-    if spec.endpoint:
-        # Back-and-forth translation: an external aligned model, asked without our system tags.
-        engine = VLLMServerEngine(spec.endpoint, spec.model, api_key=os.environ.get(REWRITE_API_KEY_ENV),
-                                  concurrency=ctx.run.spec.inference.concurrency)
-        system = None
-    else:
-        engine = engine_for(ctx, stage.serves)
-        system = prompts.inference_system(ctx.run.spec.system_prompts)
-
-    def handle(pair: dict, result: GenerationResult) -> dict:
-        text = result.text.strip()
-        return {"id": pair["id"], "instruction": pair["instruction"], "response": text or pair["response"],
-                "original_response": pair["response"], "finish_reason": result.finish_reason,
-                "dropped": None if text else "empty"}
-
-    stats = engine.generate(
-        pairs, lambda p: prompts.rewrite_prompt(p["instruction"], p["response"], system=system),
-        Sampling.from_spec(spec.sampling), store=ctx.store, prefix=prefix, handle=handle,
-        checkpoint_every=ctx.run.spec.inference.checkpoint_every, total=len(pairs), desc=stage.name,
-    )
-    summary = summarize(ctx, prefix)
-    return {
-        "outputs": {"records": summary["keys"], "count": summary["kept"], "format": "jsonl"},
-        "counts": {"candidates": len(pairs), "rewritten": summary["kept"],
-                   **{f"dropped_{k}": v for k, v in summary["dropped"].items()}},
-        "inference": stats,
     }

@@ -1,0 +1,53 @@
+"""train-myx, train-m0 and train-mk: fine-tune the base model on the stage's examples.
+
+    humpback stage train-m0 --spec RUN.yaml
+    torchrun --nproc-per-node 8 -m humpback_runtime stage train-m0 --spec RUN.yaml   # in a PyTorchJob
+
+The examples come from prompts.py (the only source of templates); the training itself is
+:func:`humpback_runtime.training.train`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from humpback_runtime.context import RunContext
+from humpback_runtime.errors import StageError
+from humpback_runtime.plan import Stage
+
+
+def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, int]]:
+    """The examples of a training stage, every template from prompts.py, and their counts."""
+    from humpback_runtime import prompts
+
+    tags = ctx.run.spec.system_prompts
+    seed = list(ctx.records("prepare-seed"))
+    if stage.role == "backward":  # Myx learns p(instruction | response) on reversed seed pairs
+        return [prompts.backward_example(p["instruction"], p["response"]) for p in seed], {"seed": len(seed)}
+    examples = [prompts.forward_example(p["instruction"], p["response"], prompts.seed_system(tags)) for p in seed]
+    if stage.role == "seed":
+        return examples, {"seed": len(seed)}
+    curated = list(ctx.records(f"curate-{stage.iteration}"))
+    examples += [prompts.forward_example(p["instruction"], p["response"], prompts.augmented_system(tags))
+                 for p in curated]
+    return examples, {"seed": len(seed), "curated": len(curated)}
+
+
+def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime.training import TrainRequest, train
+
+    spec = ctx.run.spec
+    base = spec.base_model
+    if base.startswith((".", "/", "file://")) and not Path(base.removeprefix("file://")).is_dir():
+        raise StageError(f"spec.baseModel: {base} is not a directory (a local model directory, hub id or "
+                         "s3:// URI is expected; the demo's is built by `humpback tiny-model .cache/tiny-llama`)")
+    examples, counts = training_examples(ctx, stage)
+    card = {"run": ctx.run_prefix, "stage": stage.name, "role": stage.role,
+            "baseModel": spec.base_model, "fingerprint": stage.fingerprint, "data": counts,
+            "inputs": {d: ctx.plan[d].fingerprint for d in stage.deps}}
+    metrics = train(TrainRequest(base_model=spec.base_model, examples=examples, settings=getattr(spec.training, stage.role),
+                                 store=ctx.store, prefix=prefix, card=card, s3_endpoint=spec.storage.s3.endpoint,
+                                 s3_region=spec.storage.s3.region))
+    return {"outputs": {"model": f"{prefix}/model", "count": metrics.get("examples", len(examples))},
+            "counts": counts, "metrics": metrics}

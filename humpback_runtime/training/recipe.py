@@ -1,0 +1,163 @@
+"""The training recipe as pure functions (no torch): batch arithmetic, the learning-rate schedule,
+precision, the DeepSpeed config, and tokenisation with the loss on response tokens only."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from humpback_runtime.errors import TrainingError
+from humpback_runtime.prompts import TrainingExample
+from humpback_runtime.spec import TrainingSpec
+
+IGNORE_INDEX = -100  # label of tokens without loss (the prompt); what HF models ignore
+MAX_GRAD_NORM = 1.0
+
+
+def gradient_accumulation_steps(settings: TrainingSpec, world_size: int) -> int:
+    """batchSize / (perDeviceBatchSize * world size); an error naming the fields unless it divides."""
+    per_step = settings.per_device_batch_size * world_size
+    if world_size < 1 or settings.batch_size % per_step:
+        raise TrainingError(
+            f"batchSize ({settings.batch_size}) must be a multiple of perDeviceBatchSize "
+            f"({settings.per_device_batch_size}) x world size ({world_size}) = {per_step}: the global "
+            "batch is made of equal micro-batches on every process"
+        )
+    return settings.batch_size // per_step
+
+
+def learning_rate_factor(step: int, total_steps: int, lr0: float, lr_final: float) -> float:
+    """Multiplier of ``lr0`` for the update of optimizer step ``step`` (0-based)."""
+    last = total_steps - 1
+    if last <= 0:
+        return 1.0
+    t = min(max(step, 0), last)
+    return 1.0 + (lr_final / lr0 - 1.0) * t / last
+
+
+def learning_rate_at(settings: TrainingSpec, step: int, total_steps: int) -> float:
+    """lr(t) = lr0 + (lrF - lr0) * t / T: ``learningRate`` at the first update (t = 0),
+    ``finalLearningRate`` at the last one (t = T = total_steps - 1); not decayed to 0."""
+    lr0 = settings.learning_rate
+    return lr0 * learning_rate_factor(step, total_steps, lr0, settings.final_learning_rate)
+
+
+def resolve_bf16(precision: str, cuda: bool) -> bool:
+    """bf16 when asked for, or ``auto`` on a CUDA GPU; fp32 otherwise (``auto`` on CPU)."""
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return cuda
+
+
+def deepspeed_config(settings: TrainingSpec, *, world_size: int, bf16: bool, gpu: bool) -> dict[str, Any] | None:
+    """The DeepSpeed config for ``settings.zero_stage`` (None for 0: no DeepSpeed).
+
+    The HF optimizer (torch AdamW) and this module's scheduler are used, so the config has neither
+    an ``optimizer`` nor a ``scheduler`` section (and no offload: nothing needs DeepSpeed's C++ ops).
+    Batch sizes are explicit so that DeepSpeed checks them against the Trainer's arguments.
+    """
+    stage = settings.zero_stage
+    if stage == 0:
+        return None
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "contiguous_gradients": True,
+        "overlap_comm": gpu,  # overlapping needs CUDA streams; gloo on CPU gains nothing
+        "reduce_bucket_size": "auto",  # the Trainer fills these in from the model's hidden size
+    }
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            # Gather the 16-bit weights for save_model(), so model/ holds ordinary safetensors.
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "train_batch_size": settings.batch_size,
+        "train_micro_batch_size_per_gpu": settings.per_device_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(settings, world_size),
+        "gradient_clipping": MAX_GRAD_NORM,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW through the Trainer
+        "steps_per_print": 10**9,  # the Trainer logs every step already
+        "wall_clock_breakdown": False,
+    }
+
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    # Text that spells a special token ("</s>") stays text: user data must not inject an EOS.
+    try:
+        return list(tokenizer(text, add_special_tokens=special, split_special_tokens=True)["input_ids"])
+    except TypeError:  # pragma: no cover - tokenizers without split_special_tokens
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+@functools.lru_cache(maxsize=8)
+def _adds_eos(tokenizer: Any) -> bool:
+    eos = tokenizer.eos_token_id
+    ids = _encode(tokenizer, "a", True)
+    return bool(ids) and ids[-1] == eos and _encode(tokenizer, "a", False)[-1:] != [eos]
+
+
+def tokenize_example(tokenizer: Any, ex: TrainingExample, max_len: int) -> dict[str, list[int]] | None:
+    """``input_ids``, ``attention_mask`` and ``labels`` of one example, or None when it is dropped.
+
+    The ids are those of ``prompt + completion`` (BOS as the tokenizer adds it) followed by the EOS
+    id; ``labels`` are -100 on the prompt tokens and the ids on the completion + EOS. When the
+    prompt's tokens are not a prefix of the whole text's (a tokenizer merging across the seam), the
+    prompt and the completion are tokenised apart and concatenated, which is what the model sees at
+    inference. Longer than ``max_len``: cut from the right (the EOS goes first); when not even one
+    completion token would remain, the example is dropped (None).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TrainingError("the tokenizer has no EOS token; training needs one to teach the model to stop")
+    prompt_ids = _encode(tokenizer, ex.prompt, True)
+    full_ids = _encode(tokenizer, ex.prompt + ex.completion, True)
+    if _adds_eos(tokenizer):  # a tokenizer that appends EOS itself: the trainer places it
+        prompt_ids, full_ids = prompt_ids[:-1], full_ids[:-1]
+    boundary = len(prompt_ids)
+    if len(full_ids) > boundary and full_ids[:boundary] == prompt_ids:
+        ids = full_ids
+    else:
+        ids = prompt_ids + _encode(tokenizer, ex.completion, False)
+    ids = ids + [eos]
+    if boundary >= max_len or len(ids) <= boundary:
+        return None
+    ids = ids[:max_len]
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": [IGNORE_INDEX] * boundary + ids[boundary:],
+    }
+
+
+@dataclass
+class Tokenized:
+    features: list[dict[str, list[int]]]
+    dropped: int
+    truncated: int
+    supervised_tokens: int
+    tokens: int
+
+
+def tokenize_all(tokenizer: Any, examples: list[TrainingExample], max_len: int) -> Tokenized:
+    out = Tokenized([], 0, 0, 0, 0)
+    for ex in examples:
+        feat = tokenize_example(tokenizer, ex, max_len)
+        if feat is None:
+            out.dropped += 1
+            continue
+        if feat["labels"][-1] != tokenizer.eos_token_id:
+            out.truncated += 1
+        out.features.append(feat)
+        out.tokens += len(feat["input_ids"])
+        out.supervised_tokens += sum(1 for label in feat["labels"] if label != IGNORE_INDEX)
+    return out
+

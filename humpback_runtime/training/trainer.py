@@ -1,0 +1,361 @@
+"""The HF Trainer run behind :func:`humpback_runtime.training.train` (torch and transformers are
+imported lazily, inside the functions)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from humpback_runtime.errors import TrainingError
+from humpback_runtime.prompts import TrainingExample
+from humpback_runtime.spec import TrainingSpec
+from humpback_runtime.storage import Store, open_store
+from humpback_runtime.training.card import model_card
+from humpback_runtime.training.checkpoints import (COMPLETE, KEEP_CHECKPOINTS, checkpoint_prefix, checkpoint_steps,
+                                                   choose_checkpoint, download_prefix, upload_dir)
+from humpback_runtime.training.distributed import (DIST_TIMEOUT_S, GRAD_ACCUM_FILTER, barrier, broadcast,
+                                                   disable_cpu_shm_op, env_int)
+from humpback_runtime.training.recipe import (IGNORE_INDEX, MAX_GRAD_NORM, deepspeed_config, learning_rate_factor,
+                                              resolve_bf16, tokenize_all)
+
+if TYPE_CHECKING:
+    from humpback_runtime.training import TrainRequest
+
+log = logging.getLogger("humpback_runtime.training")
+
+
+class _Collator:
+    """Right-pads a list of features to the longest; labels padded with -100."""
+
+    def __init__(self, pad_id: int, multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in features)
+        if self.multiple_of:
+            n = -(-n // self.multiple_of) * self.multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            pad = n - len(f["input_ids"])
+            batch["input_ids"].append(f["input_ids"] + [self.pad_id] * pad)
+            batch["attention_mask"].append(f["attention_mask"] + [0] * pad)
+            batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+class _ListDataset:
+    def __init__(self, features: list[dict[str, list[int]]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.features[i]
+
+
+@functools.cache
+def _trainer_classes() -> tuple[type, type]:
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    class HumpbackTrainer(Trainer):
+        """Trainer with the linear lr0 -> lrF schedule (Trainer's "linear" decays to 0)."""
+
+        humpback_settings: TrainingSpec
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                s = self.humpback_settings
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer if optimizer is not None else self.optimizer,
+                    functools.partial(learning_rate_factor, total_steps=num_training_steps,
+                                      lr0=s.learning_rate, lr_final=s.final_learning_rate),
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    class StoreCheckpoints(TrainerCallback):
+        """Uploads each Trainer checkpoint to the store; ``_COMPLETE`` last; keeps the latest two.
+
+        Every rank calls on_save after the Trainer (and DeepSpeed) wrote its part. After a barrier
+        the first process of each node uploads what its node holds (one node: everything; several
+        nodes: each node's ZeRO partitions and RNG states), then global rank 0 writes the marker.
+        """
+
+        def __init__(self, store: Store, prefix: str, key: str, every: int, world_size: int,
+                     is_main: bool, is_local_main: bool):
+            self.store, self.prefix, self.key, self.every = store, prefix, key, every
+            self.world_size, self.is_main, self.is_local_main = world_size, is_main, is_local_main
+            self.seconds = 0.0
+            self.uploaded: list[int] = []
+            self._save_started: float | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Trainer saves at the last step too; only multiples of checkpointEvery are kept (the
+            # final model is the output; a last checkpoint would double the upload).
+            if control.should_save and state.global_step % self.every:
+                control.should_save = False
+            if control.should_save:
+                self._save_started = time.perf_counter()
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            step = state.global_step
+            local = Path(args.output_dir) / f"checkpoint-{step}"
+            key_prefix = checkpoint_prefix(self.prefix, step)
+            barrier()  # every rank's shards and RNG state are on disk
+            if self.is_local_main:
+                n = upload_dir(self.store, local, key_prefix)
+                if self.is_main:
+                    log.info("Uploaded checkpoint step %d (%d files) to %s", step, n, self.store.url(key_prefix))
+            barrier()
+            if self.is_main:
+                self.store.write_json(f"{key_prefix}/{COMPLETE}", {
+                    "step": step, "training_key": self.key, "world_size": self.world_size,
+                    "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                })
+                steps = checkpoint_steps(self.store, self.prefix)
+                complete = sorted(s for s, ok in steps.items() if ok)
+                for old in complete[:-KEEP_CHECKPOINTS]:
+                    self.store.delete_prefix(checkpoint_prefix(self.prefix, old))
+                    log.info("Deleted old checkpoint %s", self.store.url(checkpoint_prefix(self.prefix, old)))
+            if self.is_local_main:  # the store has it now; keep only this one locally
+                for old in Path(args.output_dir).glob("checkpoint-*"):
+                    if old != local:
+                        shutil.rmtree(old, ignore_errors=True)
+            self.uploaded.append(step)
+            if self._save_started is not None:
+                self.seconds += time.perf_counter() - self._save_started
+                self._save_started = None
+            return control
+
+    return HumpbackTrainer, StoreCheckpoints
+
+
+def _checkpointing_args(args_cls: type, enabled: bool) -> dict[str, Any]:
+    """Gradient (activation) checkpointing flags: transformers 5 renamed them, 4.x has the old names."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    flag = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {flag: enabled, f"{flag}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def _resolve_base_model(request: TrainRequest, cache_root: Path, is_local_main: bool) -> str:
+    """A local directory for s3:// base models (downloaded once per node); other refs unchanged."""
+    ref = request.base_model
+    if not ref.startswith("s3://"):
+        return ref
+    digest = hashlib.sha256(ref.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    local = cache_root / "models" / digest
+    marker = local / ".humpback-download-complete"
+    if is_local_main and not marker.is_file():
+        src = open_store(ref.rstrip("/"), endpoint_url=request.s3_endpoint, region=request.s3_region)
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        t0 = time.perf_counter()
+        n = download_prefix(src, "", local)
+        if n == 0:
+            raise TrainingError(f"base model {ref} is empty (no objects under it)")
+        marker.write_text(ref + "\n", encoding="utf-8")
+        log.info("Downloaded base model %s (%d files) to %s in %.1fs", ref, n, local, time.perf_counter() - t0)
+    return str(local)
+
+
+def default_work_dir(store: Store, prefix: str) -> Path:
+    digest = hashlib.sha256(store.url(prefix).encode("utf-8")).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "humpback-train" / digest
+
+
+
+def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExample], key: str,
+           grad_accum: int, torch: Any, started: float, work: Path) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    settings, store = request.settings, request.store
+    cuda = torch.cuda.is_available()
+    bf16 = resolve_bf16(settings.precision, cuda)
+    world_size = env_int("WORLD_SIZE", 1)
+    if settings.zero_stage and not cuda:
+        disable_cpu_shm_op()
+    if settings.zero_stage:
+        logging.getLogger("accelerate.accelerator").addFilter(GRAD_ACCUM_FILTER)  # idempotent
+    ds_config = deepspeed_config(settings, world_size=world_size, bf16=bf16, gpu=cuda)
+    out_dir = work / "trainer"
+    n_in = len(examples)
+    max_steps = settings.steps_for(n_in)
+
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=MAX_GRAD_NORM,
+        warmup_steps=0,
+        optim="adamw_torch",
+        bf16=bf16,
+        fp16=False,
+        **_checkpointing_args(TrainingArguments, settings.gradient_checkpointing),
+        deepspeed=ds_config,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=settings.checkpoint_every,
+        save_total_limit=None,  # the callback prunes, after uploading
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        include_num_input_tokens_seen="non_padding",
+        # CPU: gloo. use_cpu also makes accelerate create the gloo group itself; without it, under
+        # DeepSpeed on CPU, accelerate sees no backend and every process thinks it is alone.
+        use_cpu=not cuda,
+        ddp_backend=None if cuda else "gloo",
+        ddp_find_unused_parameters=False,
+        ddp_timeout=DIST_TIMEOUT_S,
+        disable_tqdm=not sys.stderr.isatty(),
+    )  # from here on the process group exists (torchrun or the one-rank group of process_env)
+    rank, local_rank = args.process_index, args.local_process_index
+    is_main, is_local_main = rank == 0, local_rank == 0
+    if args.world_size != world_size:
+        raise TrainingError(f"WORLD_SIZE says {world_size} processes, the process group has {args.world_size}")
+
+    if is_main:
+        log.info("Training %s -> %s: %d examples, %d steps, batch %d = %d per device x %d processes x %d "
+                 "accumulation, lr %g -> %g, weight decay %g, %s, ZeRO %s, gradient checkpointing %s, seq %d",
+                 request.base_model, store.url(f"{prefix}/model"), n_in, max_steps, settings.batch_size,
+                 settings.per_device_batch_size, world_size, grad_accum, settings.learning_rate,
+                 settings.final_learning_rate, settings.weight_decay, "bf16" if bf16 else "fp32",
+                 settings.zero_stage or "off",
+                 settings.gradient_checkpointing, settings.max_seq_length)
+    if is_local_main:
+        shutil.rmtree(work, ignore_errors=True)  # leftovers of an earlier attempt on this node
+        work.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    cache_root = Path(os.environ.get("HUMPBACK_CACHE", Path.home() / ".cache" / "humpback"))
+    with args.main_process_first(local=True, desc="base model download"):
+        base = _resolve_base_model(request, cache_root, is_local_main)
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss and no attention
+    data = tokenize_all(tokenizer, examples, settings.max_seq_length)
+    if not data.features:
+        raise TrainingError(f"all {n_in} examples were dropped: their prompts alone fill maxSeqLength "
+                            f"({settings.max_seq_length} tokens)")
+    if data.dropped and is_main:
+        log.warning("Dropped %d of %d examples whose prompt fills maxSeqLength (%d tokens)",
+                    data.dropped, n_in, settings.max_seq_length)
+
+    # Resume: rank 0 decides from the store, every node fetches the checkpoint before training.
+    choice = None
+    if is_main:
+        choice = choose_checkpoint(store, prefix, key, world_size, settings.zero_stage)
+    resume_step, stale = broadcast(choice)
+    resume_dir = out_dir / f"checkpoint-{resume_step}" if resume_step is not None else None
+    if resume_dir is not None and is_local_main:
+        t0 = time.perf_counter()
+        n = download_prefix(store, checkpoint_prefix(prefix, resume_step), resume_dir, skip=(COMPLETE,))
+        if is_main:
+            log.info("Resuming from checkpoint step %d (%d files from %s, %.1fs)", resume_step, n,
+                     store.url(checkpoint_prefix(prefix, resume_step)), time.perf_counter() - t0)
+    barrier()
+    if is_main:
+        for step in stale:
+            if step != resume_step:
+                store.delete_prefix(checkpoint_prefix(prefix, step))
+        if store.list(f"{prefix}/model"):  # a model of another request, or a half-finished upload
+            store.delete_prefix(f"{prefix}/model")
+            store.delete(f"{prefix}/train_metrics.json")
+
+    # bf16 under DeepSpeed: load in bf16 (DeepSpeed keeps fp32 master weights in the optimizer).
+    # Otherwise fp32 weights (autocast does bf16 compute without DeepSpeed).
+    dtype = torch.bfloat16 if (bf16 and ds_config is not None) else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if settings.gradient_checkpointing:
+        model.config.use_cache = False
+
+    trainer_cls, ckpt_cls = _trainer_classes()
+    uploader = ckpt_cls(store, prefix, key, settings.checkpoint_every, world_size, is_main, is_local_main)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(data.features),
+        data_collator=_Collator(tokenizer.pad_token_id, 8 if cuda else None),
+        processing_class=tokenizer,
+        callbacks=[uploader, *request.callbacks],
+    )
+    trainer.humpback_settings = settings
+    tokens_before = 0
+    if resume_dir is not None:
+        state = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8")) \
+            if (resume_dir / "trainer_state.json").is_file() else {}
+        tokens_before = int(state.get("num_input_tokens_seen", 0) or 0)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir is not None else None)
+    train_seconds = time.perf_counter() - t0
+    state = trainer.state
+
+    # Final model: save_model is collective under ZeRO-3 (gathers the 16-bit weights).
+    final = work / "final"
+    model.config.use_cache = True
+    trainer.save_model(str(final))
+    history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e and "step" in e]
+    tokens = int(state.num_input_tokens_seen or 0)
+    loop_seconds = max(train_seconds - uploader.seconds, 1e-9)
+    metrics: dict[str, Any] = {
+        "steps": int(state.global_step),
+        "max_steps": max_steps,
+        "examples": len(data.features),
+        "examples_in": n_in,
+        "examples_dropped": data.dropped,
+        "examples_truncated": data.truncated,
+        "tokens": tokens,
+        "supervised_tokens": data.supervised_tokens,
+        "train_loss": history,
+        "tokens_per_second": round((tokens - tokens_before) / loop_seconds, 3),
+        "train_seconds": round(train_seconds, 3),
+        "checkpoint_seconds": round(uploader.seconds, 3),
+        "world_size": world_size,
+        "precision": "bf16" if bf16 else "fp32",
+        "zero_stage": settings.zero_stage,
+        "gradient_accumulation_steps": grad_accum,
+        "resumed_from": resume_step,
+        "checkpoints": uploader.uploaded,
+        "model_uri": store.url(f"{prefix}/model"),
+        "training_key": key,
+        "seconds": round(time.perf_counter() - started, 3),  # this call, up to the upload
+    }
+    if is_main:
+        t1 = time.perf_counter()
+        (final / "README.md").write_text(model_card(request, metrics, grad_accum), encoding="utf-8")
+        n = upload_dir(store, final, f"{prefix}/model", skip=("training_args.bin",))
+        store.write_json(f"{prefix}/train_metrics.json", metrics)
+        store.write_json(f"{prefix}/model/{COMPLETE}", {"training_key": key, "steps": metrics["steps"],
+                                                       "files": n})
+        if not request.keep_checkpoints:  # the model is complete: nothing left to resume
+            store.delete_prefix(f"{prefix}/checkpoints")
+        log.info("Trained %s in %d steps (loss %s -> %s, %.0f tokens/s); uploaded %d files to %s in %.1fs",
+                 request.base_model, metrics["steps"], f"{history[0][1]:.4f}" if history else "-",
+                 f"{history[-1][1]:.4f}" if history else "-", metrics["tokens_per_second"], n,
+                 metrics["model_uri"], time.perf_counter() - t1)
+    barrier()
+    del trainer, model
+    return metrics

@@ -1,0 +1,86 @@
+"""The Kopf handler modules (`backtranslationrun`, `child_events`) without a cluster: what they
+remember lives on the `Operator` object, never at module level; a child's index entry wakes its
+run. `tests/operator/` runs them under `kopf run` against an emulated API."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from pathlib import Path
+
+import kopf
+import pytest
+
+from humpback_operator import child_events
+from humpback_operator.backtranslationrun import Operator
+from humpback_operator.config import OperatorConfig
+from humpback_operator.names import LABEL_RUN
+
+PACKAGE = Path(__file__).resolve().parents[3] / "operator" / "humpback_operator"
+MUTABLE_CALLS = {"dict", "list", "set", "defaultdict", "OrderedDict", "Counter", "deque"}
+
+
+def make_operator() -> Operator:
+    return Operator(kube=object(), config=OperatorConfig())  # no API calls in these tests
+
+
+@pytest.mark.parametrize("module", ["backtranslationrun", "child_events"])
+def test_the_handler_modules_keep_no_state_at_module_level(module):
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    globals_ = [n.names for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    assert globals_ == [], f"{module}.py rebinds module globals {globals_}: keep state on the Operator"
+    state = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        names = [t.id for t in targets if isinstance(t, ast.Name)]
+        if all(n.isupper() or n.lstrip("_").isupper() for n in names):
+            continue  # a constant (e.g. a label selector), not state
+        called = getattr(value, "func", None)
+        mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
+            getattr(called, "id", getattr(called, "attr", None)) in MUTABLE_CALLS)
+        singleton = isinstance(node, ast.AnnAssign) and isinstance(value, ast.Constant) and value.value is None
+        if mutable or singleton:
+            state.extend(names)
+    assert state == [], f"{module}.py keeps {state} at module level: keep it on the Operator"
+
+
+def test_operators_share_nothing_and_forget_all_of_a_deleted_run():
+    op, other = make_operator(), make_operator()
+    assert op.wakeup("ml", "a") is op.wakeup("ml", "a")
+    assert op.wakeup("ml", "a") is not other.wakeup("ml", "a")
+    for run in ("a", "b"):
+        op.note("ml", run, "Job", f"{run}-job", {"kind": "Job"})
+        op.own_versions[("ml", run)] = "7"
+        op.phases[("ml", run)] = "Running"
+        op.wakeup("ml", run)
+    op.forget("ml", "a")
+    for per_run in (op.recent, op.own_versions, op.phases, op.wakeups):
+        assert ("ml", "a") not in per_run and ("ml", "b") in per_run
+
+
+def test_a_childs_index_entry_wakes_its_runs_daemon():
+    op = make_operator()
+    body = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": {"name": "r-train-m0-abc123-a1", "namespace": "ml", "labels": {LABEL_RUN: "r"}},
+            "status": {"conditions": [{"type": "Running", "status": "True"}]}}
+
+    async def index() -> dict:
+        labels = body["metadata"]["labels"]
+        return await child_events.humpback_pytorchjobs(body=body, namespace="ml", labels=labels, memo=kopf.Memo(operator=op))
+
+    entry = asyncio.run(index())
+    assert op.wakeup("ml", "r").is_set()
+    assert not op.wakeup("ml", "other").is_set()
+    # Kopf keeps the entry under the handler's name; the reconciler reads it back from there.
+    indexes = {"humpback_pytorchjobs": {key: [value] for key, value in entry.items()}}
+    assert [c["metadata"]["name"] for c in child_events.children_of(indexes, "ml", "r")] == ["r-train-m0-abc123-a1"]
+
+
+def test_every_index_the_reconciler_reads_is_a_handler_of_child_events():
+    for name in child_events.INDEX_NAMES:
+        assert callable(getattr(child_events, name, None)), f"child_events.INDEX_NAMES names {name}, which is no handler"
