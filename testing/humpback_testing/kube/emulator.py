@@ -14,9 +14,11 @@ metadata (uid, resourceVersion, creationTimestamp, generation), create/get/list/
 finalizers, label and field selectors, watch resumption from a resourceVersion, Tables for
 ``kubectl get``, and CRDs created through the API (they start being served).
 
-What it does not: authentication, admission, OpenAPI schema validation, defaulting and pruning,
-namespace existence checks, garbage collection by ownerReferences, and any controller (Jobs,
-Deployments, custom resources never progress by themselves: tests bring stand-in controllers).
+It says no where kube-apiserver does: CRD schemas and their CEL rules, built-in kinds checked
+strictly, namespaces that must exist, PodSecurity and ResourceQuota admission of pods; it
+garbage-collects by ownerReferences, and expires watches (410 Gone) on demand. What it does not:
+authentication, defaulting, and any controller (Jobs, Deployments, custom resources never
+progress by themselves: tests bring stand-in controllers).
 
 It names nothing of any project: the tests pass in the CRDs it serves. Where and why it differs
 from KMock 0.8: README.md next to this file.
