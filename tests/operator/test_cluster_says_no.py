@@ -116,7 +116,8 @@ def test_a_child_deleted_during_a_watch_gap_is_noticed(cluster, start_operator, 
     wait_for(lambda: [j for j in children_named(cluster, "tiny", "jobs", "prepare-seed")
                       if j["metadata"]["uid"] != job["metadata"]["uid"]], 60, "the Job created again",
              explain(cluster, "tiny", op))
-    assert len([n for n in standins.seen["Job"] if n == job["metadata"]["name"]]) == 2
+    wait_for(lambda: len([n for n in standins.seen["Job"] if n == job["metadata"]["name"]]) == 2, 30,
+             "the stand-ins saw the new Job")
 
 
 UPGRADE = '''
