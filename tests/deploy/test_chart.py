@@ -236,6 +236,8 @@ EXPECTED_RUN_RULES = """
 - {apiGroups: [""], resources: [services], verbs: [get, list, watch, create, delete]}
 - {apiGroups: [""], resources: [configmaps], verbs: [get, list, watch, create, patch, delete]}
 - {apiGroups: ["", events.k8s.io], resources: [events], verbs: [create, patch]}
+- {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
+- {apiGroups: [""], resources: [events], verbs: [list, watch]}
 """
 
 
