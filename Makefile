@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # which would otherwise pull the newest CUDA torch (gigabytes).
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 EXTRAS ?= train,s3,hub,operator,dev
-# Stop the demo after a stage, e.g. `make demo DEMO_UNTIL=prepare-corpus`; empty runs everything.
+# Run only a stage and what it needs, e.g. `make demo DEMO_UNTIL=prepare-corpus`; empty runs everything.
 DEMO_UNTIL ?=
 PYTEST_ARGS ?=
 comma := ,

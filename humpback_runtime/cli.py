@@ -1,8 +1,8 @@
 """The `humpback` command.
 
     humpback validate RUN.yaml           # OK, or every error with its field path
-    humpback plan RUN.yaml               # stages, dependencies, fingerprints, what the store holds
-    humpback run RUN.yaml [--until STAGE] [--storage URI]
+    humpback plan RUN.yaml [--force STAGE] [--from STAGE] [--spec-only]   # stages, fingerprints, why stale
+    humpback run RUN.yaml [--until STAGE] [--force STAGE]... [--from STAGE] [--storage URI]
     humpback stage STAGE --spec RUN.yaml [--storage URI] [--force]
     humpback tiny-model OUT_DIR          # the demo's random-init base model
     humpback crd [-o FILE]               # the CustomResourceDefinition, generated from the spec models
@@ -59,10 +59,14 @@ def _load_spec(ref: str) -> BacktranslationRun:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from humpback_runtime.spec import local_problems
+
     status = 0
     for path in args.files:
         try:
             run = load_run(path)
+            if problems := local_problems(run):
+                raise SpecError(str(path), problems)
         except SpecError as e:
             print(e, file=sys.stderr)
             status = EXIT_INVALID
@@ -71,23 +75,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def forced_stages(plan, force: list[str] | None, start: str | None) -> set[str]:
+    """--force STAGE: that stage and every stage that depends on it; --from STAGE: it and all after it."""
+    forced: set[str] = set()
+    for name in force or []:
+        forced.update(plan.downstream(name))
+    if start:
+        forced.update(plan.after(start))
+    return forced
+
+
+def _check_stage_args(plan, args: argparse.Namespace) -> str | None:
+    for flag, names in (("--until", getattr(args, "until", None) or []), ("--force", args.force or []),
+                        ("--from", [args.start])):
+        for name in names:
+            if name is not None and name not in plan:
+                return f"{flag}: no stage {name!r} in this run (stages: {', '.join(plan.names())})"
+    return None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from humpback_runtime.context import RunContext
 
-    ctx = RunContext.create(_load_spec(args.file), args.storage)
+    from humpback_runtime.plan import stale_reasons
+
+    # --offline reads neither the store nor remote inputs: fingerprints from the spec alone then.
+    ctx = RunContext.create(_load_spec(args.file), args.storage, identify_inputs=not (args.spec_only or args.offline))
     plan = ctx.plan
+    if problem := _check_stage_args(plan, args):
+        print(problem, file=sys.stderr)
+        return EXIT_INVALID
+    forced = forced_stages(plan, args.force, args.start)
     rows = [("STAGE", "KIND", "DEPENDS ON", "FINGERPRINT", "STORE")]
+    reruns: set[str] = set()  # a stage whose input stage re-runs re-runs too
     for stage in plan.stages:
         if args.offline:
             state = "-"
         else:
-            manifest = ctx.manifest(stage.name)
-            if manifest is None:
-                state = "missing"
-            elif manifest.get("fingerprint") == stage.fingerprint:
-                state = "done"
-            else:
-                state = "stale (settings changed)"
+            reasons = stale_reasons(stage, ctx.manifest(stage.name))
+            if stage.name in forced:
+                reasons = ["forced", *(r for r in reasons if r != "missing")]
+            elif not reasons and (redo := [d for d in stage.deps if d in reruns]):
+                reasons = [f"upstream re-runs: {', '.join(redo)}"]
+            if reasons:
+                reruns.add(stage.name)
+            state = ("done" if not reasons else "missing" if reasons == ["missing"]
+                     else f"stale ({'; '.join(reasons)})")
         rows.append((stage.name, stage.kind, ",".join(stage.deps) or "-", stage.fingerprint, state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -100,15 +133,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from humpback_runtime.runner import run_local
 
-    run = load_run(args.file)
-    if args.until:
-        from humpback_runtime.plan import build_plan
+    from humpback_runtime.plan import build_plan
 
-        plan = build_plan(run)
-        if args.until not in plan:
-            print(f"--until: no stage {args.until!r} in this run (stages: {', '.join(plan.names())})", file=sys.stderr)
-            return EXIT_INVALID
-    return run_local(run, args.file, storage_uri=args.storage, until=args.until)
+    run = load_run(args.file)
+    plan = build_plan(run)  # the stage names, which do not depend on the data
+    if problem := _check_stage_args(plan, args):
+        print(problem, file=sys.stderr)
+        return EXIT_INVALID
+    return run_local(run, args.file, storage_uri=args.storage, until=args.until,
+                     force=forced_stages(plan, args.force, args.start))
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -116,7 +149,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from humpback_runtime.stages import run_stage
 
     run = _load_spec(args.spec)
-    ctx = RunContext.create(run, args.storage)
+    # A spec from the environment comes from the operator, which plans from the spec alone: the pod
+    # must write the fingerprint the operator waits for (see humpback_runtime.context).
+    ctx = RunContext.create(run, args.storage, identify_inputs=not args.spec.startswith(SPEC_ENV_PREFIX))
     if args.stage not in ctx.plan:
         print(f"no stage {args.stage!r} in run {run.name} (stages: {', '.join(ctx.plan.names())})", file=sys.stderr)
         return EXIT_INVALID
@@ -170,6 +205,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rerun_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--force", action="append", metavar="STAGE",
+                   help="re-run this stage and every stage that depends on it, even if done (repeatable)")
+    s.add_argument("--from", dest="start", metavar="STAGE",
+                   help="re-run this stage and every stage after it in the plan, even if done")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="humpback", description="Instruction backtranslation (Humpback) pipeline.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -183,12 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="RUN.yaml")
     s.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
     s.add_argument("--offline", action="store_true", help="do not look into the store")
+    s.add_argument("--spec-only", action="store_true",
+                   help="fingerprint from the spec alone, as the operator does (for a store written on a cluster)")
+    _add_rerun_flags(s)
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run", help="run the pipeline on this machine, resuming finished stages")
     s.add_argument("file", metavar="RUN.yaml")
     s.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
-    s.add_argument("--until", metavar="STAGE", help="stop after this stage (and what it needs)")
+    s.add_argument("--until", action="append", metavar="STAGE",
+                   help="run only this stage and the stages it needs (repeatable)")
+    _add_rerun_flags(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("stage", help="run one stage (the command the operator puts into pods)")

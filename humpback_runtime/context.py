@@ -2,6 +2,13 @@
 
 Layout (:mod:`humpback_runtime.layout`): `<storage uri>/<namespace>/<run name>/<stage>/…`, each
 finished stage closed by a `_SUCCESS.json` that carries its fingerprint.
+
+Content fingerprints: a context made with `identify_inputs=True` (the local runner, `humpback plan`,
+`humpback stage` with a run file) computes the identity of every data file the spec names and puts
+it into the plan, so an edited file re-runs the stages it feeds. The operator and its pods plan from
+the spec alone (`identify_inputs=False`): the operator never reads tenant data, and a pod must write
+the fingerprint the operator waits for. A pod still records the identities it read in its manifest
+(`inputIdentities`), and `humpback plan --spec-only` reads such a store as the operator does.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from humpback_runtime.layout import run_prefix, stage_prefix
-from humpback_runtime.plan import Plan, Stage, build_plan
+from humpback_runtime.plan import Plan, Stage, build_plan, stage_sources
 from humpback_runtime.spec import BacktranslationRun
 from humpback_runtime.storage import Store, iter_shard_records, open_store, output_shards, read_success
 
@@ -20,14 +27,27 @@ from humpback_runtime.storage import Store, iter_shard_records, open_store, outp
 class RunContext:
     run: BacktranslationRun
     storage_uri: str  # the spec's storage.uri unless overridden on the command line
+    identify_inputs: bool = True  # content fingerprints (see the module docstring)
 
     @classmethod
-    def create(cls, run: BacktranslationRun, storage_uri: str | None = None) -> RunContext:
-        return cls(run, storage_uri or run.spec.storage.uri)
+    def create(cls, run: BacktranslationRun, storage_uri: str | None = None, *,
+               identify_inputs: bool = True) -> RunContext:
+        # A relative store path in the spec is the run file's folder's; one on the command line the cwd's.
+        return cls(run, storage_uri or run.local_path(run.spec.storage.uri), identify_inputs)
+
+    @cached_property
+    def input_identities(self) -> dict[str, str | None]:
+        """The identity of every data file the run reads, keyed by the source as the spec writes it."""
+        from humpback_runtime.sources import source_identity
+
+        s3 = self.run.spec.storage.s3
+        sources = {src for srcs in stage_sources(self.run).values() for src in srcs}
+        return {src: source_identity(src, base_dir=self.run.base_dir, endpoint_url=s3.endpoint, region=s3.region)
+                for src in sorted(sources)}
 
     @cached_property
     def plan(self) -> Plan:
-        return build_plan(self.run)
+        return build_plan(self.run, self.input_identities if self.identify_inputs else None)
 
     @cached_property
     def store(self) -> Store:

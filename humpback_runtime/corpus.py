@@ -64,6 +64,7 @@ class CorpusCounts:
     exact_duplicate: int = 0
     near_duplicate: int = 0
     boilerplate_lines_removed: int = 0  # lines stripped from pages (kept or not), not documents
+    duplicate_ids_renamed: int = 0  # kept segments whose id was taken: given id#2, id#3, ... (not removed)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -449,10 +450,14 @@ def filter_corpus(records: Iterable[tuple[str, dict]], spec: CorpusSpec,
     """Filter (where, record) pairs; yield {"id", "text"} segments in input order.
 
     The id is record[spec.id_field] when that field is set and present, else `where`
-    ("file:line"); the text is record[spec.text_field].
+    ("file:line"); the text is record[spec.text_field]. Ids are unique in the output: a kept segment
+    whose id an earlier one took (two segments of one url, say) becomes `id#2`, `id#3`, ... and is
+    counted (`duplicate_ids_renamed`), so the inference stages' exactly-once by id holds.
     """
     flt = CorpusFilter(spec, counts)
+    counts = flt.counts
     text_field, id_field = spec.text_field, spec.id_field
+    used: set[str] = set()
     for where, record in records:
         doc_id = where
         if id_field is not None:
@@ -461,4 +466,11 @@ def filter_corpus(records: Iterable[tuple[str, dict]], spec: CorpusSpec,
                 doc_id = str(value)
         segment = flt.process(doc_id, record.get(text_field))
         if segment is not None:
+            if doc_id in used:
+                n = 2
+                while f"{doc_id}#{n}" in used:
+                    n += 1
+                segment["id"] = doc_id = f"{doc_id}#{n}"
+                counts.duplicate_ids_renamed += 1
+            used.add(doc_id)
             yield segment

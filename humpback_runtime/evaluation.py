@@ -98,7 +98,8 @@ class EvaluationError(ValueError):
 
 # --- evaluation sets ----------------------------------------------------------------------------
 
-def load_eval_set(source: str, *, endpoint_url: str | None = None, region: str | None = None) -> list[dict]:
+def load_eval_set(source: str, *, endpoint_url: str | None = None, region: str | None = None,
+                  base_dir: str | os.PathLike | None = None) -> list[dict]:
     """The prompts of one evaluation set, in file order: dicts with ``id`` (str) and ``instruction``.
 
     ``source`` is ``builtin:NAME`` (one of :data:`BUILTIN_SETS`, shipped with the package) or
@@ -117,7 +118,7 @@ def load_eval_set(source: str, *, endpoint_url: str | None = None, region: str |
     else:
         try:
             rows = list(iter_source_records(source, bad=BadRecords("fail", label="evaluation"),
-                                            endpoint_url=endpoint_url, region=region))
+                                            endpoint_url=endpoint_url, region=region, base_dir=base_dir))
         except DataError as e:
             raise EvaluationError(f"cannot read evaluation set {source}: {e}") from e
     records, seen = [], {}
@@ -337,6 +338,7 @@ def evaluate(
     checkpoint_every: int = 100,
     endpoint_url: str | None = None,
     region: str | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Answer every set with every model, then judge Mk vs M0 (and Mk vs M(k-1)) when a judge is set.
 
@@ -347,6 +349,7 @@ def evaluate(
             own checkpoints under ``prefix`` (``answers/<set>/<model>``) and must answer every id.
         judge_api_key: the judge's key; None reads :data:`JUDGE_API_KEY_ENV` (unset: no key).
         endpoint_url, region: S3 options for sets read from ``s3://``.
+        base_dir: the folder relative set paths are taken against (the run file's).
 
     Returns the stage manifest's fields: ``{"outputs": {"count", "answers", "judgments"},
     "evaluation": {...}}`` where ``evaluation`` is::
@@ -362,7 +365,7 @@ def evaluate(
     """
     if not models:
         raise EvaluationError("evaluate needs at least one model stage")
-    sets = {s.name: (s.source, load_eval_set(s.source, endpoint_url=endpoint_url, region=region))
+    sets = {s.name: (s.source, load_eval_set(s.source, endpoint_url=endpoint_url, region=region, base_dir=base_dir))
             for s in spec.sets}  # load (and validate) every set before any model runs
     judge = spec.judge
     settings = None

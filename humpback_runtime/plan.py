@@ -1,9 +1,16 @@
 """The plan: a pure function from a BacktranslationRun spec to the DAG of stages.
 
 The local runner and the operator both execute this plan. Each stage carries a fingerprint, a
-hash of its own settings and of its inputs' fingerprints, so a stage whose `_SUCCESS.json` holds
-the current fingerprint is done, and a spec edit re-runs only what it changed and what depends on it.
-Light on purpose (no torch): the operator imports it.
+hash of its own settings, of the identity of the data files it reads (when known) and of its
+inputs' fingerprints, so a stage whose `_SUCCESS.json` holds the current fingerprint is done, and a
+spec or data edit re-runs only what it changed and what depends on it. Light on purpose (no torch,
+no file or network access): the operator imports it. Input identities are computed by the caller
+(:attr:`humpback_runtime.context.RunContext.plan`, from :func:`humpback_runtime.sources.source_identity`)
+and passed in; the operator, which never reads tenant data, plans from the spec alone.
+
+Curation is split so that scoring happens once: curate-k's fingerprint holds what changes the
+scores (mode, rubric, topLogprobs, the scorer), while the selection settings (threshold, selectBy,
+minDigitMass, minYield) go into train-mk's, which selects from the stored scores.
 
     humpback plan examples/tiny-cpu.yaml
 """
@@ -22,16 +29,19 @@ from humpback_runtime.spec import BacktranslationRun
 # One number per stage family keeps unrelated stages untouched.
 STAGE_CODE_VERSIONS = {
     "prepare-seed": 1,
-    "prepare-corpus": 1,
-    "train": 1,
+    "prepare-corpus": 2,  # 2: duplicate ids are made unique (id#2, ...) instead of failing augment
+    "train": 2,  # 2: the backward model's prompt (the response) is cut to fit instead of dropping the pair
     "augment": 1,
     "rewrite": 1,
-    "curate": 1,
+    "curate": 2,  # 2: scores only (score = argmax in logprobs mode); selection moved to selected/<id>/
     "evaluate": 1,
     "report": 1,
 }
 
 PROMPTED_FAMILIES = frozenset({"train", "augment", "rewrite", "curate", "evaluate"})
+
+# Curation settings that choose among the stored scores rather than change them.
+SELECTION_SETTINGS = ("threshold", "selectBy", "minDigitMass", "minYield")
 
 StageKind = Literal["cpu", "train", "inference"]
 
@@ -48,6 +58,12 @@ class Stage:
     # For inference stages: the training stage whose model the vLLM server loads.
     serves: str | None = None
     role: str | None = None  # training role: backward, seed or forward
+    # The data files the stage reads, as written in the spec (seed.source, corpus.source, evaluation sets).
+    sources: tuple[str, ...] = ()
+    # Their identities as they entered the fingerprint ({} when the plan was made from the spec alone).
+    data: dict[str, str] = field(default_factory=dict)
+    settings_digest: str = ""  # hash of settings, code and template versions: what "settings changed" means
+    upstream: dict[str, str] = field(default_factory=dict)  # the fingerprints of the stages it depends on
 
 
 @dataclass
@@ -84,6 +100,39 @@ class Plan:
                 hit.add(s.name)
         return [s.name for s in self.stages if s.name in hit]
 
+    def after(self, name: str) -> list[str]:
+        """`name` and every stage the plan orders after it."""
+        names = self.names()
+        return names[names.index(name):]
+
+
+def fingerprint_parts(stage: Stage) -> dict[str, Any]:
+    """What a stage's manifest records about its fingerprint, so `plan` can say why it changed."""
+    return {"settings": stage.settings_digest, "data": dict(stage.data), "upstream": dict(stage.upstream)}
+
+
+def stale_reasons(stage: Stage, manifest: dict | None) -> list[str]:
+    """Why the stage's outputs in the store are not current: [] when they are (done)."""
+    if manifest is None:
+        return ["missing"]
+    if manifest.get("fingerprint") == stage.fingerprint:
+        return []
+    parts = manifest.get("fingerprintParts")
+    if not isinstance(parts, dict):  # a manifest from before the parts were recorded
+        return ["settings changed"]
+    reasons = []
+    if parts.get("settings") != stage.settings_digest:
+        reasons.append("settings changed")
+    old_data = parts.get("data") or {}
+    changed = sorted(s for s in set(stage.data) | set(old_data) if stage.data.get(s) != old_data.get(s))
+    if changed and stage.data:
+        reasons.append(f"input changed: {', '.join(changed)}")
+    old_up = parts.get("upstream") or {}
+    upstream = [d for d in stage.deps if old_up.get(d) != stage.upstream.get(d)]
+    if upstream:
+        reasons.append(f"upstream changed: {', '.join(upstream)}")
+    return reasons or ["fingerprint changed"]
+
 
 def fingerprint(payload: dict[str, Any]) -> str:
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -95,41 +144,63 @@ def model_stage(k: int) -> str:
     return "train-m0" if k == 0 else f"train-m{k}"
 
 
-def build_plan(run: BacktranslationRun) -> Plan:
-    """Stages in a valid execution order (every stage after its dependencies)."""
+def stage_sources(run: BacktranslationRun) -> dict[str, tuple[str, ...]]:
+    """The data files each stage reads, as written in the spec (the sources of content fingerprints)."""
+    spec = run.spec
+    sources = {"prepare-seed": (spec.seed.source,), "prepare-corpus": (spec.corpus.source,)}
+    if spec.evaluation.enabled:
+        sources["evaluate"] = tuple(s.source for s in spec.evaluation.sets if not s.source.startswith("builtin:"))
+    return sources
+
+
+def build_plan(run: BacktranslationRun, inputs: dict[str, str | None] | None = None) -> Plan:
+    """Stages in a valid execution order (every stage after its dependencies).
+
+    `inputs` maps a data source as written in the spec to its identity
+    (:func:`humpback_runtime.sources.source_identity`); a stage whose sources all have one is
+    fingerprinted by its data too. Without it (the operator) fingerprints come from the spec alone.
+    """
     spec = run.spec
     dump = lambda m: m.model_dump(mode="json", by_alias=True)  # noqa: E731
     plan = Plan(run_name=run.name, namespace=run.namespace)
     fps: dict[str, str] = {}
+    reads = stage_sources(run)
 
     def add(name: str, kind: StageKind, family: str, deps: list[str], settings: dict[str, Any], **extra: Any) -> None:
-        payload = {
-            "stage": family,
-            "code": STAGE_CODE_VERSIONS[family],
-            "settings": settings,
-            "inputs": {d: fps[d] for d in deps},
-        }
+        own: dict[str, Any] = {"stage": family, "code": STAGE_CODE_VERSIONS[family], "settings": settings}
         if family in PROMPTED_FAMILIES:  # a changed template changes what these stages write
-            payload["templates"] = TEMPLATE_VERSION
+            own["templates"] = TEMPLATE_VERSION
+        payload = {**own, "inputs": {d: fps[d] for d in deps}}
+        sources = reads.get(name, ())
+        data = {s: inputs[s] for s in sources if inputs and inputs.get(s)}
+        if sources and len(data) == len(set(sources)):
+            payload["data"] = data
+        else:  # an identity missing: the settings alone, as the operator plans
+            data = {}
         fps[name] = fingerprint(payload)
-        plan.stages.append(Stage(name, kind, family, tuple(deps), settings, fps[name], **extra))
+        plan.stages.append(Stage(name, kind, family, tuple(deps), settings, fps[name], sources=sources, data=data,
+                                 settings_digest=fingerprint(own), upstream={d: fps[d] for d in deps}, **extra))
 
     # Operational settings (resources, retries, storage, suspend, inference engine) stay out of
     # fingerprints: they change where and how fast a stage runs, not what it writes.
-    add("prepare-seed", "cpu", "prepare-seed", [], {"seed": dump(spec.seed)})
+    # A yield floor decides whether a stage's outputs are accepted, not what they are: it stays out.
+    add("prepare-seed", "cpu", "prepare-seed", [], {"seed": _without(dump(spec.seed), "minYield")})
     add("prepare-corpus", "cpu", "prepare-corpus", [], {"corpus": dump(spec.corpus)})
 
     def train(name: str, role: str, deps: list[str], extra: dict[str, Any], iteration: int | None = None) -> None:
-        settings = {"baseModel": spec.base_model, "training": dump(getattr(spec.training, role)), **extra}
+        settings = {"baseModel": spec.base_model, "training": _without(dump(getattr(spec.training, role)), "minYield"),
+                    **extra}
         add(name, "train", "train", deps, settings, role=role, iteration=iteration)
 
     train("train-myx", "backward", ["prepare-seed"], {})
     train("train-m0", "seed", ["prepare-seed"], {"systemPrompts": dump(spec.system_prompts)})
     add("augment", "inference", "augment", ["train-myx", "prepare-corpus"],
-        {"augmentation": dump(spec.augmentation)}, serves="train-myx")
+        {"augmentation": _without(dump(spec.augmentation), "minYield")}, serves="train-myx")
 
     curation = dump(spec.curation)
-    curation_settings = {k: v for k, v in curation.items() if k not in ("iterations", "rewrite")}
+    curation_settings = {k: v for k, v in curation.items()
+                         if k not in ("iterations", "rewrite", *SELECTION_SETTINGS)}
+    selection = selection_settings(spec.curation)
     for k in range(1, spec.curation.iterations + 1):
         scorer = model_stage(k - 1)
         candidates = "augment"
@@ -143,7 +214,7 @@ def build_plan(run: BacktranslationRun) -> Plan:
         add(f"curate-{k}", "inference", "curate", [candidates, scorer],
             {"curation": curation_settings}, iteration=k, serves=scorer)
         train(f"train-m{k}", "forward", ["prepare-seed", f"curate-{k}"],
-              {"systemPrompts": dump(spec.system_prompts)}, iteration=k)
+              {"systemPrompts": dump(spec.system_prompts), "selection": selection}, iteration=k)
 
     models = [model_stage(k) for k in range(0, spec.curation.iterations + 1)]
     report_deps = ["prepare-seed", "prepare-corpus", "train-myx", "augment"]
@@ -155,5 +226,25 @@ def build_plan(run: BacktranslationRun) -> Plan:
     return plan
 
 
+def _without(settings: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in keys}
+
+
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def selection_settings(curation: Any) -> dict[str, Any]:
+    """The settings that choose the curated pairs among the stored scores (from spec.curation)."""
+    selection: dict[str, Any] = {"threshold": curation.threshold, "minYield": curation.min_yield}
+    if curation.mode == "logprobs":  # generate mode has one integer score: these do not apply
+        selection.update(selectBy=curation.select_by, minDigitMass=curation.min_digit_mass)
+    return selection
+
+
+def selection_id(selection: dict[str, Any]) -> str:
+    """A readable folder name for a selection: threshold-5-argmax-mass-0.5 (minYield only guards it)."""
+    parts = [f"threshold-{selection['threshold']:g}"]
+    if "selectBy" in selection:
+        parts += [selection["selectBy"], f"mass-{selection['minDigitMass']:g}"]
+    return "-".join(parts)

@@ -271,10 +271,21 @@ class TrainingExample:
 
     prompt: str
     completion: str
+    # The characters of ``prompt`` that hold user text the trainer may cut from its end to fit
+    # maxSeqLength (the backward model's response); None: the prompt is kept whole.
+    cut_span: tuple[int, int] | None = None
 
     @property
     def text(self) -> str:
         return self.prompt + self.completion
+
+    def with_cut_text(self, text: str) -> TrainingExample:
+        """The same example with the cuttable span replaced by ``text`` (a shortened version of it)."""
+        if self.cut_span is None:
+            raise ValueError("this example has no cuttable span")
+        start, end = self.cut_span
+        return TrainingExample(self.prompt[:start] + text + self.prompt[end:], self.completion,
+                               (start, start + len(text)))
 
 
 def forward_prompt(instruction: str, system: str) -> str:
@@ -301,8 +312,14 @@ def backward_prompt(response: str) -> str:
 
 
 def backward_example(instruction: str, response: str) -> TrainingExample:
-    """A backward-model training example from a seed pair: the response in, the instruction out."""
-    return TrainingExample(backward_prompt(response), _clean(instruction, "instruction"))
+    """A backward-model training example from a seed pair: the response in, the instruction out.
+
+    The response may be cut to fit maxSeqLength (``cut_span``): the instruction is what the model learns.
+    """
+    response = _clean(response, "response")
+    start = BACKWARD_TEMPLATE.index("{response}")
+    return TrainingExample(backward_prompt(response), _clean(instruction, "instruction"),
+                           (start, start + len(response)))
 
 
 # --- curation, instruction rating, rewriting, judging -----------------------------------------

@@ -107,6 +107,16 @@ def collect_report_inputs(store: Store, run_prefix: str, plan: Any, *, max_recor
         if not manifest:
             continue
         rows = list(records(name))
+        chosen = _current_selection(store, run_prefix, stages, k, name)
+        if chosen is not None:  # curate-k stores every score; the curated pairs are the current selection
+            manifests[name] = manifest = {**manifest, "selected": chosen.get("selected"), "selection": chosen.get("id")}
+            field = "expected" if manifest.get("mode") == "logprobs" else "score"
+            scores[k] = [float(r[field]) for r in rows if _is_number(r.get(field))]
+            curated = list(_stage_records(store, chosen.get("prefix", ""), chosen, max_records))
+            lengths[f"curated-{k}"] = _lengths(curated)
+            if curated:
+                picked[f"curated-{k}"] = [_example(r) for r in curated[:examples]]
+            continue
         marked = any("selected" in r for r in rows)
         curated = [r for r in rows if r.get("selected") is True] if marked else rows
         lengths[f"curated-{k}"] = _lengths(curated)
@@ -131,6 +141,17 @@ def collect_report_inputs(store: Store, run_prefix: str, plan: Any, *, max_recor
         "examples": picked,
         "curate_stages": curate,
     }
+
+
+def _current_selection(store: Store, run_prefix: str, stages: list, k: int, curate_stage: str) -> dict | None:
+    """The manifest of curate-k's selection with the run's current settings (train-mk's), if made."""
+    from humpback_runtime.plan import selection_id
+
+    train = next((s for s in stages if s.family == "train" and s.iteration == k), None)
+    settings = (train.settings or {}).get("selection") if train is not None else None
+    if not settings:
+        return None
+    return read_success(store, f"{run_prefix}/{curate_stage}/selected/{selection_id(settings)}")
 
 
 def _stage_records(store: Store, prefix: str, manifest: dict | None, limit: int) -> Iterator[dict]:
@@ -534,10 +555,13 @@ def _counts(manifests: dict, curate: list[tuple[int, str]]) -> str:
             return _na("no counts in the prepare-corpus manifest")
         first = [("documents read", fields.pop("read", None)), ("segments kept", fields.pop("kept", None))]
         lines = fields.pop("boilerplate_lines_removed", None)
+        renamed = fields.pop("duplicate_ids_renamed", None)
         rows = [(k, v) for k, v in first if v is not None]
         rows += [(f"removed: {k.replace('_', ' ')}", v) for k, v in fields.items()]
         if lines is not None:
             rows.append(("boilerplate lines stripped (not documents)", lines))
+        if renamed:
+            rows.append(("duplicate ids made unique (kept)", renamed))
         return _kv(rows)
 
     def generic(m: dict) -> str:
@@ -604,6 +628,12 @@ def _scores_section(plots: _Plots, manifests: dict, curate: list[tuple[int, str]
         rows.append([_num(k), _e(modes.get(k) or "–"), _num(int(total)), _num(mean, 2)])
     body = _table(["iteration", "mode", "candidates", "mean score"], rows)
     body += "\n" + (plots.unavailable() if plots.missing else _score_plot(plots, usable))
+    masses = [(k, _get(manifests.get(s), "scores", "digitMass")) for k, s in curate]
+    masses = [(k, m) for k, m in masses if isinstance(m, Mapping)]
+    if masses:  # logprobs mode: how much probability the rater put on the digits 1..5 at all
+        cols = ["min", "p05", "p25", "p50", "p75", "p95", "max"]
+        body += "\n<h3>Probability on the score digits (logprobs mode)</h3>\n" + _table(
+            ["iteration", *cols], [[_num(k), *(_num(m.get(c), 3) for c in cols)] for k, m in masses])
     if notes:
         body += "\n" + "".join(f'<p class="na">{_e(n)}</p>' for n in notes)
     return body

@@ -8,12 +8,13 @@ torch, transformers or vLLM. The CRD schema is generated from these models.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 # The API identity of a run, defined here once: the CRD, the operator and `render` take it from here.
@@ -35,6 +36,30 @@ PAPER_STEPS_BY_SIZE: list[tuple[int, int]] = [
 ]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# A Hugging Face hub repo id: NAME or OWNER/NAME, letters, digits, '-', '_' and '.', at most 96 characters.
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+# Upper bounds: a count beyond these is a typo (maxDocuments: 1e30), not a plan, and would crash
+# or exhaust memory far from the spec.
+MAX_COUNT = 10**12  # records, documents, examples
+MAX_TOKENS = 1 << 20
+MAX_BATCH = 1 << 16
+MAX_CONCURRENCY = 4096
+MAX_STEPS = 10**8
+SOURCE_SCHEMES = ("file://", "s3://", "hf://")
+STORAGE_SCHEMES = ("file://", "s3://")
+
+
+def looks_local(path: str) -> bool:
+    """A path meant as a local file or folder rather than a hub id: ./x, ../x, /x, ~/x, file://, a/b/c."""
+    return path.startswith((".", "/", "~", "file://")) or path.count("/") > 1 or "\\" in path
+
+
+def _check_scheme(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if "://" in value and not value.startswith(allowed):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"unsupported scheme {scheme}:// in {value!r}: {what} is a local path or one of "
+                         f"{', '.join(allowed)}")
+    return value
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -58,6 +83,10 @@ class DataSource(Model):
         "or a glob), or a Hugging Face dataset id as hf://owner/name (streamed; needs a hub)."
     )
     split: str = Field("train", description="Split to read when source is a Hugging Face dataset.")
+    max_record_bytes: int = Field(
+        16 * 2**20, ge=1, le=2**31,
+        description="A record (line) longer than this is a bad record, skipped unread: memory stays bounded.",
+    )
     on_bad_record: Literal["skip", "fail"] = Field(
         "skip",
         description="Malformed line or record: skip it (reported with file and line, counted in the "
@@ -69,7 +98,7 @@ class DataSource(Model):
     def _source_not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must be a non-empty path or URI")
-        return v
+        return _check_scheme(v, SOURCE_SCHEMES, "a data source")
 
 
 class PairFields(Model):
@@ -91,7 +120,12 @@ class SeedSpec(DataSource):
         description="Optional quality filter: drop pairs whose oasst1 quality label (0-1) of prompt "
         "or reply is below this. Pairs without a label are kept.",
     )
-    max_examples: int | None = Field(3200, ge=1, description="Cap on seed pairs (paper: 3,200).")
+    max_examples: int | None = Field(3200, ge=1, le=MAX_COUNT, description="Cap on seed pairs (paper: 3,200).")
+    min_yield: float = Field(
+        0.2, ge=0, le=1,
+        description="Fail when fewer than this share of the candidate prompts (after the language filter and "
+        "the cap) become seed pairs; the message names the filter that took the rest.",
+    )
 
 
 class DedupSpec(Model):
@@ -105,9 +139,9 @@ class DedupSpec(Model):
 class CorpusSpec(DataSource):
     text_field: str = Field("text", description="Field holding the document text.")
     id_field: str | None = Field(None, description="Field holding a stable document id (e.g. url); null numbers the documents.")
-    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
-    min_chars: int = Field(600, ge=1, description="Shortest segment kept (paper: 600).")
-    max_chars: int = Field(3000, ge=1, description="Longest segment kept (paper: 3,000).")
+    max_documents: int | None = Field(None, ge=1, le=MAX_COUNT, description="Read at most this many documents.")
+    min_chars: int = Field(600, ge=1, le=10**7, description="Shortest segment kept (paper: 600).")
+    max_chars: int = Field(3000, ge=1, le=10**7, description="Longest segment kept (paper: 3,000).")
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     boilerplate: bool = Field(True, description="Drop navigation, cookie and boilerplate lines and pages.")
 
@@ -122,28 +156,34 @@ class CorpusSpec(DataSource):
 
 
 class StepsBySize(Model):
-    max_examples: int = Field(ge=1, description="Applies to training sets up to this size.")
-    steps: int = Field(ge=1)
+    max_examples: int = Field(ge=1, le=MAX_COUNT, description="Applies to training sets up to this size.")
+    steps: int = Field(ge=1, le=MAX_STEPS)
 
 
 class TrainingSpec(Model):
     learning_rate: float = Field(1e-5, gt=0)
     final_learning_rate: float = Field(9e-6, ge=0, description="Learning rate decays linearly to this.")
     weight_decay: float = Field(0.1, ge=0)
-    batch_size: int = Field(32, ge=1, description="Global batch size (sequences per optimizer step).")
-    per_device_batch_size: int = Field(1, ge=1, description="Micro-batch; gradient accumulation makes up the rest.")
-    steps: int | None = Field(None, ge=1, description="Fixed optimizer steps; null uses stepsBySize.")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Global batch size (sequences per optimizer step).")
+    per_device_batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batch; gradient accumulation makes up the rest.")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Fixed optimizer steps; null uses stepsBySize.")
     steps_by_size: list[StepsBySize] = Field(
         default_factory=lambda: [StepsBySize(max_examples=n, steps=s) for n, s in PAPER_STEPS_BY_SIZE],
         min_length=1,
         description="Paper schedule: the first entry whose maxExamples >= the data size; larger sets use the last.",
     )
-    max_seq_length: int = Field(2048, ge=16)
+    max_seq_length: int = Field(2048, ge=16, le=MAX_TOKENS)
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
-    checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint to the store every N steps.")
+    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint to the store every N steps.")
     seed: int = 42
+    min_yield: float = Field(
+        0.5, ge=0, le=1,
+        description="Fail when fewer than this share of the examples can be trained on. Longer examples are "
+        "cut (the backward model's prompt, the forward model's response); one whose kept part (the "
+        "instruction and the template) alone fills maxSeqLength is dropped.",
+    )
 
     @model_validator(mode="after")
     def _schedule(self) -> TrainingSpec:
@@ -152,6 +192,9 @@ class TrainingSpec(Model):
             raise ValueError("stepsBySize must be sorted by strictly increasing maxExamples")
         if self.per_device_batch_size > self.batch_size:
             raise ValueError(f"perDeviceBatchSize ({self.per_device_batch_size}) must not exceed batchSize ({self.batch_size})")
+        if self.batch_size % self.per_device_batch_size:
+            raise ValueError(f"batchSize ({self.batch_size}) must be a multiple of perDeviceBatchSize "
+                             f"({self.per_device_batch_size}): the global batch is made of equal micro-batches")
         return self
 
     def steps_for(self, n_examples: int) -> int:
@@ -177,12 +220,17 @@ class SystemPrompts(Model):
 class SamplingSpec(Model):
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.9, gt=0, le=1)
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
     seed: int = 0
 
 
 class AugmentationSpec(SamplingSpec):
-    max_instruction_chars: int = Field(2000, ge=1, description="Longer generated instructions are dropped and counted.")
+    max_instruction_chars: int = Field(2000, ge=1, le=10**7, description="Longer generated instructions are dropped and counted.")
+    min_yield: float = Field(
+        0.2, ge=0, le=1,
+        description="Fail when fewer than this share of the segments become candidate pairs; the message "
+        "names the main cause (e.g. instructions cut off by maxTokens).",
+    )
 
 
 class InferenceSpec(Model):
@@ -192,10 +240,16 @@ class InferenceSpec(Model):
         "transformers otherwise.",
     )
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL of a running vLLM server (engine vllm-server, local runs).")
-    concurrency: int = Field(64, ge=1, description="Requests in flight per client.")
-    batch_size: int = Field(8, ge=1, description="Batch size of the in-process engines.")
-    checkpoint_every: int = Field(1000, ge=1, description="Flush an output shard to the store every N records.")
-    max_retries: int = Field(5, ge=0)
+    concurrency: int = Field(64, ge=1, le=MAX_CONCURRENCY, description="Requests in flight per client.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Batch size of the in-process engines.")
+    checkpoint_every: int = Field(1000, ge=1, le=10**7, description="Flush an output shard to the store every N records.")
+    max_retries: int = Field(5, ge=0, le=100)
+    max_rejected_fraction: float = Field(
+        0.01, ge=0, le=1,
+        description="A record the server refuses (HTTP 400, 413 or 422: a prompt over the context length, a "
+        "bad prompt) is dropped and counted (counts.rejected_by_server); the stage fails only when more "
+        "than this share of its records is refused.",
+    )
     per_request_seed: bool = Field(
         True,
         description="Send each record's sampling seed to the server, so a record samples the same text "
@@ -227,20 +281,45 @@ class CurationSpec(Model):
         description="generate: the paper's reasoning then 'Score: N', parsed strictly; logprobs: one "
         "forward pass, probability over the tokens 1..5, never unparsable.",
     )
-    threshold: float = Field(5, ge=1, le=5, description="Keep candidates scoring at least this (paper: 5).")
+    threshold: float = Field(
+        5, ge=1, le=5,
+        description="Keep candidates scoring at least this (paper: 5). A selection setting: changing it "
+        "re-selects from the stored scores without a new request.",
+    )
     select_by: Literal["argmax", "expected"] = Field(
         "argmax",
         description="logprobs mode: compare the threshold with the most probable score (argmax, like "
-        "the paper's discrete rating) or with the expected score over 1..5.",
+        "the paper's discrete rating) or with the expected score over 1..5 (a warning says when that "
+        "keeps under 1 %). A selection setting.",
+    )
+    min_digit_mass: float = Field(
+        0.5, ge=0, le=1,
+        description="logprobs mode: a pair whose next-token probability on the digits 1..5 is below this is "
+        "left unscored and counted (the rater wanted to write something else). A selection setting.",
+    )
+    top_logprobs: int = Field(
+        20, ge=1, le=1000,
+        description="logprobs mode: how many next-token candidates the server returns. vLLM serves at most "
+        "its --max-logprobs (default 20); above that add --max-logprobs N to resources.inference.extraArgs.",
+    )
+    min_yield: float = Field(
+        0.001, ge=0, le=1,
+        description="Fail when fewer than this share of the scored candidates is selected (the paper's "
+        "threshold 5 kept about 8 %). A selection setting.",
     )
     instruction_only: bool = Field(False, description="Kun-style scoring of the instruction alone.")
-    max_tokens: int = Field(256, ge=1, description="Tokens for the reasoning in generate mode.")
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS, description="Tokens for the reasoning in generate mode.")
     rewrite: RewriteSpec = Field(default_factory=RewriteSpec, description="Optional rewriting of candidate responses before curation.")
 
 
 class EvalSet(Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     source: str = Field(description="JSONL with id and instruction; builtin:NAME for a shipped set.")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return v if v.startswith("builtin:") else _check_scheme(v, SOURCE_SCHEMES[:2], "an evaluation set")
 
 
 class JudgeSpec(Model):
@@ -283,8 +362,16 @@ class S3Spec(Model):
 
 
 class StorageSpec(Model):
-    uri: str = Field("./runs", description="Artifact root: a local path, file:// or s3://bucket/prefix.")
+    uri: str = Field("./runs", description="Artifact root: a local path (relative to the run file's folder), "
+                     "file:// or s3://bucket/prefix.")
     s3: S3Spec = Field(default_factory=S3Spec)
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty path or URI")
+        return _check_scheme(v, STORAGE_SCHEMES, "the artifact store")
 
 
 class Toleration(Model):
@@ -337,8 +424,8 @@ class PodResources(Model):
 
 
 class TrainingResources(PodResources):
-    nodes: int = Field(1, ge=1, description="PyTorchJob replicas: one Master plus nodes-1 Workers.")
-    gpus_per_node: int = Field(8, ge=0)
+    nodes: int = Field(1, ge=1, le=4096, description="PyTorchJob replicas: one Master plus nodes-1 Workers.")
+    gpus_per_node: int = Field(8, ge=0, le=64)
     node_selector: dict[str, str] = Field(default_factory=lambda: dict(A100_SELECTOR))
     timeout: str = Field("72h", pattern=DURATION_PATTERN, description="Run deadline of one training attempt "
                          "(runPolicy.activeDeadlineSeconds); 0s: none.")
@@ -347,8 +434,8 @@ class TrainingResources(PodResources):
 
 
 class InferenceResources(PodResources):
-    replicas: int = Field(1, ge=1, description="vLLM server replicas.")
-    gpus_per_replica: int = Field(1, ge=0, description="Also vLLM's --tensor-parallel-size.")
+    replicas: int = Field(1, ge=1, le=4096, description="vLLM server replicas.")
+    gpus_per_replica: int = Field(1, ge=0, le=64, description="Also vLLM's --tensor-parallel-size.")
     node_selector: dict[str, str] = Field(default_factory=lambda: dict(A100_SELECTOR))
     extra_args: list[str] = Field(default_factory=list, description="Extra vllm serve arguments.")
     timeout: str = Field("48h", pattern=DURATION_PATTERN, description="Run deadline of one inference attempt (the "
@@ -364,15 +451,18 @@ class Resources(Model):
 
 
 class RetrySpec(Model):
-    limit: int = Field(3, ge=0, description="Retries per stage after the first attempt.")
-    backoff_seconds: int = Field(30, ge=0, description="Delay before the first retry; doubles each time.")
+    limit: int = Field(3, ge=0, le=100, description="Retries per stage after the first attempt.")
+    backoff_seconds: int = Field(30, ge=0, le=86400, description="Delay before the first retry; doubles each time.")
 
 
 # --- the resource ---------------------------------------------------------------------------
 
 
 class BacktranslationRunSpec(Model):
-    base_model: str = Field(min_length=1, description="Hugging Face hub id, local directory or s3:// URI.")
+    base_model: str = Field(
+        min_length=1,
+        description="Hugging Face hub id (OWNER/NAME), local directory (relative to the run file's folder) or s3:// URI.",
+    )
     seed: SeedSpec
     corpus: CorpusSpec
     augmentation: AugmentationSpec = Field(default_factory=AugmentationSpec)
@@ -385,6 +475,16 @@ class BacktranslationRunSpec(Model):
     resources: Resources = Field(default_factory=Resources)
     retries: RetrySpec = Field(default_factory=RetrySpec)
     suspend: bool = Field(False, description="Stop running children and keep finished artifacts; false continues.")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, v: str) -> str:
+        if "://" in v:
+            return _check_scheme(v, STORAGE_SCHEMES, "baseModel")
+        if not looks_local(v) and not _HUB_ID.match(v):
+            raise ValueError(f"{v!r} is neither a Hugging Face hub id (OWNER/NAME: letters, digits, '-', '_', "
+                             "'.') nor a local path (write ./DIR for a folder next to the run file)")
+        return v
 
 
 class Metadata(Model):
@@ -414,6 +514,33 @@ class BacktranslationRun(Model):
     spec: BacktranslationRunSpec
     # A live object carries status; the controller owns it and the runtime ignores it.
     status: dict[str, Any] | None = Field(None, exclude=True)
+    # The folder of the run file: relative local paths in the spec (sources, baseModel, storage.uri)
+    # are taken against it, so a run file works from any working directory. None for a spec that
+    # came from no file (the operator's pods): the working directory then.
+    _base_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self._base_dir
+
+    def local_path(self, path: str) -> str:
+        """`path` as written in the spec, resolved: a relative local path against the run file's folder."""
+        if "://" in path and not path.startswith("file://"):
+            return path
+        path = os.path.expanduser(path.removeprefix("file://"))
+        if self._base_dir is None or os.path.isabs(path):
+            return path
+        return os.path.normpath(os.path.join(self._base_dir, path))
+
+    def base_model_ref(self) -> str:
+        """spec.baseModel as the trainer takes it: a local folder resolved, a hub id or s3:// URI as written."""
+        ref = self.spec.base_model
+        if "://" in ref and not ref.startswith("file://"):
+            return ref
+        local = self.local_path(ref)
+        if looks_local(ref) or os.path.isdir(local):
+            return local
+        return ref
 
     @property
     def name(self) -> str:
@@ -489,7 +616,41 @@ def load_run(path: str | Path) -> BacktranslationRun:
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind", KIND) == KIND]
     if not runs:
         raise SpecError(str(path), ["(file): no BacktranslationRun document found"])
-    return parse_run(runs[0], str(path))
+    run = parse_run(runs[0], str(path))
+    run._base_dir = path.resolve().parent
+    return run
+
+
+def local_problems(run: BacktranslationRun) -> list[str]:
+    """What `humpback validate` can know on this machine beyond the schema: local data sources and a
+    local baseModel that do not exist, each with its field path and the path it was resolved to.
+
+    Relative paths are taken against the run file's folder. Remote sources (s3://, hf://) are not
+    contacted: validate stays offline.
+    """
+    import glob
+
+    problems = []
+    where = f" (relative paths are taken against the run file's folder, {run.base_dir})" if run.base_dir else ""
+    spec = run.spec
+    sources = [("spec.seed.source", spec.seed.source), ("spec.corpus.source", spec.corpus.source)]
+    sources += [(f"spec.evaluation.sets[{i}].source", s.source) for i, s in enumerate(spec.evaluation.sets)
+                if spec.evaluation.enabled and not s.source.startswith("builtin:")]
+    for field, source in sources:
+        if "://" in source and not source.startswith("file://"):
+            continue
+        path = run.local_path(source)
+        if glob.has_magic(path):
+            if not glob.glob(path, recursive=True):
+                problems.append(f"{field}: no file matches {path}{where}")
+        elif not os.path.exists(path):
+            problems.append(f"{field}: no such file or folder: {path}{where}")
+    base = spec.base_model
+    if ("://" not in base or base.startswith("file://")) and looks_local(base):
+        path = run.local_path(base)
+        if not os.path.isdir(path):
+            problems.append(f"spec.baseModel: no such model folder: {path}{where}")
+    return problems
 
 
 def dump_run(run: BacktranslationRun) -> dict[str, Any]:

@@ -415,6 +415,14 @@ class S3Store(Store):
             resp = self._client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
         return any(obj["Key"] == full for obj in resp.get("Contents", []))
 
+    def version_tag(self, key: str) -> str:
+        """What the object's content is: its ETag, and its VersionId on a versioned bucket."""
+        with self._errors("check", self.url(key)):
+            head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        tag = str(head.get("ETag", "")).strip('"')
+        version = head.get("VersionId")
+        return f"{tag}@{version}" if version and version != "null" else tag
+
     def _list_full(self, prefix: str) -> list[str]:
         prefix = _check_key(prefix, prefix=True)
         full = "/".join(p for p in (self.prefix, prefix) if p)

@@ -60,3 +60,17 @@ def s3_bucket(s3_client):
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def demo_base_model():
+    """The demo's base model, .cache/tiny-llama (what `make demo` builds), so that `humpback validate
+    examples/tiny-cpu.yaml` finds the local baseModel it names. Built once; kept like make demo's."""
+    pytest.importorskip("transformers", reason="building the tiny model needs the train extra")
+    from pathlib import Path
+
+    from humpback_runtime.tiny_model import build_tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    return build_tiny_model(root / ".cache" / "tiny-llama", text_files=[
+        root / "examples" / "data" / "oasst1_sample.jsonl", root / "examples" / "data" / "c4_sample.jsonl"])

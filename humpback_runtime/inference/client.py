@@ -15,8 +15,8 @@ Used by the augment, rewrite, curate and evaluate stages against a vLLM server::
     async with CompletionsClient(settings) as client:
         stats = await run_completions(client, records, build, handle, store=store,
                                       prefix="ns/run/augment-m0", checkpoint_every=1000)
-    # stats: completed, skipped_done, dropped, retries, seconds, records_per_second,
-    #        prompt_tokens, completion_tokens, shards_written -> the stage manifest
+    # stats: completed, skipped_done, dropped, retries, seconds, records_per_second, prompt_tokens,
+    #        completion_tokens, shards_written, rejected_by_server, rejected_examples -> the stage manifest
 
 `CompletionsClient.complete(prompt, **params)` POSTs `{"model", "prompt", **params}` to
 `{base_url}/completions` and returns `choices[0]` (`text`, `logprobs`, `finish_reason`, ...) with
@@ -44,6 +44,11 @@ checkpoints to the store:
   skipped. A shard is written whole or not at all, so records in flight (or finished but not yet
   checkpointed) when the process dies are simply redone by the next run. Input ids must be unique:
   a repeated id raises `CompletionError`.
+- A record the server refuses for what it is (HTTP 400, 413 or 422: a prompt longer than the
+  context, a bad prompt) is dropped, never retried: `{id_field: id, "rejected": "HTTP 400: <the
+  server's message>"}` goes to the dropped shards and `rejected_by_server` counts it (the first
+  ones in `rejected_examples`). Only when more than `max_rejected` records (earlier attempts
+  included) are refused does the run fail: then it is the requests, not the records.
 - A record that still fails after its retries fails the run: the other requests are cancelled,
   what already finished is flushed to a last shard, then `CompletionError` (naming the record id,
   the URL and the last status or error) is raised. The same flush happens on any other error or
@@ -68,11 +73,15 @@ from typing import Any
 
 from humpback_runtime.storage import ShardWriter, StorageError, Store, iter_shard_records, list_shards
 
-__all__ = ["ClientSettings", "CompletionError", "CompletionsClient", "run_completions"]
+__all__ = ["ClientSettings", "CompletionError", "CompletionsClient", "REJECT_STATUSES", "rejected_records",
+           "run_completions"]
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # plus every other 5xx
+# The server refuses this record (context length, a prompt it cannot take): drop it and go on.
+REJECT_STATUSES = frozenset({400, 413, 422})
+_REJECTED_EXAMPLES = 5
 DROPPED_FOLDER = "dropped"
 _SHARD_INDEX = re.compile(r"part-(\d+)\.")
 _MESSAGE_LIMIT = 500  # characters of a server's error body kept in a message
@@ -286,6 +295,17 @@ def _scan(store: Store, prefix: str, id_field: str, done: set) -> int:
     return max(indices, default=-1) + 1
 
 
+def rejected_records(store: Store, prefix: str, examples: int = _REJECTED_EXAMPLES) -> dict[str, Any]:
+    """The records under `prefix` that the server refused, over every attempt: {"count", "examples"}."""
+    count, kept = 0, []
+    for record in iter_shard_records(store, list_shards(store, _join(prefix, DROPPED_FOLDER))):
+        if isinstance(record, dict) and record.get("rejected"):
+            count += 1
+            if len(kept) < examples:
+                kept.append({"id": record.get("id"), "reason": record["rejected"]})
+    return {"count": count, "examples": kept}
+
+
 def _records_with_keys(store: Store, keys: list[str]) -> Iterator[tuple[str, Any]]:
     for key in keys:
         for record in iter_shard_records(store, [key]):
@@ -358,11 +378,13 @@ async def run_completions(
     checkpoint_every: int = 1000,
     total: int | None = None,
     desc: str = "completions",
+    max_rejected: int | None = None,
 ) -> dict[str, Any]:
     """Complete every record not already under `prefix`, checkpointing shards; returns the stats.
 
     `build(record)` gives `(prompt, params)`; `handle(record, choice)` the output record, or None to
-    drop it. `total` (the number of input records, if known) sizes the progress bar.
+    drop it. `total` (the number of input records, if known) sizes the progress bar. `max_rejected`:
+    how many records the server may refuse (HTTP 400/413/422) before the run fails; None: no limit.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected an integer >= 1, got {checkpoint_every!r}")
@@ -376,7 +398,10 @@ async def run_completions(
 
     from tqdm import tqdm
 
-    stats = {"completed": 0, "skipped_done": 0, "dropped": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    stats = {"completed": 0, "skipped_done": 0, "dropped": 0, "prompt_tokens": 0, "completion_tokens": 0,
+             "rejected_by_server": 0}
+    rejected_before = rejected_records(store, prefix, examples=0)["count"] if max_rejected is not None else 0
+    rejected_examples: list[dict] = []
     retries_before = client.retries
     checkpoints = _Checkpointer(store, prefix, id_field, checkpoint_every, next_out, next_dropped)
     bar = tqdm(total=max(0, total - len(done)) if total is not None else None, desc=desc, unit=" rec",
@@ -411,7 +436,23 @@ async def run_completions(
             try:
                 choice = await client.complete(prompt, **params)
             except CompletionError as e:
-                raise e.for_record(rid) from e
+                if e.status not in REJECT_STATUSES:
+                    raise e.for_record(rid) from e
+                # The server refuses this record, not requests of this kind: drop it with the reason.
+                checkpoints.dropped.append({id_field: rid, "rejected": e.reason})
+                stats["rejected_by_server"] += 1
+                if len(rejected_examples) < _REJECTED_EXAMPLES:
+                    rejected_examples.append({"id": rid, "reason": e.reason})
+                    log.warning("Server refused record %r (dropped): %s", rid, e.reason)
+                n_rejected = rejected_before + stats["rejected_by_server"]
+                if max_rejected is not None and n_rejected > max_rejected:
+                    raise CompletionError(
+                        f"the server refused {n_rejected} records, more than the {max_rejected} allowed "
+                        f"(inference.maxRejectedFraction); the last, {rid!r}: {e.reason}",
+                        url=e.url, status=e.status) from e
+                bar.update(1)
+                await checkpoints.maybe_flush()
+                continue
             usage = choice.get("usage") or {}
             stats["prompt_tokens"] += usage.get("prompt_tokens") or 0
             stats["completion_tokens"] += usage.get("completion_tokens") or 0
@@ -466,6 +507,8 @@ async def run_completions(
         "prompt_tokens": stats["prompt_tokens"],
         "completion_tokens": stats["completion_tokens"],
         "shards_written": checkpoints.shards_written,
+        "rejected_by_server": stats["rejected_by_server"],
+        "rejected_examples": rejected_examples,
     }
     log.info("Completed %d records under %s (%d dropped, %d already done, %d retries) in %.1fs, %.1f records/s",
              result["completed"], store.url(prefix), result["dropped"], result["skipped_done"], result["retries"],

@@ -154,6 +154,7 @@ class Engine(ABC):
         id_field: str = "id",
         total: int | None = None,
         desc: str = "generate",
+        max_rejected: int | None = None,
     ) -> dict[str, Any]:
         """Sample one completion per record not already under `prefix`; returns the run's stats."""
         if not isinstance(sampling, Sampling):
@@ -171,7 +172,7 @@ class Engine(ABC):
             return handle(record, _generation_result(choice))
 
         return self._run(records, build, on_choice, store=store, prefix=prefix, id_field=id_field,
-                         checkpoint_every=checkpoint_every, total=total, desc=desc)
+                         checkpoint_every=checkpoint_every, total=total, desc=desc, max_rejected=max_rejected)
 
     def score(
         self,
@@ -186,6 +187,7 @@ class Engine(ABC):
         id_field: str = "id",
         total: int | None = None,
         desc: str = "score",
+        max_rejected: int | None = None,
     ) -> dict[str, Any]:
         """Top-`top_k` logprobs of the first token after each prompt; returns the run's stats.
 
@@ -202,7 +204,7 @@ class Engine(ABC):
             return handle(record, _first_top_logprobs(choice))
 
         return self._run(records, build, on_choice, store=store, prefix=prefix, id_field=id_field,
-                         checkpoint_every=checkpoint_every, total=total, desc=desc)
+                         checkpoint_every=checkpoint_every, total=total, desc=desc, max_rejected=max_rejected)
 
     def _run(self, records: Iterable[dict], build, on_choice, **options: Any) -> dict[str, Any]:
         async def main() -> dict[str, Any]:

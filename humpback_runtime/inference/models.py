@@ -9,6 +9,7 @@ cluster the operator serves the model with vLLM and tells the client Job where, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -85,11 +86,48 @@ def _endpoints_by_stage() -> dict[str, str]:
     return value
 
 
+# The files a tokenizer loads from (AutoTokenizer reads config.json for the model type when
+# tokenizer_config.json does not name the class); never the weights.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json", "config.json", "generation_config.json",
+})
+
+
+def local_tokenizer_dir(ctx: RunContext, train_stage: str) -> Path:
+    """The tokenizer of `train_stage`'s model as a local directory, fetching only the tokenizer files
+    from an S3 store (a client pod next to a vLLM server needs the tokenizer, not 14 GB of weights)."""
+    prefix = model_prefix(ctx, train_stage)
+    store = ctx.store
+    if not store.exists(f"{prefix}/{COMPLETE}"):
+        raise InputsMissing(f"no complete model at {store.url(prefix)} (stage {train_stage} has not finished)")
+    local = store.local_path(prefix)
+    if local is not None:
+        return local
+    # Keyed by where the model is, not only by its fingerprint: another store's model never answers.
+    where = hashlib.sha256(store.url(prefix).encode()).hexdigest()[:16]
+    cache = _cache_root() / "tokenizers" / f"{ctx.plan[train_stage].fingerprint}-{where}"
+    if not (cache / COMPLETE).exists():
+        keys = [k for k in store.list(prefix) if "/" not in k[len(prefix) + 1:]
+                and k.rsplit("/", 1)[-1] in TOKENIZER_FILES]
+        log.info("Downloading the tokenizer of %s (%d files) from %s to %s", train_stage, len(keys),
+                 store.url(prefix), cache)
+        for key in keys:
+            store.download_file(key, cache / key.rsplit("/", 1)[-1])
+        (cache / COMPLETE).write_text("")  # last: a half-downloaded cache is never used
+    return cache
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HUMPBACK_CACHE", Path.home() / ".cache" / "humpback"))
+
+
 def tokenizer_encode(ctx: RunContext, train_stage: str):
     """The served model's tokenizer, for prompts that depend on tokenization (logprob scoring)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(ctx, train_stage))
+    tokenizer = AutoTokenizer.from_pretrained(local_tokenizer_dir(ctx, train_stage))
     return lambda text: tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from humpback_runtime import __version__
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import EXIT_FAILED, EXIT_INPUTS_MISSING, InputsMissing, StageError
-from humpback_runtime.plan import Stage
+from humpback_runtime.plan import Stage, fingerprint_parts
 from humpback_runtime.storage import SUCCESS, StorageError, Store, write_success
 
 __all__ = ["ATTEMPT", "STAGES", "EXIT_FAILED", "EXIT_INPUTS_MISSING", "InputsMissing", "StageError",
@@ -110,7 +110,8 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
         # Under torchrun every process runs the stage; rank 0 alone owns the prefix and manifest.
         impl.run(ctx, stage, prefix)
         return None
-    resumed = _claim_prefix(store, prefix, stage.fingerprint, impl.resumable)
+    # Forced: start afresh, so a forced inference stage asks its server again instead of resuming.
+    resumed = _claim_prefix(store, prefix, stage.fingerprint, impl.resumable and not force)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     log.info("%s stage %s of run %s (fingerprint %s) writing to %s", "Resumed" if resumed else "Started",
@@ -120,11 +121,14 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
     manifest = {
         "stage": name,
         "fingerprint": stage.fingerprint,
+        # What the fingerprint was made of, so `humpback plan` can say why a stage went stale.
+        "fingerprintParts": fingerprint_parts(stage),
         "run": ctx.run.name,
         "namespace": ctx.run.namespace,
         "humpbackVersion": __version__,
         "resumed": resumed,
         **result,
+        **({"inputIdentities": {s: ctx.input_identities.get(s) for s in stage.sources}} if stage.sources else {}),
         "timings": {
             "started": started.isoformat(),
             "finished": datetime.now(timezone.utc).isoformat(),

@@ -50,15 +50,42 @@ def drop_reason(instruction: str, segment: str, result: GenerationResult, max_ch
 
 def summarize(ctx: RunContext, prefix: str) -> dict[str, Any]:
     """Counts and output shard keys from everything written under `prefix` (all attempts)."""
+    from humpback_runtime.inference.client import rejected_records
+
     keys = list_shards(ctx.store, prefix)
     reasons: Counter[str] = Counter()
     kept = 0
     for record in iter_shard_records(ctx.store, keys):
         if record.get("dropped"):
-            reasons[record["dropped"]] += 1
+            # "too_long" covers both limits; the cause a user acts on is which one.
+            cut = record["dropped"] == "too_long" and record.get("finish_reason") == "length"
+            reasons["max_tokens" if cut else record["dropped"]] += 1
         else:
             kept += 1
-    return {"keys": keys, "kept": kept, "dropped": dict(sorted(reasons.items()))}
+    rejected = rejected_records(ctx.store, prefix)
+    if rejected["count"]:
+        reasons["rejected_by_server"] = rejected["count"]
+    return {"keys": keys, "kept": kept, "dropped": dict(sorted(reasons.items())), "rejected": rejected}
+
+
+def check_inference(ctx: RunContext, stage: Stage, family: str, summary: dict[str, Any], n_in: int,
+                    floor: float | None = None, setting: str = "") -> dict[str, Any]:
+    """The manifest's `yield` of an inference stage; fails it on too many refusals or a low yield."""
+    from humpback_runtime.stages.guardrails import check_rejected, check_yield, likely_cause, yield_record
+
+    check_rejected(stage.name, summary["rejected"], n_in, ctx.run.spec.inference.max_rejected_fraction)
+    cause = likely_cause(family, summary["dropped"], n_in)
+    if floor is not None:
+        check_yield(stage.name, n_in, summary["kept"], floor, setting, cause)
+    warnings = [cause] if cause and n_in and summary["kept"] / n_in < 0.5 else []
+    if summary["rejected"]["count"]:
+        warnings.append(f"{summary['rejected']['count']} refused by the server")
+    return yield_record(n_in, summary["kept"], warnings)
+
+
+def drop_counts(summary: dict[str, Any]) -> dict[str, int]:
+    dropped = {f"dropped_{k}": v for k, v in summary["dropped"].items() if k != "rejected_by_server"}
+    return {**dropped, "rejected_by_server": summary["rejected"]["count"]}
 
 
 def run_augment(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
@@ -78,14 +105,20 @@ def run_augment(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
             "dropped": drop_reason(instruction, segment["text"], result, spec.max_instruction_chars),
         }
 
+    from humpback_runtime.stages.guardrails import max_rejected
+
     stats = engine.generate(
         segments, lambda seg: prompts.backward_prompt(seg["text"]), Sampling.from_spec(spec),
         store=ctx.store, prefix=prefix, handle=handle,
         checkpoint_every=ctx.run.spec.inference.checkpoint_every, total=len(segments), desc=stage.name,
+        max_rejected=max_rejected(len(segments), ctx.run.spec.inference.max_rejected_fraction),
     )
     summary = summarize(ctx, prefix)
+    kept = check_inference(ctx, stage, "augment", summary, len(segments), spec.min_yield, "augmentation.minYield")
     return {
         "outputs": {"records": summary["keys"], "count": summary["kept"], "format": "jsonl"},
-        "counts": {"segments": len(segments), "candidates": summary["kept"], **{f"dropped_{k}": v for k, v in summary["dropped"].items()}},
+        "counts": {"segments": len(segments), "candidates": summary["kept"], **drop_counts(summary)},
+        "rejectedExamples": summary["rejected"]["examples"],
+        "yield": kept,
         "inference": stats,
     }

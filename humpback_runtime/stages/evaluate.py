@@ -34,4 +34,5 @@ def run_evaluate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
 
     s3 = spec.storage.s3
     return evaluate(spec.evaluation, list(stage.deps), generate_answers, store=ctx.store, prefix=prefix,
-                    checkpoint_every=spec.inference.checkpoint_every, endpoint_url=s3.endpoint, region=s3.region)
+                    checkpoint_every=spec.inference.checkpoint_every, endpoint_url=s3.endpoint, region=s3.region,
+                    base_dir=ctx.run.base_dir)

@@ -16,7 +16,8 @@ from humpback_runtime.context import RunContext
 from humpback_runtime.inference.engines import GenerationResult, Sampling, VLLMServerEngine
 from humpback_runtime.plan import Stage
 from humpback_runtime.pod_contract import REWRITE_API_KEY_ENV
-from humpback_runtime.stages.augment import candidate_records, summarize
+from humpback_runtime.stages.augment import candidate_records, check_inference, drop_counts, summarize
+from humpback_runtime.stages.guardrails import max_rejected
 
 
 def run_rewrite(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
@@ -43,11 +44,14 @@ def run_rewrite(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
         pairs, lambda p: prompts.rewrite_prompt(p["instruction"], p["response"], system=system),
         Sampling.from_spec(spec.sampling), store=ctx.store, prefix=prefix, handle=handle,
         checkpoint_every=ctx.run.spec.inference.checkpoint_every, total=len(pairs), desc=stage.name,
+        max_rejected=max_rejected(len(pairs), ctx.run.spec.inference.max_rejected_fraction),
     )
     summary = summarize(ctx, prefix)
+    kept = check_inference(ctx, stage, "rewrite", summary, len(pairs))
     return {
         "outputs": {"records": summary["keys"], "count": summary["kept"], "format": "jsonl"},
-        "counts": {"candidates": len(pairs), "rewritten": summary["kept"],
-                   **{f"dropped_{k}": v for k, v in summary["dropped"].items()}},
+        "counts": {"candidates": len(pairs), "rewritten": summary["kept"], **drop_counts(summary)},
+        "rejectedExamples": summary["rejected"]["examples"],
+        "yield": kept,
         "inference": stats,
     }

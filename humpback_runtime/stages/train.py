@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from humpback_runtime.context import RunContext
-from humpback_runtime.errors import StageError
+from humpback_runtime.errors import StageError, TrainingError
 from humpback_runtime.plan import Stage
 
 
@@ -28,26 +28,46 @@ def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, in
     examples = [prompts.forward_example(p["instruction"], p["response"], prompts.seed_system(tags)) for p in seed]
     if stage.role == "seed":
         return examples, {"seed": len(seed)}
-    curated = list(ctx.records(f"curate-{stage.iteration}"))
+    from humpback_runtime.stages.curate import selected_pairs
+
+    # The selection of the current settings, made from the stored scores if need be (no requests).
+    curated, chosen = selected_pairs(ctx, f"curate-{stage.iteration}", stage.settings["selection"])
     examples += [prompts.forward_example(p["instruction"], p["response"], prompts.augmented_system(tags))
                  for p in curated]
-    return examples, {"seed": len(seed), "curated": len(curated)}
+    return examples, {"seed": len(seed), "curated": len(curated), "selection": chosen["id"]}
 
 
 def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.training import TrainRequest, train
 
+    from humpback_runtime.spec import looks_local
+
     spec = ctx.run.spec
-    base = spec.base_model
-    if base.startswith((".", "/", "file://")) and not Path(base.removeprefix("file://")).is_dir():
-        raise StageError(f"spec.baseModel: {base} is not a directory (a local model directory, hub id or "
-                         "s3:// URI is expected; the demo's is built by `humpback tiny-model .cache/tiny-llama`)")
+    base = ctx.run.base_model_ref()
+    if looks_local(spec.base_model) and not Path(base).is_dir():
+        raise StageError(f"spec.baseModel: {spec.base_model} is not a directory (looked in {base}; a local model "
+                         "directory, hub id or s3:// URI is expected; the demo's is built by "
+                         "`humpback tiny-model .cache/tiny-llama`)")
     examples, counts = training_examples(ctx, stage)
     card = {"run": ctx.run_prefix, "stage": stage.name, "role": stage.role,
             "baseModel": spec.base_model, "fingerprint": stage.fingerprint, "data": counts,
             "inputs": {d: ctx.plan[d].fingerprint for d in stage.deps}}
-    metrics = train(TrainRequest(base_model=spec.base_model, examples=examples, settings=getattr(spec.training, stage.role),
-                                 store=ctx.store, prefix=prefix, card=card, s3_endpoint=spec.storage.s3.endpoint,
-                                 s3_region=spec.storage.s3.region))
+    try:
+        metrics = train(TrainRequest(base_model=base, examples=examples, settings=getattr(spec.training, stage.role),
+                                     store=ctx.store, prefix=prefix, card=card, s3_endpoint=spec.storage.s3.endpoint,
+                                     s3_region=spec.storage.s3.region))
+    except TrainingError as e:  # a setting or the data is at fault: the message says which
+        raise StageError(f"{stage.name}: {e}") from e
+    from humpback_runtime.stages.guardrails import yield_record
+
+    n_in = metrics.get("examples_in", len(examples))
+    n_dropped = metrics.get("examples_dropped", 0)
+    warnings = []
+    if metrics.get("examples_prompt_cut"):
+        warnings.append(f"{metrics['examples_prompt_cut']} prompts cut to maxSeqLength")
+    if metrics.get("examples_truncated"):
+        warnings.append(f"{metrics['examples_truncated']} responses cut to maxSeqLength")
+    if n_dropped:
+        warnings.append(f"{n_dropped} dropped: the kept part alone fills maxSeqLength")
     return {"outputs": {"model": f"{prefix}/model", "count": metrics.get("examples", len(examples))},
-            "counts": counts, "metrics": metrics}
+            "counts": counts, "metrics": metrics, "yield": yield_record(n_in, n_in - n_dropped, warnings)}

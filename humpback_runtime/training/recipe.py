@@ -138,18 +138,50 @@ def tokenize_example(tokenizer: Any, ex: TrainingExample, max_len: int) -> dict[
     }
 
 
+def fit_prompt(tokenizer: Any, ex: TrainingExample, max_len: int) -> TrainingExample | None:
+    """``ex`` with its cuttable prompt text (``cut_span``: the backward model's response) cut from the
+    end, so that prompt + completion + EOS fit ``max_len`` tokens and the completion stays whole.
+
+    The same object when it fits already or has nothing to cut; None when even a cut to nothing
+    leaves no room (then :func:`tokenize_example` cuts from the right, or drops, as for any example).
+    """
+    if ex.cut_span is None:
+        return ex
+    start = ex.cut_span[0]
+    tokens = _encode(tokenizer, ex.prompt[start:ex.cut_span[1]], False)
+    current = ex
+    for _ in range(8):  # decode/encode round trips move the count by a few tokens at most
+        overflow = len(_encode(tokenizer, current.text, True)) + 1 - max_len  # + EOS
+        if overflow <= 0:
+            return current
+        keep = len(_encode(tokenizer, current.prompt[start:current.cut_span[1]], False)) - overflow
+        if keep <= 0:
+            return None
+        tokens = tokens[:keep]
+        cut = tokenizer.decode(tokens, skip_special_tokens=True).rstrip()
+        if not cut:
+            return None
+        current = ex.with_cut_text(cut)
+    return None
+
+
 @dataclass
 class Tokenized:
     features: list[dict[str, list[int]]]
     dropped: int
-    truncated: int
+    truncated: int  # completions cut from the right
     supervised_tokens: int
     tokens: int
+    prompt_cut: int = 0  # prompts whose cuttable text was shortened (the backward model's response)
 
 
 def tokenize_all(tokenizer: Any, examples: list[TrainingExample], max_len: int) -> Tokenized:
     out = Tokenized([], 0, 0, 0, 0)
     for ex in examples:
+        fitted = fit_prompt(tokenizer, ex, max_len)
+        if fitted is not None and fitted is not ex:
+            out.prompt_cut += 1
+            ex = fitted
         feat = tokenize_example(tokenizer, ex, max_len)
         if feat is None:
             out.dropped += 1

@@ -257,9 +257,11 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss and no attention
     data = tokenize_all(tokenizer, examples, settings.max_seq_length)
-    if not data.features:
-        raise TrainingError(f"all {n_in} examples were dropped: their prompts alone fill maxSeqLength "
-                            f"({settings.max_seq_length} tokens)")
+    if not data.features or len(data.features) / n_in < settings.min_yield:
+        raise TrainingError(
+            f"{data.dropped} of {n_in} examples were dropped because their kept part (the instruction and "
+            f"the template) alone fills maxSeqLength ({settings.max_seq_length} tokens), leaving "
+            f"{len(data.features)}, below minYield ({settings.min_yield:g}): raise maxSeqLength")
     if data.dropped and is_main:
         log.warning("Dropped %d of %d examples whose prompt fills maxSeqLength (%d tokens)",
                     data.dropped, n_in, settings.max_seq_length)
@@ -327,6 +329,7 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         "examples_in": n_in,
         "examples_dropped": data.dropped,
         "examples_truncated": data.truncated,
+        "examples_prompt_cut": data.prompt_cut,
         "tokens": tokens,
         "supervised_tokens": data.supervised_tokens,
         "train_loss": history,

@@ -53,6 +53,7 @@ class StubStats:
     in_flight: int = 0
     max_in_flight: int = 0
     prompts: int = 0  # prompts completed
+    logprobs: int | None = None  # the "logprobs" (top-K) of the last request that asked for them
     authorization: str | None = field(default=None, repr=False)  # the last Authorization header
 
 
@@ -126,6 +127,8 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
                 return _error(b.status_on_fail, f"stub failure (HTTP {b.status_on_fail})", "stub_error", headers)
             max_tokens = body.get("max_tokens")
             logprobs = body.get("logprobs")
+            if logprobs is not None:
+                stats.logprobs = logprobs
             choices, prompt_tokens, completion_tokens = [], 0, 0
             for index, prompt in enumerate(prompts):
                 text = b.text(prompt) if callable(b.text) else b.text

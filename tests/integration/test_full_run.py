@@ -27,6 +27,8 @@ def test_whole_run_survives_a_kill_mid_curation(tmp_path, tiny_model):
     data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
     data["spec"]["baseModel"] = str(tiny_model)
     data["spec"]["storage"]["uri"] = str(tmp_path / "runs")
+    for part in ("seed", "corpus"):  # the example's paths are relative to examples/; this file lives elsewhere
+        data["spec"][part]["source"] = str(ROOT / "examples" / data["spec"][part]["source"])
     data["spec"]["inference"]["checkpointEvery"] = 20
     spec = tmp_path / "run.yaml"
     spec.write_text(yaml.safe_dump(data))

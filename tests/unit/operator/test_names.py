@@ -97,7 +97,7 @@ def test_model_short_drops_the_train_prefix():
 def test_a_changed_fingerprint_changes_the_child_name():
     plan_a = build_plan(make_run())
     run_b = make_run()
-    run_b.spec.curation.threshold = 4
+    run_b.spec.curation.max_tokens = 99  # a scoring setting (a threshold only re-selects, in train-mk)
     plan_b = build_plan(run_b)
     assert stage_child_name("demo", plan_a["curate-1"], 1) != stage_child_name("demo", plan_b["curate-1"], 1)
     assert stage_child_name("demo", plan_a["prepare-seed"], 1) == stage_child_name("demo", plan_b["prepare-seed"], 1)

@@ -262,7 +262,7 @@ def test_a_spec_edit_reruns_only_changed_stages_and_replaces_their_running_child
     old_curate = [k for k in cluster.objects if "curate-1" in k[1]]
     before = {s["name"]: dict(s) for s in cluster.body["status"]["stages"]}
 
-    cluster.body["spec"]["curation"]["threshold"] = 3
+    cluster.body["spec"]["curation"]["maxTokens"] = 99  # a scoring setting (a threshold only re-selects)
     cluster.body["metadata"]["generation"] = 2
     d = cluster.step()
     deleted = {(r.kind, r.name) for r in d.delete}

@@ -297,7 +297,7 @@ def test_counts_add_up_with_every_kind_of_removal(c4, in_window):
             {"text": NAVIGATION_PAGE}]
     out, counts = run(spec(), rows)
     d = counts.as_dict()
-    assert set(d) == {"read", "kept", *REMOVALS, "boilerplate_lines_removed"}
+    assert set(d) == {"read", "kept", *REMOVALS, "boilerplate_lines_removed", "duplicate_ids_renamed"}
     assert d["read"] == len(rows) and d["kept"] == len(out)
     assert all(d[k] >= 1 for k in REMOVALS), d
     assert_counts_add_up(counts)
@@ -341,3 +341,13 @@ def test_output_does_not_depend_on_the_python_hash_seed():
                               capture_output=True, text=True, timeout=120, check=True)
         digests.add(done.stdout.strip())
     assert len(digests) == 1
+
+
+def test_duplicate_ids_are_made_unique_and_counted(in_window):
+    rows = [{"text": in_window[0], "url": "u"}, {"text": in_window[1], "url": "u"}, {"text": in_window[2], "url": "u"},
+            {"text": in_window[3], "url": "u#2"}]
+    counts = CorpusCounts()
+    out = list(filter_corpus(((f"f:{i}", r) for i, r in enumerate(rows, 1)),
+                             CorpusSpec(source="x", id_field="url", dedup={"nearDuplicates": False}), counts))
+    assert [s["id"] for s in out] == ["u", "u#2", "u#3", "u#2#2"]
+    assert counts.duplicate_ids_renamed == 3 and counts.kept == 4

@@ -375,5 +375,41 @@ def test_module_docstring_example_shape_matches_the_stats(store):
     with StubServer() as stub:
         stats = asyncio.run(_run(stub.url, store, _records(2)))
     assert set(stats) == {"completed", "skipped_done", "dropped", "retries", "seconds", "records_per_second",
-                          "prompt_tokens", "completion_tokens", "shards_written"}
+                          "prompt_tokens", "completion_tokens", "shards_written", "rejected_by_server",
+                          "rejected_examples"}
     json.dumps(stats)  # goes into the manifest as is
+
+
+# --- a record the server refuses (issue 10) --------------------------------------------------------
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_record_the_server_refuses_is_dropped_with_its_reason_and_the_run_goes_on(store, status):
+    from humpback_runtime.inference.client import rejected_records
+
+    async def main(stub_url):
+        async with CompletionsClient(_settings(stub_url)) as client:
+            return await run_completions(client, _records(20), build, handle, store=store, prefix=PREFIX,
+                                         checkpoint_every=5, max_rejected=1)
+
+    with StubServer(fail_on="document 7", status_on_fail=status) as stub:
+        stats = asyncio.run(main(stub.url))
+        assert stub.stats.requests == 20  # refused once, never retried
+    assert stats["rejected_by_server"] == 1 and stats["completed"] == 19
+    assert stats["rejected_examples"] == [{"id": "r7", "reason": f"HTTP {status}: stub failure (HTTP {status})"}]
+    assert sorted(_ids(store)) == sorted(f"r{i}" for i in range(20) if i != 7)
+    assert rejected_records(store, PREFIX) == {"count": 1, "examples": stats["rejected_examples"]}
+    # Exactly once: a rerun asks for nothing, not even the refused record.
+    with StubServer(fail_on="document 7", status_on_fail=status) as stub:
+        again = asyncio.run(main(stub.url))
+        assert stub.stats.requests == 0 and again["skipped_done"] == 20
+
+
+def test_more_refusals_than_allowed_fail_the_run(store):
+    async def main(stub_url):
+        async with CompletionsClient(_settings(stub_url, concurrency=1)) as client:
+            return await run_completions(client, _records(20), build, handle, store=store, prefix=PREFIX,
+                                         checkpoint_every=5, max_rejected=1)
+
+    with StubServer(fail_on="document 1", status_on_fail=400) as stub:  # document 1, 10..19: 11 refused
+        with pytest.raises(CompletionError, match=r"refused 2 records, more than the 1 allowed"):
+            asyncio.run(main(stub.url))

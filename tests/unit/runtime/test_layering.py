@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
      "training.card", "training.trainer", "training.__init__", "inference.__init__"},
     {"inference.models"},
     {"stages.__init__", "stages.prepare", "stages.train", "stages.augment", "stages.rewrite", "stages.curate",
-     "stages.evaluate", "stages.report"},
+     "stages.evaluate", "stages.report", "stages.guardrails"},
     {"runner", "cli", "__main__"},
 ]
 

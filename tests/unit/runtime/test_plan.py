@@ -59,8 +59,9 @@ def changed(before, after):
 
 
 def test_a_setting_changes_its_stage_and_everything_downstream_only():
+    # The threshold selects among stored scores: curate-1 keeps its scores, train-m1 re-selects.
     assert changed(run_with(), run_with(curation={"threshold": 4})) == sorted(
-        ["curate-1", "train-m1", "curate-2", "train-m2", "report"])
+        ["train-m1", "curate-2", "train-m2", "report"])
     assert changed(run_with(), run_with(corpus={"source": "c.jsonl", "minChars": 500})) == sorted(
         ["prepare-corpus", "augment", "curate-1", "train-m1", "curate-2", "train-m2", "report"])
     assert changed(run_with(), run_with(training={"backward": {"steps": 3}})) == sorted(
@@ -115,3 +116,64 @@ def test_a_template_change_reruns_the_stages_that_use_prompts(monkeypatch):
     after = {s.name: s.fingerprint for s in build_plan(run_with()).stages}
     assert before["prepare-seed"] == after["prepare-seed"] and before["prepare-corpus"] == after["prepare-corpus"]
     assert all(before[n] != after[n] for n in before if n.startswith(("train", "augment", "curate")))
+
+
+# --- content fingerprints (issue 10) ---------------------------------------------------------------
+
+def changed_by_data(before: dict, after: dict):
+    fa = {s.name: s.fingerprint for s in build_plan(run_with(), before).stages}
+    fb = {s.name: s.fingerprint for s in build_plan(run_with(), after).stages}
+    return sorted(n for n in fa if fa[n] != fb[n])
+
+
+def test_an_edited_input_changes_exactly_the_stages_it_feeds():
+    ids = {"s.jsonl": "sha256:seed-1", "c.jsonl": "sha256:corpus-1"}
+    assert changed_by_data(ids, {**ids, "c.jsonl": "sha256:corpus-2"}) == sorted(
+        ["prepare-corpus", "augment", "curate-1", "train-m1", "curate-2", "train-m2", "report"])
+    seed_changed = changed_by_data(ids, {**ids, "s.jsonl": "sha256:seed-2"})
+    assert "prepare-corpus" not in seed_changed and {"prepare-seed", "train-myx", "train-m0"} <= set(seed_changed)
+
+
+def test_without_identities_the_plan_is_the_operators_spec_only_plan():
+    spec_only = build_plan(run_with())
+    assert build_plan(run_with(), {"s.jsonl": None, "c.jsonl": None}).stages == spec_only.stages
+    assert spec_only["prepare-seed"].data == {} and spec_only["prepare-seed"].sources == ("s.jsonl",)
+
+
+def test_stale_reasons_say_why():
+    from humpback_runtime.plan import fingerprint_parts, stale_reasons
+
+    ids = {"s.jsonl": "sha256:1", "c.jsonl": "sha256:2"}
+    old = build_plan(run_with(), ids)
+    manifest = {s.name: {"fingerprint": s.fingerprint, "fingerprintParts": fingerprint_parts(s)} for s in old.stages}
+    new = build_plan(run_with(corpus={"source": "c.jsonl", "minChars": 500}), {**ids, "s.jsonl": "sha256:3"})
+    assert stale_reasons(new["prepare-seed"], manifest["prepare-seed"]) == ["input changed: s.jsonl"]
+    assert stale_reasons(new["prepare-corpus"], manifest["prepare-corpus"]) == ["settings changed"]
+    assert stale_reasons(new["augment"], manifest["augment"]) == ["upstream changed: train-myx, prepare-corpus"]
+    assert stale_reasons(old["augment"], manifest["augment"]) == []
+    assert stale_reasons(old["augment"], None) == ["missing"]
+
+
+def test_selection_settings_stay_out_of_the_scoring_fingerprint():
+    from humpback_runtime.plan import selection_id
+
+    base = run_with(curation={"mode": "logprobs"})
+    for change in ({"threshold": 4}, {"selectBy": "expected"}, {"minDigitMass": 0.2}, {"minYield": 0.1}):
+        other = build_plan(run_with(curation={"mode": "logprobs", **change}))
+        assert other["curate-1"].fingerprint == build_plan(base)["curate-1"].fingerprint, change
+        assert other["train-m1"].fingerprint != build_plan(base)["train-m1"].fingerprint, change
+    assert build_plan(run_with(curation={"mode": "logprobs", "topLogprobs": 5}))["curate-1"].fingerprint != \
+        build_plan(base)["curate-1"].fingerprint  # what the server returns changes the scores
+    assert selection_id(build_plan(base)["train-m1"].settings["selection"]) == "threshold-5-argmax-mass-0.5"
+    assert selection_id(build_plan(run_with())["train-m1"].settings["selection"]) == "threshold-5"
+
+
+def test_until_needs_only_the_upstream_stages_and_force_takes_the_downstream():
+    from humpback_runtime.cli import forced_stages
+
+    plan = build_plan(run_with())
+    assert plan.upstream("prepare-corpus") == ["prepare-corpus"]
+    assert plan.upstream("train-m0") == ["prepare-seed", "train-m0"]
+    assert forced_stages(plan, ["train-myx"], None) == {"train-myx", "augment", "curate-1", "train-m1", "curate-2",
+                                                        "train-m2", "report"}
+    assert forced_stages(plan, None, "train-m0") == set(plan.names()[plan.names().index("train-m0"):])

@@ -233,3 +233,35 @@ def test_without_matplotlib_tables_remain_and_plots_say_why(store, monkeypatch):
     doc = _parse(build_report(**inputs))
     assert doc.imgs == []
     assert "not available (plot: matplotlib is not installed" in " ".join(doc.text)
+
+
+def test_digit_mass_quantiles_are_in_the_report():
+    mass = {"min": 0.01, "p05": 0.02, "p25": 0.3, "p50": 0.61, "p75": 0.8, "p95": 0.9, "max": 0.99, "mean": 0.5}
+    manifests = {"curate-1": {"mode": "logprobs", "scored": 4, "selected": 1,
+                              "scores": {"histogram": {"5": 4}, "digitMass": mass}}}
+    page = build_report(manifests, curate_stages=[(1, "curate-1")], scores={1: [5.0, 4.0, 4.5, 3.0]})
+    assert "Probability on the score digits" in page
+    assert ">0.610<" in page and ">0.020<" in page
+
+
+def test_the_report_shows_the_current_selection_of_the_stored_scores(tmp_path):
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.spec import parse_run
+    from humpback_runtime.stages.curate import selection
+    from humpback_runtime.storage import ShardWriter, write_success
+
+    run = parse_run({"metadata": {"name": "demo"}, "spec": {"baseModel": "m", "seed": {"source": "s.jsonl"},
+                     "corpus": {"source": "c.jsonl"}, "curation": {"mode": "logprobs", "threshold": 4}}})
+    ctx = RunContext.create(run, str(tmp_path), identify_inputs=False)
+    with ShardWriter(ctx.store, ctx.prefix("curate-1")) as writer:
+        for i, score in enumerate([5, 4, 2]):
+            writer.write({"id": f"p{i}", "instruction": "i", "response": "r", "score": score, "argmax": score,
+                          "expected": float(score), "mass": 0.9})
+    write_success(ctx.store, ctx.prefix("curate-1"), {"fingerprint": ctx.plan["curate-1"].fingerprint,
+                                                       "mode": "logprobs", "scored": 3, "selected": 99,
+                                                       "outputs": {"records": writer.shards}})
+    selection(ctx, "curate-1", ctx.plan["train-m1"].settings["selection"])
+    inputs = collect_report_inputs(ctx.store, ctx.run_prefix, ctx.plan)
+    assert inputs["manifests"]["curate-1"]["selected"] == 2  # threshold 4 now, not what curate-1 first selected
+    assert inputs["scores"][1] == [5.0, 4.0, 2.0]
+    assert len(inputs["lengths"]["curated-1"]["instruction"]) == 2

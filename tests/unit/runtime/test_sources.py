@@ -86,7 +86,7 @@ def test_gzipped_jsonl_and_a_byte_order_mark(tmp_path):
 
 def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path):
     path = tmp_path / "in.jsonl.gz"
-    path.write_bytes(b"not gzip at all")
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])  # gzip magic, then cut short
     with pytest.raises(DataError, match="in.jsonl.gz"):
         _read(path)
 
@@ -232,3 +232,88 @@ def test_bad_records_logs_the_first_twenty_then_counts(caplog):
 def test_bad_records_rejects_an_unknown_policy():
     with pytest.raises(ValueError, match="policy"):
         BadRecords("ignore", label="x")
+
+
+# --- bounded memory, compression by magic bytes, streamed arrays (issue 10) ------------------------
+
+def test_a_record_over_max_record_bytes_is_a_counted_bad_record_never_held_in_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"text": "a"}\n')
+        f.write(b'{"text": "' + b"x" * (40 * 2**20) + b'"}\n')  # one 40 MiB record
+        f.write(b'{"text": "c"}\n')
+    tracemalloc.start()
+    try:
+        records, bad = _read(path, max_record_bytes=2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r for _, r in records] == [{"text": "a"}, {"text": "c"}]
+    assert bad.count == 1 and bad.examples[0].startswith(f"{path}:2: record of {40 * 2**20 + 12} bytes")
+    assert "maxRecordBytes" in bad.examples[0]
+    assert peak < 8 * 2**20, f"reading held {peak / 2**20:.1f} MiB for a 40 MiB record"
+
+
+@pytest.mark.parametrize("name, compress", [
+    ("in.jsonl.gz", lambda b: gzip.compress(b)),
+    ("in.jsonl.zst", lambda b: __import__("zstandard").ZstdCompressor().compress(b)),
+    ("mislabelled.jsonl", lambda b: gzip.compress(b)),  # gzip inside a plain name: told by its first bytes
+])
+def test_gzip_and_zstd_are_told_by_their_magic_bytes(tmp_path, name, compress):
+    path = tmp_path / name
+    path.write_bytes(compress("".join(json.dumps({"text": f"r{i}"}) + "\n" for i in range(3)).encode()))
+    records, bad = _read(path)
+    assert [r["text"] for _, r in records] == ["r0", "r1", "r2"] and bad.count == 0
+
+
+def test_a_json_array_is_streamed_item_by_item(tmp_path):
+    path = tmp_path / "pairs.json"
+    # Pretty-printed, and broken after the second item: the first two come before the error.
+    path.write_text('[\n  {"id": 1},\n  {"id": 2},\n  {"id": oops}\n]\n')
+    got = []
+    with pytest.raises(DataError, match="not a valid JSON array"):
+        for _, record in iter_source_records(str(path), bad=BadRecords("skip", label="t")):
+            got.append(record)
+    assert got == [{"id": 1}, {"id": 2}]
+
+
+def test_a_relative_source_is_taken_against_the_base_dir(tmp_path, monkeypatch):
+    _jsonl(tmp_path / "runs" / "data" / "in.jsonl", {"text": "a"})
+    monkeypatch.chdir(tmp_path)  # not where the file is relative to
+    records, _ = _read("data/in.jsonl", base_dir=tmp_path / "runs")
+    assert [r for _, r in records] == [{"text": "a"}]
+
+
+# --- input identity for content fingerprints (issue 10) --------------------------------------------
+
+def test_a_files_identity_follows_its_content_and_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import os
+
+    from humpback_runtime.sources import source_identity
+
+    monkeypatch.setenv("HUMPBACK_CACHE", str(tmp_path / "cache"))
+    path = _jsonl(tmp_path / "in.jsonl", {"text": "a"})
+    first = source_identity(str(path))
+    assert first.startswith("sha256:") and source_identity(str(path)) == first
+    stat = path.stat()
+    path.write_text(path.read_text().replace("a", "b"))  # same size...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and mtime: the cached hash answers
+    assert source_identity(str(path)) == first
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert source_identity(str(path)) != first
+    folder = source_identity(str(tmp_path), base_dir=None)
+    _jsonl(tmp_path / "more.jsonl", {"text": "c"})
+    assert source_identity(str(tmp_path)) != folder  # a folder: every input file in it
+
+
+def test_an_s3_objects_identity_is_its_etag(s3_server, s3_client, s3_bucket):
+    from humpback_runtime.sources import source_identity
+
+    bucket = s3_bucket.removeprefix("s3://")
+    s3_client.put_object(Bucket=bucket, Key="in/a.jsonl", Body=b'{"text": "a"}\n')
+    first = source_identity(f"{s3_bucket}/in/", endpoint_url=s3_server)
+    assert first and source_identity(f"{s3_bucket}/in/", endpoint_url=s3_server) == first
+    s3_client.put_object(Bucket=bucket, Key="in/a.jsonl", Body=b'{"text": "b"}\n')
+    assert source_identity(f"{s3_bucket}/in/", endpoint_url=s3_server) != first

@@ -125,7 +125,9 @@ def test_live_object_metadata_and_status_are_accepted():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_examples_validate(path, capsys):
+def test_examples_validate(path, capsys, request):
+    if "tiny-cpu" in path.name:  # its baseModel is a local folder: validate checks that it exists
+        request.getfixturevalue("demo_base_model")
     assert main(["validate", str(path)]) == 0
     assert "OK" in capsys.readouterr().out
 
@@ -137,3 +139,66 @@ def test_validate_prints_every_error_and_fails(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "spec.curation.threshold" in err and "spec.curation.iterations" in err and "2 error(s)" in err
+
+
+# --- validate means validate (issue 10) -------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, field, words", [
+    ({"storage": {"uri": "gs://bucket/runs"}}, "spec.storage.uri", "unsupported scheme gs://"),
+    ({"storage": {"uri": "ftp://host/runs"}}, "spec.storage.uri", "unsupported scheme ftp://"),
+    ({"seed": {"source": "ftp://host/seed.jsonl"}}, "spec.seed.source", "unsupported scheme ftp://"),
+    ({"corpus": {"source": "gs://bucket/c4/"}}, "spec.corpus.source", "unsupported scheme gs://"),
+    ({"baseModel": "gs://bucket/model"}, "spec.baseModel", "unsupported scheme gs://"),
+    ({"baseModel": "not a hub id!"}, "spec.baseModel", "neither a Hugging Face hub id"),
+    ({"baseModel": "owner/name/extra:tag"}, "spec.baseModel", "no such"),  # looks local: checked on disk
+    ({"training": {"seed": {"batchSize": 32, "perDeviceBatchSize": 3}}}, "spec.training.seed",
+     "batchSize (32) must be a multiple of perDeviceBatchSize (3)"),
+    ({"corpus": {"source": "c.jsonl", "maxDocuments": 10**30}}, "spec.corpus.maxDocuments", "less than or equal"),
+    ({"inference": {"concurrency": 10**9}}, "spec.inference.concurrency", "less than or equal to 4096"),
+    ({"augmentation": {"maxTokens": 10**9}}, "spec.augmentation.maxTokens", "less than or equal"),
+    ({"training": {"forward": {"steps": 10**12}}}, "spec.training.forward.steps", "less than or equal"),
+])
+def test_validate_reports_what_can_be_known_without_running(tmp_path, capsys, spec, field, words):
+    (tmp_path / "s.jsonl").write_text("{}\n")
+    (tmp_path / "c.jsonl").write_text("{}\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(minimal(**spec)))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    line = next((ln for ln in err.splitlines() if ln.strip().startswith(field)), None)
+    assert line is not None and words in line, err
+
+
+def test_validate_names_missing_local_inputs_and_base_model_with_the_resolved_path(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "project"
+    runs.mkdir()
+    (runs / "c.jsonl").write_text("{}\n")
+    path = runs / "run.yaml"
+    path.write_text(yaml.safe_dump(minimal(baseModel="./models/llama", seed={"source": "data/seed.jsonl"},
+                                           evaluation={"enabled": True, "sets": [{"name": "mine", "source": "evals/*.jsonl"}]})))
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"spec.seed.source: no such file or folder: {runs / 'data' / 'seed.jsonl'}" in err
+    assert f"spec.baseModel: no such model folder: {runs / 'models' / 'llama'}" in err
+    assert f"spec.evaluation.sets[0].source: no file matches {runs / 'evals' / '*.jsonl'}" in err
+    assert "spec.corpus.source" not in err  # c.jsonl is next to the run file: found
+    assert "relative paths are taken against the run file's folder" in err
+
+
+def test_relative_paths_resolve_against_the_run_files_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "model").mkdir()
+    path = project / "run.yaml"
+    path.write_text(yaml.safe_dump(minimal(baseModel="./model", seed={"source": "data/s.jsonl"},
+                                           storage={"uri": "out"})))
+    monkeypatch.chdir(tmp_path)
+    run = load_run(path)
+    assert run.local_path(run.spec.seed.source) == str(project / "data" / "s.jsonl")
+    assert run.base_model_ref() == str(project / "model")
+    from humpback_runtime.context import RunContext
+
+    assert RunContext.create(run, identify_inputs=False).storage_uri == str(project / "out")
+    hub = parse_run(minimal(baseModel="meta-llama/Llama-2-7b-hf"))
+    assert hub.base_model_ref() == "meta-llama/Llama-2-7b-hf"  # a hub id stays one

@@ -144,7 +144,8 @@ def test_gradient_accumulation_makes_up_the_global_batch(batch, per_device, worl
     assert gradient_accumulation_steps(spec, world) == expected
 
 
-@pytest.mark.parametrize(("batch", "per_device", "world"), [(32, 3, 1), (4, 2, 4), (30, 4, 2)])
+# batchSize % perDeviceBatchSize is the spec's to refuse (test_spec); the world size is known here only.
+@pytest.mark.parametrize(("batch", "per_device", "world"), [(32, 4, 3), (4, 2, 4), (30, 2, 4)])
 def test_gradient_accumulation_error_names_the_fields(batch, per_device, world) -> None:
     spec = TrainingSpec(batch_size=batch, per_device_batch_size=per_device)
     with pytest.raises(TrainingError) as err:
@@ -207,3 +208,32 @@ def test_zero_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) ->
     _checkpoint(store, 100, "k", world_size=8)
     assert choose_checkpoint(store, "run/stage", "k", 16, 2) == (None, [100])
     assert choose_checkpoint(store, "run/stage", "k", 16, 0) == (100, [])  # plain DDP state is portable
+
+
+# --- the cut policy (issue 10): cut what the model reads, keep what it learns ----------------------
+
+
+def test_the_backward_model_cuts_the_response_to_fit_and_keeps_the_instruction(tokenizer, pairs) -> None:
+    from humpback_runtime.training.recipe import tokenize_all
+
+    long_response = " ".join(p["response"] for p in pairs[:6])  # far over the window
+    ex = prompts.backward_example("Write about whales.", long_response)
+    max_len = 96
+    assert _prompt_len(tokenizer, ex.prompt) > max_len  # today's code drops this pair
+    data = tokenize_all(tokenizer, [ex], max_len)
+    assert data.dropped == 0 and data.prompt_cut == 1 and data.truncated == 0
+    feat = data.features[0]
+    assert len(feat["input_ids"]) <= max_len and feat["input_ids"][-1] == tokenizer.eos_token_id
+    learned = [t for t, label in zip(feat["input_ids"], feat["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "Write about whales." + tokenizer.eos_token  # the instruction, whole
+    text = tokenizer.decode(feat["input_ids"])
+    assert "### Response:\n" in text and "### Instruction that this is the answer to:\n" in text  # the template stays
+
+
+def test_the_forward_model_keeps_the_instruction_and_cuts_the_response(tokenizer, pairs) -> None:
+    from humpback_runtime.training.recipe import tokenize_all
+
+    ex = prompts.forward_example("Write about whales.", " ".join(p["response"] for p in pairs[:6]), SYSTEM)
+    data = tokenize_all(tokenizer, [ex], 96)
+    assert data.dropped == 0 and data.truncated == 1 and data.prompt_cut == 0
+    assert tokenizer.decode(data.features[0]["input_ids"]).startswith(tokenizer.bos_token + ex.prompt)
