@@ -14,7 +14,8 @@ prints `listening on http://127.0.0.1:PORT/v1` once it serves, and runs until ki
 
 Failure injection: the first `fail_first` requests, and every request whose prompt contains
 `fail_on`, answer `status_on_fail` with an OpenAI error body (and `Retry-After: retry_after` when
-set); `delay_s` delays every answer. `model`, when set, is the only model served (404 otherwise,
+set); `delay_s` delays every answer, and `jitter_s` adds a random delay in [0, jitter_s] to each, so
+concurrent requests are answered in random order. `model`, when set, is the only model served (404 otherwise,
 as vLLM does). `stats` counts requests, failures, requests in flight and the most at once, and
 keeps the last `Authorization` header.
 
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import random
 import re
 import sys
 import threading
@@ -61,6 +63,7 @@ class _Behaviour:
     text: str | Callable[[str], str]
     top_logprobs: dict | None
     delay_s: float
+    jitter_s: float
     fail_first: int
     status_on_fail: int
     fail_on: str | None
@@ -118,8 +121,8 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
             if not all(isinstance(p, str) for p in prompts):
                 return _error(400, "'prompt' must be a string or a list of strings")
-            if b.delay_s:
-                await asyncio.sleep(b.delay_s)
+            if b.delay_s or b.jitter_s:
+                await asyncio.sleep(b.delay_s + random.uniform(0.0, b.jitter_s))
             if stats.requests <= b.fail_first or (b.fail_on is not None and any(b.fail_on in p for p in prompts)):
                 stats.failed += 1
                 headers = {"Retry-After": f"{b.retry_after:g}"} if b.retry_after is not None else None
@@ -182,13 +185,15 @@ class StubHandle:
 
 
 async def start_stub(host: str = "127.0.0.1", port: int = 0, *, text: str | Callable[[str], str] = "ok",
-                     top_logprobs: dict | None = None, delay_s: float = 0.0, fail_first: int = 0,
+                     top_logprobs: dict | None = None, delay_s: float = 0.0, jitter_s: float = 0.0,
+                     fail_first: int = 0,
                      status_on_fail: int = 503, fail_on: str | None = None, retry_after: float | None = None,
                      model: str | None = None) -> StubHandle:
     """Start the stub in the running loop on `host:port` (0: a free port)."""
     _check_loopback(host)
     stats = StubStats()
-    behaviour = _Behaviour(text, top_logprobs, delay_s, fail_first, status_on_fail, fail_on, retry_after, model)
+    behaviour = _Behaviour(text, top_logprobs, delay_s, jitter_s, fail_first, status_on_fail, fail_on, retry_after,
+                           model)
     runner = web.AppRunner(_app(behaviour, stats), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-logprobs", type=json.loads, default=None, metavar="JSON",
                    help='the top_logprobs entry of each token, e.g. \'{"5": -0.1, "4": -2.3}\'')
     p.add_argument("--delay-s", type=float, default=0.0)
+    p.add_argument("--jitter-s", type=float, default=0.0, help="plus a random delay up to this: answers out of order")
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--status-on-fail", type=int, default=503)
     p.add_argument("--fail-on", default=None, help="fail every request whose prompt contains this")
