@@ -4,7 +4,6 @@ random order, local files and a loopback S3 server (moto)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from humpback_testing.openai_stub import StubServer
 
 from humpback_runtime.context import RunContext
 from humpback_runtime.spec import load_run
 from humpback_runtime.stages import run_stage
 from humpback_runtime.storage import write_success
-from humpback_testing.openai_stub import StubServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
@@ -100,8 +99,8 @@ def test_two_writers_on_one_stage_the_second_refuses_and_every_id_lands_once(tmp
         first = start("stage", "augment", "--spec", spec)
         wait_for(lambda: shards(ctx, "augment") or first.poll() is not None, what="the first shard")
         second = start("stage", "augment", "--spec", spec)  # the first is still writing
-        out2, err2 = second.communicate(timeout=120)
-        out1, err1 = first.communicate(timeout=120)
+        _, err2 = second.communicate(timeout=120)
+        _, err1 = first.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert second.returncode == 5, err2
     assert f"stage augment is being written by {socket.gethostname()} PID {first.pid}" in err2
@@ -140,7 +139,7 @@ def test_a_live_lease_of_another_host_refuses_and_wait_takes_it_over_at_expiry(t
             "started": expires.isoformat(), "heartbeat": expires.isoformat(), "expires": expires.isoformat()})
         refused = humpback("stage", "augment", "--spec", spec)
         assert refused.returncode == 5, refused.stderr
-        assert f"gpu-node-7 PID 4242" in refused.stderr and f"expires {expires.isoformat()}" in refused.stderr
+        assert "gpu-node-7 PID 4242" in refused.stderr and f"expires {expires.isoformat()}" in refused.stderr
         assert not shards(ctx, "augment")  # refused before writing anything
         t0 = time.monotonic()
         waited = humpback("stage", "augment", "--spec", spec, "--wait")

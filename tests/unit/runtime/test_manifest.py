@@ -7,7 +7,12 @@ import hashlib
 import pytest
 
 from humpback_runtime.manifest import describe_outputs, verify_outputs
-from humpback_runtime.storage import ShardMismatch, ShardWriter, iter_shard_records, open_store
+from humpback_runtime.storage import (
+    ShardMismatch,
+    ShardWriter,
+    iter_shard_records,
+    open_store,
+)
 
 PREFIX = "ns/run/prepare-corpus"
 
