@@ -19,7 +19,8 @@ concurrent requests are answered in random order. `model`, when set, is the only
 as vLLM does). `stats` counts requests, failures, requests in flight and the most at once, and
 keeps the last `Authorization` header.
 
-In an event loop: `stub = await start_stub(...)`, then `stub.url`, `stub.stats`, `await stub.close()`.
+In an event loop: `stub = await start_stub(...)`, then `stub.url`, `stub.stats`, `await stub.close()`;
+`stub.behaviour` holds the options and may be changed while it serves (`stub.behaviour.delay_s = 0`).
 From sync code: `with StubServer(...) as stub:` runs the same server on a thread with its own loop.
 For benchmarks run it as a separate process (the command above) so server and client do not share
 one core's GIL.
@@ -175,10 +176,10 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
 
 
 class StubHandle:
-    """A running stub: `url` (…/v1), `stats`, and `await close()`."""
+    """A running stub: `url` (…/v1), `stats`, `behaviour` (its options, live), and `await close()`."""
 
-    def __init__(self, runner: web.AppRunner, url: str, stats: StubStats):
-        self._runner, self.url, self.stats = runner, url, stats
+    def __init__(self, runner: web.AppRunner, url: str, stats: StubStats, behaviour: _Behaviour):
+        self._runner, self.url, self.stats, self.behaviour = runner, url, stats, behaviour
 
     async def close(self) -> None:
         await self._runner.cleanup()
@@ -200,7 +201,7 @@ async def start_stub(host: str = "127.0.0.1", port: int = 0, *, text: str | Call
     await site.start()
     bound = runner.addresses[0]
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    return StubHandle(runner, f"http://{shown}:{bound[1]}/v1", stats)
+    return StubHandle(runner, f"http://{shown}:{bound[1]}/v1", stats, behaviour)
 
 
 class StubServer:
@@ -222,6 +223,11 @@ class StubServer:
     def stats(self) -> StubStats:
         assert self._handle is not None, "StubServer is not started"
         return self._handle.stats
+
+    @property
+    def behaviour(self) -> _Behaviour:
+        assert self._handle is not None, "StubServer is not started"
+        return self._handle.behaviour
 
     def start(self) -> StubServer:
         ready = threading.Event()

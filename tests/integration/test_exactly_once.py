@@ -93,13 +93,15 @@ def shards(ctx, stage):
 def test_two_writers_on_one_stage_the_second_refuses_and_every_id_lands_once(tmp_path, backend, request):
     s3 = request.getfixturevalue("s3_server") if backend == "s3" else None
     storage = f"{request.getfixturevalue('s3_bucket')}/runs" if s3 else str(tmp_path / "runs")
-    # Random delays: answers come back out of order. About 5 s of work, so the two overlap.
-    with StubServer(text=INSTRUCTION, delay_s=0.1, jitter_s=0.3) as stub:
+    # Random delays: answers come back out of order; slow ones until the second writer is done,
+    # so the two overlap however slowly the second starts.
+    with StubServer(text=INSTRUCTION, delay_s=0.5, jitter_s=0.5) as stub:
         spec, ctx = augment_ready(tmp_path, storage, stub, concurrency=2, s3_endpoint=s3)
         first = start("stage", "augment", "--spec", spec)
         wait_for(lambda: shards(ctx, "augment") or first.poll() is not None, what="the first shard")
         second = start("stage", "augment", "--spec", spec)  # the first is still writing
         _, err2 = second.communicate(timeout=120)
+        stub.behaviour.delay_s, stub.behaviour.jitter_s = 0.0, 0.05
         _, err1 = first.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert second.returncode == 5, err2
@@ -131,21 +133,32 @@ def test_a_killed_writers_lease_is_taken_over_and_its_work_resumed(tmp_path):
 
 
 def test_a_live_lease_of_another_host_refuses_and_wait_takes_it_over_at_expiry(tmp_path):
-    with StubServer(text=INSTRUCTION) as stub:
-        spec, ctx = augment_ready(tmp_path, str(tmp_path / "runs"), stub)
-        expires = datetime.now(timezone.utc) + timedelta(seconds=4)
+    def forge(seconds):
+        expires = datetime.now(timezone.utc) + timedelta(seconds=seconds)
         ctx.store.write_json(f"{ctx.prefix('augment')}/_LEASE.json", {
             "stage": "augment", "holder": {"host": "gpu-node-7", "pid": 4242, "pidns": "1", "id": "x"},
             "started": expires.isoformat(), "heartbeat": expires.isoformat(), "expires": expires.isoformat()})
+        return expires
+
+    with StubServer(text=INSTRUCTION) as stub:
+        spec, ctx = augment_ready(tmp_path, str(tmp_path / "runs"), stub)
+        expires = forge(120)
         refused = humpback("stage", "augment", "--spec", spec)
         assert refused.returncode == 5, refused.stderr
         assert "gpu-node-7 PID 4242" in refused.stderr and f"expires {expires.isoformat()}" in refused.stderr
         assert not shards(ctx, "augment")  # refused before writing anything
-        t0 = time.monotonic()
-        waited = humpback("stage", "augment", "--spec", spec, "--wait")
-    assert waited.returncode == 0, waited.stderr
-    assert time.monotonic() - t0 >= 2
-    assert "Waiting for stage augment: its lease is held by gpu-node-7 PID 4242" in waited.stderr
+        log = tmp_path / "wait.log"
+        with open(log, "w") as err_file:
+            waiting = start("stage", "augment", "--spec", spec, "--wait", stderr=err_file)
+        wait_for(lambda: "Waiting for stage augment" in log.read_text(), what="the second writer to wait")
+        time.sleep(1)
+        assert waiting.poll() is None and not shards(ctx, "augment")  # still waiting: the lease is live
+        forge(1)  # the holder's last heartbeat: it expires in a second, then --wait takes it over
+        waiting.communicate(timeout=120)
+        err = log.read_text()
+    assert waiting.returncode == 0, err
+    assert "Waiting for stage augment: its lease is held by gpu-node-7 PID 4242" in err
+    assert "took over the lease of gpu-node-7 PID 4242" in err and "expired at" in err
     assert sorted(ids_of(ctx, "augment")) == sorted(ids_of(ctx, "prepare-corpus"))
 
 
