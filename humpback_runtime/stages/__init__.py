@@ -181,6 +181,7 @@ def _run_claimed(ctx: RunContext, stage: Stage, impl: StageImpl, prefix: str, le
              name, ctx.run.name, stage.fingerprint, store.url(prefix))
     result = impl.run(ctx, stage, prefix)
     seconds = time.perf_counter() - t0
+    store.clear_scratch(prefix)  # a finished stage leaves no `_tmp/`
     t_manifest = time.perf_counter()
     objects = describe_outputs(store, prefix)
     timings["manifest_seconds"] = time.perf_counter() - t_manifest
