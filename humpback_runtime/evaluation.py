@@ -370,7 +370,7 @@ def evaluate(
         key = judge_api_key if judge_api_key is not None else os.environ.get(JUDGE_API_KEY_ENV) or None
         try:
             settings = ClientSettings(base_url=judge.endpoint, model=judge.model, api_key=key,
-                                      concurrency=judge_concurrency)
+                                      concurrency=judge_concurrency, api=judge.api)
         except ValueError as e:
             raise EvaluationError(f"spec.evaluation.judge: {e}") from e
 
@@ -420,7 +420,8 @@ def evaluate(
     evaluation = {
         "judged": settings is not None and bool(pairs),
         "note": note,
-        "judge": {"endpoint": _without_userinfo(judge.endpoint), "model": judge.model} if judge else None,
+        "judge": ({"endpoint": _without_userinfo(judge.endpoint), "model": judge.model, "api": judge.api}
+                  if judge else None),
         "models": list(models),
         "comparisons": [list(p) for p in pairs] if settings is not None else [],
         "sets": result_sets,

@@ -203,6 +203,9 @@ class InferenceSpec(Model):
     )
 
 
+ApiKind = Literal["chat", "completions"]
+
+
 class RewriteSpec(Model):
     enabled: bool = False
     endpoint: str | None = Field(
@@ -210,7 +213,19 @@ class RewriteSpec(Model):
         description="External OpenAI-compatible endpoint (back-and-forth translation); null: M(k-1) rewrites (self-rewriting).",
     )
     model: str | None = Field(None, description="Model name at the external endpoint.")
+    api: ApiKind = Field(
+        "chat",
+        description="OpenAI API of the external endpoint: chat (/v1/chat/completions; the server applies "
+        "the model's chat template) or completions (/v1/completions, the bare task text). Self-rewriting "
+        "by M(k-1) always uses completions with our template.",
+    )
     api_key_secret: str | None = Field(None, description="Name of a Secret with key apiKey for the external endpoint.")
+    order: Literal["before", "after"] | None = Field(
+        None,
+        description="before: rewrite every candidate, then curate the rewritten pairs; after: curate the "
+        "original pairs, train on the rewritten responses of the selected ones (Nguyen et al. 2024, "
+        "back-and-forth translation). null: after with an external endpoint, before for self-rewriting.",
+    )
     sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(temperature=0.7, top_p=0.9, max_tokens=1024))
 
     @model_validator(mode="after")
@@ -218,6 +233,15 @@ class RewriteSpec(Model):
         if self.endpoint and not self.model:
             raise ValueError("model is required when endpoint is set")
         return self
+
+    @property
+    def external(self) -> bool:
+        return self.endpoint is not None
+
+    @property
+    def resolved_order(self) -> Literal["before", "after"]:
+        """`order`, or its default: after for an external rewriter, before for self-rewriting."""
+        return self.order or ("after" if self.external else "before")
 
 
 class CurationSpec(Model):
@@ -246,6 +270,11 @@ class EvalSet(Model):
 class JudgeSpec(Model):
     endpoint: str = Field(description="OpenAI-compatible base URL of the judge.")
     model: str
+    api: ApiKind = Field(
+        "chat",
+        description="OpenAI API of the judge: chat (/v1/chat/completions; the server applies the judge's "
+        "chat template: GPT-4-class judges, chat-tuned models on vLLM) or completions (/v1/completions).",
+    )
     api_key_secret: str | None = Field(None, description="Name of a Secret with key apiKey (never the key itself).")
 
 

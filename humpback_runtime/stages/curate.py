@@ -25,13 +25,14 @@ from humpback_runtime.context import RunContext
 from humpback_runtime.inference.engines import GenerationResult, Sampling
 from humpback_runtime.plan import Stage
 from humpback_runtime.stages.augment import candidate_records
+from humpback_runtime.stages.train import model_system
 from humpback_runtime.storage import ShardWriter, iter_shard_records, list_shards
 
 SELECTED = "selected"
 
 
 def _candidates_stage(stage: Stage) -> str:
-    return next(d for d in stage.deps if d == "augment" or d.startswith("rewrite-"))
+    return next(d for d in stage.deps if d in ("augment", "rewrite") or d.startswith("rewrite-"))
 
 
 def _score_record(pair: dict, **fields: Any) -> dict:
@@ -42,7 +43,7 @@ def run_curate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.inference.models import engine_for, tokenizer_encode
 
     spec = ctx.run.spec.curation
-    system = prompts.inference_system(ctx.run.spec.system_prompts)
+    system = model_system(ctx, stage.serves)  # what M(k-1) was trained with
     pairs = list(candidate_records(ctx, _candidates_stage(stage)))
     engine = engine_for(ctx, stage.serves)
     common = dict(store=ctx.store, prefix=prefix, checkpoint_every=ctx.run.spec.inference.checkpoint_every,

@@ -17,6 +17,39 @@ from humpback_runtime.errors import StageError
 from humpback_runtime.plan import Stage
 
 
+def model_system(ctx: RunContext, train_stage: str) -> str:
+    """The system text a stage puts before its task when it prompts the model of `train_stage`.
+
+    The text the model was trained with (prompts.inference_system): the seed tag, which M0 saw on
+    every example and Mk on every seed example. Myx (backward) is never prompted with a system text.
+    """
+    from humpback_runtime import prompts
+
+    role = ctx.plan[train_stage].role
+    if role not in ("seed", "forward"):
+        raise ValueError(f"{train_stage} (role {role}) is not a forward model: it takes no system text")
+    return prompts.inference_system(ctx.run.spec.system_prompts)
+
+
+def curated_pairs(ctx: RunContext, k: int) -> tuple[list[dict], dict[str, int]]:
+    """The augmented training pairs of train-mk, and counts.
+
+    curate-k's selection; with `rewrite.order: after` each selected pair's response is replaced by
+    its rewrite, and a selected pair whose rewrite was dropped (empty, cut off by maxTokens) is left
+    out and counted.
+    """
+    from humpback_runtime.plan import rewrite_stage
+    from humpback_runtime.stages.augment import candidate_records
+
+    selected = list(ctx.records(f"curate-{k}"))
+    rw = ctx.run.spec.curation.rewrite
+    if not rw.enabled or rw.resolved_order == "before":
+        return selected, {"curated": len(selected)}
+    rewrites = {r["id"]: r for r in candidate_records(ctx, rewrite_stage(ctx.run, k))}
+    pairs = [{**p, "response": rewrites[p["id"]]["response"]} for p in selected if p["id"] in rewrites]
+    return pairs, {"curated": len(pairs), "curated_rewrite_dropped": len(selected) - len(pairs)}
+
+
 def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, int]]:
     """The examples of a training stage, every template from prompts.py, and their counts."""
     from humpback_runtime import prompts
@@ -28,10 +61,10 @@ def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, in
     examples = [prompts.forward_example(p["instruction"], p["response"], prompts.seed_system(tags)) for p in seed]
     if stage.role == "seed":
         return examples, {"seed": len(seed)}
-    curated = list(ctx.records(f"curate-{stage.iteration}"))
+    curated, counts = curated_pairs(ctx, stage.iteration)
     examples += [prompts.forward_example(p["instruction"], p["response"], prompts.augmented_system(tags))
                  for p in curated]
-    return examples, {"seed": len(seed), "curated": len(curated)}
+    return examples, {"seed": len(seed), **counts}
 
 
 def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:

@@ -142,7 +142,8 @@ def test_rewriting_by_an_external_endpoint(tmp_path, tiny_model):
     assert manifest["counts"]["rewritten"] == n and manifest["inference"]["engine"] == "vllm-server"
 
 
-def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny_model):
+def test_evaluate_answers_with_every_model_and_a_chat_only_judge_gives_win_rates(tmp_path, tiny_model):
+    """The demo's configuration with a judge served only behind /v1/chat/completions (spec default api: chat)."""
     import json
 
     from humpback_testing.openai_stub import StubServer
@@ -150,7 +151,7 @@ def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"id": f"q{i}", "instruction": q}) + "\n" for i, q in
                                     enumerate(["Name a planet.", "What is 2+2?", "Say hello."])))
-    with StubServer(text="Both are fine, A is clearer.\nVerdict: A") as judge:
+    with StubServer(text="Both are fine, A is clearer.\nVerdict: A", chat_only=True) as judge:
         ctx = make_ctx(tmp_path, tiny_model)
         ctx.run.spec.evaluation = ctx.run.spec.evaluation.model_validate({
             "enabled": True, "sets": [{"name": "mini", "source": str(prompts_file)}],
@@ -158,8 +159,9 @@ def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny
         stand_in_for_training(ctx, tiny_model, "train-m0", "train-m1", "train-m2")
         manifest = run_stage(ctx, "evaluate")
         asked = judge.stats.requests
+        assert judge.stats.chat_requests == asked  # every judgment through the chat route
     result = manifest["evaluation"]
-    assert result["judged"] is True
+    assert result["judged"] is True and result["judge"]["api"] == "chat"
     pairs = result["sets"]["mini"]["pairs"]
     # M2 vs M0 and M2 vs M1, each prompt judged in both orders.
     assert len(pairs) == 2 and asked == 2 * 2 * 3
