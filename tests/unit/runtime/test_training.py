@@ -207,3 +207,14 @@ def test_zero_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) ->
     _checkpoint(store, 100, "k", world_size=8)
     assert choose_checkpoint(store, "run/stage", "k", 16, 2) == (None, [100])
     assert choose_checkpoint(store, "run/stage", "k", 16, 0) == (100, [])  # plain DDP state is portable
+
+
+def test_dropout_goes_on_every_dropout_field_the_config_has():
+    transformers = pytest.importorskip("transformers")
+    from humpback_runtime.training.trainer import apply_dropout
+
+    llama = transformers.LlamaConfig()
+    assert apply_dropout(llama, 0.1) == ["attention_dropout"] and llama.attention_dropout == 0.1
+    gpt2 = transformers.GPT2Config()
+    assert set(apply_dropout(gpt2, 0.1)) == {"resid_pdrop", "embd_pdrop", "attn_pdrop"}
+    assert gpt2.resid_pdrop == gpt2.embd_pdrop == gpt2.attn_pdrop == 0.1
