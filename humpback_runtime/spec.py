@@ -111,8 +111,8 @@ class CorpusSpec(DataSource):
     text_field: str = Field("text", description="Field holding the document text.")
     id_field: str | None = Field(None, description="Field holding a stable document id (e.g. url); null numbers the documents.")
     max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
-    min_chars: int = Field(600, ge=1, description="Shortest segment kept (paper: 600).")
-    max_chars: int = Field(3000, ge=1, description="Longest segment kept (paper: 3,000).")
+    min_chars: int = Field(600, ge=1, description="Shortest segment kept (our choice: the paper gives no length window).")
+    max_chars: int = Field(3000, ge=1, description="Longest segment kept (our choice: the paper gives no length window).")
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     boilerplate: bool = Field(True, description="Drop navigation, cookie and boilerplate lines and pages.")
 
