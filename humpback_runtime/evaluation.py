@@ -1,10 +1,11 @@
 """The evaluate stage: answers of M0..Mk on evaluation prompt sets, judged pairwise by any
-OpenAI-compatible judge, summarised as win rates with standard errors.
+OpenAI-compatible judge (through its chat API by default, ``evaluation.judge.api``), summarised as
+win rates with standard errors.
 
 The stage (`humpback stage evaluate --spec RUN.yaml`) calls :func:`evaluate` with a callable that
 answers prompts with one trained model; the engine behind it is the stage's business::
 
-    system = prompts.inference_system(run.spec.system_prompts)
+    system = prompts.inference_system(run.spec.system_prompts)   # the seed tag every forward model trained with
 
     def generate_answers(model_stage, records, prefix):      # -> {prompt id: answer text}
         engine = engine_for(model_stage)                       # vLLM server, in-process, transformers
