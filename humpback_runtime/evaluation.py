@@ -1,10 +1,11 @@
 """The evaluate stage: answers of M0..Mk on evaluation prompt sets, judged pairwise by any
-OpenAI-compatible judge, summarised as win rates with standard errors.
+OpenAI-compatible judge (through its chat API by default, ``evaluation.judge.api``), summarised as
+win rates with standard errors.
 
 The stage (`humpback stage evaluate --spec RUN.yaml`) calls :func:`evaluate` with a callable that
 answers prompts with one trained model; the engine behind it is the stage's business::
 
-    system = prompts.inference_system(run.spec.system_prompts)
+    system = prompts.inference_system(run.spec.system_prompts)   # the seed tag every forward model trained with
 
     def generate_answers(model_stage, records, prefix):      # -> {prompt id: answer text}
         engine = engine_for(model_stage)                       # vLLM server, in-process, transformers
@@ -373,7 +374,7 @@ def evaluate(
         key = judge_api_key if judge_api_key is not None else os.environ.get(JUDGE_API_KEY_ENV) or None
         try:
             settings = ClientSettings(base_url=judge.endpoint, model=judge.model, api_key=key,
-                                      concurrency=judge_concurrency)
+                                      concurrency=judge_concurrency, api=judge.api)
         except ValueError as e:
             raise EvaluationError(f"spec.evaluation.judge: {e}") from e
 
@@ -423,7 +424,8 @@ def evaluate(
     evaluation = {
         "judged": settings is not None and bool(pairs),
         "note": note,
-        "judge": {"endpoint": _without_userinfo(judge.endpoint), "model": judge.model} if judge else None,
+        "judge": ({"endpoint": _without_userinfo(judge.endpoint), "model": judge.model, "api": judge.api}
+                  if judge else None),
         "models": list(models),
         "comparisons": [list(p) for p in pairs] if settings is not None else [],
         "sets": result_sets,
