@@ -23,7 +23,7 @@ from humpback_runtime.spec import BacktranslationRun
 STAGE_CODE_VERSIONS = {
     "prepare-seed": 1,
     "prepare-corpus": 1,
-    "train": 1,
+    "train": 2,  # packed batches, eval split, LoRA merge, checkpoint stalls in the metrics
     "augment": 1,
     "rewrite": 1,
     "curate": 1,

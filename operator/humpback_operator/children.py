@@ -431,6 +431,7 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
         "--tensor-parallel-size", str(max(res.gpus_per_replica, 1)),
         "--host", "0.0.0.0",
         "--port", str(config.vllm_port),
+        *run.spec.inference.vllm.serve_args(),  # batch size, memory, context, prefix caching
         *res.extra_args,
     ]
     env = [*_s3_env(run), {"name": "HOME", "value": "/tmp"}]

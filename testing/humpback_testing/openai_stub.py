@@ -14,7 +14,12 @@ prints `listening on http://127.0.0.1:PORT/v1` once it serves, and runs until ki
 
 Failure injection: the first `fail_first` requests, and every request whose prompt contains
 `fail_on`, answer `status_on_fail` with an OpenAI error body (and `Retry-After: retry_after` when
-set); `delay_s` delays every answer. `model`, when set, is the only model served (404 otherwise,
+set); `delay_s` delays every answer.
+
+A GPU server's shape (for the occupancy bench): `capacity` sequences run at once (vLLM's
+--max-num-seqs), each prompt holds one slot for `seq_delay_s`; the rest wait for a slot.
+`stats.busy_seconds` sums the slot time, so occupancy = busy_seconds / (capacity x wall time).
+`GET /stats` answers the stats as JSON (for a stub in another process). `model`, when set, is the only model served (404 otherwise,
 as vLLM does). `stats` counts requests, failures, requests in flight and the most at once, and
 keeps the last `Authorization` header.
 
@@ -53,6 +58,7 @@ class StubStats:
     in_flight: int = 0
     max_in_flight: int = 0
     prompts: int = 0  # prompts completed
+    busy_seconds: float = 0.0  # slot time of the sequences run (seq_delay_s each)
     authorization: str | None = field(default=None, repr=False)  # the last Authorization header
 
 
@@ -66,6 +72,8 @@ class _Behaviour:
     fail_on: str | None
     retry_after: float | None
     model: str | None
+    capacity: int | None = None
+    seq_delay_s: float = 0.0
 
 
 def _check_loopback(host: str) -> None:
@@ -99,6 +107,15 @@ def _logprobs(tokens: list[str], top: dict | None) -> dict:
 
 def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
     b = behaviour
+    slots = asyncio.Semaphore(b.capacity) if b.capacity else None
+
+    async def run_sequence() -> None:
+        if slots is None:
+            await asyncio.sleep(b.seq_delay_s)
+        else:
+            async with slots:
+                await asyncio.sleep(b.seq_delay_s)
+        stats.busy_seconds += b.seq_delay_s
 
     async def completions(request: web.Request) -> web.Response:
         stats.requests += 1
@@ -120,6 +137,8 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
                 return _error(400, "'prompt' must be a string or a list of strings")
             if b.delay_s:
                 await asyncio.sleep(b.delay_s)
+            if b.seq_delay_s:
+                await asyncio.gather(*(run_sequence() for _ in prompts))
             if stats.requests <= b.fail_first or (b.fail_on is not None and any(b.fail_on in p for p in prompts)):
                 stats.failed += 1
                 headers = {"Retry-After": f"{b.retry_after:g}"} if b.retry_after is not None else None
@@ -164,7 +183,11 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "humpback-stub", "root": name}]})
 
+    async def stats_json(request: web.Request) -> web.Response:
+        return web.json_response({k: v for k, v in vars(stats).items() if k != "authorization"})
+
     app = web.Application()
+    app.router.add_get("/stats", stats_json)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
@@ -184,11 +207,15 @@ class StubHandle:
 async def start_stub(host: str = "127.0.0.1", port: int = 0, *, text: str | Callable[[str], str] = "ok",
                      top_logprobs: dict | None = None, delay_s: float = 0.0, fail_first: int = 0,
                      status_on_fail: int = 503, fail_on: str | None = None, retry_after: float | None = None,
-                     model: str | None = None) -> StubHandle:
+                     model: str | None = None, capacity: int | None = None,
+                     seq_delay_s: float = 0.0) -> StubHandle:
     """Start the stub in the running loop on `host:port` (0: a free port)."""
     _check_loopback(host)
     stats = StubStats()
-    behaviour = _Behaviour(text, top_logprobs, delay_s, fail_first, status_on_fail, fail_on, retry_after, model)
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"capacity: expected an integer >= 1 or None, got {capacity!r}")
+    behaviour = _Behaviour(text, top_logprobs, delay_s, fail_first, status_on_fail, fail_on, retry_after, model,
+                           capacity, seq_delay_s)
     runner = web.AppRunner(_app(behaviour, stats), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -270,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-on", default=None, help="fail every request whose prompt contains this")
     p.add_argument("--retry-after", type=float, default=None)
     p.add_argument("--model", default=None, help="the only model served (default: any)")
+    p.add_argument("--capacity", type=int, default=None, help="sequences served at once (like --max-num-seqs)")
+    p.add_argument("--seq-delay-s", type=float, default=0.0, help="time each sequence holds a slot")
     args = p.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in ("host", "port")}
 

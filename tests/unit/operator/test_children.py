@@ -298,6 +298,7 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     assert vllm["args"] == [
         "--model", "s3://bucket/runs/team-a/demo/train-myx/model", "--load-format", "runai_streamer",
         "--served-model-name", "train-myx", "--tensor-parallel-size", "2", "--host", "0.0.0.0", "--port", "8000",
+        "--max-num-seqs", "256", "--gpu-memory-utilization", "0.9", "--enable-prefix-caching",
         "--max-model-len", "4096"]
     assert vllm["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 2}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -321,6 +322,15 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     pod = client["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert "nvidia.com/gpu" not in json.dumps(pod)
+
+
+def test_the_spec_vllm_block_sizes_the_server():
+    run = make_run(inference={"vllm": {"maxNumSeqs": 512, "gpuMemoryUtilization": 0.85, "maxModelLen": 8192,
+                                       "enablePrefixCaching": False, "extraArgs": ["--enable-chunked-prefill"]}})
+    args = stage_children(run, "augment").servers[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--port") + 2:] == [
+        "--max-num-seqs", "512", "--gpu-memory-utilization", "0.85", "--max-model-len", "8192",
+        "--no-enable-prefix-caching", "--enable-chunked-prefill"]
 
 
 def test_vllm_servers_get_the_inference_node_selection():
