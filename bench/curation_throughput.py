@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "settings": {"pairs": len(pairs), "generate_pairs": len(gen_pairs), "max_tokens": args.max_tokens,
                      "response_chars": args.response_chars, "batch_size": args.batch_size,
-                     "concurrency": args.concurrency, "top_k": TOP_K, "model": "tiny",
+                     "concurrency": args.concurrency, "top_k": TOP_K, "model": args.model_size, "device": device,
                      "prompt_tokens_generate": {"min": min(prompt_lens), "max": max(prompt_lens),
                                                 "mean": sum(prompt_lens) / len(prompt_lens)}},
         "goal_speedup": GOAL,

@@ -174,6 +174,8 @@ def _trainer_classes() -> tuple[type, type]:
             try:
                 t0 = time.perf_counter()
                 n = upload_dir(self.store, local, checkpoint_prefix(self.prefix, step))
+                if n == 0:  # never mark an empty checkpoint complete
+                    raise TrainingError(f"checkpoint folder {local} is empty")
                 self._upload_seconds[step] = time.perf_counter() - t0
                 if self.is_main:
                     log.info("Uploaded checkpoint step %d (%d files) to %s in %.1fs (in the background)", step,
@@ -213,9 +215,9 @@ def _trainer_classes() -> tuple[type, type]:
                 barrier()  # every node's part is in the store
                 if self.is_main:
                     self._complete(step)
-            if self.is_local_main:  # the store has it; keep only the newest locally
+            if self.is_local_main:  # the store has it; the older local ones can go (never a newer one)
                 for old in Path(local).parent.glob("checkpoint-*"):
-                    if old != local:
+                    if old.name.rsplit("-", 1)[-1].isdigit() and int(old.name.rsplit("-", 1)[-1]) < step:
                         shutil.rmtree(old, ignore_errors=True)
             self._pending = None
     class ThroughputLog(TrainerCallback):

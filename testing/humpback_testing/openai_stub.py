@@ -18,8 +18,9 @@ set); `delay_s` delays every answer.
 
 A GPU server's shape (for the occupancy bench): `capacity` sequences run at once (vLLM's
 --max-num-seqs), each prompt holds one slot for `seq_delay_s`; the rest wait for a slot.
-`stats.busy_seconds` sums the slot time, so occupancy = busy_seconds / (capacity x wall time).
-`GET /stats` answers the stats as JSON (for a stub in another process). `model`, when set, is the only model served (404 otherwise,
+`stats.busy_seconds` sums the slot time of finished sequences, so occupancy = busy_seconds /
+(capacity x wall time); `slot_seconds` is the same integral kept up to the moment `GET /stats`
+answers (the stats as JSON, for a stub in another process), for occupancy over a time window. `model`, when set, is the only model served (404 otherwise,
 as vLLM does). `stats` counts requests, failures, requests in flight and the most at once, and
 keeps the last `Authorization` header.
 
@@ -58,7 +59,10 @@ class StubStats:
     in_flight: int = 0
     max_in_flight: int = 0
     prompts: int = 0  # prompts completed
-    busy_seconds: float = 0.0  # slot time of the sequences run (seq_delay_s each)
+    busy_seconds: float = 0.0  # slot time of the sequences finished (seq_delay_s each)
+    running: int = 0  # sequences holding a slot now
+    slot_seconds: float = 0.0  # integral of `running` over time, up to `slot_clock`
+    slot_clock: float = 0.0  # time.monotonic() of the last update of slot_seconds
     authorization: str | None = field(default=None, repr=False)  # the last Authorization header
 
 
@@ -109,12 +113,26 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
     b = behaviour
     slots = asyncio.Semaphore(b.capacity) if b.capacity else None
 
+    def tick(change: int = 0) -> None:
+        now = time.monotonic()
+        if stats.slot_clock:
+            stats.slot_seconds += stats.running * (now - stats.slot_clock)
+        stats.slot_clock = now
+        stats.running += change
+
+    async def hold_slot() -> None:
+        tick(+1)
+        try:
+            await asyncio.sleep(b.seq_delay_s)
+        finally:
+            tick(-1)
+
     async def run_sequence() -> None:
         if slots is None:
-            await asyncio.sleep(b.seq_delay_s)
+            await hold_slot()
         else:
             async with slots:
-                await asyncio.sleep(b.seq_delay_s)
+                await hold_slot()
         stats.busy_seconds += b.seq_delay_s
 
     async def completions(request: web.Request) -> web.Response:
@@ -184,6 +202,7 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
             {"id": name, "object": "model", "created": 0, "owned_by": "humpback-stub", "root": name}]})
 
     async def stats_json(request: web.Request) -> web.Response:
+        tick()  # slot_seconds up to now
         return web.json_response({k: v for k, v in vars(stats).items() if k != "authorization"})
 
     app = web.Application()

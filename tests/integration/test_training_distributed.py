@@ -176,8 +176,9 @@ def test_s3_base_model_and_store_without_deepspeed(tiny_model, examples, tmp_pat
     assert metrics["model_uri"] == f"{s3_bucket}/runs/{prefix}/model"
     assert (tmp_path / "cache" / "models").is_dir()  # downloaded once per node, then loaded locally
     for key in ("model/model.safetensors", "model/README.md", f"model/{COMPLETE}", "train_metrics.json",
-                f"checkpoints/step-2/{COMPLETE}", "checkpoints/step-4/optimizer.pt"):  # torch format: no ZeRO
+                f"checkpoints/step-4/{COMPLETE}", "checkpoints/step-4/optimizer.pt"):  # torch format: no ZeRO
         assert store.exists(f"{prefix}/{key}"), (key, store.list(prefix))
+    assert not store.list(f"{prefix}/checkpoints/step-2")  # the store keeps the last one
 
 
 _TRACE_WRITES = textwrap.dedent("""

@@ -115,3 +115,4 @@ def test_time_based_checkpoints_upload_in_the_background_and_the_store_keeps_the
                                                           abs=0.01)
     folders = {k.split("/")[4] for k in store.list(f"{prefix}/checkpoints")}
     assert folders == {"step-2"} and store.exists(f"{prefix}/checkpoints/step-2/{COMPLETE}")
+    assert len(store.list(f"{prefix}/checkpoints/step-2")) > 3  # weights, optimizer, RNG, state: not only the marker
