@@ -186,6 +186,8 @@ class TrainingSpec(Model):
         sizes = [s.max_examples for s in self.steps_by_size]
         if sizes != sorted(sizes) or len(set(sizes)) != len(sizes):
             raise ValueError("stepsBySize must be sorted by strictly increasing maxExamples")
+        if self.lora is not None and self.lora.quantize_base and self.zero_stage != 0:
+            raise ValueError("lora.quantizeBase (QLoRA) needs zeroStage 0: DeepSpeed ZeRO does not shard 4-bit weights")
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("lora does not work with zeroStage 3 (the adapters are merged into the full weights, which ZeRO-3 partitions); use zeroStage 0-2")
         if self.per_device_batch_size > self.batch_size:

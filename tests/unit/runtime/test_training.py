@@ -275,4 +275,14 @@ def test_lora_with_zero3_is_refused_by_the_spec() -> None:
 
     with pytest.raises(ValidationError, match="lora does not work with zeroStage 3"):
         TrainingSpec(zero_stage=3, lora={"rank": 8})
+    with pytest.raises(ValidationError, match="quantizeBase .QLoRA. needs zeroStage 0"):
+        TrainingSpec(zero_stage=2, lora={"rank": 8, "quantizeBase": True})
     assert TrainingSpec(lora={"rank": 8}).lora.target_modules[0] == "q_proj"
+
+
+def test_qlora_without_a_gpu_is_an_error_naming_the_field() -> None:
+    torch = pytest.importorskip("torch")
+    from humpback_runtime.training.lora import qlora_config
+
+    with pytest.raises(TrainingError, match="training.lora.quantizeBase needs a CUDA GPU"):
+        qlora_config(False, torch)
