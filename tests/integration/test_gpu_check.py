@@ -17,7 +17,8 @@ pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow  # two short training runs and a curation run: minutes on 2 cores (opt in: -m slow)
+@pytest.mark.slow  # two short training runs and a curation run: minutes on 2 cores
+@pytest.mark.skipif(os.environ.get("HUMPBACK_SLOW_TESTS") != "1", reason="slow: set HUMPBACK_SLOW_TESTS=1")
 @pytest.mark.timeout(600)
 def test_gpu_check_runs_its_cpu_smoke_mode(tmp_path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "2"}
