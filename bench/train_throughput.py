@@ -1,12 +1,16 @@
-"""Training throughput of `humpback_runtime.training.train`: tokens/s, and MFU on a GPU.
+"""Training throughput of `humpback_runtime.training.train`: tokens/s with padded vs packed
+batches on the seed data's real lengths, and MFU on a GPU.
 
     .venv/bin/python bench/train_throughput.py                       # CPU: tiny model
-    python bench/train_throughput.py --gpu --model-size 1b           # GPU: ~1B Llama, bf16
+    python bench/train_throughput.py --gpu --model-size 1b           # GPU: ~1B Llama, bf16, SDPA
 
 Every case runs the real entry point (`train()`: HF Trainer, the DeepSpeed config built there, a
-local store, checkpoints off) in this process, one case after the other, DeepSpeed ZeRO-2 beside
-no DeepSpeed. The data are full-length sequences (shipped c4 text cut to --seq-len tokens), so
-every token is a real token and padding does not blur the figures.
+local store, checkpoints off) in this process, one case after the other: for each ZeRO stage of
+--zero (default 2), right-padded micro-batches (`packing: false`) beside padding-free packed ones
+(`packing: true`). The data are the shipped seed pairs (examples/data/oasst1_pairs.jsonl) as
+forward examples, so the lengths are the real, short, variable ones the seed model trains on
+(--data full-length: c4 text cut to --seq-len tokens, the old figure). tokens/s counts real tokens
+only (the padding is not counted), so the ratio packed / padded is the speed-up on that data.
 
 - CPU: the tiny random-init Llama of `humpback_runtime.tiny_model` (built into a temporary folder).
 - GPU (--gpu): a Llama-shaped model of --model-size built from a config with random weights in
@@ -72,6 +76,16 @@ class StepClock(transformers.TrainerCallback):
         return (n1 - n0) / (t1 - t0)
 
 
+def seed_examples(n: int) -> list[TrainingExample]:
+    """The shipped seed pairs as forward training examples (repeated up to n)."""
+    from humpback_runtime import prompts
+    from humpback_runtime.spec import SystemPrompts
+
+    system = prompts.seed_system(SystemPrompts())
+    pairs = [json.loads(line) for line in (ROOT / "examples/data/oasst1_pairs.jsonl").open(encoding="utf-8")]
+    return [prompts.forward_example(p["instruction"], p["response"], system) for p in (pairs * (n // len(pairs) + 1))[:n]]
+
+
 def full_length_examples(tokenizer, n: int, seq_len: int) -> list[TrainingExample]:
     """n examples of at least seq_len tokens: a short prompt, then c4 text as the completion."""
     texts = [json.loads(line)["text"] for line in (ROOT / "examples/data/c4_sample.jsonl").open(encoding="utf-8")]
@@ -111,11 +125,11 @@ def build_model(size: str, out: Path, tokenizer_dir: Path) -> tuple[Path, int]:
 
 def run_case(name: str, model_dir: Path, examples: list[TrainingExample], work: Path, *, zero: int,
              steps: int, batch: int, per_device: int, seq_len: int, checkpointing: bool, warmup: int,
-             precision: str) -> dict:
+             precision: str, packing: bool, attention: str) -> dict:
     clock = StepClock()
     settings = TrainingSpec(steps=steps, batch_size=batch, per_device_batch_size=per_device, max_seq_length=seq_len,
                             zero_stage=zero, gradient_checkpointing=checkpointing, precision=precision,
-                            checkpoint_every=10**6)
+                            checkpoint_every=10**6, packing=packing, attention=attention)
     store = LocalStore(work / f"store-{name}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -123,7 +137,8 @@ def run_case(name: str, model_dir: Path, examples: list[TrainingExample], work: 
                                  prefix=f"bench/{name}", card={"stage": "bench"}, callbacks=[clock],
                                  work_dir=work / f"work-{name}"))
     row = {
-        "case": name, "zero_stage": zero, "precision": metrics["precision"], "steps": steps,
+        "case": name, "zero_stage": zero, "packing": packing, "attention": metrics["attention"],
+        "precision": metrics["precision"], "steps": steps,
         "batch": batch, "per_device_batch": per_device, "seq_len": seq_len, "gradient_checkpointing": checkpointing,
         "tokens_per_s_steady": clock.steady(warmup), "tokens_per_s_run": metrics["tokens_per_second"],
         "train_seconds": metrics["train_seconds"], "seconds_total": metrics["seconds"],
@@ -145,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the steady figure (CPU 3, GPU 5)")
     p.add_argument("--batch", type=int, default=None, help="global batch (CPU 8, GPU 16)")
     p.add_argument("--per-device-batch", type=int, default=None, help="micro-batch (CPU 4, GPU 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (CPU 256, GPU 2048)")
+    p.add_argument("--seq-len", type=int, default=None, help="maxSeqLength (CPU 1024, GPU 2048)")
+    p.add_argument("--data", choices=["seed", "full-length"], default="seed",
+                   help="seed: the shipped seed pairs' real lengths; full-length: c4 cut to --seq-len")
+    p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "flash_attention_2", "eager"])
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--zero", type=int, nargs="+", default=[2, 0], help="ZeRO stages to compare (0 = no DeepSpeed)")
+    p.add_argument("--zero", type=int, nargs="+", default=[2], help="ZeRO stages to run (0 = no DeepSpeed)")
     p.add_argument("--out", default=str(ROOT / "bench/results/train_throughput.json"))
     args = p.parse_args(argv)
 
@@ -157,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.model_size or ("1b" if gpu else "tiny")
     steps = args.steps or (30 if gpu else 20)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 3)
-    batch = args.batch or (16 if gpu else 8)
-    per_device = args.per_device_batch or (8 if gpu else 4)
-    seq_len = args.seq_len or (2048 if gpu else 256)
+    batch = args.batch or (16 if gpu else 16)
+    per_device = args.per_device_batch or (8 if gpu else 8)
+    seq_len = args.seq_len or (2048 if gpu else 1024)
     checkpointing = not args.no_gradient_checkpointing
     precision = "bf16" if gpu else "fp32"
 
@@ -175,28 +193,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built a random {size} Llama ({params / 1e9:.2f} B parameters) in {time.perf_counter() - t0:.0f}s",
                   file=sys.stderr)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-        examples = full_length_examples(tokenizer, max(batch * 4, 32), seq_len)
+        if args.data == "seed":
+            examples = seed_examples(batch * steps)
+        else:
+            examples = full_length_examples(tokenizer, max(batch * 4, 32), seq_len)
         rows = []
         for zero in args.zero:
-            name = f"zero{zero}" if zero else "no-deepspeed"
-            row = run_case(name, model_dir, examples, work, zero=zero, steps=steps, batch=batch,
-                           per_device=per_device, seq_len=seq_len, checkpointing=checkpointing, warmup=warmup,
-                           precision=precision)
-            row["model"], row["parameters"] = size, params
-            if gpu and row["tokens_per_s_steady"]:
-                row["mfu"] = round(6 * params * row["tokens_per_s_steady"] / (args.peak_tflops * 1e12), 4)
-            rows.append(row)
+            for packing in (False, True):
+                name = ("zero%d" % zero if zero else "no-ds") + ("-packed" if packing else "-padded")
+                row = run_case(name, model_dir, examples, work, zero=zero, steps=steps, batch=batch,
+                               per_device=per_device, seq_len=seq_len, checkpointing=checkpointing, warmup=warmup,
+                               precision=precision, packing=packing, attention=args.attention)
+                row["model"], row["parameters"], row["data"] = size, params, args.data
+                if gpu and row["tokens_per_s_steady"]:
+                    row["mfu"] = round(6 * params * row["tokens_per_s_steady"] / (args.peak_tflops * 1e12), 4)
+                rows.append(row)
+            padded, packed = rows[-2]["tokens_per_s_steady"], rows[-1]["tokens_per_s_steady"]
+            if padded and packed:
+                rows[-1]["speedup_over_padded"] = round(packed / padded, 3)
 
     device = (torch.cuda.get_device_name(0) if gpu
               else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     print(f"\n{device}; model {size} ({params / 1e6:.1f} M parameters), batch {batch} x {seq_len} tokens, "
           f"micro-batch {per_device}, gradient checkpointing {checkpointing}, {steps} steps")
-    header = f"{'case':<14}{'precision':>10}{'tokens/s steady':>17}{'tokens/s run':>14}{'train s':>9}"
+    header = f"{'case':<16}{'precision':>10}{'tokens/s steady':>17}{'tokens/s run':>14}{'train s':>9}{'x padded':>10}"
     header += f"{'MFU':>8}{'peak GiB':>10}" if gpu else ""
     print(header)
     for r in rows:
-        line = (f"{r['case']:<14}{r['precision']:>10}{(r['tokens_per_s_steady'] or 0):>17,.0f}"
-                f"{r['tokens_per_s_run']:>14,.0f}{r['train_seconds']:>9.1f}")
+        line = (f"{r['case']:<16}{r['precision']:>10}{(r['tokens_per_s_steady'] or 0):>17,.0f}"
+                f"{r['tokens_per_s_run']:>14,.0f}{r['train_seconds']:>9.1f}{r.get('speedup_over_padded', 1.0):>10.2f}")
         if gpu:
             line += f"{r.get('mfu', 0):>8.1%}{r.get('peak_memory_gib', 0):>10.1f}"
         print(line)

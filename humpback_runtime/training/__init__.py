@@ -32,9 +32,21 @@ What happens:
   ``batchSize`` sequences per optimizer step made up by gradient accumulation
   (:func:`recipe.gradient_accumulation_steps`), ``steps_for(len(examples))`` steps, bf16 on CUDA (or when
   asked for), fp32 on CPU, gradient checkpointing per the spec.
-* checkpoints: every ``checkpointEvery`` steps a full resumable checkpoint (weights, optimizer,
-  scheduler, RNG, trainer state; DeepSpeed's own format under ZeRO) is uploaded to
-  ``{prefix}/checkpoints/step-N/``, with ``_COMPLETE`` written last; the latest two are kept. A new
+* batches: padding-free packing by default (``packing``; the micro-batch's examples flattened into
+  one row with position ids restarting per example, which transformers turns into a block-diagonal
+  causal mask for SDPA/eager or varlen boundaries for FlashAttention-2), else right-padding; the
+  attention kernel per ``attention`` (auto: FlashAttention-2 on a GPU in bf16 where installed, SDPA
+  otherwise); Liger kernels with ``liger`` on CUDA; ``lora`` trains PEFT adapters (4-bit base with
+  ``quantizeBase``) and exports the merged weights, so ``model/`` is always a plain model; on a GPU a
+  configuration whose weights, gradients and AdamW state cannot fit is refused with the arithmetic
+  (:func:`recipe.check_fits`). ``evalFraction`` holds out examples for an eval loss every
+  ``evalEvery`` steps; tokens/s (and MFU on a known GPU) are logged with every step's loss.
+* checkpoints: every ``checkpointEvery`` steps and every ``checkpointEveryMinutes`` a full resumable
+  checkpoint (weights, optimizer, scheduler, RNG, trainer state; DeepSpeed's own format under ZeRO)
+  is written to local disk and uploaded to ``{prefix}/checkpoints/step-N/`` in the background while
+  training continues, with ``_COMPLETE`` written last; once it is complete the older one is deleted
+  (the store keeps the last one). Each checkpoint's stall of the training loop and its upload time go
+  to the metrics (``checkpoint_stalls``). A new
   attempt with the same request (same base model, settings, data and card fingerprint) resumes from
   the latest complete one; checkpoints of another request are deleted.
 * output: ``{prefix}/model/`` (safetensors, tokenizer, generation config, README.md model card),
@@ -117,10 +129,13 @@ def train(request: TrainRequest) -> dict[str, Any]:
     """Fine-tune ``request.base_model`` on ``request.examples``; returns metrics for the manifest.
 
     Metrics: ``steps`` (optimizer steps done) and ``max_steps``, ``examples`` (trained on),
-    ``examples_in``, ``examples_dropped``, ``examples_truncated``, ``tokens`` (non-padding input
+    ``examples_in``, ``examples_dropped``, ``examples_truncated``, ``eval_examples``, ``eval_loss``
+    ([step, loss]), ``parameters``, ``packing``, ``attention``, ``liger``, ``lora``, ``mfu`` (GPU
+    with a known peak, else None), ``checkpoint_stalls`` ([{step, stall_seconds, upload_seconds}]),
+    ``tokens`` (non-padding input
     tokens over the whole run, all ranks), ``supervised_tokens`` (completion + EOS tokens of the data
     set), ``train_loss`` ([step, loss] per step, across attempts), ``tokens_per_second`` (this
-    attempt, checkpoint uploads excluded), ``train_seconds``, ``checkpoint_seconds``, ``seconds``
+    attempt, checkpoint uploads excluded), ``train_seconds``, ``checkpoint_seconds`` (the stalls, summed), ``seconds``
     (this call up to the final upload), ``world_size``, ``precision`` ("bf16"/"fp32"),
     ``zero_stage``, ``gradient_accumulation_steps``, ``resumed_from`` (step or None),
     ``checkpoints`` (steps uploaded by this attempt), ``model_uri``, ``training_key``. They are also

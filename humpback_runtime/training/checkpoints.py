@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("humpback_runtime.training")
 
 COMPLETE = "_COMPLETE"  # marker written last into a checkpoint folder and into model/
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 1  # the newest complete one; older ones are deleted once it is complete
 
 
 def examples_digest(examples: list[TrainingExample]) -> str:
@@ -118,7 +118,7 @@ def choose_checkpoint(store: Store, prefix: str, key: str, world_size: int, zero
         else:
             usable.append(step)
     latest = usable[-1] if usable else None
-    stale += usable[:-KEEP_CHECKPOINTS]  # older than the two kept
+    stale += usable[:-KEEP_CHECKPOINTS]  # older than the one kept
     return latest, sorted(set(stale))
 
 

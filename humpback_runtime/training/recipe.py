@@ -193,3 +193,69 @@ def tokenize_all(tokenizer: Any, examples: list[TrainingExample], max_len: int) 
         out.supervised_tokens += sum(1 for label in feat["labels"] if label != IGNORE_INDEX)
     return out
 
+
+
+def resolve_attention(choice: str, *, cuda: bool, bf16: bool, flash_installed: bool) -> str:
+    """The ``attn_implementation`` to load the model with: ``auto`` is FlashAttention-2 where it can
+    run (CUDA, bf16, flash-attn installed), SDPA otherwise; an explicit choice it cannot honour fails."""
+    if choice == "auto":
+        return "flash_attention_2" if cuda and bf16 and flash_installed else "sdpa"
+    if choice == "flash_attention_2" and not (cuda and bf16 and flash_installed):
+        raise TrainingError("training.attention flash_attention_2 needs a CUDA GPU, bf16 precision and the "
+                            "flash-attn package; use auto or sdpa")
+    return choice
+
+
+GIB = 1024**3
+
+
+def check_fits(n_params: int, *, zero_stage: int, world_size: int, gpu_bytes: int, bf16: bool,
+               trainable_params: int | None = None) -> None:
+    """Refuse a configuration whose weights, gradients and AdamW state alone exceed one GPU.
+
+    Per trainable parameter: 4 bytes of fp32 master weights + 8 of Adam moments (+ 2 of bf16 weights
+    when training in bf16) are split over the ranks from ZeRO-1 on; gradients (4 bytes fp32, 2 in
+    bf16) from ZeRO-2 on; weights from ZeRO-3 on. Frozen parameters (LoRA) hold their weights only.
+    Activations come on top, so passing this check is necessary, not sufficient.
+    """
+    trainable = n_params if trainable_params is None else trainable_params
+    frozen = n_params - trainable
+    w = 2 if bf16 else 4
+    weights = trainable * w + frozen * w
+    grads = trainable * (2 if bf16 else 4)
+    optim = trainable * (12 if bf16 else 8)  # fp32 master copy (bf16 only) + two fp32 moments
+    n = max(world_size, 1)
+    if zero_stage >= 1:
+        optim /= n
+    if zero_stage >= 2:
+        grads /= n
+    if zero_stage >= 3:
+        weights /= n
+    need = weights + grads + optim
+    if need > gpu_bytes:
+        raise TrainingError(
+            f"the model does not fit one GPU with zeroStage {zero_stage}: {n_params / 1e9:.2f}B parameters "
+            f"({trainable / 1e9:.2f}B trainable) need {weights / GIB:.1f} GiB weights + {grads / GIB:.1f} GiB "
+            f"gradients + {optim / GIB:.1f} GiB AdamW state = {need / GIB:.1f} GiB per GPU over {n} "
+            f"process(es), more than the {gpu_bytes / GIB:.1f} GiB the GPU has (activations not counted); "
+            "use zeroStage 2 or 3, more GPUs, or training.lora"
+        )
+
+
+# Dense bf16 tensor-core peak per GPU, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return flops
+    return None
+
+
+def mfu(n_params: int, tokens_per_second: float, peak_flops: float | None, world_size: int = 1) -> float | None:
+    """Model FLOPs utilisation: 6 x parameters x tokens/s over the peak of all GPUs (attention FLOPs and
+    recomputation not counted, as usual)."""
+    if not peak_flops:
+        return None
+    return 6 * n_params * tokens_per_second / (peak_flops * world_size)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
+import random
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,11 +23,13 @@ from humpback_runtime.prompts import TrainingExample
 from humpback_runtime.spec import TrainingSpec
 from humpback_runtime.storage import Store, open_store
 from humpback_runtime.training.card import model_card
-from humpback_runtime.training.checkpoints import (COMPLETE, KEEP_CHECKPOINTS, checkpoint_prefix, checkpoint_steps,
+from humpback_runtime.training.checkpoints import (COMPLETE, checkpoint_prefix, checkpoint_steps,
                                                    choose_checkpoint, download_prefix, upload_dir)
+from humpback_runtime.training.lora import add_lora, qlora_config, save_merged
 from humpback_runtime.training.distributed import (DIST_TIMEOUT_S, GRAD_ACCUM_FILTER, barrier, broadcast,
                                                    disable_cpu_shm_op, env_int)
-from humpback_runtime.training.recipe import (IGNORE_INDEX, MAX_GRAD_NORM, deepspeed_config, learning_rate_factor,
+from humpback_runtime.training.recipe import (IGNORE_INDEX, MAX_GRAD_NORM, check_fits, deepspeed_config,
+                                              learning_rate_factor, mfu, peak_bf16_flops, resolve_attention,
                                               resolve_bf16, tokenize_all)
 
 if TYPE_CHECKING:
@@ -53,6 +58,18 @@ class _Collator:
             batch["attention_mask"].append(f["attention_mask"] + [0] * pad)
             batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def make_collator(packing: bool, pad_id: int, *, cuda: bool, attention: str) -> Any:
+    """Padding-free flattening (one row per micro-batch, position ids restarting at every example;
+    transformers turns them into a block-diagonal causal mask, or FlashAttention's varlen boundaries)
+    or right-padding."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                          return_flash_attn_kwargs=attention == "flash_attention_2")
+    return _Collator(pad_id, 8 if cuda else None)
 
 
 class _ListDataset:
@@ -88,26 +105,43 @@ def _trainer_classes() -> tuple[type, type]:
             return self.lr_scheduler
 
     class StoreCheckpoints(TrainerCallback):
-        """Uploads each Trainer checkpoint to the store; ``_COMPLETE`` last; keeps the latest two.
+        """Checkpoints every ``checkpointEvery`` steps and every ``checkpointEveryMinutes``, uploaded
+        to the store in the background while training goes on; only the last complete one is kept.
 
-        Every rank calls on_save after the Trainer (and DeepSpeed) wrote its part. After a barrier
-        the first process of each node uploads what its node holds (one node: everything; several
-        nodes: each node's ZeRO partitions and RNG states), then global rank 0 writes the marker.
+        Every rank calls on_save after the Trainer (and DeepSpeed) wrote its part to local disk.
+        After a barrier the first process of each node starts a thread that uploads what its node
+        holds (one node: everything; several nodes: each node's ZeRO partitions and RNG states),
+        and training continues. With one node that thread writes ``_COMPLETE`` and deletes the
+        older checkpoint itself; with several, rank 0 does it at the next save (or the end), after
+        every node joined its upload at a barrier. The stall per checkpoint (what the training loop
+        waited: the local write, the barrier, an unfinished previous upload) is recorded beside the
+        upload time, which overlaps training.
         """
 
-        def __init__(self, store: Store, prefix: str, key: str, every: int, world_size: int,
-                     is_main: bool, is_local_main: bool):
+        def __init__(self, store: Store, prefix: str, key: str, every: int, every_minutes: float | None,
+                     world_size: int, single_node: bool, is_main: bool, is_local_main: bool):
             self.store, self.prefix, self.key, self.every = store, prefix, key, every
-            self.world_size, self.is_main, self.is_local_main = world_size, is_main, is_local_main
-            self.seconds = 0.0
+            self.every_s = every_minutes * 60 if every_minutes else None
+            self.world_size, self.single_node = world_size, single_node
+            self.is_main, self.is_local_main = is_main, is_local_main
+            self.seconds = 0.0  # the stalls, summed
             self.uploaded: list[int] = []
+            self.stalls: list[dict[str, Any]] = []
             self._save_started: float | None = None
+            self._last_save = time.perf_counter()
+            self._thread: threading.Thread | None = None
+            self._pending: tuple[int, Path] | None = None  # uploading, or uploaded without its marker yet
+            self._upload_seconds: dict[int, float] = {}
+            self._error: BaseException | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            # Trainer saves at the last step too; only multiples of checkpointEvery are kept (the
-            # final model is the output; a last checkpoint would double the upload).
-            if control.should_save and state.global_step % self.every:
-                control.should_save = False
+            # Trainer saves at the last step too; only multiples of checkpointEvery are kept there
+            # (the final model is the output; a last checkpoint would double the upload).
+            by_steps = state.global_step % self.every == 0
+            by_time = False
+            if self.every_s is not None and state.global_step < state.max_steps:
+                by_time = broadcast(time.perf_counter() - self._last_save >= self.every_s)  # ranks agree
+            control.should_save = by_steps or by_time
             if control.should_save:
                 self._save_started = time.perf_counter()
             return control
@@ -115,34 +149,100 @@ def _trainer_classes() -> tuple[type, type]:
         def on_save(self, args, state, control, **kwargs):
             step = state.global_step
             local = Path(args.output_dir) / f"checkpoint-{step}"
-            key_prefix = checkpoint_prefix(self.prefix, step)
             barrier()  # every rank's shards and RNG state are on disk
+            self.finish()  # the previous upload: normally long done
             if self.is_local_main:
-                n = upload_dir(self.store, local, key_prefix)
-                if self.is_main:
-                    log.info("Uploaded checkpoint step %d (%d files) to %s", step, n, self.store.url(key_prefix))
-            barrier()
-            if self.is_main:
-                self.store.write_json(f"{key_prefix}/{COMPLETE}", {
-                    "step": step, "training_key": self.key, "world_size": self.world_size,
-                    "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                })
-                steps = checkpoint_steps(self.store, self.prefix)
-                complete = sorted(s for s, ok in steps.items() if ok)
-                for old in complete[:-KEEP_CHECKPOINTS]:
-                    self.store.delete_prefix(checkpoint_prefix(self.prefix, old))
-                    log.info("Deleted old checkpoint %s", self.store.url(checkpoint_prefix(self.prefix, old)))
-            if self.is_local_main:  # the store has it now; keep only this one locally
-                for old in Path(args.output_dir).glob("checkpoint-*"):
-                    if old != local:
-                        shutil.rmtree(old, ignore_errors=True)
+                self._thread = threading.Thread(target=self._upload, args=(step, local),
+                                                name=f"checkpoint-upload-{step}", daemon=True)
+                self._thread.start()
+            self._pending = (step, local)
             self.uploaded.append(step)
-            if self._save_started is not None:
-                self.seconds += time.perf_counter() - self._save_started
-                self._save_started = None
+            now = time.perf_counter()
+            stall = now - (self._save_started if self._save_started is not None else now)
+            self._save_started, self._last_save = None, now
+            self.seconds += stall
+            self.stalls.append({"step": step, "stall_seconds": round(stall, 3)})
             return control
 
-    return HumpbackTrainer, StoreCheckpoints
+        def on_train_end(self, args, state, control, **kwargs):
+            self.finish()
+            for entry in self.stalls:
+                entry["upload_seconds"] = round(self._upload_seconds.get(entry["step"], 0.0), 3)
+            return control
+
+        def _upload(self, step: int, local: Path) -> None:
+            try:
+                t0 = time.perf_counter()
+                n = upload_dir(self.store, local, checkpoint_prefix(self.prefix, step))
+                if n == 0:  # never mark an empty checkpoint complete
+                    raise TrainingError(f"checkpoint folder {local} is empty")
+                self._upload_seconds[step] = time.perf_counter() - t0
+                if self.is_main:
+                    log.info("Uploaded checkpoint step %d (%d files) to %s in %.1fs (in the background)", step,
+                             n, self.store.url(checkpoint_prefix(self.prefix, step)), self._upload_seconds[step])
+                if self.single_node and self.is_main:
+                    self._complete(step)
+            except BaseException as e:  # re-raised in the training thread by finish()
+                self._error = e
+
+        def _complete(self, step: int) -> None:
+            key_prefix = checkpoint_prefix(self.prefix, step)
+            self.store.write_json(f"{key_prefix}/{COMPLETE}", {
+                "step": step, "training_key": self.key, "world_size": self.world_size,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
+            for old, _ in checkpoint_steps(self.store, self.prefix).items():
+                if old != step:  # only the newest complete checkpoint stays in the store
+                    self.store.delete_prefix(checkpoint_prefix(self.prefix, old))
+                    log.info("Deleted old checkpoint %s", self.store.url(checkpoint_prefix(self.prefix, old)))
+
+        def wait(self) -> None:
+            """Join this process's upload (also after a crash, before the work folder goes)."""
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
+
+        def finish(self) -> None:
+            """Collective: the pending checkpoint is complete in the store when this returns."""
+            if self._pending is None:
+                return
+            step, local = self._pending
+            self.wait()
+            error, self._error = self._error, None
+            if error is not None:
+                raise TrainingError(f"uploading checkpoint step {step} failed: {error}") from error
+            if not self.single_node:
+                barrier()  # every node's part is in the store
+                if self.is_main:
+                    self._complete(step)
+            if self.is_local_main:  # the store has it; the older local ones can go (never a newer one)
+                for old in Path(local).parent.glob("checkpoint-*"):
+                    if old.name.rsplit("-", 1)[-1].isdigit() and int(old.name.rsplit("-", 1)[-1]) < step:
+                        shutil.rmtree(old, ignore_errors=True)
+            self._pending = None
+    class ThroughputLog(TrainerCallback):
+        """Adds tokens/s (all ranks, since the previous log) and MFU to every logged step."""
+
+        def __init__(self, n_params: int, peak_flops: float | None, world_size: int):
+            self.n_params, self.peak, self.world_size = n_params, peak_flops, world_size
+            self._last: tuple[float, int] | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self._last is None:
+                self._last = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs or self._last is None:
+                return
+            now, seen = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+            rate = (seen - self._last[1]) / max(now - self._last[0], 1e-9)
+            self._last = (now, seen)
+            logs["tokens_per_second"] = round(rate, 2)
+            util = mfu(self.n_params, rate, self.peak, self.world_size)
+            if util is not None:
+                logs["mfu"] = round(util, 4)
+
+    return HumpbackTrainer, StoreCheckpoints, ThroughputLog
 
 
 def _checkpointing_args(args_cls: type, enabled: bool) -> dict[str, Any]:
@@ -173,6 +273,17 @@ def _resolve_base_model(request: TrainRequest, cache_root: Path, is_local_main: 
         marker.write_text(ref + "\n", encoding="utf-8")
         log.info("Downloaded base model %s (%d files) to %s in %.1fs", ref, n, local, time.perf_counter() - t0)
     return str(local)
+
+
+def split_eval(examples: list[TrainingExample], fraction: float, seed: int
+               ) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """(train, eval): ``fraction`` of the examples (at least one, never all) drawn with ``seed``."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    n_eval = min(max(1, round(fraction * len(examples))), len(examples) - 1)
+    held = set(random.Random(seed).sample(range(len(examples)), n_eval))
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
 
 
 def default_work_dir(store: Store, prefix: str) -> Path:
@@ -211,6 +322,12 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     if settings.zero_stage:
         logging.getLogger("accelerate.accelerator").addFilter(GRAD_ACCUM_FILTER)  # idempotent
     ds_config = deepspeed_config(settings, world_size=world_size, bf16=bf16, gpu=cuda)
+    attention = resolve_attention(settings.attention, cuda=cuda, bf16=bf16,
+                                  flash_installed=importlib.util.find_spec("flash_attn") is not None)
+    liger = settings.liger and cuda
+    if settings.liger and importlib.util.find_spec("liger_kernel") is None:
+        raise TrainingError("training.liger is true but the liger-kernel package is not installed")
+    evaluate = settings.eval_fraction > 0
     out_dir = work / "trainer"
     n_in = len(examples)
     max_steps = settings.steps_for(n_in)
@@ -249,6 +366,10 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         ddp_find_unused_parameters=False,
         ddp_timeout=DIST_TIMEOUT_S,
         disable_tqdm=not sys.stderr.isatty(),
+        use_liger_kernel=liger,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=settings.eval_every if evaluate else None,
+        per_device_eval_batch_size=settings.per_device_batch_size,
     )  # from here on the process group exists (torchrun or the one-rank group of process_env)
     rank, local_rank = args.process_index, args.local_process_index
     is_main, is_local_main = rank == 0, local_rank == 0
@@ -275,10 +396,12 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss and no attention
-    data = tokenize_all(tokenizer, examples, settings.max_seq_length)
-    if not data.features or len(data.features) / n_in < settings.min_yield:
+    train_examples, eval_examples = split_eval(examples, settings.eval_fraction, settings.seed)
+    data = tokenize_all(tokenizer, train_examples, settings.max_seq_length)
+    eval_data = tokenize_all(tokenizer, eval_examples, settings.max_seq_length) if eval_examples else None
+    if not data.features or len(data.features) / len(train_examples) < settings.min_yield:
         raise TrainingError(
-            f"{data.dropped} of {n_in} examples were dropped because their kept part (the instruction and "
+            f"{data.dropped} of {len(train_examples)} examples were dropped because their kept part (the instruction and "
             f"the template) alone fills maxSeqLength ({settings.max_seq_length} tokens), leaving "
             f"{len(data.features)}, below minYield ({settings.min_yield:g}): raise maxSeqLength")
     if data.dropped and is_main:
@@ -313,19 +436,40 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
 
     config = AutoConfig.from_pretrained(base)
     dropout_fields = apply_dropout(config, settings.dropout)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, config=config)
-    if settings.gradient_checkpointing:
-        model.config.use_cache = False
+    load_kwargs: dict[str, Any] = {}
+    if settings.lora is not None and settings.lora.quantize_base:
+        load_kwargs["quantization_config"] = qlora_config(cuda, torch)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, config=config, attn_implementation=attention,
+                                                 **load_kwargs)
+    n_params = sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters())
+    # No KV cache while training: it is useless there, and with a cache transformers ignores the
+    # packed position ids (no block-diagonal mask: packed examples would attend to each other).
+    model.config.use_cache = False
+    if settings.lora is not None:
+        model = add_lora(model, settings.lora, settings.gradient_checkpointing)
+    if cuda and not load_kwargs:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        check_fits(n_params, zero_stage=settings.zero_stage, world_size=world_size,
+                   gpu_bytes=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
+                   bf16=dtype == torch.bfloat16, trainable_params=trainable)
+    if is_main:
+        log.info("Model %s: %.1fM parameters, attention %s, %s batches%s%s", request.base_model, n_params / 1e6,
+                 attention, "packed" if settings.packing else "padded", ", Liger kernels" if liger else "",
+                 f", LoRA r={settings.lora.rank}" if settings.lora else "")
 
-    trainer_cls, ckpt_cls = _trainer_classes()
-    uploader = ckpt_cls(store, prefix, key, settings.checkpoint_every, world_size, is_main, is_local_main)
+    trainer_cls, ckpt_cls, throughput_cls = _trainer_classes()
+    uploader = ckpt_cls(store, prefix, key, settings.checkpoint_every, settings.checkpoint_every_minutes, world_size,
+                        env_int("LOCAL_WORLD_SIZE", world_size) == world_size, is_main, is_local_main)
+    peak = peak_bf16_flops(torch.cuda.get_device_name()) if cuda and bf16 else None
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=_ListDataset(data.features),
-        data_collator=_Collator(tokenizer.pad_token_id, 8 if cuda else None),
+        eval_dataset=_ListDataset(eval_data.features) if eval_data and eval_data.features else None,
+        data_collator=make_collator(settings.packing, tokenizer.pad_token_id, cuda=cuda, attention=attention),
         processing_class=tokenizer,
-        callbacks=[uploader, *request.callbacks],
+        callbacks=[uploader, throughput_cls(n_params, peak, world_size), *request.callbacks],
     )
     trainer.humpback_settings = settings
     tokens_before = 0
@@ -334,17 +478,27 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
             if (resume_dir / "trainer_state.json").is_file() else {}
         tokens_before = int(state.get("num_input_tokens_seen", 0) or 0)
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir is not None else None)
+    finally:
+        uploader.wait()  # an upload in flight finishes before the work folder is removed
     train_seconds = time.perf_counter() - t0
     state = trainer.state
+    if evaluate and trainer.eval_dataset is not None:
+        trainer.evaluate()  # the final eval loss, logged at the last step
 
     # Final model: save_model is collective under ZeRO-3 (gathers the 16-bit weights).
     final = work / "final"
     model.config.use_cache = True
-    trainer.save_model(str(final))
+    if settings.lora is not None:
+        save_merged(trainer, final, tokenizer, base, is_main)  # a plain model for every later stage
+    else:
+        trainer.save_model(str(final))
     history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e and "step" in e]
     tokens = int(state.num_input_tokens_seen or 0)
     loop_seconds = max(train_seconds - uploader.seconds, 1e-9)
+    evals = [(int(e["step"]), float(e["eval_loss"])) for e in state.log_history if "eval_loss" in e]
+    rate = (tokens - tokens_before) / loop_seconds
     metrics: dict[str, Any] = {
         "steps": int(state.global_step),
         "max_steps": max_steps,
@@ -356,9 +510,18 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         "tokens": tokens,
         "supervised_tokens": data.supervised_tokens,
         "train_loss": history,
-        "tokens_per_second": round((tokens - tokens_before) / loop_seconds, 3),
+        "tokens_per_second": round(rate, 3),
+        "mfu": None if peak is None else round(mfu(n_params, rate, peak, world_size), 4),
+        "parameters": n_params,
+        "packing": settings.packing,
+        "attention": attention,
+        "liger": liger,
+        "lora": settings.lora.model_dump(mode="json", by_alias=True) if settings.lora else None,
+        "eval_examples": len(eval_data.features) if eval_data else 0,
+        "eval_loss": evals,
         "train_seconds": round(train_seconds, 3),
-        "checkpoint_seconds": round(uploader.seconds, 3),
+        "checkpoint_seconds": round(uploader.seconds, 3),  # training stalled by checkpoints
+        "checkpoint_stalls": uploader.stalls,
         "world_size": world_size,
         "precision": "bf16" if bf16 else "fp32",
         "zero_stage": settings.zero_stage,

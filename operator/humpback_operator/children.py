@@ -526,6 +526,7 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
         "--port", str(config.vllm_port),
         # Expanded by the kubelet from the env below: the key is in the Secret, not in the spec.
         "--api-key", f"$({VLLM_API_KEY_ENV})",
+        *run.spec.inference.vllm.serve_args(),  # batch size, memory, context, prefix caching
         *res.extra_args,
     ]
     env = [*_s3_env(run), {"name": "HOME", "value": "/tmp"},

@@ -25,6 +25,12 @@ concurrent requests are answered in random order. `model`, when set, is the only
 as vLLM does). `stats` counts requests, failures, requests in flight and the most at once, and
 keeps the last `Authorization` header.
 
+A GPU server's shape (for the occupancy bench): `capacity` sequences run at once (vLLM's
+--max-num-seqs), each prompt holds one slot for `seq_delay_s`; the rest wait for a slot.
+`stats.busy_seconds` sums the slot time of finished sequences, so occupancy = busy_seconds /
+(capacity x wall time); `slot_seconds` is the same integral kept up to the moment `GET /stats`
+answers (the stats as JSON, for a stub in another process), for occupancy over a time window.
+
 In an event loop: `stub = await start_stub(...)`, then `stub.url`, `stub.stats`, `await stub.close()`;
 `stub.behaviour` holds the options and may be changed while it serves (`stub.behaviour.delay_s = 0`).
 From sync code: `with StubServer(...) as stub:` runs the same server on a thread with its own loop.
@@ -64,6 +70,10 @@ class StubStats:
     max_in_flight: int = 0
     prompts: int = 0  # prompts completed
     logprobs: int | None = None  # the "logprobs" (top-K) of the last request that asked for them
+    busy_seconds: float = 0.0  # slot time of the sequences finished (seq_delay_s each)
+    running: int = 0  # sequences holding a slot now
+    slot_seconds: float = 0.0  # integral of `running` over time, up to `slot_clock`
+    slot_clock: float = 0.0  # time.monotonic() of the last update of slot_seconds
     authorization: str | None = field(default=None, repr=False)  # the last Authorization header
 
 
@@ -79,6 +89,8 @@ class _Behaviour:
     retry_after: float | None
     model: str | None
     chat_only: bool = False
+    capacity: int | None = None
+    seq_delay_s: float = 0.0
 
 
 def _check_loopback(host: str) -> None:
@@ -122,6 +134,29 @@ def _chat_logprobs(tokens: list[str], top: dict | None) -> dict:
 
 def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
     b = behaviour
+    slots = asyncio.Semaphore(b.capacity) if b.capacity else None
+
+    def tick(change: int = 0) -> None:
+        now = time.monotonic()
+        if stats.slot_clock:
+            stats.slot_seconds += stats.running * (now - stats.slot_clock)
+        stats.slot_clock = now
+        stats.running += change
+
+    async def hold_slot() -> None:
+        tick(+1)
+        try:
+            await asyncio.sleep(b.seq_delay_s)
+        finally:
+            tick(-1)
+
+    async def run_sequence() -> None:
+        if slots is None:
+            await hold_slot()
+        else:
+            async with slots:
+                await hold_slot()
+        stats.busy_seconds += b.seq_delay_s
 
     async def completions(request: web.Request) -> web.Response:
         if b.chat_only:
@@ -161,6 +196,8 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
                 return _error(400, "'prompt' must be a string or a list of strings")
             if b.delay_s or b.jitter_s:
                 await asyncio.sleep(b.delay_s + random.uniform(0.0, b.jitter_s))
+            if b.seq_delay_s:
+                await asyncio.gather(*(run_sequence() for _ in prompts))
             if stats.requests <= b.fail_first or (b.fail_on is not None and any(b.fail_on in p for p in prompts)):
                 stats.failed += 1
                 headers = {"Retry-After": f"{b.retry_after:g}"} if b.retry_after is not None else None
@@ -216,7 +253,12 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "humpback-stub", "root": name}]})
 
+    async def stats_json(request: web.Request) -> web.Response:
+        tick()  # slot_seconds up to now
+        return web.json_response({k: v for k, v in vars(stats).items() if k != "authorization"})
+
     app = web.Application()
+    app.router.add_get("/stats", stats_json)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/health", health)
@@ -238,12 +280,15 @@ async def start_stub(host: str = "127.0.0.1", port: int = 0, *, text: str | Call
                      top_logprobs: dict | None = None, delay_s: float = 0.0, jitter_s: float = 0.0,
                      fail_first: int = 0,
                      status_on_fail: int = 503, fail_on: str | None = None, retry_after: float | None = None,
-                     model: str | None = None, chat_only: bool = False) -> StubHandle:
+                     model: str | None = None, chat_only: bool = False, capacity: int | None = None,
+                     seq_delay_s: float = 0.0) -> StubHandle:
     """Start the stub in the running loop on `host:port` (0: a free port)."""
     _check_loopback(host)
     stats = StubStats()
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"capacity: expected an integer >= 1 or None, got {capacity!r}")
     behaviour = _Behaviour(text, top_logprobs, delay_s, jitter_s, fail_first, status_on_fail, fail_on, retry_after,
-                           model, chat_only)
+                           model, chat_only, capacity, seq_delay_s)
     runner = web.AppRunner(_app(behaviour, stats), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -332,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retry-after", type=float, default=None)
     p.add_argument("--model", default=None, help="the only model served (default: any)")
     p.add_argument("--chat-only", action="store_true", help="serve /v1/chat/completions only (404 on /v1/completions)")
+    p.add_argument("--capacity", type=int, default=None, help="sequences served at once (like --max-num-seqs)")
+    p.add_argument("--seq-delay-s", type=float, default=0.0, help="time each sequence holds a slot")
     args = p.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in ("host", "port")}
 

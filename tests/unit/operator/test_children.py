@@ -371,7 +371,8 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     assert vllm["args"] == [
         "--model", "s3://bucket/runs/team-a/demo/train-myx/model", "--load-format", "runai_streamer",
         "--served-model-name", "train-myx", "--tensor-parallel-size", "2", "--host", "0.0.0.0", "--port", "8000",
-        "--api-key", "$(VLLM_API_KEY)", "--max-model-len", "4096"]
+        "--api-key", "$(VLLM_API_KEY)", "--max-num-seqs", "256", "--gpu-memory-utilization", "0.9",
+        "--enable-prefix-caching", "--max-model-len", "4096"]
     assert vllm["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "20Gi", "nvidia.com/gpu": 2}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert vllm[probe]["httpGet"] == {"path": "/health", "port": "http"}
@@ -409,6 +410,15 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     assert rule["ports"] == [{"protocol": "TCP", "port": 8000}] and policy["spec"]["policyTypes"] == ["Ingress"]
     other_stage = stage_children(run, "curate-1")
     assert not peer["podSelector"]["matchLabels"].items() <= other_stage.primary["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_spec_vllm_block_sizes_the_server():
+    run = make_run(inference={"vllm": {"maxNumSeqs": 512, "gpuMemoryUtilization": 0.85, "maxModelLen": 8192,
+                                       "enablePrefixCaching": False, "extraArgs": ["--enable-chunked-prefill"]}})
+    args = next(o for o in stage_children(run, "augment").servers if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--port") + 2:] == [
+        "--max-num-seqs", "512", "--gpu-memory-utilization", "0.85", "--max-model-len", "8192",
+        "--no-enable-prefix-caching", "--enable-chunked-prefill"]
 
 
 def test_vllm_servers_get_the_inference_node_selection():

@@ -333,13 +333,13 @@ def test_make_engine_auto_takes_vllm_when_installed_else_transformers(model_dir,
     assert isinstance(engine, TransformersEngine) and engine.batch_size == 5
 
     class FakeVLLMEngine:
-        def __init__(self, model, batch_size):
+        def __init__(self, model, batch_size, **options):
             self.model, self.batch_size = model, batch_size
 
     monkeypatch.setattr(inference_models, "vllm_available", lambda: True)
     monkeypatch.setattr(inference_models, "VLLMEngine", FakeVLLMEngine)
-    engine = make_engine(InferenceSpec(batch_size=5), model_dir)
-    assert isinstance(engine, FakeVLLMEngine) and engine.batch_size == 5
+    engine = make_engine(InferenceSpec(batch_size=5, checkpoint_every=300), model_dir)
+    assert isinstance(engine, FakeVLLMEngine) and engine.batch_size == 300  # a whole shard per call
 
 
 def test_make_engine_explicit_choices(model_dir, monkeypatch):

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"spec", "prompts"},
     {"plan", "crd", "storage", "sources", "lease", "manifest"},
     {"context", "seed", "corpus", "tiny_model", "report", "inference.client", "evaluation"},
-    {"inference.engines", "inference.local", "training.recipe", "training.distributed", "training.checkpoints",
+    {"inference.engines", "inference.local", "training.recipe", "training.distributed", "training.checkpoints", "training.lora",
      "training.card", "training.trainer", "training.__init__", "inference.__init__"},
     {"inference.models"},
     {"stages.__init__", "stages.prepare", "stages.train", "stages.augment", "stages.rewrite", "stages.curate",

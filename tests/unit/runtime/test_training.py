@@ -200,7 +200,7 @@ def test_resume_takes_the_latest_complete_checkpoint_of_this_request(tmp_path: P
     _checkpoint(store, 50, "other")  # an earlier request (spec edited)
     step, stale = choose_checkpoint(store, "run/stage", "k", 1, 2)
     assert step == 300
-    assert stale == [50, 100, 400]
+    assert stale == [50, 100, 200, 400]  # the store keeps the newest complete one only
 
 
 def test_zero_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) -> None:
@@ -246,3 +246,82 @@ def test_dropout_goes_on_every_dropout_field_the_config_has():
     gpt2 = transformers.GPT2Config()
     assert set(apply_dropout(gpt2, 0.1)) == {"resid_pdrop", "embd_pdrop", "attn_pdrop"}
     assert gpt2.resid_pdrop == gpt2.embd_pdrop == gpt2.attn_pdrop == 0.1
+
+
+# --- efficient fine-tuning: memory arithmetic, attention choice, MFU, eval split ----------------
+
+
+def test_zero0_refuses_a_7b_model_on_an_80gb_gpu_with_the_arithmetic() -> None:
+    from humpback_runtime.training.recipe import check_fits
+
+    with pytest.raises(TrainingError) as err:
+        check_fits(7_000_000_000, zero_stage=0, world_size=8, gpu_bytes=80 * 10**9, bf16=False)
+    msg = str(err.value)
+    # 16 bytes per parameter: fp32 weights 4 + gradients 4 + Adam moments 8 = 104.3 GiB.
+    for text in ("zeroStage 0", "7.00B parameters", "26.1 GiB weights", "26.1 GiB gradients",
+                 "52.2 GiB AdamW state", "104.3 GiB", "74.5 GiB", "training.lora"):
+        assert text in msg, (text, msg)
+    # ZeRO-2 over 8 GPUs in bf16 fits; so does LoRA training (few trainable parameters) without ZeRO.
+    check_fits(7_000_000_000, zero_stage=2, world_size=8, gpu_bytes=80 * 10**9, bf16=True)
+    check_fits(7_000_000_000, zero_stage=0, world_size=8, gpu_bytes=80 * 10**9, bf16=True,
+               trainable_params=40_000_000)
+
+
+@pytest.mark.parametrize("choice, cuda, bf16, flash, expected", [
+    ("auto", True, True, True, "flash_attention_2"),
+    ("auto", True, True, False, "sdpa"),
+    ("auto", False, False, True, "sdpa"),
+    ("sdpa", True, True, True, "sdpa"),
+    ("eager", False, False, False, "eager"),
+])
+def test_attention_resolution(choice, cuda, bf16, flash, expected) -> None:
+    from humpback_runtime.training.recipe import resolve_attention
+
+    assert resolve_attention(choice, cuda=cuda, bf16=bf16, flash_installed=flash) == expected
+
+
+def test_flash_attention_without_a_gpu_is_an_error_naming_the_field() -> None:
+    from humpback_runtime.training.recipe import resolve_attention
+
+    with pytest.raises(TrainingError, match="training.attention flash_attention_2"):
+        resolve_attention("flash_attention_2", cuda=False, bf16=False, flash_installed=True)
+
+
+def test_mfu_is_six_n_tokens_over_the_peak() -> None:
+    from humpback_runtime.training.recipe import mfu, peak_bf16_flops
+
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_bf16_flops("cpu") is None
+    assert mfu(1_000_000_000, 41_000, 989e12) == pytest.approx(6e9 * 41_000 / 989e12)
+    assert mfu(1_000_000_000, 41_000, 989e12, world_size=2) == pytest.approx(6e9 * 41_000 / 989e12 / 2)
+    assert mfu(10, 10.0, None) is None
+
+
+def test_eval_split_is_seeded_disjoint_and_never_empty() -> None:
+    from humpback_runtime.training.trainer import split_eval
+
+    exs = [prompts.TrainingExample(prompt=f"p{i}", completion=f"c{i}") for i in range(40)]
+    train_part, eval_part = split_eval(exs, 0.1, seed=3)
+    assert len(eval_part) == 4 and len(train_part) == 36
+    assert not {e.prompt for e in eval_part} & {e.prompt for e in train_part}
+    assert split_eval(exs, 0.1, seed=3) == (train_part, eval_part)
+    assert split_eval(exs, 0.0, seed=3) == (exs, [])
+    assert len(split_eval(exs[:3], 0.01, seed=3)[1]) == 1  # at least one held out
+
+
+def test_lora_with_zero3_is_refused_by_the_spec() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lora does not work with zeroStage 3"):
+        TrainingSpec(zero_stage=3, lora={"rank": 8})
+    with pytest.raises(ValidationError, match="quantizeBase .QLoRA. needs zeroStage 0"):
+        TrainingSpec(zero_stage=2, lora={"rank": 8, "quantizeBase": True})
+    assert TrainingSpec(lora={"rank": 8}).lora.target_modules[0] == "q_proj"
+
+
+def test_qlora_without_a_gpu_is_an_error_naming_the_field() -> None:
+    torch = pytest.importorskip("torch")
+    from humpback_runtime.training.lora import qlora_config
+
+    with pytest.raises(TrainingError, match="training.lora.quantizeBase needs a CUDA GPU"):
+        qlora_config(False, torch)
