@@ -415,8 +415,9 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
 def test_the_spec_vllm_block_sizes_the_server():
     run = make_run(inference={"vllm": {"maxNumSeqs": 512, "gpuMemoryUtilization": 0.85, "maxModelLen": 8192,
                                        "enablePrefixCaching": False, "extraArgs": ["--enable-chunked-prefill"]}})
-    args = next(o for o in stage_children(run, "augment").servers if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--port") + 2:] == [
+    server = next(o for o in stage_children(run, "augment").servers if o["kind"] == "Deployment")
+    args = server["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--api-key") + 2:] == [
         "--max-num-seqs", "512", "--gpu-memory-utilization", "0.85", "--max-model-len", "8192",
         "--no-enable-prefix-caching", "--enable-chunked-prefill"]
 
