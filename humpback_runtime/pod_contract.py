@@ -11,3 +11,6 @@ ENDPOINTS_ENV = "HUMPBACK_ENDPOINTS"
 JUDGE_API_KEY_ENV = "HUMPBACK_JUDGE_API_KEY"  # from the Secret evaluation.judge.apiKeySecret
 REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"  # from the Secret curation.rewrite.apiKeySecret
 API_KEY_SECRET_KEY = "apiKey"  # the key in those Secrets
+# A stage pod serves its Prometheus metrics on this port when the operator sets it (the chart's
+# metrics.stagePods); the pod declares the port as `metrics` for the PodMonitor.
+STAGE_METRICS_PORT_ENV = "HUMPBACK_STAGE_METRICS_PORT"

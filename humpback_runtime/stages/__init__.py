@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from humpback_runtime import __version__
+from humpback_runtime import __version__, metrics, progress
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import EXIT_FAILED, EXIT_INPUTS_MISSING, InputsMissing, StageError
 from humpback_runtime.plan import Stage
@@ -107,7 +107,8 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
     prefix = ctx.prefix(name)
     store = ctx.store
     if int(os.environ.get("RANK", "0")) != 0:
-        # Under torchrun every process runs the stage; rank 0 alone owns the prefix and manifest.
+        # Under torchrun every process runs the stage; rank 0 alone owns the prefix, the progress
+        # file and the manifest.
         impl.run(ctx, stage, prefix)
         return None
     resumed = _claim_prefix(store, prefix, stage.fingerprint, impl.resumable)
@@ -115,7 +116,9 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False) -> dict[str, A
     t0 = time.perf_counter()
     log.info("%s stage %s of run %s (fingerprint %s) writing to %s", "Resumed" if resumed else "Started",
              name, ctx.run.name, stage.fingerprint, store.url(prefix))
-    result = impl.run(ctx, stage, prefix)
+    metrics.serve_from_env()
+    with progress.stage_progress(store, prefix, name):
+        result = impl.run(ctx, stage, prefix)
     seconds = time.perf_counter() - t0
     manifest = {
         "stage": name,

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +66,7 @@ class _ListDataset:
 
 
 @functools.cache
-def _trainer_classes() -> tuple[type, type]:
+def _trainer_classes() -> tuple[type, type, type]:
     import torch
     from transformers import Trainer, TrainerCallback
 
@@ -142,7 +141,38 @@ def _trainer_classes() -> tuple[type, type]:
                 self._save_started = None
             return control
 
-    return HumpbackTrainer, StoreCheckpoints
+    class TrainingProgress(TrainerCallback):
+        """Steps done of max_steps, input tokens, the latest loss and checkpoint age, for the stage's
+        `_PROGRESS.json`, its metrics and a bar on a terminal (the Trainer's own bar is off)."""
+
+        def __init__(self) -> None:
+            self.tracker = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            from humpback_runtime import progress
+
+            self.tracker = progress.track("training", total=state.max_steps, unit="steps", done=state.global_step)
+            self._tokens0 = int(state.num_input_tokens_seen or 0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.set_done(state.global_step)
+                self.tracker.tokens = int(state.num_input_tokens_seen or 0) - self._tokens0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.tracker is not None and logs and "loss" in logs:
+                self.tracker.extra["loss"] = round(float(logs["loss"]), 5)
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.checkpoint()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
+
+    return HumpbackTrainer, StoreCheckpoints, TrainingProgress
 
 
 def _checkpointing_args(args_cls: type, enabled: bool) -> dict[str, Any]:
@@ -229,7 +259,7 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         ddp_backend=None if cuda else "gloo",
         ddp_find_unused_parameters=False,
         ddp_timeout=DIST_TIMEOUT_S,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # TrainingProgress shows the bar (and writes _PROGRESS.json)
     )  # from here on the process group exists (torchrun or the one-rank group of process_env)
     rank, local_rank = args.process_index, args.local_process_index
     is_main, is_local_main = rank == 0, local_rank == 0
@@ -292,17 +322,22 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     if settings.gradient_checkpointing:
         model.config.use_cache = False
 
-    trainer_cls, ckpt_cls = _trainer_classes()
+    trainer_cls, ckpt_cls, progress_cls = _trainer_classes()
     uploader = ckpt_cls(store, prefix, key, settings.checkpoint_every, world_size, is_main, is_local_main)
+    on_main = [progress_cls()] if is_main else []
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=_ListDataset(data.features),
         data_collator=_Collator(tokenizer.pad_token_id, 8 if cuda else None),
         processing_class=tokenizer,
-        callbacks=[uploader, *request.callbacks],
+        callbacks=[uploader, *on_main, *request.callbacks],
     )
     trainer.humpback_settings = settings
+    # Without its bar the Trainer prints every log dict to stdout; TrainingProgress reports instead.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     tokens_before = 0
     if resume_dir is not None:
         state = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8")) \
