@@ -29,7 +29,7 @@ from humpback_runtime.spec import GROUP, PLURAL, VERSION
 from humpback_operator import child_events, metrics
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
-from humpback_operator.reconcile import Decision, decide
+from humpback_operator.reconcile import PROGRESS_SECONDS, Decision, decide
 from humpback_operator.store_probe import StoreProbe
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,15 @@ class Operator:
         self.phases: dict[tuple[str, str], str] = {}
         # Set when the run or one of its children changes: wakes the run's daemon.
         self.wakeups: dict[tuple[str, str], asyncio.Event] = {}
+        # The running stages' _PROGRESS.json as last read, and when: read at most every PROGRESS_SECONDS.
+        self.progress: dict[tuple[str, str], tuple[float, dict[str, dict]]] = {}
 
     def wakeup(self, namespace: str, run: str) -> asyncio.Event:
         return self.wakeups.setdefault((namespace, run), asyncio.Event())
 
     def forget(self, namespace: str, run: str) -> None:
         """Drop all that is remembered of a deleted run."""
-        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups):
+        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups, self.progress):
             per_run.pop((namespace, run), None)
 
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
@@ -154,18 +156,32 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
     children = op.children(indexes, namespace, name)
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
-    decision = decide(body, children, store, now, op.config)
+    progress = await _stage_progress(op, body, logger)
+    decision = decide(body, children, store, now, op.config, progress)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config)
+        decision = decide(body, children, store, now, op.config, progress)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     op.phases[(namespace, name)] = decision.status.get("phase", "Pending")
     for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
         metrics.RUNS.labels(phase).set(sum(1 for p in op.phases.values() if p == phase))
     return decision.requeue_after
+
+
+async def _stage_progress(op: Operator, body: Mapping[str, Any], logger: logging.Logger) -> dict[str, dict]:
+    """The running stages' progress files, read again only when the last read is PROGRESS_SECONDS old."""
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    running = [s["name"] for s in (body.get("status") or {}).get("stages") or []
+               if s.get("phase") == "Running" and "name" in s]
+    when, cached = op.progress.get(key, (float("-inf"), {}))
+    if not running or time.monotonic() - when < PROGRESS_SECONDS:
+        return {k: v for k, v in cached.items() if k in running}
+    read = await op.probe.read_progress(body, running, logger)
+    op.progress[key] = (time.monotonic(), read)
+    return read
 
 
 def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
@@ -209,6 +225,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
         status["message"] = "; ".join(errors)
         decision.requeue_after = min(decision.requeue_after, 30.0)
     if _changed(body.get("status") or {}, status):
+        metrics.observe_stages((body.get("status") or {}).get("stages"), status.get("stages"))
         patched = await op.kube.patch_run_status(namespace, name, status)
         op.own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
     for event in decision.events:
