@@ -48,6 +48,7 @@ from humpback_runtime.pod_contract import (
     MODEL_DIR,
     REWRITE_API_KEY_ENV,
     SERVED_MODEL_ENV,
+    STAGE_METRICS_PORT_ENV,
 )
 from humpback_runtime.spec import BacktranslationRun, PodResources, dump_run
 
@@ -329,6 +330,15 @@ def _container(name: str, image: str, env: list[dict], resources: dict, mounts: 
     return container
 
 
+def _with_metrics_port(container: dict, config: OperatorConfig) -> dict:
+    """A stage container serves its Prometheus metrics on the port the operator declares (the
+    chart's metrics.stagePods), named `metrics` for the PodMonitor; without one it serves none."""
+    if config.stage_metrics_port:
+        container["env"] = [*container["env"], {"name": STAGE_METRICS_PORT_ENV, "value": str(config.stage_metrics_port)}]
+        container["ports"] = [{"name": "metrics", "containerPort": config.stage_metrics_port, "protocol": "TCP"}]
+    return container
+
+
 def _pod_template(labels: dict, res: PodResources, config: OperatorConfig, containers: list[dict],
                   volumes: list[dict], *, restart_policy: str | None = None) -> dict:
     spec: dict = {}
@@ -365,8 +375,8 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
     command = ["torchrun", f"--nproc-per-node={procs}", "-m", "humpback_runtime", *_stage_args(stage)]
     labels = child_labels(run, stage.name, "train", attempt=str(attempt))
     volumes, mounts = _volumes(shm=True, cache=True)
-    container = _container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
-                           _resources(res, res.gpus_per_node), mounts, command=command)
+    container = _with_metrics_port(_container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
+                                              _resources(res, res.gpus_per_node), mounts, command=command), config)
     template = _pod_template(labels, res, config, [container], volumes)
     return get_backend(config.training_backend).build(
         name=stage_child_name(run.name, stage, attempt), namespace=run.namespace, labels=labels,
@@ -381,8 +391,9 @@ def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorCo
     labels = child_labels(run, stage.name, component, attempt=str(attempt))
     volumes, mounts = _volumes(shm=gpus > 0, cache=True)
     command = ["humpback", *_stage_args(stage)]
-    container = _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
-                           _resources(res, gpus), mounts, command=command)
+    container = _with_metrics_port(
+        _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
+                   _resources(res, gpus), mounts, command=command), config)
     template = _pod_template(labels, res, config, [container], volumes, restart_policy="Never")
     return {
         "apiVersion": "batch/v1",

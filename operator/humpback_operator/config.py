@@ -26,6 +26,7 @@ ENV_RUNTIME_IMAGE = "HUMPBACK_RUNTIME_IMAGE"
 ENV_VLLM_IMAGE = "HUMPBACK_VLLM_IMAGE"
 ENV_SERVICE_ACCOUNT = "HUMPBACK_SERVICE_ACCOUNT"
 ENV_TRAINING_BACKEND = "HUMPBACK_TRAINING_BACKEND"
+ENV_STAGE_METRICS_PORT = "HUMPBACK_STAGE_METRICS_PORT"  # the chart's metrics.stagePods.port
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -37,6 +38,8 @@ class OperatorConfig:
     service_account: str | None = None  # of every child pod (e.g. one with IRSA for S3); None: namespace default
     training_backend: str = "pytorchjob"
     vllm_port: int = 8000
+    # Port on which stage pods serve Prometheus metrics (declared as `metrics`); None: none.
+    stage_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         for name, problem in _problems(vars(self)):
@@ -51,7 +54,14 @@ class OperatorConfig:
             "service_account": ENV_SERVICE_ACCOUNT,
             "training_backend": ENV_TRAINING_BACKEND,
         }
-        values = {field: environ[var].strip() for field, var in env_of.items() if environ.get(var, "").strip()}
+        values: dict[str, object] = {field: environ[var].strip() for field, var in env_of.items()
+                                     if environ.get(var, "").strip()}
+        raw_port = environ.get(ENV_STAGE_METRICS_PORT, "").strip()
+        if raw_port:
+            if not raw_port.isdigit():
+                raise ValueError(f"{ENV_STAGE_METRICS_PORT}: expected a port number 1-65535, got {raw_port!r}")
+            values["stage_metrics_port"] = int(raw_port)
+            env_of["stage_metrics_port"] = ENV_STAGE_METRICS_PORT
         # Checked here first so that the error names the variable rather than the field.
         merged = {f.name: f.default for f in fields(cls)} | values
         for field, problem in _problems(merged, backends=SUPPORTED_TRAINING_BACKENDS):
@@ -76,7 +86,10 @@ def _problems(values: Mapping[str, object], backends: tuple[str, ...] = KNOWN_TR
                                               "use pytorchjob")))
     elif backend not in backends:
         problems.append(("training_backend", f"expected one of {', '.join(backends)}, got {backend!r}"))
-    port = values["vllm_port"]
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        problems.append(("vllm_port", f"expected a port number 1-65535, got {port!r}"))
+    for field in ("vllm_port", "stage_metrics_port"):
+        port = values[field]
+        if field == "stage_metrics_port" and port is None:
+            continue
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            problems.append((field, f"expected a port number 1-65535, got {port!r}"))
     return problems
