@@ -60,3 +60,17 @@ def s3_bucket(s3_client):
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless Chromium for the browser tests (`scripts/browser_env.sh` installs Debian's
+    `chromium`; `make test` runs it). Skips, with the reason, where there is none."""
+    pytest.importorskip("humpback_testing", reason="the test-support package is not installed (make install)")
+    from humpback_testing.browser import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium on PATH (and HUMPBACK_CHROMIUM unset): `bash scripts/browser_env.sh` installs "
+                    "Debian's chromium where apt-get may run as root; elsewhere install chromium yourself")
+    return path
