@@ -42,7 +42,7 @@ def _count(manifest: Mapping | None) -> int | None:
 
 
 def _row(name: str, state: str, **fields: Any) -> dict[str, Any]:
-    return {"stage": name, "state": state, "attempt": None, "seconds": None, "in": None, "out": None,
+    return {"stage": name, "state": state, "phase": None, "attempt": None, "seconds": None, "in": None, "out": None,
             "done": None, "total": None, "unit": None, "rate": None, "eta_seconds": None,
             "tokens_per_second": None, "reason": None, **fields}
 
@@ -50,7 +50,7 @@ def _row(name: str, state: str, **fields: Any) -> dict[str, Any]:
 def _progress_fields(snap: Mapping | None) -> dict[str, Any]:
     if not snap:
         return {}
-    return {k: snap.get(k) for k in ("done", "total", "unit", "rate", "eta_seconds", "tokens_per_second")}
+    return {k: snap.get(k) for k in ("phase", "done", "total", "unit", "rate", "eta_seconds", "tokens_per_second")}
 
 
 def local_status(ctx: RunContext, now: datetime | None = None) -> dict[str, Any]:
@@ -63,7 +63,9 @@ def local_status(ctx: RunContext, now: datetime | None = None) -> dict[str, Any]
     rows = []
     for stage in plan.stages:
         manifest = manifests[stage.name]
-        inputs = [_count(manifests[d]) for d in stage.deps if plan[d].family != "train" and d in done]
+        # Records in: the data stages' outputs it reads (models are no records; the report reads all).
+        inputs = [_count(manifests[d]) for d in stage.deps
+                  if plan[d].family != "train" and d in done and stage.family != "report"]
         n_in = sum(c for c in inputs if c is not None) if inputs and None not in inputs else None
         if stage.name in done:
             seconds = (manifest.get("timings") or {}).get("seconds")
@@ -177,6 +179,8 @@ def render_table(result: Mapping[str, Any]) -> str:
             out = f"{_n(r.get('done'))}/{_n(r['total'])}"
         eta = format_duration(r["eta_seconds"]) if r.get("eta_seconds") is not None else "-"
         reason = (r.get("reason") or "").replace("\n", " ")
+        if r["state"] == "Running" and r.get("phase") and r["phase"] != r["stage"]:
+            reason = f"now: {r['phase']}" + (f"; {reason}" if reason else "")  # e.g. evaluate's current model
         lines.append((r["stage"], r["state"], _n(r.get("attempt")), format_duration(r.get("seconds")),
                       _n(r.get("in")), out, rate, eta, reason[:160]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
