@@ -163,3 +163,14 @@ def test_without_prometheus_client_the_stage_runs_and_says_so(monkeypatch, caplo
     assert metrics.serve_from_env() is None
     assert any("prometheus_client is not installed" in r.getMessage() for r in caplog.records)
     assert isinstance(metrics.stage_metrics("augment"), metrics._NoMetrics)
+
+
+def test_the_cli_quiets_third_party_chatter(monkeypatch):
+    from humpback_runtime.cli import setup_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(logging.getLogger("matplotlib"), "level", logging.NOTSET)
+    setup_logging()
+    # Read by huggingface_hub and transformers when they load: no download or weight-loading bars.
+    assert __import__("os").environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert logging.getLogger("matplotlib").level == logging.WARNING  # "Using categorical units ..." is INFO

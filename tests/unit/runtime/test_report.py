@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import re
 import sys
 from datetime import datetime, timedelta, timezone
@@ -423,3 +424,12 @@ def test_two_iteration_report_with_evaluation_in_a_real_browser(store, chromium,
     assert "Succeeded · 11 of 11 stages finished" in result.text
     assert result.screenshot.stat().st_size > 50_000
     print(f"screenshot: {result.screenshot}")
+
+
+def test_plots_log_no_matplotlib_chatter(caplog):
+    pytest.importorskip("matplotlib")
+    from humpback_runtime.report import _Plots, _yield_plot
+
+    caplog.set_level(logging.DEBUG, logger="matplotlib")
+    _yield_plot(_Plots(), [(1, 0.4), (2, 0.5)])
+    assert not [r for r in caplog.records if "categorical units" in r.getMessage()]
