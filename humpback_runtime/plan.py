@@ -28,7 +28,7 @@ STAGE_CODE_VERSIONS = {
     "rewrite": 1,
     "curate": 1,
     "evaluate": 1,
-    "report": 1,
+    "report": 2,  # 2: verdict, settings, warnings, funnel, selection-score histograms, answers, links
 }
 
 PROMPTED_FAMILIES = frozenset({"train", "augment", "rewrite", "curate", "evaluate"})
