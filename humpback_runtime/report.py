@@ -508,7 +508,7 @@ def _length_plot(plots: _Plots, lengths: Mapping[str, Mapping[str, Sequence[int]
         ax.set_xscale("log")
         # Over less than a decade matplotlib labels minor ticks too, and they overlap: label the
         # few major ticks only, as plain numbers.
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if hi / lo < 100 else (1.0,)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("characters (log scale)")
@@ -540,9 +540,10 @@ def _score_plot(plots: _Plots, scores: Mapping[int, Any], curation: Mapping[int,
         if _is_number(threshold):
             # Bars at the threshold are kept: draw the line just left of them.
             at = threshold - 0.4 if discrete and float(threshold).is_integer() else threshold
+            short = {"argmax": "argmax", "expected": "expected score", "score": "parsed score"}.get(basis, basis)
             ax.axvline(at, color=_COLOURS[3], linestyle="--", linewidth=1.5,
-                       label=f"threshold {threshold:g}: keep ≥ (selection used the {_BASIS_LABEL.get(basis, basis)})")
-            ax.legend(fontsize=7, loc="upper left")
+                       label=f"threshold {threshold:g}: keep ≥ ({short})")
+            ax.legend(fontsize=7, loc="best")
         ax.set_xlim(0.5, 5.5)
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("candidates")
