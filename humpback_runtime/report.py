@@ -555,7 +555,10 @@ def _answer_length_plot(plots: _Plots, answers: Mapping[str, Any]) -> str:
     series = [(f"{set_name}: {model}", vals) for set_name, entry in answers.items()
               for model, vals in (entry.get("lengths") or {}).items() if vals]
     fig, (ax,) = plots.figure(width=8, height=max(2.2, 0.45 * len(series) + 1.2))
-    ax.boxplot([v for _, v in series], vert=False, showfliers=False)
+    # matplotlib 3.10 renamed vert=False to orientation="horizontal" (3.11 warns about the old name).
+    horizontal = {"orientation": "horizontal"} if tuple(int(p) for p in plots._version.split(".")[:2]) >= (3, 10) \
+        else {"vert": False}
+    ax.boxplot([v for _, v in series], showfliers=False, **horizontal)
     ax.set_yticks(range(1, len(series) + 1))
     ax.set_yticklabels([name for name, _ in series], fontsize=8)
     ax.invert_yaxis()

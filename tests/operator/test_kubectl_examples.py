@@ -58,7 +58,7 @@ def test_examples_apply_list_read_back_and_delete(run_kubectl, kube_emulator):
     listing = run_kubectl("get", "btr")
     assert listing.stderr == ""  # e.g. no "short name could also match" warning
     header, *rows = listing.stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "STAGE", "PROGRESS", "AGE"]  # Stage Progress: inside the running stage
     assert sorted(row.split()[0] for row in rows) == sorted(EXAMPLES)
 
     for example in EXAMPLES:
