@@ -13,7 +13,7 @@ DEMO_UNTIL ?=
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: install vllm-env kube-tools demo test clean
+.PHONY: install vllm-env kube-tools browser demo test clean
 
 # With the dev extra (the default) the test-support package testing/ (humpback_testing) comes too.
 $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt testing/pyproject.toml
@@ -31,13 +31,17 @@ vllm-env:
 kube-tools: install
 	PYTHON=$(PY) bash scripts/kube_tools.sh
 
+# Headless Chromium for the report's browser tests (Debian's package, where apt-get runs as root).
+browser:
+	bash scripts/browser_env.sh
+
 demo: install
 	$(PY) -m humpback_runtime tiny-model .cache/tiny-llama
 	$(PY) -m humpback_runtime validate examples/tiny-cpu.yaml
 	$(PY) -m humpback_runtime run examples/tiny-cpu.yaml $(if $(DEMO_UNTIL),--until $(DEMO_UNTIL))
 	$(PY) -m humpback_runtime plan examples/tiny-cpu.yaml
 
-test: install vllm-env kube-tools
+test: install vllm-env kube-tools browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -8,6 +8,8 @@
     humpback tiny-model OUT_DIR          # the demo's random-init base model
     humpback crd [-o FILE]               # the CustomResourceDefinition, generated from the spec models
     humpback render RUN.yaml [-o FILE]   # the Kubernetes objects the operator would create for the run
+    humpback status RUN.yaml [--watch] [-o json]             # where a run is: one line per stage
+    humpback status --kube NAME [-n NS] [--watch] [-o json]  # the same for a run on a cluster
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ def setup_logging(verbose: bool = False) -> None:
     if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_third_party()
+
+
+def quiet_third_party() -> None:
+    """Silence chatter that tells a stage's user nothing: matplotlib's INFO lines (categorical
+    units, font cache) and the weight-loading and download bars of transformers and the hub
+    (our own progress shows what runs). Set before those libraries are imported; a variable the
+    user set wins."""
+    for name in ("matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 SPEC_ENV_PREFIX = "env:"
@@ -245,6 +259,32 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from humpback_runtime import status
+
+    if bool(args.file) == bool(args.kube):
+        print("humpback status: give a run file (RUN.yaml) or --kube NAME, not both", file=sys.stderr)
+        return EXIT_INVALID
+    if args.kube:
+        reader = status.KubeReader(args.kube, args.namespace, storage_uri=args.storage)
+    else:
+        from humpback_runtime.context import RunContext
+
+        ctx = RunContext.create(_load_spec(args.file), args.storage)
+        reader = lambda: status.local_status(ctx)  # noqa: E731
+    while True:
+        result = reader()
+        text = status.to_json(result) if args.output == "json" else status.render_table(result)
+        if args.watch and sys.stdout.isatty() and args.output != "json":
+            sys.stdout.write("\x1b[H\x1b[2J")  # clear the terminal between refreshes
+        print(text, flush=True)
+        if not args.watch or result["phase"] in ("Succeeded", "Failed"):
+            return 1 if result["phase"] == "Failed" else 0
+        time.sleep(args.watch)
+
+
 def _add_rerun_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--force", action="append", metavar="STAGE",
                    help="re-run this stage and every stage that depends on it, even if done (repeatable)")
@@ -303,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="RUN.yaml")
     s.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
     s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("status", help="where a run is: state, attempt, duration, counts, rate and ETA per stage")
+    s.add_argument("file", nargs="?", metavar="RUN.yaml", help="a run file: reads its store")
+    s.add_argument("--kube", metavar="NAME", help="a BacktranslationRun on the cluster (kubeconfig or in-cluster)")
+    s.add_argument("-n", "--namespace", help="namespace of --kube NAME (default: the kubeconfig's)")
+    s.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
+    s.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 5) until the run succeeds or fails")
+    s.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("tiny-model", help="build the demo's tiny random-init Llama model and tokenizer")
     s.add_argument("out_dir", type=Path, metavar="OUT_DIR")

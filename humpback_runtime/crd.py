@@ -363,6 +363,10 @@ def _time(description: str) -> dict[str, Any]:
     return _str(description, format="date-time")
 
 
+def _num(description: str) -> dict[str, Any]:
+    return {"description": description, "type": "number"}
+
+
 def _int(description: str) -> dict[str, Any]:
     return {"description": description, "type": "integer", "format": "int64"}
 
@@ -412,6 +416,23 @@ def status_schema() -> dict[str, Any]:
                 "items": {"type": "string"},
             },
             "message": _str("Last progress or error message of the stage."),
+            "progress": {
+                "description": "Work inside the running stage, copied by the operator from the stage's "
+                "_PROGRESS.json in the store at a bounded rate (at most every 30 s).",
+                "type": "object",
+                "properties": {
+                    "phase": _str("The loop the stage is in (its name, training, an evaluation model)."),
+                    "done": _int("Records (or training steps) done, earlier attempts included."),
+                    "total": _int("Records (or steps) in all; absent while unknown."),
+                    "unit": _str("What is counted: records or steps."),
+                    "rate": _num("Per second, over the last minute."),
+                    "etaSeconds": _num("Estimated seconds to the end of the loop."),
+                    "tokensPerSecond": _num("Tokens per second, over the last minute."),
+                    "lastError": _str("The last error the stage met (a retried request, say)."),
+                    "updated": _time("When the stage last wrote its progress."),
+                    "summary": _str("One line for humans: 120/400 records (30%), 4.1 records/s, ETA 1m08s."),
+                },
+            },
         },
         "required": ["name"],
     }
@@ -426,6 +447,7 @@ def status_schema() -> dict[str, Any]:
             ),
             "stage": _str("Stage(s) running now, comma-separated."),
             "progress": _str("Finished stages out of all, e.g. 4/10."),
+            "stageProgress": _str("Work inside the running stage(s), e.g. curate-1 120/400 records (30%), ETA 1m08s."),
             "message": _str("Last notable event or error."),
             "conditions": {
                 "description": "Standard conditions: Accepted, Running, Complete, Failed, Suspended.",
@@ -491,6 +513,7 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
                         {"name": "Message", "type": "string", "jsonPath": ".status.message"},
+                        {"name": "Stage Progress", "type": "string", "jsonPath": ".status.stageProgress"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": openapi_v3_schema()},

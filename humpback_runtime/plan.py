@@ -36,7 +36,7 @@ STAGE_CODE_VERSIONS = {
     "rewrite": 2,  # 2: rewrites cut off by maxTokens are dropped (finish_reason length)
     "curate": 2,  # 2: scores only (score = argmax in logprobs mode); selection moved to selected/<id>/
     "evaluate": 1,
-    "report": 1,
+    "report": 2,  # 2: verdict, settings, warnings, funnel, selection-score histograms, answers, links
 }
 
 PROMPTED_FAMILIES = frozenset({"train", "augment", "rewrite", "curate", "evaluate"})

@@ -19,3 +19,7 @@ SERVER_API_KEY_ENV = "HUMPBACK_SERVER_API_KEY"
 def server_api_key_env(train_stage: str) -> str:
     """"train-m0" -> "HUMPBACK_SERVER_API_KEY_M0"."""
     return f"{SERVER_API_KEY_ENV}_{train_stage.removeprefix('train-').upper().replace('-', '_')}"
+
+# A stage pod serves its Prometheus metrics on this port when the operator sets it (the chart's
+# metrics.stagePods); the pod declares the port as `metrics` for the PodMonitor.
+STAGE_METRICS_PORT_ENV = "HUMPBACK_STAGE_METRICS_PORT"

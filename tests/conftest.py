@@ -74,3 +74,17 @@ def demo_base_model():
     root = Path(__file__).resolve().parents[1]
     return build_tiny_model(root / ".cache" / "tiny-llama", text_files=[
         root / "examples" / "data" / "oasst1_sample.jsonl", root / "examples" / "data" / "c4_sample.jsonl"])
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless Chromium for the browser tests (`scripts/browser_env.sh` installs Debian's
+    `chromium`; `make test` runs it). Skips, with the reason, where there is none."""
+    pytest.importorskip("humpback_testing", reason="the test-support package is not installed (make install)")
+    from humpback_testing.browser import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium on PATH (and HUMPBACK_CHROMIUM unset): `bash scripts/browser_env.sh` installs "
+                    "Debian's chromium where apt-get may run as root; elsewhere install chromium yourself")
+    return path

@@ -62,7 +62,9 @@ checkpoints to the store:
   the URL and the last status or error) is raised. The same flush happens on any other error or
   on cancellation, so finished work is never silently lost.
 
-A progress bar (tqdm, stderr, off when stderr is not a terminal) counts this run's records.
+Progress (:mod:`humpback_runtime.progress`): records done of `total`, tokens, retries and the last
+retried error go to the stage's `_PROGRESS.json` every few seconds and to a bar on a terminal (plain
+log lines otherwise); each written checkpoint resets the checkpoint age.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ class CompletionsClient:
         self.chat = settings.api == "chat"
         self.url = f"{settings.base_url}/chat/completions" if self.chat else f"{settings.base_url}/completions"
         self.retries = 0  # retries made by every request so far
+        self.last_error: str | None = None  # of the last failed attempt, for the progress file
         self._session = None
         self._aiohttp = _import_aiohttp()
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -267,6 +270,7 @@ class CompletionsClient:
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if status is not None:
                     reason = f"HTTP {status}, then {reason}"
+            self.last_error = reason
             if attempt >= max_retries:
                 raise CompletionError(reason, url=self.url, status=status, attempts=attempt + 1)
             delay = self._delay(attempt, retry_after)
@@ -364,8 +368,10 @@ class _Checkpointer:
     background thread, in order, so the event loop keeps the requests flowing meanwhile.
     """
 
-    def __init__(self, store: Store, prefix: str, id_field: str, every: int, next_out: int, next_dropped: int):
+    def __init__(self, store: Store, prefix: str, id_field: str, every: int, next_out: int, next_dropped: int,
+                 on_written: Callable[[], None] = lambda: None):
         self.store, self.prefix, self.id_field, self.every = store, prefix, id_field, every
+        self.on_written = on_written
         self.dropped_prefix = _join(prefix, DROPPED_FOLDER)
         self.next_out, self.next_dropped = next_out, next_dropped
         self.outputs: list[dict] = []
@@ -408,6 +414,7 @@ class _Checkpointer:
                     for record in records:
                         writer.write(record)
                 self.shards_written += 1
+                self.on_written()
                 log.debug("Checkpointed %d records to %s", len(records), self.store.url(writer.shards[0]))
 
 
@@ -441,16 +448,17 @@ async def run_completions(
         log.info("Resuming %s: %d records already done (%d written, %d dropped); skipping them",
                  store.url(prefix), len(done), n_done_outputs, len(done) - n_done_outputs)
 
-    from tqdm import tqdm
+    from humpback_runtime import progress
 
     stats = {"completed": 0, "skipped_done": 0, "dropped": 0, "prompt_tokens": 0, "completion_tokens": 0,
              "rejected_by_server": 0}
     rejected_before = rejected_records(store, prefix, examples=0)["count"] if max_rejected is not None else 0
     rejected_examples: list[dict] = []
     retries_before = client.retries
-    checkpoints = _Checkpointer(store, prefix, id_field, checkpoint_every, next_out, next_dropped)
-    bar = tqdm(total=max(0, total - len(done)) if total is not None else None, desc=desc, unit=" rec",
-               mininterval=1.0, disable=None)
+    # Counts every input record: those done by an earlier attempt start the count (not the rate).
+    bar = progress.track(desc, total=total, done=len(done) if total is not None else 0)
+    checkpoints = _Checkpointer(store, prefix, id_field, checkpoint_every, next_out, next_dropped,
+                                on_written=bar.checkpoint)
 
     def todo() -> Iterator[tuple[Hashable, dict]]:
         seen: set = set()
@@ -516,7 +524,10 @@ async def run_completions(
                                           f"the output must keep the input's id")
                 checkpoints.outputs.append(output)
                 stats["completed"] += 1
-            bar.update(1)
+            bar.update(1, tokens=(usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0))
+            bar.retries = client.retries - retries_before
+            if getattr(client, "last_error", None):
+                bar.error(client.last_error, count=False)
             await checkpoints.maybe_flush()
 
     start = time.perf_counter()
@@ -525,6 +536,7 @@ async def run_completions(
         finished, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
         for task in finished:
             if task.exception() is not None:
+                bar.error(str(task.exception()))
                 raise task.exception()
     finally:
         for task in workers:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from humpback_runtime import __version__
+from humpback_runtime import __version__, metrics, progress
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import (EXIT_FAILED, EXIT_INPUTS_MISSING, InputsDamaged, InputsMissing, LeaseLost,
                                      StageError)
@@ -139,7 +139,8 @@ def run_stage(ctx: RunContext, name: str, *, force: bool = False, wait: bool = F
     prefix = ctx.prefix(name)
     store = ctx.store
     if int(os.environ.get("RANK", "0")) != 0:
-        # Under torchrun every process runs the stage; rank 0 alone owns the prefix, lease and manifest.
+        # Under torchrun every process runs the stage; rank 0 alone owns the prefix, lease, progress
+        # file and manifest.
         impl.run(ctx, stage, prefix)
         return None
     t_lease = time.perf_counter()
@@ -180,7 +181,9 @@ def _run_claimed(ctx: RunContext, stage: Stage, impl: StageImpl, prefix: str, le
     t0 = time.perf_counter()
     log.info("%s stage %s of run %s (fingerprint %s) writing to %s", "Resumed" if resumed else "Started",
              name, ctx.run.name, stage.fingerprint, store.url(prefix))
-    result = impl.run(ctx, stage, prefix)
+    metrics.serve_from_env()
+    with progress.stage_progress(store, prefix, name):
+        result = impl.run(ctx, stage, prefix)
     seconds = time.perf_counter() - t0
     store.clear_scratch(prefix)  # a finished stage leaves no `_tmp/`
     t_manifest = time.perf_counter()

@@ -19,11 +19,11 @@ from humpback_runtime.stages.guardrails import check_yield, likely_cause, yield_
 from humpback_runtime.storage import ShardWriter, Store
 
 
-def _progress(records: Iterable[Any], desc: str) -> Iterator[Any]:
-    from tqdm import tqdm
+def _progress(records: Iterable[Any], desc: str, total: int | None = None) -> Iterator[Any]:
+    from humpback_runtime.progress import iterate
 
-    # Bars go to stderr and switch themselves off when it is not a terminal (pods, CI logs).
-    yield from tqdm(records, desc=desc, unit=" rec", mininterval=1.0, disable=None)
+    # Input records read (the total is known only when capped by maxDocuments).
+    yield from iterate(records, desc, total=total)
 
 
 def _input_records(ctx: RunContext, spec: DataSource, bad: BadRecords) -> Iterator[tuple[str, dict]]:
@@ -74,7 +74,8 @@ def run_prepare_corpus(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, 
     records = _input_records(ctx, spec, bad)
     if spec.max_documents is not None:
         records = islice(records, spec.max_documents)
-    outputs = _write_records(ctx.store, prefix, filter_corpus(_progress(records, stage.name), spec, counts))
+    outputs = _write_records(ctx.store, prefix, filter_corpus(_progress(records, stage.name, spec.max_documents),
+                                                              spec, counts))
     if counts.kept == 0:
         raise StageError(
             f"prepare-corpus kept no segments from {spec.source}: {counts.as_dict()}, bad records: "

@@ -11,7 +11,6 @@ import random
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -84,7 +83,7 @@ class _ListDataset:
 
 
 @functools.cache
-def _trainer_classes() -> tuple[type, type]:
+def _trainer_classes() -> tuple[type, type, type]:
     import torch
     from transformers import Trainer, TrainerCallback
 
@@ -242,7 +241,40 @@ def _trainer_classes() -> tuple[type, type]:
             if util is not None:
                 logs["mfu"] = round(util, 4)
 
-    return HumpbackTrainer, StoreCheckpoints, ThroughputLog
+
+    class TrainingProgress(TrainerCallback):
+        """Steps done of max_steps, input tokens, the latest loss and checkpoint age, for the stage's
+        `_PROGRESS.json`, its metrics and a bar on a terminal (the Trainer's own bar is off)."""
+
+        def __init__(self) -> None:
+            self.tracker = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            from humpback_runtime import progress
+
+            self.tracker = progress.track("training", total=state.max_steps, unit="steps", done=state.global_step)
+            self._tokens0 = int(state.num_input_tokens_seen or 0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.set_done(state.global_step)
+                self.tracker.tokens = int(state.num_input_tokens_seen or 0) - self._tokens0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.tracker is not None and logs and "loss" in logs:
+                self.tracker.extra["loss"] = round(float(logs["loss"]), 5)
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.checkpoint()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
+
+
+    return HumpbackTrainer, StoreCheckpoints, ThroughputLog, TrainingProgress
 
 
 def _checkpointing_args(args_cls: type, enabled: bool) -> dict[str, Any]:
@@ -365,7 +397,7 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         ddp_backend=None if cuda else "gloo",
         ddp_find_unused_parameters=False,
         ddp_timeout=DIST_TIMEOUT_S,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # TrainingProgress shows the bar (and writes _PROGRESS.json)
         use_liger_kernel=liger,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=settings.eval_every if evaluate else None,
@@ -458,10 +490,11 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
                  attention, "packed" if settings.packing else "padded", ", Liger kernels" if liger else "",
                  f", LoRA r={settings.lora.rank}" if settings.lora else "")
 
-    trainer_cls, ckpt_cls, throughput_cls = _trainer_classes()
+    trainer_cls, ckpt_cls, throughput_cls, progress_cls = _trainer_classes()
     uploader = ckpt_cls(store, prefix, key, settings.checkpoint_every, settings.checkpoint_every_minutes, world_size,
                         env_int("LOCAL_WORLD_SIZE", world_size) == world_size, is_main, is_local_main)
     peak = peak_bf16_flops(torch.cuda.get_device_name()) if cuda and bf16 else None
+    on_main = [progress_cls()] if is_main else []
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -469,9 +502,13 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         eval_dataset=_ListDataset(eval_data.features) if eval_data and eval_data.features else None,
         data_collator=make_collator(settings.packing, tokenizer.pad_token_id, cuda=cuda, attention=attention),
         processing_class=tokenizer,
-        callbacks=[uploader, throughput_cls(n_params, peak, world_size), *request.callbacks],
+        callbacks=[uploader, throughput_cls(n_params, peak, world_size), *on_main, *request.callbacks],
     )
     trainer.humpback_settings = settings
+    # Without its bar the Trainer prints every log dict to stdout; TrainingProgress reports instead.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     tokens_before = 0
     if resume_dir is not None:
         state = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8")) \

@@ -32,7 +32,7 @@ from humpback_operator import child_events, metrics, policy
 from humpback_operator.children import ANNOTATION_GENERATED_KEY
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
-from humpback_operator.reconcile import Decision, _finished_and_unchanged, decide, run_from_body
+from humpback_operator.reconcile import PROGRESS_SECONDS, Decision, _finished_and_unchanged, decide, run_from_body
 from humpback_operator.store_probe import StoreProbe
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,16 @@ class Operator:
         # indexes still hold that the API said was gone: (kind, name, uid).
         self.listed: dict[tuple[str, str], float] = {}
         self.ghosts: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
+        # The running stages' _PROGRESS.json as last read, and when: read at most every PROGRESS_SECONDS.
+        self.progress: dict[tuple[str, str], tuple[float, dict[str, dict]]] = {}
 
     def wakeup(self, namespace: str, run: str) -> asyncio.Event:
         return self.wakeups.setdefault((namespace, run), asyncio.Event())
 
     def forget(self, namespace: str, run: str) -> None:
         """Drop all that is remembered of a deleted run."""
-        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups, self.listed, self.ghosts):
+        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups, self.listed, self.ghosts,
+                        self.progress):
             per_run.pop((namespace, run), None)
 
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
@@ -215,12 +218,15 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
     secret_labels_ = await secret_labels(op, body)
-    decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_)
+    progress = await _stage_progress(op, body, logger)
+    decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_,
+                      progress=progress)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_)
+        decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_,
+                          progress=progress)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     op.phases[(namespace, name)] = decision.status.get("phase", "Pending")
@@ -237,6 +243,19 @@ async def secret_labels(op: Operator, body: Mapping[str, Any]) -> dict[str, dict
         return {}
     namespace = body["metadata"]["namespace"]
     return {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
+
+
+async def _stage_progress(op: Operator, body: Mapping[str, Any], logger: logging.Logger) -> dict[str, dict]:
+    """The running stages' progress files, read again only when the last read is PROGRESS_SECONDS old."""
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    running = [s["name"] for s in (body.get("status") or {}).get("stages") or []
+               if s.get("phase") == "Running" and "name" in s]
+    when, cached = op.progress.get(key, (float("-inf"), {}))
+    if not running or time.monotonic() - when < PROGRESS_SECONDS:
+        return {k: v for k, v in cached.items() if k in running}
+    read = await op.probe.read_progress(body, running, logger)
+    op.progress[key] = (time.monotonic(), read)
+    return read
 
 
 def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
@@ -280,6 +299,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
         status["message"] = "; ".join(errors)
         decision.requeue_after = min(decision.requeue_after, 30.0)
     if _changed(body.get("status") or {}, status):
+        metrics.observe_stages((body.get("status") or {}).get("stages"), status.get("stages"))
         patched = await op.kube.patch_run_status(namespace, name, status)
         op.own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
     for event in decision.events:

@@ -49,6 +49,7 @@ from humpback_runtime.pod_contract import (
     REWRITE_API_KEY_ENV,
     SERVED_MODEL_ENV,
     server_api_key_env,
+    STAGE_METRICS_PORT_ENV,
 )
 from humpback_runtime.errors import EXIT_INPUTS_MISSING, EXIT_INVALID
 from humpback_runtime.spec import BacktranslationRun, PodResources, duration_seconds, dump_run
@@ -377,6 +378,15 @@ def _container(name: str, image: str, env: list[dict], resources: dict, mounts: 
     return container
 
 
+def _with_metrics_port(container: dict, config: OperatorConfig) -> dict:
+    """A stage container serves its Prometheus metrics on the port the operator declares (the
+    chart's metrics.stagePods), named `metrics` for the PodMonitor; without one it serves none."""
+    if config.stage_metrics_port:
+        container["env"] = [*container["env"], {"name": STAGE_METRICS_PORT_ENV, "value": str(config.stage_metrics_port)}]
+        container["ports"] = [{"name": "metrics", "containerPort": config.stage_metrics_port, "protocol": "TCP"}]
+    return container
+
+
 def pod_service_account(run: BacktranslationRun, config: OperatorConfig) -> str | None:
     """The run's own service account, else the operator's default (None: the namespace's default)."""
     return run.spec.pod_template.service_account_name or config.service_account
@@ -440,8 +450,8 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
     labels = child_labels(run, stage.name, "train", attempt=str(attempt))
     resources = _resources(res, res.gpus_per_node, EPHEMERAL_TRAINING)
     volumes, mounts = _volumes(res.gpus_per_node, resources["limits"]["ephemeral-storage"])
-    container = _container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
-                           resources, mounts, command=command)
+    container = _with_metrics_port(_container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
+                                              resources, mounts, command=command), config)
     template = _pod_template(run, labels, res, config, [container], volumes)
     return get_backend(training_backend(run, config)).build(
         name=stage_child_name(run.name, stage, attempt), namespace=run.namespace, labels=labels,
@@ -459,8 +469,9 @@ def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorCo
     resources = _resources(res, gpus, EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU)
     volumes, mounts = _volumes(gpus, resources["limits"]["ephemeral-storage"])
     command = ["humpback", *_stage_args(stage)]
-    container = _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
-                           resources, mounts, command=command)
+    container = _with_metrics_port(
+        _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
+                   resources, mounts, command=command), config)
     template = _pod_template(run, labels, res, config, [container], volumes, restart_policy="Never")
     spec: dict = {"backoffLimit": 0}
     seconds = duration_seconds(deadline)

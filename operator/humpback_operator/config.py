@@ -31,6 +31,7 @@ ENV_TRAINING_BACKEND = "HUMPBACK_TRAINING_BACKEND"
 ENV_TRAINJOBS = "HUMPBACK_TRAINJOBS"
 ENV_PROBE_ALLOWED_STORES = "HUMPBACK_PROBE_ALLOWED_STORES"
 ENV_POLICY = "HUMPBACK_POLICY"
+ENV_STAGE_METRICS_PORT = "HUMPBACK_STAGE_METRICS_PORT"  # the chart's metrics.stagePods.port
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -106,6 +107,8 @@ class OperatorConfig:
 
     def probe_allowed(self, uri: str, endpoint: str | None) -> bool:
         return any(a.allows(uri, endpoint) for a in self.probe_allowed_stores)
+    # Port on which stage pods serve Prometheus metrics (declared as `metrics`); None: none.
+    stage_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         for name, problem in _problems(vars(self)):
@@ -133,6 +136,12 @@ class OperatorConfig:
                 values.update(parse_policy(environ[ENV_POLICY]))
             except ValueError as e:
                 raise ValueError(f"{ENV_POLICY}: {e}") from None
+        raw_port = environ.get(ENV_STAGE_METRICS_PORT, "").strip()
+        if raw_port:
+            if not raw_port.isdigit():
+                raise ValueError(f"{ENV_STAGE_METRICS_PORT}: expected a port number 1-65535, got {raw_port!r}")
+            values["stage_metrics_port"] = int(raw_port)
+            env_of["stage_metrics_port"] = ENV_STAGE_METRICS_PORT
         # Checked here first so that the error names the variable rather than the field.
         merged = {f.name: f.default for f in fields(cls)} | values
         for field, problem in _problems(merged):
@@ -183,7 +192,10 @@ def _problems(values: Mapping[str, object], backends: tuple[str, ...] = KNOWN_TR
     backend = values["training_backend"]
     if backend not in backends:
         problems.append(("training_backend", f"expected one of {', '.join(backends)}, got {backend!r}"))
-    port = values["vllm_port"]
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        problems.append(("vllm_port", f"expected a port number 1-65535, got {port!r}"))
+    for field in ("vllm_port", "stage_metrics_port"):
+        port = values[field]
+        if field == "stage_metrics_port" and port is None:
+            continue
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            problems.append((field, f"expected a port number 1-65535, got {port!r}"))
     return problems

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from humpback_runtime.plan import Plan, Stage, build_plan
+from humpback_runtime.progress import format_line
 from humpback_runtime.spec import BacktranslationRun, PodResources, SpecError, duration_seconds, parse_run
 
 from humpback_operator import names, policy
@@ -46,6 +47,9 @@ UNWATCHED_KINDS = ("Secret", "NetworkPolicy")
 
 # Without news, look again after this long: a safety net for missed watch events.
 RESYNC_SECONDS = 60.0
+# While a stage runs, its progress (`_PROGRESS.json`) is read and copied into status at most this
+# often: one store read and one status patch per run per period, however many runs there are.
+PROGRESS_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -163,12 +167,15 @@ def decide(
     events: list[Mapping[str, Any]] = (),
     *,
     secret_labels: Mapping[str, Mapping[str, str] | None] | None = None,
+    progress: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Decision:
     """The decision for one run. `store` maps stage name -> its `_SUCCESS.json` (None: not done)
     for the stages the caller has read; a stage missing from it is reported in `needs_store`.
     `pods` are the pods of the run's children, `events` the Warning Events on its children.
     `secret_labels`: labels of the Secrets the run references (None: no such Secret), when the
-    policy checks them (`policy.needs_secret_labels`)."""
+    policy checks them (`policy.needs_secret_labels`). `progress` maps running stages to their
+    `_PROGRESS.json` as last read (see PROGRESS_SECONDS); a stage missing from it keeps the progress its
+    status already shows."""
     d = Decision()
     old_status = dict(body.get("status") or {})
     generation = body.get("metadata", {}).get("generation")
@@ -230,6 +237,7 @@ def decide(
         if st["phase"] == "Failed" and failed_stage is None:
             failed_stage = stage.name
 
+    _copy_progress(d, states, progress or {})
     if d.needs_store:  # the caller reads the store and decides again; apply nothing yet
         d.create.clear()
         d.update.clear()
@@ -237,6 +245,31 @@ def decide(
         d.events.clear()
     d.status = _run_status(run, plan, states, old_status, generation, suspended, failed_stage, now, d)
     return d
+
+
+def _copy_progress(d: Decision, states: dict[str, dict[str, Any]], progress: Mapping[str, Mapping[str, Any]]) -> None:
+    """Running stages whose own process reports (not a stage waiting for its server) show its progress."""
+    for name, st in states.items():
+        child = st.get("child") or {}
+        if st["phase"] != "Running" or child.get("kind") in ("Deployment", "Service"):
+            st.pop("progress", None)
+            continue
+        snap = progress.get(name)
+        if snap is not None and snap.get("state") == "running":
+            st["progress"] = progress_status(snap)
+        if "progress" in st:
+            d.requeue_after = min(d.requeue_after, PROGRESS_SECONDS)
+
+
+def progress_status(snap: Mapping[str, Any]) -> dict[str, Any]:
+    """The CRD's `stages[].progress` from a `_PROGRESS.json`: the fields a person and kubectl need."""
+    fields = {"phase": snap.get("phase"), "done": snap.get("done"), "total": snap.get("total"),
+              "unit": snap.get("unit"), "rate": snap.get("rate"), "etaSeconds": snap.get("eta_seconds"),
+              "tokensPerSecond": snap.get("tokens_per_second"), "lastError": snap.get("last_error"),
+              "updated": snap.get("updated")}
+    out = {k: v for k, v in fields.items() if v is not None}
+    out["summary"] = format_line(snap).split(": ", 1)[-1]
+    return out
 
 
 _configmaps: dict[str, dict] = {}
@@ -617,6 +650,8 @@ def _run_status(run: BacktranslationRun, plan: Plan, states: dict[str, dict[str,
         "phase": phase,
         "stage": ",".join(running),
         "progress": f"{done}/{total}",
+        "stageProgress": "; ".join(f"{s['name']} {s['progress']['summary']}" for s in stages
+                                   if s["phase"] == "Running" and s.get("progress")),
         "message": message,
         "conditions": conditions,
         "stages": stages,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from humpback_runtime.layout import stage_prefix
+from humpback_runtime.progress import read_progress
 from humpback_runtime.storage import Store, open_store, read_success
 
 from humpback_operator.config import OperatorConfig, normalize_endpoint
@@ -95,8 +96,32 @@ class StoreProbe:
         return out
 
 
+    async def read_progress(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger) -> dict[str, dict]:
+        """The `_PROGRESS.json` of each stage that has one; unreadable ones are left out."""
+        meta = body["metadata"]
+        storage = (body.get("spec") or {}).get("storage") or {}
+        uri, s3 = storage.get("uri", "./runs"), storage.get("s3") or {}
+        out: dict[str, dict] = {}
+        for stage in stages:
+            prefix = stage_prefix(meta["namespace"], meta["name"], stage)
+            try:
+                snap = await asyncio.wait_for(
+                    asyncio.to_thread(_read_progress, uri, s3.get("endpoint"), s3.get("region"), prefix),
+                    timeout=PROBE_TIMEOUT_SECONDS)
+            except Exception as e:  # noqa: BLE001 - progress is for show: never stall a reconcile on it
+                logger.debug("Cannot read the progress of stage %s: %s", stage, e)
+                continue
+            if snap is not None:
+                out[stage] = snap
+        return out
+
+
 def _read(uri: str, endpoint: str | None, region: str | None, prefix: str) -> dict | None:
     return read_success(_store(uri, endpoint, region), prefix)
+
+
+def _read_progress(uri: str, endpoint: str | None, region: str | None, prefix: str) -> dict | None:
+    return read_progress(_store(uri, endpoint, region), prefix)
 
 
 @functools.lru_cache(maxsize=64)

@@ -25,7 +25,7 @@ VALUE_SETS = {"default": (), "ci": ("-f", CI_VALUES)}
 COMMAND = ["kopf", "run", "-m", "humpback_operator.backtranslationrun", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
 PEERING_COMMAND = ["kopf", "run", "-m", "humpback_operator.backtranslationrun", "--peering=humpback-operator",
                    "--liveness=http://0.0.0.0:8080/healthz"]
-NOT_CORE = {"ServiceMonitor"}  # monitoring.coreos.com: no schema in kubernetes-validate
+NOT_CORE = {"ServiceMonitor", "PodMonitor"}  # monitoring.coreos.com: no schema in kubernetes-validate
 
 
 def load_table_script():
@@ -97,6 +97,35 @@ def test_ci_values_exercise_the_optional_objects(render):
     assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
     assert {"name": "metrics", "containerPort": 9102, "protocol": "TCP"} in container(objs)["ports"]
     assert env(objs)["HUMPBACK_METRICS_PORT"] == "9102"
+
+
+def test_pod_monitor_scrapes_stage_pods_and_vllm_with_run_labels(render):
+    objs = render(*VALUE_SETS["ci"])
+    monitor = one(objs, "PodMonitor")
+    assert monitor["spec"]["selector"] == {"matchExpressions": [{"key": "humpback.dev/run", "operator": "Exists"}]}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml-experiments", "team-b"]}
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics", "http"]
+    relabel = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_humpback_dev_run"], "targetLabel": "run"} in relabel
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    # The operator is told the port, and declares it on every stage pod it builds.
+    assert env(objs)["HUMPBACK_STAGE_METRICS_PORT"] == "9401"
+
+
+def test_dashboards_ship_as_a_configmap_for_the_grafana_sidecar(render):
+    import json
+
+    objs = render(*VALUE_SETS["ci"])
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboards"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "true"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "humpback"}
+    shipped = sorted(p.name for p in (ROOT / "charts/humpback-operator/dashboards").glob("*.json"))
+    assert sorted(cm["data"]) == shipped and shipped
+    for name, text in cm["data"].items():
+        assert json.loads(text)["uid"], name
+    default = render()
+    assert not any(o["kind"] in ("PodMonitor",) or o["metadata"]["name"].endswith("-dashboards") for o in default)
 
 
 def test_extra_objects_are_rendered_with_tpl(render):
@@ -218,6 +247,7 @@ def test_ci_values_reach_the_deployment(render):
         "HUMPBACK_VLLM_IMAGE": "registry.example.com/ml/humpback-vllm:0.1.0-ci",
         "HUMPBACK_SERVICE_ACCOUNT": "humpback-runs",
         "HUMPBACK_METRICS_PORT": "9102",
+        "HUMPBACK_STAGE_METRICS_PORT": "9401",
         "HUMPBACK_METRICS_ADDRESS": "0.0.0.0",
         "HUMPBACK_TRAINING_BACKEND": "trainjob",
         "HUMPBACK_TRAINJOBS": "true",

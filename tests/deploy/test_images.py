@@ -439,8 +439,11 @@ def test_runtime_image():
         import pyproject_requirements
     finally:
         sys.path.pop(0)
-    reqs = pyproject_requirements.requirements(str(ROOT / "pyproject.toml"), ["train", "s3", "hub"])
+    reqs = pyproject_requirements.requirements(str(ROOT / "pyproject.toml"), ["train", "s3", "hub", "metrics"])
     assert torch_pin in reqs and any(r.startswith("deepspeed") for r in reqs) and any(r.startswith("boto3") for r in reqs)
+    # Stage pods serve Prometheus metrics when the operator declares a port (metrics.stagePods).
+    assert any(r.startswith("prometheus-client") for r in reqs)
+    assert "pyproject_requirements.py /src/pyproject.toml train s3 hub metrics" in (IMAGES / "runtime" / "Dockerfile").read_text()
     assert len(reqs) == len(set(reqs))
     with pytest.raises(SystemExit, match="no extra"):
         pyproject_requirements.requirements(str(ROOT / "pyproject.toml"), ["no-such-extra"])

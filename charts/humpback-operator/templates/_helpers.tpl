@@ -24,6 +24,16 @@ name unless the release name already contains it. Cut to 55 characters, so that 
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* PodMonitor relabelings: the run and stage pod labels as metric labels. */}}
+{{- define "humpback-operator.podMonitorRelabel" -}}
+- sourceLabels: [__meta_kubernetes_pod_label_humpback_dev_run]
+  targetLabel: run
+- sourceLabels: [__meta_kubernetes_pod_label_humpback_dev_stage]
+  targetLabel: humpback_stage
+- sourceLabels: [__meta_kubernetes_pod_name]
+  targetLabel: pod
+{{- end }}
+
 {{- define "humpback-operator.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "humpback-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}

@@ -185,10 +185,11 @@ def test_one_served_storage_version_with_status_subresource():
 def test_printer_columns():
     (version,) = crd.build_crd()["spec"]["versions"]
     columns = {c["name"]: (c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Stage", "Progress", "Message", "Age"]
+    assert list(columns) == ["Phase", "Stage", "Progress", "Message", "Stage Progress", "Age"]
     assert columns["Phase"] == ("string", ".status.phase")
     assert columns["Stage"] == ("string", ".status.stage")
     assert columns["Progress"] == ("string", ".status.progress")
+    assert columns["Stage Progress"] == ("string", ".status.stageProgress")  # work inside the running stage
     assert columns["Age"] == ("date", ".metadata.creationTimestamp")
     status = openapi_schema()["properties"]["status"]["properties"]
     for _, path in list(columns.values())[:3]:

@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[3] / "humpback_runtime"
 # Lower layers never import higher ones. Same-layer imports are allowed but may not form a circle.
 LAYERS: list[set[str]] = [
     {"errors", "pod_contract", "layout", "processes", "__init__"},
-    {"spec", "prompts"},
-    {"plan", "crd", "storage", "sources", "lease", "manifest"},
-    {"context", "seed", "corpus", "tiny_model", "report", "inference.client", "evaluation"},
+    {"spec", "prompts", "metrics"},
+    {"plan", "crd", "storage", "sources", "lease", "manifest", "progress"},
+    {"context", "seed", "corpus", "tiny_model", "report", "inference.client", "evaluation", "status"},
     {"inference.engines", "inference.local", "training.recipe", "training.distributed", "training.checkpoints", "training.lora",
      "training.card", "training.trainer", "training.__init__", "inference.__init__"},
     {"inference.models"},
