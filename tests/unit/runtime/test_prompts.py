@@ -415,8 +415,8 @@ def test_templates_are_plain_versioned_strings():
 def test_template_edits_need_a_version_bump():
     # Changed a template? Bump TEMPLATE_VERSION and update the digest here: stages fingerprint both.
     assert (P.TEMPLATE_VERSION, P.template_digest()) == (
-        1,
-        "e6dcc967a10c8e354308c08f636e26772d65a56ad9fde3fbb08d73395dab1f57",
+        2,
+        "4428c2a546daa6e024d37498caac80f201238d8f4aabad66fc77a35acfd8c680",
     )
 
 
