@@ -29,7 +29,7 @@ from humpback_runtime.spec import BacktranslationRun
 # One number per stage family keeps unrelated stages untouched.
 STAGE_CODE_VERSIONS = {
     "prepare-seed": 1,
-    "prepare-corpus": 2,  # 2: duplicate ids are made unique (id#2, ...) instead of failing augment
+    "prepare-corpus": 2,  # 2: duplicate ids made unique (id#2, ...); near-duplicates verified by exact Jaccard
     "train": 2,  # 2: the backward model's prompt (the response) is cut to fit instead of dropping the pair
     "augment": 1,
     "rewrite": 1,

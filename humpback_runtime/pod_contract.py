@@ -11,3 +11,11 @@ ENDPOINTS_ENV = "HUMPBACK_ENDPOINTS"
 JUDGE_API_KEY_ENV = "HUMPBACK_JUDGE_API_KEY"  # from the Secret evaluation.judge.apiKeySecret
 REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"  # from the Secret curation.rewrite.apiKeySecret
 API_KEY_SECRET_KEY = "apiKey"  # the key in those Secrets
+# The key a vLLM server started by the operator requires (generated per server, in a Secret owned
+# by the run): a client of the server of training stage S gets it as server_api_key_env(S).
+SERVER_API_KEY_ENV = "HUMPBACK_SERVER_API_KEY"
+
+
+def server_api_key_env(train_stage: str) -> str:
+    """"train-m0" -> "HUMPBACK_SERVER_API_KEY_M0"."""
+    return f"{SERVER_API_KEY_ENV}_{train_stage.removeprefix('train-').upper().replace('-', '_')}"

@@ -23,7 +23,8 @@ prepare-seed        ``counts``: ``pairs``, ``records`` and every ``dropped_*`` (
                     shard records ``instruction``, ``response``
 prepare-corpus      ``counts``: ``read``, ``kept`` and what each filter removed (``missing_text``,
                     ``too_short``, ``too_long``, ``boilerplate``, ``exact_duplicate``,
-                    ``near_duplicate``; CorpusCounts); shard records ``text``
+                    ``near_duplicate``; CorpusCounts), ``lsh_candidates`` and ``lsh_rejected``
+                    (candidate pairs verified, and under the threshold); shard records ``text``
 augment             ``outputs.count`` (candidates) and ``counts`` (any integers; ``dropped_*`` /
                     ``*_dropped`` keys are listed as drops); shard records ``instruction``,
                     ``response`` (or ``output``, or ``text``)
@@ -556,12 +557,16 @@ def _counts(manifests: dict, curate: list[tuple[int, str]]) -> str:
         first = [("documents read", fields.pop("read", None)), ("segments kept", fields.pop("kept", None))]
         lines = fields.pop("boilerplate_lines_removed", None)
         renamed = fields.pop("duplicate_ids_renamed", None)
+        # Pairs the near-dup verification compared and turned down, not documents removed.
+        pairs = [("near-duplicate candidate pairs verified", fields.pop("lsh_candidates", None)),
+                 ("candidate pairs under the threshold (kept)", fields.pop("lsh_rejected", None))]
         rows = [(k, v) for k, v in first if v is not None]
         rows += [(f"removed: {k.replace('_', ' ')}", v) for k, v in fields.items()]
         if lines is not None:
             rows.append(("boilerplate lines stripped (not documents)", lines))
         if renamed:
             rows.append(("duplicate ids made unique (kept)", renamed))
+        rows += [(k, v) for k, v in pairs if v is not None]
         return _kv(rows)
 
     def generic(m: dict) -> str:

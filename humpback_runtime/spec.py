@@ -130,9 +130,9 @@ class SeedSpec(DataSource):
 
 class DedupSpec(Model):
     exact: bool = Field(True, description="Drop segments whose normalised text was seen before.")
-    near_duplicates: bool = Field(True, description="Drop near-duplicates (MinHash LSH).")
-    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity above which two segments are near-duplicates.")
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    near_duplicates: bool = Field(True, description="Drop near-duplicates (MinHash LSH proposes candidates, exact shingle Jaccard decides).")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of the shingle sets at or above which a segment is a near-duplicate of an earlier kept one.")
+    num_perm: int = Field(64, ge=16, le=1024, description="MinHash permutations; the LSH bands them for recall at the threshold (16 bands of 4 rows at 0.8). More: fewer chance candidates to verify, slower signatures.")
     ngram: int = Field(5, ge=1, le=32, description="Word n-gram size of the shingles.")
 
 
@@ -430,6 +430,109 @@ class RetrySpec(Model):
     backoff_seconds: int = Field(30, ge=0, le=86400, description="Delay before the first retry; doubles each time.")
 
 
+def _check_secret_name(v: str | None) -> str | None:
+    if v is not None and not _SECRET_NAME.match(v):
+        raise ValueError("must be a Kubernetes object name (lowercase letters, digits, '-' and '.')")
+    return v
+
+
+class HuggingFaceSpec(Model):
+    token_secret: str | None = Field(
+        None, description="Name of a Secret with key HF_TOKEN: a Hugging Face token for gated models and "
+        "datasets, given as HF_TOKEN to every pod that reads the hub.")
+
+    _name = field_validator("token_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+class KeyRef(Model):
+    name: str
+    key: str
+    optional: bool | None = None
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+class EnvVarSource(Model):
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef and configMapKeyRef")
+        return self
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+class EnvVar(Model):
+    name: str
+    value: str | None = None
+    value_from: EnvVarSource | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not _ENV_NAME.match(v):
+            raise ValueError("must be an environment variable name")
+        if v.startswith("HUMPBACK_"):
+            raise ValueError("HUMPBACK_* variables are set by the operator (the pod contract)")
+        return v
+
+    @model_validator(mode="after")
+    def _value(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        return self
+
+
+class NameRef(Model):
+    name: str
+    optional: bool | None = None
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+class EnvFromSource(Model):
+    prefix: str | None = None
+    secret_ref: NameRef | None = None
+    config_map_ref: NameRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvFromSource:
+        if (self.secret_ref is None) == (self.config_map_ref is None):
+            raise ValueError("set exactly one of secretRef and configMapRef")
+        return self
+
+
+class LocalObjectReference(Model):
+    name: str
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+class PodTemplate(Model):
+    service_account_name: str | None = Field(
+        None, description="Service account of every pod of the run (e.g. one with IRSA or EKS Pod Identity "
+        "for S3); its token is then mounted. Null: the operator's default, without a token.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment of every container.")
+    env_from: list[EnvFromSource] = Field(default_factory=list, description="Extra environment from Secrets and ConfigMaps.")
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of every pod.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels of every pod (humpback.dev/* are the operator's).")
+
+    _sa = field_validator("service_account_name")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _not_ours(cls, v: dict[str, str]) -> dict[str, str]:
+        ours = [k for k in v if k.startswith("humpback.dev/") or k == "app.kubernetes.io/managed-by"]
+        if ours:
+            raise ValueError(f"{', '.join(ours)}: humpback.dev/* and app.kubernetes.io/managed-by are set by the operator")
+        return v
+
+
 # --- the resource ---------------------------------------------------------------------------
 
 
@@ -450,6 +553,13 @@ class BacktranslationRunSpec(Model):
     resources: Resources = Field(default_factory=Resources)
     retries: RetrySpec = Field(default_factory=RetrySpec)
     suspend: bool = Field(False, description="Stop running children and keep finished artifacts; false continues.")
+    huggingface: HuggingFaceSpec = Field(default_factory=HuggingFaceSpec)
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate, description="What every pod of the run gets besides what the operator sets: "
+        "service account, environment, image pull secrets, labels and annotations.")
+    training_backend: Literal["pytorchjob", "trainjob"] | None = Field(
+        None, description="Kind of the training stages' children: pytorchjob (Kubeflow training operator v1) or "
+        "trainjob (Kubeflow Trainer v2.2+); null: the operator's default (HUMPBACK_TRAINING_BACKEND).")
 
     @field_validator("base_model")
     @classmethod

@@ -291,7 +291,8 @@ class S3Store(Store):
     """`s3://bucket[/prefix]` through boto3. Credentials come from the environment / default chain."""
 
     def __init__(self, uri: str, *, endpoint_url: str | None = None, region: str | None = None,
-                 max_attempts: int = 5, multipart_threshold: int = 64 * 2**20):
+                 max_attempts: int = 5, multipart_threshold: int = 64 * 2**20,
+                 connect_timeout: float = 10, read_timeout: float = 60):
         parsed = urlparse(uri)
         self.bucket = parsed.netloc
         if not self.bucket:
@@ -313,8 +314,8 @@ class S3Store(Store):
         config = Config(
             # total_max_attempts counts the first try, so "gave up after N attempts" is exact.
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             # MinIO and most S3-compatible stores serve buckets by path, not by virtual host.
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
@@ -457,15 +458,18 @@ class S3Store(Store):
 
 
 def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None = None,
-               max_attempts: int = 5, multipart_threshold: int = 64 * 2**20) -> Store:
+               max_attempts: int = 5, multipart_threshold: int = 64 * 2**20,
+               connect_timeout: float = 10, read_timeout: float = 60) -> Store:
     """The store at `uri`: a local path, `file:///abs/path` or `s3://bucket[/prefix]`.
 
-    `endpoint_url`, `region`, `max_attempts` and `multipart_threshold` apply to S3 only.
+    `endpoint_url`, `region`, `max_attempts`, `multipart_threshold` and the timeouts (seconds)
+    apply to S3 only.
     Opening a store makes no request; errors surface on the first operation.
     """
     if uri.startswith("s3://"):
         return S3Store(uri, endpoint_url=endpoint_url, region=region, max_attempts=max_attempts,
-                       multipart_threshold=multipart_threshold)
+                       multipart_threshold=multipart_threshold, connect_timeout=connect_timeout,
+                       read_timeout=read_timeout)
     if uri.startswith("file://"):
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):

@@ -14,14 +14,19 @@ import json
 import logging
 import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import InputsMissing, StageError
 from humpback_runtime.inference.engines import Engine, VLLMServerEngine
 from humpback_runtime.inference.local import TransformersEngine, VLLMEngine, vllm_available
-from humpback_runtime.pod_contract import ENDPOINT_ENV, ENDPOINTS_ENV, MODEL_DIR, SERVED_MODEL_ENV
+from humpback_runtime.pod_contract import (
+    ENDPOINT_ENV,
+    ENDPOINTS_ENV,
+    MODEL_DIR,
+    SERVED_MODEL_ENV,
+    server_api_key_env,
+)
 
 if TYPE_CHECKING:
     from humpback_runtime.spec import InferenceSpec
@@ -62,14 +67,16 @@ def engine_for(ctx: RunContext, train_stage: str) -> Engine:
     """The engine for the model of `train_stage`: the operator's vLLM server when one is announced."""
     spec = ctx.run.spec.inference
     per_model = _endpoints_by_stage()
+    # The key of a server the operator started for this model (None for a user's own endpoint).
+    server_key = os.environ.get(server_api_key_env(train_stage)) or None
     if train_stage in per_model:
         server = spec.model_copy(update={"engine": "vllm-server"})  # the operator started it for us
-        return make_engine(server, train_stage, endpoint=per_model[train_stage])
+        return make_engine(server, train_stage, endpoint=per_model[train_stage], api_key=server_key)
     endpoint = os.environ.get(ENDPOINT_ENV) or spec.endpoint
     wants_server = spec.engine == "vllm-server" or (spec.engine == "auto" and endpoint)
     if wants_server:
         served = os.environ.get(SERVED_MODEL_ENV, train_stage)
-        return make_engine(spec, served, endpoint=endpoint)
+        return make_engine(spec, served, endpoint=endpoint, api_key=server_key)
     return make_engine(spec, local_model_dir(ctx, train_stage))
 
 

@@ -4,12 +4,12 @@ children.py builds one pod template (image, torchrun command, env, resources, vo
 selection, security context); a backend wraps it into its kind and reads completion back.
 
 - `PyTorchJobBackend`: Kubeflow training operator v1, `kubeflow.org/v1` `PyTorchJob`. The default,
-  and the only one `OperatorConfig.from_env` accepts.
-- `TrainJobBackend`: Kubeflow Trainer v2, `trainer.kubeflow.org/v1alpha1` `TrainJob` against the
-  `torch-distributed` ClusterTrainingRuntime. Built and validated against the CRD's schema, but
-  NOT complete, so not offered yet: a TrainJob cannot carry the pod template's security context
-  (runAsNonRoot, seccomp, dropped capabilities) nor its labels (spec.labels reach the JobSet and
-  Jobs, not the pods); those come from the runtime, which the cluster admin must set up to match.
+  as training-operator v1 is what most clusters run.
+- `TrainJobBackend`: Kubeflow Trainer v2.2+, `trainer.kubeflow.org/v1alpha1` `TrainJob` against the
+  `torch-distributed` ClusterTrainingRuntime, our pod template carried by `runtimePatches`.
+
+The operator's default is `HUMPBACK_TRAINING_BACKEND` (the chart's `training.backend`); a run may
+choose its own with `spec.trainingBackend`. `backend_of(kind)` reads any child back.
 """
 
 from __future__ import annotations
@@ -108,13 +108,21 @@ class PyTorchJobBackend(_Backend):
 
 
 class TrainJobBackend(_Backend):
+    """Kubeflow Trainer v2.2+ (validated against the v2.3.0 CRD): a TrainJob on the
+    `torch-distributed` ClusterTrainingRuntime, with our pod template carried by `runtimePatches`
+    (labels, annotations, pod and container security contexts, volumes and their mounts, node
+    selection, service account, image pull secrets). What runtimePatches cannot carry comes from
+    the runtime: automountServiceAccountToken and envFrom (docs/security.md)."""
+
     group, version, plural, kind = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
     RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs for torchrun
     TARGET_JOB = "node"  # the runtime's replicated Job and its trainer container are both named node
+    MANAGER = "humpback.dev/operator"  # our entry in runtimePatches (keyed by manager)
 
     def build(self, *, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
               pod_template: dict, nodes: int, procs_per_node: int) -> dict:
         pod = copy.deepcopy(pod_template["spec"])
+        meta = copy.deepcopy(pod_template.get("metadata") or {})
         container = pod["containers"][0]
         trainer = {
             "image": container["image"],
@@ -125,17 +133,30 @@ class TrainJobBackend(_Backend):
         }
         if container.get("resources"):
             trainer["resourcesPerNode"] = container["resources"]
-        override: dict = {"targetJobs": [{"name": self.TARGET_JOB}]}
-        if container.get("volumeMounts"):
-            override["containers"] = [{"name": self.TARGET_JOB, "volumeMounts": container["volumeMounts"]}]
-        for key in ("volumes", "nodeSelector", "tolerations", "serviceAccountName"):
+        patched = {"name": self.TARGET_JOB}
+        for key in ("securityContext", "volumeMounts"):
+            if container.get(key):
+                patched[key] = container[key]
+        pod_patch: dict = {"containers": [patched]}
+        for key in ("securityContext", "serviceAccountName", "imagePullSecrets", "nodeSelector", "tolerations", "volumes"):
             if pod.get(key):
-                override[key] = pod[key]
+                pod_patch[key] = pod[key]
         spec = {
             "runtimeRef": {"name": self.RUNTIME},
-            "labels": pod_labels(labels),
             "trainer": trainer,
-            "podSpecOverrides": [override],
+            "runtimePatches": [{
+                "manager": self.MANAGER,
+                "trainingRuntimeSpec": {"template": {
+                    "metadata": {"labels": pod_labels(labels)},  # the JobSet
+                    "spec": {"replicatedJobs": [{
+                        "name": self.TARGET_JOB,
+                        "template": {
+                            "metadata": {"labels": pod_labels(labels)},  # its Jobs
+                            "spec": {"template": {"metadata": meta, "spec": pod_patch}},  # their pods
+                        },
+                    }]},
+                }},
+            }],
         }
         return self._object(name, namespace, labels, annotations, owner, spec)
 
@@ -144,6 +165,11 @@ class TrainJobBackend(_Backend):
 
 
 BACKENDS: dict[str, type[_Backend]] = {"pytorchjob": PyTorchJobBackend, "trainjob": TrainJobBackend}
+
+
+def backend_of_kind(kind: str) -> TrainingBackend | None:
+    """The backend whose objects are of `kind` (None: not a training kind)."""
+    return next((cls() for cls in BACKENDS.values() if cls.kind == kind), None)
 
 
 def get_backend(name: str) -> TrainingBackend:

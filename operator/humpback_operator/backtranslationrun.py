@@ -17,6 +17,8 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import os
+import secrets
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -24,12 +26,13 @@ from typing import Any
 
 import kopf
 
-from humpback_runtime.spec import GROUP, PLURAL, VERSION
+from humpback_runtime.spec import GROUP, PLURAL, VERSION, SpecError
 
-from humpback_operator import child_events, metrics
+from humpback_operator import child_events, metrics, policy
+from humpback_operator.children import ANNOTATION_GENERATED_KEY
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
-from humpback_operator.reconcile import Decision, decide
+from humpback_operator.reconcile import Decision, run_from_body, decide
 from humpback_operator.store_probe import StoreProbe
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,10 @@ log = logging.getLogger(__name__)
 # reconcile sees them all, and so Kopf's index has stored the change that woke us.
 DEBOUNCE_SECONDS = 0.1
 
+
+ENV_PEERING_PRIORITY = "HUMPBACK_PEERING_PRIORITY"
+ENV_PEERING_LIFETIME = "HUMPBACK_PEERING_LIFETIME"
+ENV_PEERING_NAMESPACES = "HUMPBACK_PEERING_NAMESPACES"  # watching some namespaces: where the KopfPeerings go
 
 # How long our own creates and deletes stand in for what Kopf's indexes have not seen yet.
 RECENT_SECONDS = 30.0
@@ -50,7 +57,7 @@ class Operator:
     def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None):
         self.kube = kube or Kube()
         self.config = config or OperatorConfig.from_env()
-        self.probe = StoreProbe()
+        self.probe = StoreProbe(self.config)
         # Our recent writes: (kind, name) -> (time, object created | None when deleted).
         self.recent: dict[tuple[str, str], dict[tuple[str, str], tuple[float, dict | None]]] = {}
         # resourceVersion of the run's last status patch by this operator: the watch event it
@@ -108,8 +115,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # API calls and store reads run in threads (blocking clients); the default pool (cores + 4)
     # would queue the reconciles of many runs behind each other.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    # Replicas (`kopf run --peering=NAME`): the highest priority acts, the others wait; equal
+    # priorities would freeze all of them, so each process draws its own unless one is given.
+    settings.peering.priority = int(os.environ.get(ENV_PEERING_PRIORITY) or secrets.randbelow(2**31 - 1) + 1)
+    settings.peering.lifetime = int(os.environ.get(ENV_PEERING_LIFETIME) or settings.peering.lifetime)
     # Kopf watches nothing before the startup handlers are done, so every handler finds it.
-    memo.operator = Operator()
+    memo.operator = op = Operator()
+    if not settings.peering.standalone and settings.peering.name:
+        namespaces = [None] if settings.peering.clusterwide else os.environ.get(ENV_PEERING_NAMESPACES, "").split()
+        for namespace in namespaces:
+            await op.kube.ensure_peering(settings.peering.name, namespace)
     metrics.serve_from_env()
 
 
@@ -154,18 +169,29 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
     children = op.children(indexes, namespace, name)
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
-    decision = decide(body, children, store, now, op.config)
+    secret_labels_ = await secret_labels(op, body)
+    decision = decide(body, children, store, now, op.config, secret_labels_)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config)
+        decision = decide(body, children, store, now, op.config, secret_labels_)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     op.phases[(namespace, name)] = decision.status.get("phase", "Pending")
     for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
         metrics.RUNS.labels(phase).set(sum(1 for p in op.phases.values() if p == phase))
     return decision.requeue_after
+
+
+async def secret_labels(op: Operator, body: Mapping[str, Any]) -> dict[str, dict | None]:
+    """Labels of the Secrets the run references, when the policy checks them (else nothing)."""
+    try:
+        run = run_from_body(body)
+    except SpecError:
+        return {}
+    namespace = body["metadata"]["namespace"]
+    return {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
 
 
 def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
@@ -192,7 +218,7 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
             logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
     for obj in decision.create:
         try:
-            created = await op.kube.create(obj)
+            created = await op.kube.create(with_generated_key(obj))
             op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj)
             if created:
                 metrics.CHILDREN_CREATED.labels(obj["kind"]).inc()
@@ -216,6 +242,15 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
             continue
         metrics.EVENTS.labels(event.reason).inc()
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def with_generated_key(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A Secret the builders mark with `humpback.dev/generated-key: KEY` gets a new random value
+    under KEY (a vLLM server's API key). Only here: the builders stay pure and nothing logs it."""
+    key = (obj["metadata"].get("annotations") or {}).get(ANNOTATION_GENERATED_KEY)
+    if obj["kind"] != "Secret" or not key:
+        return obj
+    return {**obj, "stringData": {key: secrets.token_urlsafe(32)}}
 
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

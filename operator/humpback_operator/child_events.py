@@ -16,6 +16,7 @@ import kopf
 
 from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
+from humpback_operator.config import trainjobs_enabled
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the reconciler reads of a child (not the whole object: less memory per child)."""
@@ -68,14 +69,24 @@ async def humpback_configmaps(body, namespace, labels, memo, **_):
     return _index(body, namespace, labels, memo)
 
 
-# The training backend the operator supports today (config.SUPPORTED_TRAINING_BACKENDS); read at
-# import time, without the environment, so importing the handlers never fails on a bad setting.
-_backend = get_backend("pytorchjob")
+# The training kinds: PyTorchJobs always; TrainJobs only where Kubeflow Trainer v2 is enabled
+# (config.trainjobs_enabled: HUMPBACK_TRAINJOBS or HUMPBACK_TRAINING_BACKEND=trainjob), so that
+# an operator without RBAC for them never watches them.
+_pytorchjob = get_backend("pytorchjob")
 
 
-@kopf.index(_backend.group, _backend.version, _backend.plural, labels=_RUN_LABEL)
+@kopf.index(_pytorchjob.group, _pytorchjob.version, _pytorchjob.plural, labels=_RUN_LABEL)
 async def humpback_pytorchjobs(body, namespace, labels, memo, **_):
     return _index(body, namespace, labels, memo)
+
+
+async def humpback_trainjobs(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
+
+
+if trainjobs_enabled():
+    _trainjob = get_backend("trainjob")
+    kopf.index(_trainjob.group, _trainjob.version, _trainjob.plural, labels=_RUN_LABEL)(humpback_trainjobs)
 
 
 # A deleted child leaves its index without a call to the index function, so without a wake-up:
@@ -83,7 +94,7 @@ async def humpback_pytorchjobs(body, namespace, labels, memo, **_):
 
 
 INDEX_NAMES = ("humpback_jobs", "humpback_deployments", "humpback_services", "humpback_configmaps",
-               "humpback_pytorchjobs")
+               "humpback_pytorchjobs", "humpback_trainjobs")
 
 
 def children_of(indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ from humpback_runtime.pod_contract import (
     MODEL_DIR,
     REWRITE_API_KEY_ENV,
     SERVED_MODEL_ENV,
+    server_api_key_env,
 )
 from humpback_runtime.spec import BacktranslationRun, PodResources, dump_run
 
@@ -56,6 +57,10 @@ SPEC_KEY = "run.yaml"
 
 CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process engines
 IN_PROCESS_ENGINES = ("transformers", "vllm")
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+ANNOTATION_GENERATED_KEY = "humpback.dev/generated-key"  # on a Secret: the operator fills this key at creation
+HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret
+S3_COMPATIBLE_REGION = "us-east-1"  # signing region of an S3-compatible endpoint that names none
 
 POD_SECURITY_CONTEXT = {
     "runAsNonRoot": True,
@@ -88,12 +93,20 @@ def owner_reference(body: Mapping) -> dict:
     }
 
 
-def cluster_problems(run: BacktranslationRun) -> list[str]:
+def training_backend(run: BacktranslationRun, config: OperatorConfig) -> str:
+    """The run's own `spec.trainingBackend`, else the operator's default."""
+    return run.spec.training_backend or config.training_backend
+
+
+def cluster_problems(run: BacktranslationRun, config: OperatorConfig | None = None) -> list[str]:
     """What makes a valid spec unrunnable on a cluster, one "field.path: message" each.
 
     Local paths in sources and baseModel are not problems: users may bake data into their images.
     """
     problems = []
+    if config is not None and training_backend(run, config) == "trainjob" and not config.trainjobs:
+        problems.append("spec.trainingBackend: trainjob (Kubeflow Trainer v2) is not enabled on this cluster "
+                        "(the chart's rbac.trainJobs)")
     uri = run.spec.storage.uri
     if not uri.startswith("s3://"):
         problems.append(f"spec.storage.uri: a cluster run needs s3:// storage (pods share nothing else), got {uri}")
@@ -139,7 +152,9 @@ def _runs_in_process(run: BacktranslationRun, stage: Stage) -> bool:
 
 @dataclass(frozen=True)
 class StageChildren:
-    servers: list[dict]  # for each served model: its Deployment, then its Service (creation order)
+    # For each served model, in creation order: its API key Secret, NetworkPolicy, Deployment, Service
+    # (all four named alike).
+    servers: list[dict]
     primary: dict  # the Job or training object whose conditions decide the attempt
 
 
@@ -159,7 +174,7 @@ def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, atte
         primary = _training(run, stage, attempt, config, owner)
     elif models:  # a client of the servers: CPU only, the GPUs are the servers'
         primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
-                       extra_env=_endpoint_env(run, stage, models, config))
+                       extra_env=_endpoint_env(run, stage, models, config) + _server_key_env(run, stage, models))
     elif _runs_in_process(run, stage):
         primary = _job(run, stage, attempt, config, owner, "job", resources.inference,
                        gpus=resources.inference.gpus_per_replica)
@@ -263,10 +278,18 @@ def _s3_env(run: BacktranslationRun) -> list[dict]:
     if s3.credentials_secret:
         env += [_secret_env(key, s3.credentials_secret, key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         env.append(_secret_env("AWS_SESSION_TOKEN", s3.credentials_secret, "AWS_SESSION_TOKEN", optional=True))
-    if s3.region:
-        env += [{"name": "AWS_REGION", "value": s3.region}, {"name": "AWS_DEFAULT_REGION", "value": s3.region}]
+    # An S3-compatible store (MinIO, Ceph, R2, GCS's XML API) still needs a signing region, and
+    # has no instance metadata to ask: without AWS_EC2_METADATA_DISABLED the SDKs first wait on
+    # 169.254.169.254 for credentials and region. Its checksum headers (boto3 >= 1.36 sends CRC32
+    # on every upload) are refused by GCS and older MinIO: only when an operation requires them.
+    region = s3.region or (S3_COMPATIBLE_REGION if s3.endpoint else None)
+    if region:
+        env += [{"name": "AWS_REGION", "value": region}, {"name": "AWS_DEFAULT_REGION", "value": region}]
     if s3.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
+        env += [{"name": "AWS_ENDPOINT_URL", "value": s3.endpoint},
+                {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
+                {"name": "AWS_REQUEST_CHECKSUM_CALCULATION", "value": "when_required"},
+                {"name": "AWS_RESPONSE_CHECKSUM_VALIDATION", "value": "when_required"}]
     return env
 
 
@@ -278,6 +301,8 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
         {"name": "HUMPBACK_CACHE", "value": CACHE_DIR},
         *_s3_env(run),
     ]
+    if spec.huggingface.token_secret:  # gated models and datasets on the hub
+        env.append(_secret_env(HF_TOKEN_ENV, spec.huggingface.token_secret, HF_TOKEN_ENV))
     judge = spec.evaluation.judge
     if stage.family == "evaluate" and judge and judge.api_key_secret:
         env.append(_secret_env(JUDGE_API_KEY_ENV, judge.api_key_secret, API_KEY_SECRET_KEY))
@@ -329,15 +354,32 @@ def _container(name: str, image: str, env: list[dict], resources: dict, mounts: 
     return container
 
 
-def _pod_template(labels: dict, res: PodResources, config: OperatorConfig, containers: list[dict],
-                  volumes: list[dict], *, restart_policy: str | None = None) -> dict:
+def pod_service_account(run: BacktranslationRun, config: OperatorConfig) -> str | None:
+    """The run's own service account, else the operator's default (None: the namespace's default)."""
+    return run.spec.pod_template.service_account_name or config.service_account
+
+
+def _pod_template(run: BacktranslationRun, labels: dict, res: PodResources, config: OperatorConfig,
+                  containers: list[dict], volumes: list[dict], *, restart_policy: str | None = None) -> dict:
+    extra = run.spec.pod_template
+    own_env = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in extra.env]
+    for container in containers:  # the run's own variables replace the operator's of the same name
+        names = {e["name"] for e in own_env}
+        container["env"] = [e for e in container["env"] if e["name"] not in names] + copy.deepcopy(own_env)
+        if extra.env_from:
+            container["envFrom"] = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in extra.env_from]
     spec: dict = {}
     if restart_policy:
         spec["restartPolicy"] = restart_policy
-    if config.service_account:
-        spec["serviceAccountName"] = config.service_account
-    # Stages and vLLM never call the Kubernetes API. (IRSA and Pod Identity use their own token.)
-    spec["automountServiceAccountToken"] = False
+    service_account = pod_service_account(run, config)
+    if service_account:
+        spec["serviceAccountName"] = service_account
+    # Stages and vLLM never call the Kubernetes API, so the namespace's default account gets no
+    # token. A named account is there for its cloud identity (IRSA, EKS Pod Identity, Workload
+    # Identity), which needs the token.
+    spec["automountServiceAccountToken"] = service_account is not None
+    if extra.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s.name} for s in extra.image_pull_secrets]
     spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
     if res.node_selector:
         spec["nodeSelector"] = dict(res.node_selector)
@@ -346,7 +388,10 @@ def _pod_template(labels: dict, res: PodResources, config: OperatorConfig, conta
     spec["containers"] = containers
     if volumes:
         spec["volumes"] = volumes
-    return {"metadata": {"labels": pod_labels(labels)}, "spec": spec}
+    metadata: dict = {"labels": {**extra.labels, **pod_labels(labels)}}
+    if extra.annotations:
+        metadata["annotations"] = dict(extra.annotations)
+    return {"metadata": metadata, "spec": spec}
 
 
 def _fingerprint(stage: Stage) -> dict[str, str]:
@@ -367,8 +412,8 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
     volumes, mounts = _volumes(shm=True, cache=True)
     container = _container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
                            _resources(res, res.gpus_per_node), mounts, command=command)
-    template = _pod_template(labels, res, config, [container], volumes)
-    return get_backend(config.training_backend).build(
+    template = _pod_template(run, labels, res, config, [container], volumes)
+    return get_backend(training_backend(run, config)).build(
         name=stage_child_name(run.name, stage, attempt), namespace=run.namespace, labels=labels,
         annotations=_fingerprint(stage), owner=owner, pod_template=template, nodes=res.nodes, procs_per_node=procs,
     )
@@ -383,7 +428,7 @@ def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorCo
     command = ["humpback", *_stage_args(stage)]
     container = _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
                            _resources(res, gpus), mounts, command=command)
-    template = _pod_template(labels, res, config, [container], volumes, restart_policy="Never")
+    template = _pod_template(run, labels, res, config, [container], volumes, restart_policy="Never")
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -417,6 +462,11 @@ def _endpoint_env(run: BacktranslationRun, stage: Stage, models: list[str], conf
             {"name": SERVED_MODEL_ENV, "value": model}]
 
 
+def _server_key_env(run: BacktranslationRun, stage: Stage, models: list[str]) -> list[dict]:
+    return [_secret_env(server_api_key_env(model), server_name(run.name, stage, model), API_KEY_SECRET_KEY)
+            for model in models]
+
+
 def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: OperatorConfig,
             owner: dict | None) -> list[dict]:
     """The vLLM Deployment serving `train_stage`'s model from S3 as `train_stage`, and its Service."""
@@ -431,9 +481,12 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
         "--tensor-parallel-size", str(max(res.gpus_per_replica, 1)),
         "--host", "0.0.0.0",
         "--port", str(config.vllm_port),
+        # Expanded by the kubelet from the env below: the key is in the Secret, not in the spec.
+        "--api-key", f"$({VLLM_API_KEY_ENV})",
         *res.extra_args,
     ]
-    env = [*_s3_env(run), {"name": "HOME", "value": "/tmp"}]
+    env = [*_s3_env(run), {"name": "HOME", "value": "/tmp"},
+           _secret_env(VLLM_API_KEY_ENV, name, API_KEY_SECRET_KEY)]
     if run.spec.storage.s3.endpoint:
         # The Run:ai streamer's own endpoint variable, and path-style addressing, which S3-compatible
         # stores (MinIO, Ceph) need; the runtime's boto3 client uses path style there too.
@@ -447,7 +500,7 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
     container["startupProbe"] = {**copy.deepcopy(health), **STARTUP_PROBE}
     container["readinessProbe"] = {**copy.deepcopy(health), **READINESS_PROBE}
     container["livenessProbe"] = {**copy.deepcopy(health), **LIVENESS_PROBE}
-    template = _pod_template(labels, res, config, [container], volumes)
+    template = _pod_template(run, labels, res, config, [container], volumes)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -471,4 +524,26 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
             "ports": [{"name": "http", "port": config.vllm_port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
-    return [deployment, service]
+    key = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": object_meta(name, run.namespace, labels, {**_fingerprint(stage), ANNOTATION_GENERATED_KEY: API_KEY_SECRET_KEY},
+                                owner),
+        "type": "Opaque",
+        # No data here: the operator writes a random key into it when it creates it (kube layer).
+    }
+    clients = {LABEL_RUN: run.name, LABEL_STAGE: stage.name, LABEL_COMPONENT: "client"}
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(name, run.namespace, labels, _fingerprint(stage), owner),
+        "spec": {
+            # Only this stage's client pods reach the server, and only its API port. (The kubelet's
+            # probes come from the node, which network policies do not filter.)
+            "podSelector": {"matchLabels": dict(selector)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": clients}}],
+                         "ports": [{"protocol": "TCP", "port": config.vllm_port}]}],
+        },
+    }
+    return [key, policy, deployment, service]

@@ -23,11 +23,35 @@ log = logging.getLogger(__name__)
 PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
+    ("v1", "Secret"): "secrets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("apps/v1", "Deployment"): "deployments",
     ("batch/v1", "Job"): "jobs",
     (f"{GROUP}/{VERSION}", "BacktranslationRun"): PLURAL,
     **{(f"{b.group}/{b.version}", b.kind): b.plural for b in (cls() for cls in BACKENDS.values())},
 }
+
+
+# Asks the API server for an object's metadata only (never a Secret's data).
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+
+def adoption_problem(wanted: Mapping[str, Any], existing: Mapping[str, Any]) -> str | None:
+    """Why an existing object of the same name is not the one we would create (None: it is): it
+    must have our controller ownerReference (same uid) and the same fingerprint annotation."""
+    want = wanted["metadata"]
+    have = existing.get("metadata") or {}
+    our_uids = {r.get("uid") for r in want.get("ownerReferences") or [] if r.get("controller")}
+    their = [r for r in have.get("ownerReferences") or [] if r.get("controller")]
+    if our_uids and not any(r.get("uid") in our_uids for r in their):
+        owner = ", ".join(f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in their) or "no owner"
+        return f"its controller is {owner}"
+    key = "humpback.dev/fingerprint"
+    ours = (want.get("annotations") or {}).get(key)
+    theirs = (have.get("annotations") or {}).get(key)
+    if ours is not None and theirs != ours and wanted["kind"] != "ConfigMap":  # (its data is reconciled in place)
+        return f"its fingerprint is {theirs}, expected {ours}"
+    return None
 
 
 class ApiError(RuntimeError):
@@ -58,13 +82,13 @@ class Kube:
         self.api = api_client
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-              query: list[tuple[str, str]] | None = None) -> Any:
+              query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
         from kubernetes.client.exceptions import ApiException
 
         try:
             data = self.api.call_api(
                 path, method, query_params=query or [], body=body,
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={"Content-Type": content_type, "Accept": accept},
                 auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
             )
         except ApiException as e:
@@ -78,8 +102,8 @@ class Kube:
         return json.loads(raw) if raw else None
 
     async def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                   query: list[tuple[str, str]] | None = None) -> Any:
-        return await asyncio.to_thread(self._call, method, path, body, content_type, query)
+                   query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
+        return await asyncio.to_thread(self._call, method, path, body, content_type, query, accept)
 
     async def get_run(self, namespace: str, name: str) -> dict | None:
         try:
@@ -89,19 +113,52 @@ class Kube:
                 return None
             raise
 
+    async def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The labels of a Secret (None: no such Secret), for the tenancy policy. Only its metadata
+        is asked for; the operator never reads a Secret's data."""
+        try:
+            obj = await self.call("GET", resource_path("v1", "Secret", namespace, name), accept=METADATA_ONLY)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict((obj or {}).get("metadata", {}).get("labels") or {})
+
+    async def ensure_peering(self, name: str, namespace: str | None) -> bool:
+        """Create Kopf's peering object (ClusterKopfPeering; KopfPeering in `namespace`) unless it
+        exists; True if created. The CRDs come with the chart; the object cannot (Helm cannot
+        create an object of a kind whose CRD the same release installs)."""
+        kind, plural = ("KopfPeering", "kopfpeerings") if namespace else ("ClusterKopfPeering", "clusterkopfpeerings")
+        path = f"/apis/kopf.dev/v1/namespaces/{namespace}/{plural}" if namespace else f"/apis/kopf.dev/v1/{plural}"
+        meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+        try:
+            await self.call("POST", path, {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": meta})
+        except ApiError as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
     async def patch_run_status(self, namespace: str, name: str, status: dict) -> dict:
         path = resource_path(f"{GROUP}/{VERSION}", "BacktranslationRun", namespace, name, "status")
         return await self.call("PATCH", path, {"status": status}, "application/merge-patch+json")
 
     async def create(self, obj: Mapping[str, Any]) -> bool:
-        """Create `obj`; False when an object of that name exists already (a retry, a restart)."""
+        """Create `obj`; False when it exists already as ours (a retry, a restart, the other replica):
+        same controller ownerReference and fingerprint. An object of that name that is not ours is
+        never adopted: that raises a 409 ApiError saying whose it is."""
         meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"])
         try:
-            await self.call("POST", resource_path(obj["apiVersion"], obj["kind"], meta["namespace"]), obj)
+            await self.call("POST", path, obj)
         except ApiError as e:
-            if e.status == 409:
-                return False
-            raise
+            if e.status != 409:
+                raise
+            existing = await self.call("GET", f"{path}/{meta['name']}", accept=METADATA_ONLY)
+            problem = adoption_problem(obj, existing or {})
+            if problem:
+                raise ApiError(409, "Conflict", f"{obj['kind']} {meta['name']} exists and is not this run's: {problem}") from None
+            return False
         return True
 
     async def replace_data(self, obj: Mapping[str, Any]) -> None:

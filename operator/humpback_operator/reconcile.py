@@ -23,8 +23,8 @@ from typing import Any
 from humpback_runtime.plan import Plan, Stage, build_plan
 from humpback_runtime.spec import BacktranslationRun, SpecError, parse_run
 
-from humpback_operator import names
-from humpback_operator.backends import get_backend
+from humpback_operator import names, policy
+from humpback_operator.backends import backend_of_kind
 from humpback_operator.children import (
     build_spec_configmap,
     build_stage_children,
@@ -39,6 +39,9 @@ from humpback_operator.config import OperatorConfig
 
 DONE = ("Succeeded", "Skipped")
 CONDITION_TYPES = ("Accepted", "Running", "Complete", "Failed", "Suspended")
+
+# A server's API key Secret and NetworkPolicy: created with the server, never watched.
+UNWATCHED_KINDS = ("Secret", "NetworkPolicy")
 
 # Without news, look again after this long: a safety net for missed watch events.
 RESYNC_SECONDS = 60.0
@@ -84,7 +87,7 @@ def _parse_time(value: str | None) -> datetime | None:
         return None
 
 
-def _run_from_body(body: Mapping[str, Any]) -> BacktranslationRun:
+def run_from_body(body: Mapping[str, Any]) -> BacktranslationRun:
     meta = body.get("metadata", {})
     data = {
         "apiVersion": body.get("apiVersion"),
@@ -125,7 +128,8 @@ def _is_terminating(obj: Mapping[str, Any]) -> bool:
 def _outcome(obj: Mapping[str, Any], config: OperatorConfig) -> tuple[str | None, str]:
     if obj["kind"] == "Job":
         return job_outcome(obj)
-    return get_backend(config.training_backend).outcome(obj)
+    backend = backend_of_kind(obj["kind"])
+    return backend.outcome(obj) if backend else (None, "")  # servers, Secrets, ...: no outcome
 
 
 def _is_finished(obj: Mapping[str, Any], config: OperatorConfig) -> bool:
@@ -140,20 +144,26 @@ def decide(
     store: Mapping[str, dict | None],
     now: datetime,
     config: OperatorConfig,
+    secret_labels: Mapping[str, Mapping[str, str] | None] | None = None,
 ) -> Decision:
     """The decision for one run. `store` maps stage name -> its `_SUCCESS.json` (None: not done)
-    for the stages the caller has read; a stage missing from it is reported in `needs_store`."""
+    for the stages the caller has read; a stage missing from it is reported in `needs_store`.
+    `secret_labels`: labels of the Secrets the run references (None: no such Secret), when the
+    policy checks them (`policy.needs_secret_labels`)."""
     d = Decision()
     old_status = dict(body.get("status") or {})
     generation = body.get("metadata", {}).get("generation")
     try:
-        run = _run_from_body(body)
-        problems = cluster_problems(run)
+        run = run_from_body(body)
+        problems = cluster_problems(run, config)
     except SpecError as e:
         problems = e.errors
         run = None
     if problems:
         return _invalid(d, old_status, generation, problems, now)
+    refused = policy.violations(run, config, secret_labels)
+    if refused:
+        return _invalid(d, old_status, generation, refused, now, reason="PolicyViolation")
 
     if _finished_and_unchanged(old_status, generation):
         # A finished run stays finished: an operator upgrade that changes fingerprints (new code
@@ -230,12 +240,14 @@ def _finished_and_unchanged(old: Mapping[str, Any], generation: Any) -> bool:
             and not any(s.get("phase") == "Running" for s in old.get("stages") or []))
 
 
-def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: datetime) -> Decision:
-    message = "invalid spec: " + "; ".join(problems)
+def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: datetime,
+             reason: str = "InvalidSpec") -> Decision:
+    prefix = "refused by the operator's policy: " if reason == "PolicyViolation" else "invalid spec: "
+    message = prefix + "; ".join(problems)
     conditions = {c["type"]: c for c in old.get("conditions") or []}
     accepted = conditions.get("Accepted")
     if not accepted or accepted.get("status") != "False" or accepted.get("message") != message:
-        d.events.append(Event("Warning", "InvalidSpec", message))
+        d.events.append(Event("Warning", reason, message))
     d.status = {
         **{k: v for k, v in old.items() if k in ("stages", "progress")},
         "observedGeneration": generation,
@@ -243,11 +255,11 @@ def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: 
         "stage": "",
         "message": message,
         "conditions": _conditions(old, now, generation, {
-            "Accepted": ("False", "InvalidSpec", message),
-            "Running": ("False", "InvalidSpec", "the spec must be fixed first"),
-            "Complete": ("False", "InvalidSpec", ""),
-            "Failed": ("True", "InvalidSpec", message),
-            "Suspended": ("False", "InvalidSpec", ""),
+            "Accepted": ("False", reason, message),
+            "Running": ("False", reason, "the spec must be fixed first"),
+            "Complete": ("False", reason, ""),
+            "Failed": ("True", reason, message),
+            "Suspended": ("False", reason, ""),
         }),
     }
     d.requeue_after = RESYNC_SECONDS
@@ -268,6 +280,9 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
         for obj in kids.of_stage(stage.name):
             if obj["kind"] in ("Deployment", "Service") and not _is_terminating(obj):
                 d.delete.append(Delete(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]))
+                if obj["kind"] == "Deployment":  # its key and NetworkPolicy (not watched: by name)
+                    d.delete += [Delete("v1", "Secret", obj["metadata"]["name"]),
+                                 Delete("networking.k8s.io/v1", "NetworkPolicy", obj["metadata"]["name"])]
 
     phase = st["phase"]
     limit = run.spec.retries.limit
@@ -343,6 +358,12 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
 
     waiting: list[str] = []
     for server in built.servers:
+        if server["kind"] in UNWATCHED_KINDS:
+            # Not watched (the operator must not read Secrets): made with their Deployment, kept
+            # until the run goes (ownerReference). A 409 after a restart adopts them.
+            if kids.get("Deployment", server["metadata"]["name"]) is None:
+                d.create.append(server)
+            continue
         have = kids.get(server["kind"], server["metadata"]["name"])
         if have is None:
             d.create.append(server)
@@ -362,7 +383,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             if state != "Available":
                 waiting.append(server["metadata"]["name"])
     if waiting:
-        st.update(phase="Running", child=_ref(built.servers[0]),
+        st.update(phase="Running", child=_ref(next(o for o in built.servers if o["kind"] == "Deployment")),
                   message=f"attempt {attempt}: waiting for vLLM server {', '.join(waiting)} to become available")
         return st
 

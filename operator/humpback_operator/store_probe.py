@@ -1,27 +1,63 @@
 """Reads `_SUCCESS.json` of stages about to start, so that finished work is skipped without a child.
 
-The operator uses its own credentials (its environment: AWS_* variables, IRSA, instance roles),
-never the run's Secret: it has no access to Secrets. When it cannot read the store, a stage counts
-as not done; its child then finds the stage done itself and exits at once.
+The operator reads with its own credentials (its environment: AWS_* variables, IRSA, instance
+roles), never the run's Secret: it has no access to Secrets. A run names its store, so reading any
+store it names would send the operator's credentials wherever a tenant points them (a confused
+deputy). The probe therefore reads only stores an admin allowed (`OperatorConfig.probe_allowed_stores`,
+the chart's `storeProbe.allowedStores`): a bucket glob at an exact endpoint, plain http only when
+that endpoint is listed. For any other store, and whenever a read fails, a stage counts as "not
+known done": its child starts, finds the stage done itself (with the run's own Secret) and exits.
+
+A slow store must not hold up other runs: probes run in their own small thread pool, each read
+has a hard timeout, and an endpoint that keeps failing is skipped for a while (circuit breaker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
+import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from humpback_runtime.layout import stage_prefix
 from humpback_runtime.storage import Store, open_store, read_success
 
-PROBE_TIMEOUT_SECONDS = 20.0
+from humpback_operator.config import OperatorConfig, normalize_endpoint
+
+PROBE_TIMEOUT_SECONDS = 5.0  # the whole read, from the caller's side
+CONNECT_TIMEOUT_SECONDS = 2.0  # botocore's own timeouts free the pool's thread soon after
+READ_TIMEOUT_SECONDS = 3.0
+PROBE_THREADS = 4
+BREAKER_FAILURES = 3  # consecutive failures that open an endpoint's circuit...
+BREAKER_OPEN_SECONDS = 60.0  # ...for this long; then one read tries again
+
+
+@dataclass
+class _Breaker:
+    failures: int = 0
+    open_until: float = 0.0
 
 
 class StoreProbe:
-    def __init__(self) -> None:
+    def __init__(self, config: OperatorConfig | None = None, *, timeout: float = PROBE_TIMEOUT_SECONDS,
+                 threads: int = PROBE_THREADS):
+        self.config = config or OperatorConfig()
+        self.timeout = timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-probe")
+        self._breakers: dict[str, _Breaker] = {}
         self._warned: set[str] = set()  # one warning per store, not one per stage
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _warn_once(self, key: str, logger: logging.Logger, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
 
     async def read(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger) -> dict[str, dict | None]:
         meta = body["metadata"]
@@ -29,17 +65,32 @@ class StoreProbe:
         storage = spec.get("storage") or {}
         uri = storage.get("uri", "./runs")
         s3 = storage.get("s3") or {}
+        endpoint = s3.get("endpoint")
+        stages = list(stages)
+        unknown: dict[str, dict | None] = {stage: None for stage in stages}
+        if not self.config.probe_allowed(uri, endpoint):
+            self._warn_once(f"{uri} {endpoint}", logger, "Not reading the store %s%s with the operator's credentials: "
+                            "it is not in storeProbe.allowedStores; each stage checks it itself",
+                            uri, f" at {endpoint}" if endpoint else "")
+            return unknown
+        breaker = self._breakers.setdefault(normalize_endpoint(endpoint), _Breaker())
+        loop = asyncio.get_running_loop()
         out: dict[str, dict | None] = {}
         for stage in stages:
+            if breaker.open_until > time.monotonic():
+                out[stage] = None
+                continue
             prefix = stage_prefix(meta["namespace"], meta["name"], stage)
+            future = loop.run_in_executor(self._pool, _read, uri, endpoint, s3.get("region"), prefix)
             try:
-                out[stage] = await asyncio.wait_for(
-                    asyncio.to_thread(_read, uri, s3.get("endpoint"), s3.get("region"), prefix),
-                    timeout=PROBE_TIMEOUT_SECONDS)
+                out[stage] = await asyncio.wait_for(future, timeout=self.timeout)
+                breaker.failures = 0
             except Exception as e:  # noqa: BLE001 - any failure means "unknown": the child decides
-                if uri not in self._warned:
-                    self._warned.add(uri)
-                    logger.warning("Cannot read the store %s (%s); stages will check it themselves", uri, e)
+                breaker.failures += 1
+                if breaker.failures >= BREAKER_FAILURES:
+                    breaker.open_until = time.monotonic() + BREAKER_OPEN_SECONDS
+                self._warn_once(uri, logger, "Cannot read the store %s (%s); stages will check it themselves",
+                                uri, type(e).__name__ if isinstance(e, asyncio.TimeoutError) else e)
                 out[stage] = None
         return out
 
@@ -52,4 +103,5 @@ def _read(uri: str, endpoint: str | None, region: str | None, prefix: str) -> di
 def _store(uri: str, endpoint: str | None, region: str | None) -> Store:
     # One client per store for the operator's lifetime: making a boto3 client costs tens of
     # milliseconds of CPU, which at hundreds of runs is most of a reconcile. Clients are thread-safe.
-    return open_store(uri, endpoint_url=endpoint, region=region, max_attempts=2)
+    return open_store(uri, endpoint_url=endpoint, region=region, max_attempts=1,
+                      connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS)

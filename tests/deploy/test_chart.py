@@ -23,6 +23,8 @@ CRD = ROOT / "manifests" / "crd" / "humpback.dev_backtranslationruns.yaml"
 CI_VALUES = "charts/humpback-operator/ci/ci-values.yaml"
 VALUE_SETS = {"default": (), "ci": ("-f", CI_VALUES)}
 COMMAND = ["kopf", "run", "-m", "humpback_operator.backtranslationrun", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
+PEERING_COMMAND = ["kopf", "run", "-m", "humpback_operator.backtranslationrun", "--peering=humpback-operator",
+                   "--liveness=http://0.0.0.0:8080/healthz"]
 NOT_CORE = {"ServiceMonitor"}  # monitoring.coreos.com: no schema in kubernetes-validate
 
 
@@ -102,8 +104,7 @@ def test_extra_objects_are_rendered_with_tpl(render):
     config = one(objs, "ConfigMap", "humpback-ci-extra")
     assert config["metadata"]["namespace"] == "humpback-system"
     assert config["data"] == {"release": "humpback-operator"}
-    policy = one(objs, "NetworkPolicy")
-    assert policy["metadata"]["name"] == "humpback-operator-hbop-ingress"
+    policy = one(objs, "NetworkPolicy", "humpback-operator-hbop-ingress")
     assert policy["spec"]["podSelector"]["matchLabels"] == one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
 
 
@@ -118,11 +119,13 @@ def test_crd_copy_in_the_chart_is_the_generated_crd():
     )
 
 
-def test_rendered_crd_is_the_generated_crd_with_keep_and_labels(render):
-    rendered = one(render(), "CustomResourceDefinition")
+def test_rendered_crd_is_the_generated_crd_with_keep_prune_false_and_labels(render):
+    rendered = one(render(), "CustomResourceDefinition", "backtranslationruns.humpback.dev")
     generated = yaml.safe_load(CRD.read_text())
     metadata = rendered["metadata"]
-    assert metadata.pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    # Argo CD must never prune it either: that would delete every run.
+    assert metadata.pop("annotations") == {"helm.sh/resource-policy": "keep",
+                                           "argocd.argoproj.io/sync-options": "Prune=false"}
     labels = metadata.pop("labels")
     assert labels["app.kubernetes.io/name"] == "humpback-operator"
     assert labels["helm.sh/chart"] == f"humpback-operator-{chart_yaml()['version']}"
@@ -132,27 +135,57 @@ def test_rendered_crd_is_the_generated_crd_with_keep_and_labels(render):
 def test_crd_is_a_template_not_in_crds_dir(render):
     assert not (CHART / "crds").exists(), "Helm never upgrades crds/; the CRD is a template behind crds.enabled"
     assert not of_kind(render("--set", "crds.enabled=false"), "CustomResourceDefinition")
+    without = one(render(*VALUE_SETS["ci"]), "CustomResourceDefinition", "backtranslationruns.humpback.dev")
+    assert without["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}  # crds.argocdPruneFalse: false
 
 
 # --- the operator Deployment ----------------------------------------------------------------
 
 
-def test_default_deployment_runs_one_standalone_kopf_watching_all_namespaces(render):
+def test_default_deployment_runs_two_peering_replicas_watching_all_namespaces(render):
     objs = render()
     deployment = one(objs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
     c = container(objs)
-    assert c["command"] == COMMAND
+    assert c["command"] == PEERING_COMMAND
     assert c["args"] == ["--all-namespaces"]
-    assert c["image"] == f"ghcr.io/humpback-dev/humpback-operator:{chart_yaml()['appVersion']}"
+    version = chart_yaml()["appVersion"]
+    # One version across the operator, runtime and vLLM images: the chart's appVersion.
+    assert c["image"] == f"ghcr.io/humpback-dev/humpback-operator:{version}"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
     assert env(objs) == {
-        "HUMPBACK_RUNTIME_IMAGE": "ghcr.io/humpback-dev/humpback-runtime:0.1.0",
-        "HUMPBACK_VLLM_IMAGE": "ghcr.io/humpback-dev/humpback-vllm:0.1.0",
+        "HUMPBACK_RUNTIME_IMAGE": f"ghcr.io/humpback-dev/humpback-runtime:{version}",
+        "HUMPBACK_VLLM_IMAGE": f"ghcr.io/humpback-dev/humpback-vllm:{version}",
+        "HUMPBACK_TRAINING_BACKEND": "pytorchjob",
+        "HUMPBACK_PEERING_LIFETIME": "60",
     }
+    # A voluntary disruption leaves one replica; the peering CRDs come with the chart.
+    pdb = one(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {o["metadata"]["name"] for o in of_kind(objs, "CustomResourceDefinition")} == {
+        "backtranslationruns.humpback.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    cluster = one(objs, "ClusterRole", "humpback-operator-cluster")
+    assert ("kopf.dev", "clusterkopfpeerings", "create") in granted(cluster["rules"])
     assert "envFrom" not in c
     assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "300Mi"}}
+
+
+def test_image_tags_follow_app_version_and_can_be_overridden(render):
+    objs = render("--set", "runtime.image=r.example/rt:9", "--set", "vllm.image=r.example/v:9")
+    assert env(objs)["HUMPBACK_RUNTIME_IMAGE"] == "r.example/rt:9" and env(objs)["HUMPBACK_VLLM_IMAGE"] == "r.example/v:9"
+
+
+def test_operator_network_policy_admits_only_metrics_from_the_monitoring_namespace(render):
+    (default,) = of_kind(render(), "NetworkPolicy")
+    assert default["spec"]["policyTypes"] == ["Ingress"] and default["spec"]["ingress"] == []  # nothing
+    objs = render(*VALUE_SETS["ci"])
+    policy = one(objs, "NetworkPolicy", "humpback-operator-hbop")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9102}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]
+    assert policy["spec"]["podSelector"]["matchLabels"] == one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
 
 
 def test_operator_pod_is_restricted(render):
@@ -177,14 +210,22 @@ def test_ci_values_reach_the_deployment(render):
     c = container(objs)
     assert c["image"] == "registry.example.com/ml/humpback-operator:0.1.0-ci"
     assert c["args"] == ["--namespace=ml-experiments", "--namespace=team-b"]
-    assert c["command"] == COMMAND
+    assert c["command"] == COMMAND[:-1] + ["--liveness=http://127.0.0.1:8080/healthz"]  # health.bindAddress
+    assert one(objs, "Deployment")["spec"]["replicas"] == 1 and not of_kind(objs, "PodDisruptionBudget")
     assert c["envFrom"] == [{"secretRef": {"name": "humpback-operator-s3"}}]
     assert env(objs) | {"POD_NAME": None} == {
         "HUMPBACK_RUNTIME_IMAGE": "registry.example.com/ml/humpback-runtime:0.1.0-ci",
         "HUMPBACK_VLLM_IMAGE": "registry.example.com/ml/humpback-vllm:0.1.0-ci",
         "HUMPBACK_SERVICE_ACCOUNT": "humpback-runs",
         "HUMPBACK_METRICS_PORT": "9102",
-        "HUMPBACK_TRAINING_BACKEND": "pytorchjob",
+        "HUMPBACK_METRICS_ADDRESS": "0.0.0.0",
+        "HUMPBACK_TRAINING_BACKEND": "trainjob",
+        "HUMPBACK_TRAINJOBS": "true",
+        "HUMPBACK_PROBE_ALLOWED_STORES": json.dumps([{"bucket": "ml-runs-*"},
+                                                     {"bucket": "scratch", "endpoint": "http://minio.minio.svc:9000"}],
+                                                    separators=(",", ":")),
+        "HUMPBACK_POLICY": json.dumps({"allowedImages": ["registry.example.com/ml/"], "allowedServiceAccounts": ["runner-*"],
+                                       "secretLabel": "humpback.dev/usable-by-runs=true"}, separators=(",", ":")),
         "POD_NAME": None,
     }
     assert pod["metadata"]["annotations"] == {"example.com/team": "ml"}
@@ -203,22 +244,39 @@ RUN_RESOURCES = {"backtranslationruns", "pytorchjobs", "trainjobs", "jobs", "dep
 
 
 @pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_SETS)
-def test_rbac_never_grants_secrets_wildcards_or_escalation(render, values):
+def test_rbac_never_lists_secrets_nor_grants_wildcards_or_escalation(render, values):
     for role in of_kind(render(*VALUE_SETS[values]), "ClusterRole") + of_kind(render(*VALUE_SETS[values]), "Role"):
         for group, resource, verb in granted(role["rules"]):
             assert "*" not in (group, resource, verb), role["metadata"]["name"]
-            assert resource not in ("secrets", "pods/exec", "roles", "rolebindings", "clusterroles"), resource
+            assert resource not in ("pods/exec", "roles", "rolebindings", "clusterroles"), resource
+            # Secrets: the servers' keys are created and deleted, others' metadata read one by one
+            # (policy.secretLabel, 409 ownership); never listed or watched.
+            assert resource != "secrets" or verb in ("get", "create", "delete"), verb
             assert verb not in ("escalate", "bind", "impersonate"), verb
+
+
+def test_users_get_aggregated_roles_for_runs(render):
+    objs = render()
+    edit = one(objs, "ClusterRole", "humpback-operator-edit")
+    view = one(objs, "ClusterRole", "humpback-operator-view")
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert ("humpback.dev", "backtranslationruns", "create") in granted(edit["rules"])
+    assert {v for _, _, v in granted(view["rules"])} == {"get", "list", "watch"}
+    assert not of_kind(render(*VALUE_SETS["ci"]), "ClusterRole") or all(
+        not r["metadata"]["name"].endswith(("-edit", "-view")) for r in of_kind(render(*VALUE_SETS["ci"]), "ClusterRole"))
 
 
 def test_default_rbac_is_cluster_wide_with_the_documented_rules(render):
     objs = render()
     runs = one(objs, "ClusterRole", "humpback-operator")
     cluster = one(objs, "ClusterRole", "humpback-operator-cluster")
-    assert granted(runs["rules"]) == granted(yaml.safe_load(EXPECTED_RUN_RULES))
+    assert granted(runs["rules"]) == granted(yaml.safe_load(EXPECTED_RUN_RULES)) | PEERING
     assert granted(cluster["rules"]) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")
-    } | {("", "namespaces", v) for v in ("get", "list", "watch")}
+    } | {("", "namespaces", v) for v in ("get", "list", "watch")} | {
+        ("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "create", "patch")}
     for name in ("humpback-operator", "humpback-operator-cluster"):
         binding = one(objs, "ClusterRoleBinding", name)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
@@ -236,7 +294,10 @@ EXPECTED_RUN_RULES = """
 - {apiGroups: [""], resources: [services], verbs: [get, list, watch, create, delete]}
 - {apiGroups: [""], resources: [configmaps], verbs: [get, list, watch, create, patch, delete]}
 - {apiGroups: ["", events.k8s.io], resources: [events], verbs: [create, patch]}
+- {apiGroups: [""], resources: [secrets], verbs: [get, create, delete]}
+- {apiGroups: [networking.k8s.io], resources: [networkpolicies], verbs: [get, create, delete]}
 """
+PEERING = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "create", "patch")}
 
 
 def test_namespaced_watch_gets_roles_in_each_namespace_and_no_cluster_wide_run_rights(render):
@@ -307,6 +368,9 @@ BAD_VALUES = {
     "namespace not a DNS label": ("--set", "watch.allNamespaces=false", "--set", "watch.namespaces={Team_B}"),
     "namespaced watch without namespaces": ("--set", "watch.allNamespaces=false"),
     "metrics port out of range": ("--set", "metrics.port=70000"),
+    "allowed store with a globbed endpoint": ("--set-json", 'storeProbe.allowedStores=[{"bucket":"b","endpoint":"https://*.x"}]'),
+    "secret label without a value": ("--set", "policy.secretLabel=novalue"),
+    "unknown training backend": ("--set", "training.backend=mpijob"),
 }
 
 
@@ -315,6 +379,11 @@ def test_values_schema_refuses_bad_values(helm_run, args):
     result = helm_run("template", "humpback-operator", "charts/humpback-operator", *args)
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+
+
+def test_the_trainjob_backend_needs_its_rbac(helm_run):
+    result = helm_run("template", "x", "charts/humpback-operator", "--set", "training.backend=trainjob")
+    assert result.returncode != 0 and "training.backend trainjob needs rbac.trainJobs" in result.stderr
 
 
 def test_service_monitor_needs_the_metrics_port(helm_run):

@@ -9,6 +9,7 @@ exactly as `kubectl get btr -w` / `kubectl describe btr` would.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -52,12 +53,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
 
 
 class OperatorProcess:
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, mode: str = "--standalone"):
         self.port = free_port()
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
-            [str(KOPF), "run", "-m", "humpback_operator.backtranslationrun", "--standalone", "--all-namespaces",
+            [str(KOPF), "run", "-m", "humpback_operator.backtranslationrun", mode, "--all-namespaces",
              f"--liveness=http://127.0.0.1:{self.port}/healthz"],
             env=env, cwd=REPO_ROOT, stdout=self._out, stderr=subprocess.STDOUT,
         )
@@ -90,11 +91,13 @@ class OperatorProcess:
 def start_operator(kube_env, s3_server, tmp_path) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
-    def start(**extra_env: str) -> OperatorProcess:
+    def start(mode: str = "--standalone", log: str = "operator.log", **extra_env: str) -> OperatorProcess:
         env = dict(kube_env, AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
                    AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1",
+                   # The admin allows the probe to read the test buckets at moto's plain-http endpoint.
+                   HUMPBACK_PROBE_ALLOWED_STORES=json.dumps([{"bucket": "test-*", "endpoint": s3_server}]),
                    **extra_env)
-        op = OperatorProcess(env, tmp_path / "operator.log")
+        op = OperatorProcess(env, tmp_path / log, mode)
         started.append(op)
         return op
 
@@ -339,6 +342,34 @@ def test_an_operator_restart_mid_run_continues_without_duplicates(cluster, start
     assert len(stages) - 1 <= cluster.reasons("tiny").count("StageStarted") <= len(stages)
 
 
+def test_two_replicas_hand_over_without_duplicates_when_the_active_one_dies(cluster, kube_api, start_operator,
+                                                                            make_standins, s3_bucket, s3_server):
+    # The chart's peering CRDs; each replica creates the ClusterKopfPeering it needs at start-up.
+    api = kubernetes.client.ApiextensionsV1Api(kube_api)
+    for crd in yaml.safe_load_all((REPO_ROOT / "charts/humpback-operator/files/kopf-peering-crds.yaml").read_text()):
+        api.create_custom_resource_definition(crd)
+    standins = make_standins(policy=hold_client_job("augment"))
+    peering = dict(HUMPBACK_PEERING_LIFETIME="10")
+    active = start_operator("--peering=humpback", "active.log", HUMPBACK_PEERING_PRIORITY="200", **peering)
+    standby = start_operator("--peering=humpback", "standby.log", HUMPBACK_PEERING_PRIORITY="100", **peering)
+    cluster.create_run(tiny_run(s3_bucket, s3_server))
+    wait_for(lambda: [j for j in cluster.children("tiny", "jobs") if j["metadata"]["labels"]["humpback.dev/stage"] == "augment"],
+             90, "the augment client Job", explain(cluster, "tiny", active))
+    # The standby starts paused and stays so while the active one keeps its peering record fresh.
+    assert "Resuming operations" not in standby.log.read_text(errors="replace"), standby.tail()
+    assert "Created" not in standby.log.read_text(errors="replace")
+    active.stop(signal.SIGKILL)  # a lost node: no goodbye, its peering record expires
+    standins.release()
+    wait_for(cluster.phase_is("tiny", "Succeeded"), 120, "phase Succeeded", explain(cluster, "tiny", standby))
+    assert "Resuming operations" in standby.log.read_text(errors="replace")  # the standby took over...
+    assert "Created" in standby.log.read_text(errors="replace")  # ...and did the rest
+    for kind, names in standins.seen.items():
+        assert len(names) == len(set(names)), kind
+    stages = cluster.status("tiny")["stages"]
+    assert all(s["phase"] == "Succeeded" and s["attempt"] == 1 for s in stages)
+    assert "CreateFailed" not in cluster.reasons("tiny")
+
+
 def test_an_invalid_run_is_refused_with_a_condition_and_an_event(cluster, start_operator, make_standins, s3_bucket, s3_server):
     standins = make_standins()
     op = start_operator()
@@ -352,6 +383,25 @@ def test_an_invalid_run_is_refused_with_a_condition_and_an_event(cluster, start_
     wait_for(lambda: "InvalidSpec" in cluster.reasons("tiny"), 10, "the InvalidSpec Event")
     assert standins.seen == {} or not any(standins.seen.values())
     assert cluster.children("tiny", "jobs") == []
+
+
+def test_a_run_referencing_an_unlabelled_secret_is_refused_by_the_policy(cluster, start_operator, make_standins,
+                                                                          s3_bucket, s3_server):
+    make_standins()
+    label = "humpback.dev/usable-by-runs=true"
+    op = start_operator(HUMPBACK_POLICY=json.dumps({"secretLabel": label}))
+    cluster.core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": "prod-db"}, "stringData": {"HF_TOKEN": "x"}})
+    cluster.core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": "hf", "labels": {"humpback.dev/usable-by-runs": "true"}},
+                                                      "stringData": {"HF_TOKEN": "x"}})
+    cluster.create_run(tiny_run(s3_bucket, s3_server, name="bad", huggingface={"tokenSecret": "prod-db"}))
+    cluster.create_run(tiny_run(s3_bucket, s3_server, name="good", huggingface={"tokenSecret": "hf"}))
+    wait_for(cluster.phase_is("bad", "Failed"), 30, "phase Failed", explain(cluster, "bad", op))
+    accepted = next(c for c in cluster.status("bad")["conditions"] if c["type"] == "Accepted")
+    assert accepted["reason"] == "PolicyViolation"
+    assert f"policy.secretLabel: spec.huggingface.tokenSecret: Secret prod-db is not labelled {label}" in accepted["message"]
+    assert cluster.children("bad", "jobs") == []
+    # The labelled Secret passes: that run starts its first stages.
+    wait_for(lambda: cluster.children("good", "jobs"), 30, "the good run's Jobs", explain(cluster, "good", op))
 
 
 def test_the_operator_serves_prometheus_metrics_when_asked(cluster, start_operator, make_standins, s3_bucket, s3_server):

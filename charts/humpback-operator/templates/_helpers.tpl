@@ -50,6 +50,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{- define "humpback-operator.runtimeImage" -}}
+{{- default (printf "ghcr.io/humpback-dev/humpback-runtime:%s" .Chart.AppVersion) .Values.runtime.image }}
+{{- end }}
+
+{{- define "humpback-operator.vllmImage" -}}
+{{- default (printf "ghcr.io/humpback-dev/humpback-vllm:%s" .Chart.AppVersion) .Values.vllm.image }}
+{{- end }}
+
 {{/*
 kopf's namespace flags: --all-namespaces, or one --namespace=NAME per watched namespace.
 */}}
@@ -108,6 +116,19 @@ name.
 - apiGroups: [""]
   resources: [services]
   verbs: [get, list, watch, create, delete]
+# Each vLLM server's generated API key, and its NetworkPolicy (only the stage's clients reach it).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, delete]
+{{- if gt (int .Values.replicaCount) 1 }}
+# Kopf peering between the replicas, in each watched namespace (created at start-up).
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, create, patch]
+{{- end }}
 # The run's spec reaches its pods through the ConfigMap <run>-spec, patched when the spec changes.
 - apiGroups: [""]
   resources: [configmaps]
@@ -131,5 +152,11 @@ Cluster-scoped reads Kopf needs, in every mode.
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [get, list, watch]
+{{- if gt (int .Values.replicaCount) 1 }}
+# Kopf peering between the replicas, cluster-wide (created at start-up).
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [get, list, watch, create, patch]
+{{- end }}
 {{- end }}
 {{- end }}

@@ -54,6 +54,7 @@ BUILTIN_RESOURCES: tuple[tuple[str, str, str, bool, tuple[str, ...], tuple[str, 
     ("v1", "pods", "Pod", True, ("po",), ("status",)),
     ("apps/v1", "deployments", "Deployment", True, ("deploy",), ("status",)),
     ("batch/v1", "jobs", "Job", True, (), ("status",)),
+    ("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", True, ("netpol",), ()),
     ("events.k8s.io/v1", "events", "Event", True, ("ev",), ()),
     ("apiextensions.k8s.io/v1", "customresourcedefinitions", "CustomResourceDefinition", False,
      ("crd", "crds"), ("status",)),
@@ -462,11 +463,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 new.pop("status", None)
         else:
             new = changed
-            new.pop("status", None)
+            status = new.pop("status", None)  # (new is changed: keep the status before it goes)
             if route.rtype.has_status and "status" in old:
                 new["status"] = copy.deepcopy(old["status"])  # the main resource never changes the status
-            elif not route.rtype.has_status and "status" in changed:
-                new["status"] = changed["status"]
+            elif not route.rtype.has_status and status is not None:
+                new["status"] = status  # without a status subresource, the main resource writes it
             # Server-owned metadata stays as it was, whatever the client sent.
             meta = new.setdefault("metadata", {})
             for field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",

@@ -12,6 +12,7 @@ import ast
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ from humpback_operator.names import (
 )
 
 from humpback_runtime.plan import build_plan
-from humpback_runtime.spec import load_run, parse_run
+from humpback_runtime.spec import SpecError, load_run, parse_run
 
 REPO = Path(__file__).resolve().parents[3]
 GOLDEN = Path(__file__).parent / "golden"
@@ -279,6 +280,75 @@ def test_api_keys_are_secret_references_and_no_value_looks_like_a_secret():
                     assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
 
 
+def test_a_hugging_face_token_reaches_every_runtime_pod_by_reference():
+    run = make_run(baseModel="meta-llama/Llama-2-7b-hf", huggingface={"tokenSecret": "hf-token"})
+    objects = render_run(run, CONFIG)
+    runtime = [o for o in objects if o["kind"] in ("Job", "PyTorchJob")]
+    assert runtime
+    for obj in runtime:
+        for template in pod_templates(obj):
+            assert env_of(template["spec"]["containers"][0])["HF_TOKEN"]["valueFrom"] == {
+                "secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+    assert all("HF_TOKEN" not in env_of(container_of(o)) for o in render_run(make_run(), CONFIG)
+               if o["kind"] in ("Job", "PyTorchJob"))
+
+
+def test_the_pod_template_reaches_every_pod_and_a_named_service_account_gets_its_token():
+    run = make_run(podTemplate={
+        "serviceAccountName": "irsa-runner", "imagePullSecrets": [{"name": "registry"}],
+        "env": [{"name": "HF_ENDPOINT", "value": "https://hf-mirror.internal"}, {"name": "HOME", "value": "/work"}],
+        "envFrom": [{"secretRef": {"name": "wandb"}}],
+        "annotations": {"sidecar.istio.io/inject": "false"}, "labels": {"team": "nlp"}})
+    kinds = set()
+    for obj in render_run(run, CONFIG):
+        for template in pod_templates(obj):
+            kinds.add(obj["kind"])
+            pod = template["spec"]
+            assert pod["serviceAccountName"] == "irsa-runner"
+            assert pod["automountServiceAccountToken"] is True  # IRSA / Pod Identity need the token
+            assert pod["imagePullSecrets"] == [{"name": "registry"}]
+            assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+            assert template["metadata"]["labels"]["team"] == "nlp"
+            assert template["metadata"]["labels"]["humpback.dev/run"] == "demo"
+            for container in pod["containers"]:
+                env = env_of(container)
+                assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.internal"
+                assert env["HOME"]["value"] == "/work"  # the run's value replaces the operator's
+                assert [e["name"] for e in container["env"]].count("HOME") == 1
+                assert container["envFrom"] == [{"secretRef": {"name": "wandb"}}]
+    assert kinds == {"Job", "PyTorchJob", "Deployment"}
+
+
+def test_without_a_named_service_account_no_token_is_mounted():
+    for config, named in ((CONFIG, False), (OperatorConfig(service_account="runner"), True)):
+        for obj in render_run(make_run(), config):
+            for template in pod_templates(obj):
+                assert template["spec"]["automountServiceAccountToken"] is named
+
+
+def test_the_run_cannot_set_the_operators_variables_or_labels():
+    for pod_template, field in (({"env": [{"name": "HUMPBACK_RUN_SPEC", "value": "x"}]}, "spec.podTemplate.env[0].name"),
+                                ({"labels": {"humpback.dev/run": "other"}}, "spec.podTemplate.labels"),
+                                ({"envFrom": [{}]}, "spec.podTemplate.envFrom[0]")):
+        with pytest.raises(SpecError, match=re.escape(field)):
+            make_run(podTemplate=pod_template)
+
+
+def test_an_s3_compatible_store_gets_a_region_no_instance_metadata_and_no_default_checksums():
+    run = make_run(storage={"uri": "s3://bucket/runs", "s3": {"endpoint": "https://storage.googleapis.com",
+                                                               "credentialsSecret": "gcs-hmac"}})
+    for obj in render_run(run, CONFIG):
+        for template in pod_templates(obj):
+            env = env_of(template["spec"]["containers"][0])
+            assert env["AWS_REGION"]["value"] == env["AWS_DEFAULT_REGION"]["value"] == "us-east-1"
+            assert env["AWS_EC2_METADATA_DISABLED"]["value"] == "true"
+            assert env["AWS_REQUEST_CHECKSUM_CALCULATION"]["value"] == "when_required"
+    # On AWS itself: the instance metadata service is how IRSA-less nodes get credentials and region.
+    for obj in render_run(make_run(storage={"uri": "s3://bucket/runs"}), CONFIG):
+        for template in pod_templates(obj):
+            assert not {"AWS_EC2_METADATA_DISABLED", "AWS_REGION"} & set(env_of(template["spec"]["containers"][0]))
+
+
 # --- inference and vLLM servers -------------------------------------------------------------
 
 
@@ -286,8 +356,9 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     run = make_run(resources={"inference": {"replicas": 3, "gpusPerReplica": 2, "extraArgs": ["--max-model-len", "4096"],
                                             "cpu": "8", "memory": "64Gi"}})
     built = stage_children(run, "augment")
-    deployment, service = built.servers
-    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    key, policy, deployment, service = built.servers
+    assert [o["kind"] for o in built.servers] == ["Secret", "NetworkPolicy", "Deployment", "Service"]
+    assert len({o["metadata"]["name"] for o in built.servers}) == 1
     assert deployment["metadata"]["name"] == service["metadata"]["name"]
     assert deployment["metadata"]["name"].endswith("-myx")
     spec = deployment["spec"]
@@ -298,7 +369,7 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     assert vllm["args"] == [
         "--model", "s3://bucket/runs/team-a/demo/train-myx/model", "--load-format", "runai_streamer",
         "--served-model-name", "train-myx", "--tensor-parallel-size", "2", "--host", "0.0.0.0", "--port", "8000",
-        "--max-model-len", "4096"]
+        "--api-key", "$(VLLM_API_KEY)", "--max-model-len", "4096"]
     assert vllm["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 2}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert vllm[probe]["httpGet"] == {"path": "/health", "port": "http"}
@@ -321,12 +392,27 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
     pod = client["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert "nvidia.com/gpu" not in json.dumps(pod)
+    # The server requires a key that only this stage's client gets, from a Secret the operator fills.
+    name = key["metadata"]["name"]
+    assert key["type"] == "Opaque" and "data" not in key and "stringData" not in key
+    assert key["metadata"]["annotations"]["humpback.dev/generated-key"] == "apiKey"
+    assert env_of(vllm)["VLLM_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": name, "key": "apiKey"}}
+    assert env["HUMPBACK_SERVER_API_KEY_MYX"]["valueFrom"] == {"secretKeyRef": {"name": name, "key": "apiKey"}}
+    # Only that client's pods reach the server's port.
+    assert policy["spec"]["podSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= client["spec"]["template"]["metadata"]["labels"].items()
+    assert peer["podSelector"]["matchLabels"][LABEL_COMPONENT] == "client"
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}] and policy["spec"]["policyTypes"] == ["Ingress"]
+    other_stage = stage_children(run, "curate-1")
+    assert not peer["podSelector"]["matchLabels"].items() <= other_stage.primary["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_vllm_servers_get_the_inference_node_selection():
     run = make_run(resources={"inference": {"nodeSelector": {"pool": "l40s"},
                                             "tolerations": [{"key": "gpu", "operator": "Exists"}]}})
-    deployment = stage_children(run, "curate-1").servers[0]
+    deployment = stage_children(run, "curate-1").servers[2]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "l40s"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
@@ -334,7 +420,7 @@ def test_vllm_servers_get_the_inference_node_selection():
 
 def test_vllm_with_a_custom_s3_endpoint_gets_the_streamer_endpoint_and_path_style():
     run = make_run(storage={"uri": "s3://bucket/runs", "s3": {"endpoint": "http://minio:9000"}})
-    env = env_of(container_of(stage_children(run, "augment").servers[0]))
+    env = env_of(container_of(stage_children(run, "augment").servers[2]))
     assert env["AWS_ENDPOINT_URL"]["value"] == env["RUNAI_STREAMER_S3_ENDPOINT"]["value"] == "http://minio:9000"
     assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"]["value"] == "0"
 
@@ -344,7 +430,7 @@ def test_evaluate_gets_one_server_per_model_and_a_json_map_of_endpoints():
     built = stage_children(run, "evaluate")
     deployments = [o for o in built.servers if o["kind"] == "Deployment"]
     services = [o for o in built.servers if o["kind"] == "Service"]
-    assert [o["kind"] for o in built.servers] == ["Deployment", "Service"] * 3
+    assert [o["kind"] for o in built.servers] == ["Secret", "NetworkPolicy", "Deployment", "Service"] * 3
     assert [d["metadata"]["labels"][LABEL_MODEL] for d in deployments] == ["m0", "m1", "m2"]
     endpoints = json.loads(env_of(container_of(built.primary))["HUMPBACK_ENDPOINTS"]["value"])
     assert endpoints == {f"train-m{k}": f"http://{services[k]['metadata']['name']}.team-a.svc:8000/v1"
@@ -404,7 +490,7 @@ def test_external_rewrite_gets_no_server_and_the_api_key_reference():
 def test_self_rewrite_serves_the_previous_model():
     run = make_run(curation={"iterations": 1, "rewrite": {"enabled": True}})
     built = stage_children(run, "rewrite-1")
-    assert [o["metadata"]["labels"][LABEL_MODEL] for o in built.servers] == ["m0", "m0"]
+    assert [o["metadata"]["labels"][LABEL_MODEL] for o in built.servers] == ["m0"] * 4
 
 
 # --- names, labels, owners ------------------------------------------------------------------
@@ -562,9 +648,51 @@ def test_trainjob_backend_carries_command_resources_and_node_selection():
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
     assert trainer["command"][:2] == ["torchrun", "--nproc-per-node=8"]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
-    override = job["spec"]["podSpecOverrides"][0]
-    assert override["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in override["volumes"]
+    assert "podSpecOverrides" not in job["spec"] and "labels" not in job["spec"]  # gone in Trainer v2.1/v2.2
+    (patch,) = job["spec"]["runtimePatches"]
+    assert patch["manager"] == "humpback.dev/operator"
+    (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"
+    pod = replicated["template"]["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
+
+
+def test_trainjob_keeps_our_pod_template_security_context_and_labels():
+    run = make_run(podTemplate={"serviceAccountName": "irsa", "imagePullSecrets": [{"name": "reg"}],
+                                "labels": {"team": "nlp"}, "annotations": {"a": "b"}})
+    pytorch = stage_children(run, "train-m0").primary["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    job = stage_children(run, "train-m0", config=OperatorConfig(training_backend="trainjob")).primary
+    template = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
+    pod = template["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    # The same pod metadata, security contexts, volumes and identity as the PyTorchJob's pods.
+    assert pod["metadata"] == pytorch["metadata"]
+    assert pod["metadata"]["labels"]["humpback.dev/stage"] == "train-m0" and pod["metadata"]["labels"]["team"] == "nlp"
+    for key in ("securityContext", "serviceAccountName", "imagePullSecrets", "volumes", "nodeSelector"):
+        assert pod["spec"][key] == pytorch["spec"][key], key
+    (container,) = pod["spec"]["containers"]
+    ours = pytorch["spec"]["containers"][0]
+    assert container == {"name": "node", "securityContext": ours["securityContext"], "volumeMounts": ours["volumeMounts"]}
+    assert job["spec"]["trainer"]["env"] == ours["env"]
+    assert template["metadata"]["labels"]["humpback.dev/run"] == "demo"  # the JobSet
+
+
+def test_a_run_chooses_its_training_backend_where_the_cluster_enables_it():
+    run = make_run(trainingBackend="trainjob")
+    assert stage_children(run, "train-m0", config=OperatorConfig(trainjobs=True)).primary["kind"] == "TrainJob"
+    assert stage_children(make_run(trainingBackend="pytorchjob"), "train-m0",
+                          config=OperatorConfig(training_backend="trainjob")).primary["kind"] == "PyTorchJob"
+    assert cluster_problems(run, OperatorConfig()) == [
+        "spec.trainingBackend: trainjob (Kubeflow Trainer v2) is not enabled on this cluster (the chart's rbac.trainJobs)"]
+    assert cluster_problems(run, OperatorConfig.from_env({"HUMPBACK_TRAINJOBS": "true"})) == []
+
+
+def test_render_with_the_trainjob_backend_shows_trainjobs(tmp_path):
+    env = {**os.environ, "HUMPBACK_TRAINING_BACKEND": "trainjob"}
+    out = subprocess.run([sys.executable, "-m", "humpback_runtime", "render", str(REPO / "examples" / "llama2-7b-paper.yaml")],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    kinds = [d["kind"] for d in yaml.safe_load_all(out) if d]
+    assert "TrainJob" in kinds and "PyTorchJob" not in kinds
 
 
 def test_config_from_env_reads_the_settings_and_names_the_variable_on_errors():
@@ -572,10 +700,10 @@ def test_config_from_env_reads_the_settings_and_names_the_variable_on_errors():
                                       "HUMPBACK_SERVICE_ACCOUNT": "runner", "HUMPBACK_TRAINING_BACKEND": ""})
     assert config == OperatorConfig(runtime_image="r:1", vllm_image="v:1", service_account="runner")
     assert OperatorConfig.from_env({}) == OperatorConfig()
-    with pytest.raises(ValueError, match="^HUMPBACK_TRAINING_BACKEND: expected one of pytorchjob, got 'mpi'"):
+    with pytest.raises(ValueError, match="^HUMPBACK_TRAINING_BACKEND: expected one of pytorchjob, trainjob, got 'mpi'"):
         OperatorConfig.from_env({"HUMPBACK_TRAINING_BACKEND": "mpi"})
-    with pytest.raises(ValueError, match="^HUMPBACK_TRAINING_BACKEND: 'trainjob'.*not supported yet"):
-        OperatorConfig.from_env({"HUMPBACK_TRAINING_BACKEND": "trainjob"})
+    trainjob = OperatorConfig.from_env({"HUMPBACK_TRAINING_BACKEND": "trainjob"})
+    assert trainjob.training_backend == "trainjob" and trainjob.trainjobs
     with pytest.raises(ValueError, match="^HUMPBACK_SERVICE_ACCOUNT:"):
         OperatorConfig.from_env({"HUMPBACK_SERVICE_ACCOUNT": "Not_A_Name"})
     with pytest.raises(ValueError, match="^HUMPBACK_VLLM_IMAGE:"):

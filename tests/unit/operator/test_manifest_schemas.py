@@ -75,7 +75,7 @@ def crd_validator(filename: str, version: str) -> jsonschema.Validator:
 
 
 def validate_crd_object(obj: dict) -> None:
-    files = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "TrainJob": "trainer.kubeflow.org_trainjobs.yaml"}
+    files = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "TrainJob": "trainer.kubeflow.org_trainjobs.v2.3.0.yaml"}
     group, version = obj["apiVersion"].split("/")
     crd = load_crd(files[obj["kind"]])
     assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == obj["kind"]
@@ -127,6 +127,14 @@ RUNS = {
         "cpu": {"cpu": "500m", "memory": "2Gi", "nodeSelector": {"pool": "cpu"}}}),
     "rewrite-in-process": lambda: make_run(inference={"engine": "vllm"}, curation={
         "iterations": 1, "rewrite": {"enabled": True, "endpoint": "http://x/v1", "model": "m", "apiKeySecret": "rk"}}),
+    "credentials": lambda: make_run(huggingface={"tokenSecret": "hf"}, podTemplate={
+        "serviceAccountName": "irsa-runner", "imagePullSecrets": [{"name": "registry"}],
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "0"},
+                {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key", "optional": True}}}],
+        "envFrom": [{"configMapRef": {"name": "proxy"}}, {"prefix": "X_", "secretRef": {"name": "extra"}}],
+        "annotations": {"eks.amazonaws.com/skip-containers": "none"}, "labels": {"team": "a"}},
+        storage={"uri": "s3://b/r", "s3": {"endpoint": "https://storage.googleapis.com", "region": "auto",
+                                          "credentialsSecret": "gcs-hmac"}}),
 }
 SERVICE_ACCOUNT = OperatorConfig(service_account="humpback-runner")
 
@@ -147,14 +155,14 @@ def test_the_multi_node_variant_really_has_workers():
 @pytest.mark.parametrize("run_name", RUNS)
 def test_every_core_object_validates_with_kubernetes_validate(run_name):
     objects = [o for o in all_objects(RUNS[run_name](), SERVICE_ACCOUNT) if "/" not in o["apiVersion"]
-               or o["apiVersion"] in ("apps/v1", "batch/v1")]
+               or o["apiVersion"] in ("apps/v1", "batch/v1", "networking.k8s.io/v1")]
     assert {o["kind"] for o in objects} >= {"ConfigMap", "Job"}
     for obj in objects:
         validate_core_object(obj)
 
 
-@pytest.mark.parametrize("run_name", ["llama2-7b-paper", "multi-node"])
-def test_trainjobs_validate_against_the_trainer_crd(run_name):
+@pytest.mark.parametrize("run_name", ["llama2-7b-paper", "multi-node", "credentials"])
+def test_trainjobs_validate_against_the_trainer_v2_3_crd(run_name):
     config = OperatorConfig(training_backend="trainjob", service_account="humpback-runner")
     jobs = [o for o in all_objects(RUNS[run_name](), config) if o["kind"] == "TrainJob"]
     assert len(jobs) == 2 * len([s for s in build_plan(RUNS[run_name]()).stages if s.kind == "train"])
@@ -164,7 +172,7 @@ def test_trainjobs_validate_against_the_trainer_crd(run_name):
 
 def test_all_kinds_are_covered():
     kinds = {o["kind"] for name in RUNS for o in all_objects(RUNS[name]())}
-    assert kinds == {"ConfigMap", "Job", "PyTorchJob", "Deployment", "Service"}
+    assert kinds == {"ConfigMap", "Job", "PyTorchJob", "Deployment", "Service", "Secret", "NetworkPolicy"}
 
 
 def test_names_env_and_volumes_are_unique():
@@ -224,6 +232,15 @@ def test_a_broken_trainjob_fails_validation():
     del job["spec"]["runtimeRef"]
     with pytest.raises(AssertionError):
         validate_crd_object(job)
+    # What the backend built before Trainer v2.1 is refused by the v2.3.0 CRD.
+    old = get_backend("trainjob").build(name="x", namespace="ns", labels={}, annotations={}, owner=None,
+                                        pod_template={"metadata": {}, "spec": {"containers": [
+                                            {"name": "t", "image": "i", "command": ["c"]}]}},
+                                        nodes=1, procs_per_node=1)
+    old["spec"]["podSpecOverrides"] = [{"targetJobs": [{"name": "node"}]}]
+    old["spec"]["labels"] = {"a": "b"}
+    with pytest.raises(AssertionError):
+        validate_crd_object(old)
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "Service", "Job", "ConfigMap"])

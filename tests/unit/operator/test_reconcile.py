@@ -159,7 +159,7 @@ def test_inference_stage_waits_for_its_server_before_the_client_job():
             if obj["kind"] == "PyTorchJob":
                 conditions_true(obj, "Succeeded")
     kinds = {k for k in cluster.objects if "augment" in k[1]}
-    assert {k[0] for k in kinds} == {"Deployment", "Service"}, kinds
+    assert {k[0] for k in kinds} == {"Secret", "NetworkPolicy", "Deployment", "Service"}, kinds
     assert "waiting for vLLM server" in cluster.stage("augment")["message"]
     deployment = next(o for (k, _), o in cluster.objects.items() if k == "Deployment")
     deployment["status"] = {"availableReplicas": 1, "conditions": [{"type": "Available", "status": "True"}]}

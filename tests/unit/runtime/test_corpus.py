@@ -17,7 +17,9 @@ from humpback_runtime.corpus import (
     boilerplate_page_reason,
     clean_boilerplate,
     filter_corpus,
+    lsh_bands,
     normalise,
+    normalised_utf8,
     shingle_hash32,
 )
 from humpback_runtime.spec import CorpusSpec, DedupSpec
@@ -135,6 +137,92 @@ def test_dissimilar_edit_is_not_a_near_duplicate(in_window):
     assert len(out) == 2 and counts.near_duplicate == 0
 
 
+def shingle_set(text, n=5):
+    """The word n-gram shingles of a text, as the near-duplicate filter defines them (no hashing)."""
+    words = normalise(text).split(" ")
+    return {tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
+
+
+def jaccard(a, b):
+    x, y = shingle_set(a), shingle_set(b)
+    return len(x & y) / len(x | y)
+
+
+def copies_at_jaccard(texts, low, high, n=40):
+    """(original, copy) pairs whose exact shingle Jaccard lies in [low, high): evenly spread words
+    replaced, as few as reach the band; from the first n texts of at least 150 words that get there."""
+    pairs = []
+    for text in texts:
+        if len(text.split()) < 150:
+            continue
+        for k in range(1, 100):
+            copy = change_words(text, k)
+            j = jaccard(text, copy)
+            if j < high:
+                if j >= low:
+                    pairs.append((text, copy))
+                break
+        if len(pairs) == n:
+            break
+    assert len(pairs) >= 20, (low, high, len(pairs))
+    return pairs
+
+
+@pytest.mark.parametrize("low,high", [(0.8, 0.84), (0.84, 0.88), (0.88, 0.95)])
+def test_every_pair_at_or_above_the_threshold_is_removed(in_window, low, high):
+    # Estimated-Jaccard verification misses a pair at 0.82 about a third of the time, and a plain
+    # LSH decision a fifth; exact verification of the candidates of a 16x4 banding misses ~1e-4.
+    pairs = copies_at_jaccard(in_window, low, high)
+    originals = [a for a, _ in pairs]
+    rows = [{"text": t} for t in originals + [b for _, b in pairs]]
+    out, counts = run(spec(), rows)
+    assert [s["text"] for s in out] == originals  # every copy removed, every original kept
+    assert counts.near_duplicate == len(pairs) and counts.exact_duplicate == 0
+    assert_counts_add_up(counts)
+
+
+@pytest.mark.parametrize("low,high", [(0.55, 0.65), (0.72, 0.8)])
+def test_no_pair_under_the_threshold_is_removed(in_window, low, high):
+    # The LSH returns most of these pairs as candidates (16 bands of 4 rows: 89% at 0.6); the exact
+    # Jaccard rejects them all, where a signature estimate would remove some of those near 0.8.
+    pairs = copies_at_jaccard(in_window, low, high)
+    rows = [{"text": t} for pair in pairs for t in pair]
+    out, counts = run(spec(), rows)
+    assert [s["text"] for s in out] == [r["text"] for r in rows]
+    assert counts.near_duplicate == 0
+    assert counts.lsh_rejected > len(pairs) // 2  # candidates were checked and turned down
+    assert counts.lsh_candidates == counts.lsh_rejected + counts.near_duplicate
+
+
+def test_candidate_counts_add_up_when_some_are_removed(in_window):
+    removed = copies_at_jaccard(in_window, 0.85, 0.9, n=20)
+    kept = copies_at_jaccard(in_window[200:], 0.55, 0.65, n=20)
+    rows = [{"text": t} for pair in removed + kept for t in pair]
+    out, counts = run(spec(), rows)
+    assert counts.near_duplicate == len(removed) and counts.kept == len(rows) - len(removed)
+    assert counts.lsh_candidates == counts.lsh_rejected + counts.near_duplicate
+    assert counts.lsh_rejected >= len(kept) // 2
+
+
+def test_the_earlier_of_two_near_duplicates_is_kept_in_either_order(in_window):
+    a, b = copies_at_jaccard(in_window, 0.8, 0.84)[0]
+    other = in_window[-1]
+    for first, second in [(a, b), (b, a)]:
+        out, counts = run(spec(), [{"text": first}, {"text": other}, {"text": second}])
+        assert [s["text"] for s in out] == [first, other] and counts.near_duplicate == 1
+
+
+def test_lsh_banding_favours_recall_at_the_threshold():
+    assert lsh_bands(0.8, 64) == (16, 4)  # the default
+    assert lsh_bands(0.8, 128) == (25, 5)
+    assert lsh_bands(1.0, 128) == (1, 128)  # identical shingle sets share every band
+    for threshold in (0.5, 0.7, 0.8, 0.9, 0.95):
+        for num_perm in (16, 64, 128, 256, 1024):
+            bands, rows = lsh_bands(threshold, num_perm)
+            assert bands * rows <= num_perm
+            assert (1 - threshold ** rows) ** bands <= 1e-3, (threshold, num_perm, bands, rows)
+
+
 @pytest.mark.parametrize("threshold,num_perm,ngram", [(1.0, 128, 5), (0.5, 16, 1), (0.9, 1024, 32)])
 def test_dedup_settings_at_the_edges_of_the_spec_work(in_window, threshold, num_perm, ngram):
     # Punctuation-only edits give identical shingle sets: a near-duplicate at any threshold.
@@ -157,6 +245,13 @@ def test_signature_equals_datasketch_minhash_of_the_shingles(in_window):
 
 def test_normalise_ignores_case_whitespace_and_punctuation():
     assert normalise("  Hello,\n\tWORLD!  It's   me.") == "hello world it s me"
+
+
+def test_the_fast_normalisation_gives_the_same_words(c4):
+    odd = ["a_b__c", "___", "", "\ud83d lone \ud800\udfff x\u00a0y caf\u00e9\u2019s \u201cq\u201d \u2014 42\u00b2 \u0130stanbul \ufb01ne",
+           "\u00c0\u00c9-\u00fc \u3000\u6f22\u5b57\u3002\u304b\u306a", "tab\tand\x0bvertical\x0cfeed\r\n\x85next"]
+    for text in [r["text"] for r in c4] + odd:
+        assert normalised_utf8(text).decode("utf-8", "surrogatepass") == normalise(text), text[:60]
 
 
 # --- boilerplate ----------------------------------------------------------------------------
@@ -297,7 +392,8 @@ def test_counts_add_up_with_every_kind_of_removal(c4, in_window):
             {"text": NAVIGATION_PAGE}]
     out, counts = run(spec(), rows)
     d = counts.as_dict()
-    assert set(d) == {"read", "kept", *REMOVALS, "boilerplate_lines_removed", "duplicate_ids_renamed"}
+    assert set(d) == {"read", "kept", *REMOVALS, "boilerplate_lines_removed", "duplicate_ids_renamed",
+                      "lsh_candidates", "lsh_rejected"}
     assert d["read"] == len(rows) and d["kept"] == len(out)
     assert all(d[k] >= 1 for k in REMOVALS), d
     assert_counts_add_up(counts)

@@ -380,3 +380,23 @@ def test_vllm_engine_gives_the_same_shapes(model_dir, store):
     scores = _score(vllm_engine, store, 5)
     assert all(0 < len(top) <= 5 and sum(math.exp(v) for v in top.values()) <= 1 + 1e-6
                for top in scores.values())
+
+
+def test_a_client_uses_the_generated_key_of_the_operators_server(monkeypatch):
+    """The operator gives a client the key of each server it started (HUMPBACK_SERVER_API_KEY_<MODEL>,
+    by secretKeyRef); the engine sends it, and a model without a key of its own gets none."""
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.inference.models import engine_for
+    from humpback_runtime.spec import parse_run
+
+    run = parse_run({"apiVersion": "humpback.dev/v1alpha1", "kind": "BacktranslationRun", "metadata": {"name": "r"},
+                     "spec": {"baseModel": "m", "seed": {"source": "s.jsonl"}, "corpus": {"source": "c.jsonl"}}})
+    monkeypatch.setenv("HUMPBACK_ENDPOINTS", '{"train-m0": "http://s0:8000/v1", "train-m1": "http://s1:8000/v1"}')
+    monkeypatch.setenv("HUMPBACK_SERVER_API_KEY_M0", "k0")
+    ctx = RunContext.create(run)
+    assert engine_for(ctx, "train-m0").settings.api_key == "k0"
+    assert engine_for(ctx, "train-m1").settings.api_key is None
+    monkeypatch.delenv("HUMPBACK_ENDPOINTS")
+    monkeypatch.setenv("HUMPBACK_ENDPOINT", "http://s:8000/v1")
+    monkeypatch.setenv("HUMPBACK_SERVER_API_KEY_MYX", "kx")
+    assert engine_for(ctx, "train-myx").settings.api_key == "kx"

@@ -51,7 +51,8 @@ def _full_run(store, plan, *, judged: bool = True, mode: str = "generate") -> No
     _stage(store, plan, "prepare-seed", seed, counts={"records": 40, "roots": 12, "dropped_lang": 2, "pairs": 10})
     _stage(store, plan, "prepare-corpus", [{"id": f"c{i}", "text": "w" * (600 + 40 * i)} for i in range(8)],
            counts={"read": 20, "kept": 8, "missing_text": 1, "too_short": 5, "too_long": 1, "boilerplate": 2,
-                   "exact_duplicate": 2, "near_duplicate": 1, "boilerplate_lines_removed": 9})
+                   "exact_duplicate": 2, "near_duplicate": 1, "boilerplate_lines_removed": 9,
+                   "lsh_candidates": 4, "lsh_rejected": 3})
     for name in ("train-myx", "train-m0", "train-m1", "train-m2"):
         _stage(store, plan, name, metrics={"train_loss": [[s, 3.0 / (s + 1)] for s in range(0, 20, 2)]})
     candidates = [{"id": f"c{i}", "instruction": "I" * (30 + 9 * i), "response": "w" * (600 + 40 * i)}
@@ -154,6 +155,8 @@ def test_report_shows_counts_yield_and_win_rates(store):
     inputs = collect_report_inputs(store, RUN, plan)
     text = " ".join(_parse(build_report(**inputs)).text)
     assert "removed: too short" in text and "near duplicate" in text
+    # Candidate pairs are not documents: never listed as removals.
+    assert "removed: lsh" not in text and "candidate pairs under the threshold (kept) 3" in text
     assert "37.5%" in text and "50.0%" in text  # 3/8 and 4/8 selected
     assert "0.620" in text and "0.050" in text and "train-m2" in text
     assert inputs["scores"][1] == {1.0: 1.0, 3.0: 2.0, 4.0: 2.0, 5.0: 3.0}  # the zero bin dropped

@@ -1,0 +1,165 @@
+"""The store probe never hands the operator's credentials to a store an admin did not allow, and a
+slow store cannot hold up the operator (a capturing HTTP server and a silent socket on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.server
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("boto3")
+
+from humpback_operator import store_probe  # noqa: E402
+from humpback_operator.config import AllowedStore, OperatorConfig, parse_allowed_stores  # noqa: E402
+from humpback_operator.store_probe import StoreProbe  # noqa: E402
+
+LOG = logging.getLogger("test")
+OPERATOR_KEY = "AKIAOPERATORPROBE"
+OPERATOR_TOKEN = "operator-session-token"
+FAKE_MANIFEST = json.dumps({"fingerprint": "x", "outputs": {"count": 99}}).encode()
+
+
+@pytest.fixture(autouse=True)
+def operator_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", OPERATOR_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "operator-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", OPERATOR_TOKEN)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    store_probe._store.cache_clear()
+
+
+class _Capture(http.server.BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        type(self).requests.append({"path": self.path, "headers": dict(self.headers)})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(FAKE_MANIFEST)))
+        self.end_headers()
+        self.wfile.write(FAKE_MANIFEST)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[str, list[dict]]]:
+    """A plain-HTTP server on loopback that records every request and answers a fake manifest."""
+    handler = type("Capture", (_Capture,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def run_body(uri: str, endpoint: str | None) -> dict:
+    s3 = {"endpoint": endpoint} if endpoint else {}
+    return {"metadata": {"namespace": "team-a", "name": "r1"}, "spec": {"storage": {"uri": uri, "s3": s3}}}
+
+
+def probe(config: OperatorConfig, body: dict, stages=("prepare-seed",), **kwargs) -> dict:
+    async def go():
+        p = StoreProbe(config, **kwargs)
+        try:
+            return await p.read(body, list(stages), LOG)
+        finally:
+            p.close()
+    return asyncio.run(go())
+
+
+def credential_headers(requests: list[dict]) -> list[str]:
+    found = []
+    for r in requests:
+        for name, value in r["headers"].items():
+            if name.lower() in ("authorization", "x-amz-security-token") or OPERATOR_KEY in value or OPERATOR_TOKEN in value:
+                found.append(f"{name}: {value}")
+    return found
+
+
+def test_a_store_nobody_allowed_gets_no_request_and_its_answer_is_not_believed(capture):
+    url, requests = capture
+    # Default: no store is allowed. A tenant's run names the capture server as its S3 endpoint.
+    assert probe(OperatorConfig(), run_body("s3://tenant-bucket/x", url)) == {"prepare-seed": None}
+    assert requests == [] and credential_headers(requests) == []
+
+
+def test_an_allowed_bucket_at_another_endpoint_is_not_read(capture):
+    url, requests = capture
+    config = OperatorConfig(probe_allowed_stores=(AllowedStore("ml-*"),))  # on AWS S3 only
+    assert probe(config, run_body("s3://ml-runs/x", url)) == {"prepare-seed": None}
+    assert requests == []
+
+
+def test_plain_http_is_read_only_when_the_admin_named_that_endpoint(capture):
+    url, requests = capture
+    allowed = OperatorConfig(probe_allowed_stores=(AllowedStore("ml-*", url),))
+    assert probe(allowed, run_body("s3://other-bucket/x", url)) == {"prepare-seed": None}
+    assert requests == []
+    # Named explicitly: the operator signs its request (that is what allowing means) and reads.
+    # (A generous limit: making a boto3 client on a loaded CI machine can take seconds.)
+    assert probe(allowed, run_body("s3://ml-runs/x", url), timeout=60)["prepare-seed"]["outputs"]["count"] == 99
+    assert len(requests) == 1 and credential_headers(requests)
+
+
+def test_allowed_stores_parse_from_the_chart_json_and_refuse_globbed_endpoints():
+    stores = parse_allowed_stores('[{"bucket": "ml-*"}, {"bucket": "b", "endpoint": "HTTP://MinIO:9000/"}]')
+    assert stores == (AllowedStore("ml-*", ""), AllowedStore("b", "http://minio:9000"))
+    assert OperatorConfig.from_env({"HUMPBACK_PROBE_ALLOWED_STORES": '[{"bucket": "b"}]'}).probe_allowed("s3://b/p", None)
+    with pytest.raises(ValueError, match="HUMPBACK_PROBE_ALLOWED_STORES: item 0: endpoint"):
+        OperatorConfig.from_env({"HUMPBACK_PROBE_ALLOWED_STORES": '[{"bucket": "b", "endpoint": "https://*.evil"}]'})
+    with pytest.raises(ValueError, match="HUMPBACK_PROBE_ALLOWED_STORES: expected a JSON list"):
+        OperatorConfig.from_env({"HUMPBACK_PROBE_ALLOWED_STORES": "b"})
+
+
+def test_a_silent_store_times_out_opens_its_circuit_and_leaves_other_threads_free(silent):
+    config = OperatorConfig(probe_allowed_stores=(AllowedStore("slow", silent),))
+    body = run_body("s3://slow/x", silent)
+
+    async def go():
+        # The operator's shared pool, as backtranslationrun.configure sets it up.
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+        p = StoreProbe(config, timeout=0.5)
+        try:
+            # 8 runs probing at once, as in the issue: the shared default pool stays free.
+            probes = [asyncio.create_task(p.read(body, ["a", "b"], LOG)) for _ in range(8)]
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), timeout=2)
+            noop = time.monotonic() - started
+            results = await asyncio.wait_for(asyncio.gather(*probes), timeout=10)
+            # The circuit is open now: the next read returns at once, without a connection.
+            started = time.monotonic()
+            again = await p.read(body, ["a", "b", "c"], LOG)
+            return noop, results, again, time.monotonic() - started
+        finally:
+            p.close()
+
+    noop, results, again, again_s = asyncio.run(go())
+    assert noop < 3.0  # (making the probe's boto3 client holds the GIL for a moment)
+    assert all(r == {"a": None, "b": None} for r in results)
+    assert again == {"a": None, "b": None, "c": None} and again_s < 0.2
