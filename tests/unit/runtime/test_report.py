@@ -268,3 +268,18 @@ def test_the_report_shows_the_current_selection_of_the_stored_scores(tmp_path):
     assert inputs["manifests"]["curate-1"]["selected"] == 2  # threshold 4 now, not what curate-1 first selected
     assert inputs["scores"][1] == [5.0, 4.0, 2.0]
     assert len(inputs["lengths"]["curated-1"]["instruction"]) == 2
+
+
+def test_report_shows_reference_win_rates_and_mt_bench_grades():
+    evaluation = {"judged": True, "note": None, "judge": {"model": "j", "endpoint": "http://j"}, "sets": {
+        "ref": {"pairs": {}, "reference": {"generator": "gpt4", "models": {"train-m0": {
+            "win_rate": 0.75, "stderr": 0.14, "length_controlled_win_rate": 0.6667, "avg_length": 120.0,
+            "reference_avg_length": 300.0, "n": 4}}}},
+        "mt": {"pairs": {}, "mt_bench": {"train-m0": {"score": 8.0, "turn_1": 8.5, "turn_2": 7.5,
+                                                     "categories": {"math": 9.0, "writing": 7.0},
+                                                     "graded": 4, "unparsed": 0}}}}}
+    page = build_report({"evaluate": {"evaluation": evaluation}}, curate_stages=[], loss_curves={}, scores={},
+                        win_rates=None)
+    text = " ".join(_parse(page).text)
+    assert "Against reference outputs" in text and "gpt4" in text and "0.667" in text
+    assert "MT-Bench" in text and "math 9.00, writing 7.00" in text
