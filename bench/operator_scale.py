@@ -8,7 +8,10 @@ Measures, for the operator process (`kopf run -m humpback_operator.backtranslati
   available) to the creation of the next child of the same run, p50 and p95 (goal p95 <= 2 s);
 - API requests per run (everything the operator sent: Kopf's watches and patches, our creates,
   deletes and status patches), and by kind of request;
-- operator memory: peak resident set (VmHWM) (goal <= 300 MB).
+- operator memory: peak resident set (VmHWM) (goal <= 300 MB);
+- operator CPU per reconcile (its own CPU time / reconciles: the emulator's cost apart);
+- idle cost once every run has finished (`--idle-seconds`): the operator's CPU-seconds per minute
+  and its resident set (goal: CPU ~ 0; a finished run has no daemon).
 
 Writes bench/results/operator_scale.json.
 """
@@ -179,6 +182,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def current_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -190,6 +200,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--profile", action="store_true", help="cProfile the operator into bench/results/operator_scale/")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/operator_scale.json")
+    p.add_argument("--idle-seconds", type=float, default=60, help="after the last run finished, measure this long")
     args = p.parse_args()
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
@@ -251,6 +262,11 @@ def main() -> int:
         peak = peak_rss_mb(op.pid)
         operator_cpu = cpu_seconds(op.pid)
         reconcile = scrape(metrics_port)
+        time.sleep(5)  # the last status patches and Events, the daemons of finished runs stopping
+        idle_from = cpu_seconds(op.pid)
+        time.sleep(args.idle_seconds)
+        idle_cpu_per_minute = (cpu_seconds(op.pid) - idle_from) * 60 / args.idle_seconds
+        idle_rss = current_rss_mb(op.pid)
         harness_cpu = cpu_seconds(os.getpid())
         requests = [r for r in emulator.requests_since(mark) if BENCH_AGENT not in r.user_agent
                     and STANDINS_USER_AGENT not in r.user_agent]
@@ -279,6 +295,9 @@ def main() -> int:
         "requests_by_kind_per_run": {k: round(v / args.runs, 1) for k, v in by_kind.most_common()},
         "operator_peak_rss_mb": round(peak, 1),
         "operator_cpu_seconds": round(operator_cpu, 1),
+        "operator_cpu_ms_per_reconcile": round(1000 * operator_cpu / reconcile["reconciles"], 1) if reconcile["reconciles"] else None,
+        "idle_operator_cpu_seconds_per_minute": round(idle_cpu_per_minute, 3),
+        "idle_operator_rss_mb": round(idle_rss, 1),
         "emulator_cpu_seconds": round(harness_cpu, 1),  # the API server (and this script), same 2 cores
         "controllers_cpu_seconds": round(controllers_cpu, 1),
         "machine": f"{os.cpu_count()} cores",

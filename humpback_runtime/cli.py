@@ -2,8 +2,9 @@
 
     humpback validate RUN.yaml           # OK, or every error with its field path
     humpback plan RUN.yaml [--force STAGE] [--from STAGE] [--spec-only]   # stages, fingerprints, why stale
-    humpback run RUN.yaml [--until STAGE] [--force STAGE]... [--from STAGE] [--storage URI]
-    humpback stage STAGE --spec RUN.yaml [--storage URI] [--force]
+    humpback run RUN.yaml [--until STAGE] [--force STAGE]... [--from STAGE] [--storage URI] [--wait]
+    humpback stage STAGE --spec RUN.yaml [--storage URI] [--force] [--wait]
+    humpback verify RUN.yaml [--storage URI] [--quick]   # every stage's objects against its manifest
     humpback tiny-model OUT_DIR          # the demo's random-init base model
     humpback crd [-o FILE]               # the CustomResourceDefinition, generated from the spec models
     humpback render RUN.yaml [-o FILE]   # the Kubernetes objects the operator would create for the run
@@ -141,13 +142,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
         return EXIT_INVALID
     return run_local(run, args.file, storage_uri=args.storage, until=args.until,
-                     force=forced_stages(plan, args.force, args.start))
+                     force=forced_stages(plan, args.force, args.start), wait=args.wait)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from humpback_runtime import processes
     from humpback_runtime.context import RunContext
     from humpback_runtime.stages import run_stage
 
+    processes.stop_on_signals()  # SIGTERM / SIGHUP stop the stage cleanly, as Ctrl-C does
+    if parent := os.environ.get(processes.PARENT_ENV):
+        processes.die_with_parent(int(parent))  # started by `humpback run`: never outlive it
     run = _load_spec(args.spec)
     # A spec from the environment comes from the operator, which plans from the spec alone: the pod
     # must write the fingerprint the operator waits for (see humpback_runtime.context).
@@ -156,11 +161,46 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(f"no stage {args.stage!r} in run {run.name} (stages: {', '.join(ctx.plan.names())})", file=sys.stderr)
         return EXIT_INVALID
     try:
-        run_stage(ctx, args.stage, force=args.force)
+        run_stage(ctx, args.stage, force=args.force, wait=args.wait)
     except StageError as e:
         logging.getLogger("humpback").error("Stage %s of run %s failed: %s", args.stage, run.name, e)
         return e.exit_code
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.lease import describe_holder, read_lease
+    from humpback_runtime.manifest import verify_outputs
+
+    ctx = RunContext.create(_load_spec(args.file), args.storage)
+    damaged = 0
+    rows = [("STAGE", "STATE", "DETAIL")]
+    for stage in ctx.plan.stages:
+        prefix = ctx.prefix(stage.name)
+        manifest = ctx.manifest(stage.name)
+        lease = read_lease(ctx.store, prefix)
+        writing = f"being written by {describe_holder(lease)}" if lease and not lease.get("released") else ""
+        if manifest is None:
+            rows.append((stage.name, "missing", writing or "-"))
+            continue
+        state = "done" if manifest.get("fingerprint") == stage.fingerprint else "stale"
+        result = verify_outputs(ctx.store, prefix, manifest, checksums=not args.quick)
+        if result.problems:
+            damaged += 1
+            rows += [(stage.name, "DAMAGED", p) for p in result.problems]
+        elif not result.verifiable:
+            rows.append((stage.name, state, "manifest lists no objects (written before checksums): unverified"))
+        else:
+            what = "sizes" if args.quick else "sizes and checksums"
+            rows.append((stage.name, state, f"{result.checked} objects, {what} match"))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for r in rows:
+        print(f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}")
+    print(f"\nstore: {ctx.store.url(ctx.run_prefix)}")
+    if damaged:
+        print(f"{damaged} stage(s) damaged: `humpback run` runs them again", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -236,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--until", action="append", metavar="STAGE",
                    help="run only this stage and the stages it needs (repeatable)")
     _add_rerun_flags(s)
+    s.add_argument("--wait", action="store_true",
+                   help="when another process is writing a stage (holds its lease), wait for it instead of failing")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("stage", help="run one stage (the command the operator puts into pods)")
@@ -243,7 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", required=True, metavar="URI", help="run file: a path, an s3:// URI, or env:VAR")
     s.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
     s.add_argument("--force", action="store_true", help="run even if already done")
+    s.add_argument("--wait", action="store_true",
+                   help="when another process is writing the stage (holds its lease), wait for it instead of failing")
     s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("verify", help="check every stage's objects in the store against its manifest")
+    s.add_argument("file", metavar="RUN.yaml")
+    s.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
+    s.add_argument("--quick", action="store_true", help="sizes only; do not read the objects for checksums")
+    s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("crd", help="print the BacktranslationRun CRD, generated from the spec models")
     s.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
@@ -270,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
+        from humpback_runtime.processes import exit_code
+
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_code(130)  # 143 after SIGTERM, 129 after SIGHUP
     except Exception as e:  # a clear one-line error for users; tracebacks with -v
         from humpback_runtime.sources import DataError
         from humpback_runtime.storage import StorageError

@@ -65,9 +65,13 @@ class RunContext:
         return read_success(self.store, self.prefix(stage))
 
     def records(self, stage: str) -> Iterator[dict]:
-        """The output records of a finished stage."""
+        """The output records of a finished stage, each shard checked against the stage's manifest
+        (checksum, size, record count) as it streams: ShardMismatch names a damaged one."""
         prefix = self.prefix(stage)
-        return iter_shard_records(self.store, output_shards(self.store, prefix, self.manifest(stage)))
+        manifest = self.manifest(stage)
+        objects = (manifest or {}).get("objects")
+        expected = {f"{prefix}/{rel}": info for rel, info in objects.items()} if isinstance(objects, dict) else None
+        return iter_shard_records(self.store, output_shards(self.store, prefix, manifest), expected=expected)
 
     def is_done(self, stage: Stage) -> bool:
         """Finished with the current settings: its manifest carries the plan's fingerprint."""

@@ -400,6 +400,12 @@ def status_schema() -> dict[str, Any]:
             "startTime": _time("When the current attempt started."),
             "completionTime": _time("When the stage finished."),
             "nextAttemptTime": _time("When the next attempt starts, after a failed one (retry backoff)."),
+            "reason": _str("Why the current attempt is not moving or failed: Unschedulable, ImagePullBackOff, "
+                           "FailedCreate, CrashLoopBackOff, OOMKilled, Disrupted, PendingTimeout, Queued."),
+            "pendingSince": _time("Since when the current attempt's pods wait to start (time queued by Kueue "
+                                  "excluded); pendingTimeout counts from here."),
+            "disruptions": _int("Attempts ended by a disruption (eviction, preemption, node loss): re-created "
+                                "without counting against retries.limit."),
             "outputs": {
                 "description": "Artifact URIs the stage wrote.",
                 "type": "array",
@@ -484,6 +490,7 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+                        {"name": "Message", "type": "string", "jsonPath": ".status.message"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": openapi_v3_schema()},

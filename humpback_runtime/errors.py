@@ -8,6 +8,7 @@ At the bottom of the package: imports nothing from it, so every module may impor
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_INPUTS_MISSING = 4
+EXIT_LEASE_HELD = 5  # another process is writing the stage: try again later, or wait (--wait)
 
 
 class StageError(RuntimeError):
@@ -20,6 +21,21 @@ class InputsMissing(StageError):
     """A stage's inputs (the outputs of the stages it depends on) are not in the store."""
 
     exit_code = EXIT_INPUTS_MISSING
+
+
+class InputsDamaged(StageError):
+    """An input object differs from the manifest of the stage that wrote it (missing, another size,
+    another checksum). That stage's manifest is withdrawn, so it runs again; then this one can."""
+
+
+class LeaseHeld(StageError):
+    """Another process holds the stage's lease (one writer per stage)."""
+
+    exit_code = EXIT_LEASE_HELD
+
+
+class LeaseLost(StageError):
+    """This process lost the stage's lease (not renewed in time, or taken over) and stopped writing."""
 
 
 class TrainingError(RuntimeError):

@@ -398,18 +398,52 @@ class Toleration(Model):
 A100_SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
 
 
+# A Go-style duration as Kubernetes users write them: 72h, 30m, 1h30m, 90s; "0s" means no limit.
+DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+
+
+def duration_seconds(text: str | None) -> int | None:
+    """Seconds of a DURATION_PATTERN duration; None for null, "" or zero (no limit)."""
+    if not text:
+        return None
+    match = re.fullmatch(DURATION_PATTERN, text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 72h, 30m or 1h30m")
+    h, m, s = (int(g[:-1]) if g else 0 for g in match.groups())
+    return h * 3600 + m * 60 + s or None
+
+
 class PodResources(Model):
     image: str | None = Field(None, description="Container image; null uses the operator's default for this kind.")
-    cpu: str | None = None
-    memory: str | None = None
+    cpu: str | None = Field(None, description="CPU request and limit of each container. Default: 8 per GPU "
+                            "asked for, 2 for CPU-only pods.")
+    memory: str | None = Field(None, description="Memory request and limit of each container. Default: 96Gi per "
+                               "GPU asked for, 8Gi for CPU-only pods.")
+    ephemeral_storage: str | None = Field(None, description="Ephemeral-storage request and limit, also the size "
+                                          "limit of the /cache scratch volume (downloaded models, checkpoints). "
+                                          "Default: 200Gi for training (a 7B ZeRO-2 checkpoint is ~100 GB), 50Gi "
+                                          "for GPU inference, 10Gi otherwise.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity, passed through as written.")
+    topology_spread_constraints: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod topologySpreadConstraints, passed through as written.")
+    timeout: str = Field("6h", pattern=DURATION_PATTERN, description="Run deadline of one attempt "
+                         "(activeDeadlineSeconds of its Job or PyTorchJob); 0s: none.")
+    pending_timeout: str = Field("30m", pattern=DURATION_PATTERN, description="How long an attempt may wait for "
+                                 "its pods to start (unschedulable, image pulls, refused creates) before it fails; "
+                                 "time queued or suspended by Kueue does not count; 0s: no limit.")
 
 
 class TrainingResources(PodResources):
     nodes: int = Field(1, ge=1, le=4096, description="PyTorchJob replicas: one Master plus nodes-1 Workers.")
     gpus_per_node: int = Field(8, ge=0, le=64)
     node_selector: dict[str, str] = Field(default_factory=lambda: dict(A100_SELECTOR))
+    timeout: str = Field("72h", pattern=DURATION_PATTERN, description="Run deadline of one training attempt "
+                         "(runPolicy.activeDeadlineSeconds); 0s: none.")
+    pending_timeout: str = Field("0s", pattern=DURATION_PATTERN, description="How long a training attempt may "
+                                 "wait for its pods to start; 0s: no limit (a GPU queue may be long).")
 
 
 class InferenceResources(PodResources):
@@ -417,6 +451,10 @@ class InferenceResources(PodResources):
     gpus_per_replica: int = Field(1, ge=0, le=64, description="Also vLLM's --tensor-parallel-size.")
     node_selector: dict[str, str] = Field(default_factory=lambda: dict(A100_SELECTOR))
     extra_args: list[str] = Field(default_factory=list, description="Extra vllm serve arguments.")
+    timeout: str = Field("48h", pattern=DURATION_PATTERN, description="Run deadline of one inference attempt (the "
+                         "activeDeadlineSeconds of its Job, in-process or client of the vLLM servers); 0s: none.")
+    pending_timeout: str = Field("0s", pattern=DURATION_PATTERN, description="How long an inference attempt may "
+                                 "wait for its pods (and vLLM servers) to start; 0s: no limit.")
 
 
 class Resources(Model):

@@ -33,7 +33,8 @@ checkpoints to the store:
 
 - Outputs: every `checkpoint_every` finished records one new shard `PREFIX/part-NNNNN.jsonl`
   (a plain `ShardWriter` shard, so downstream stages read it with `list_shards` /
-  `iter_shard_records`), numbered on from the highest shard already there. Each output record
+  `iter_shard_records`), numbered on from the highest shard already there. Only one process may
+  number shards under a prefix: stages call this under their lease (`humpback_runtime.lease`). Each output record
   carries the input's id under `id_field` (added when `handle` leaves it out). Records within and
   across shards are in completion order, not input order: join on the id.
 - Dropped records (`handle` returned None) go, as `{id_field: id}`, to a separate shard set

@@ -2,7 +2,9 @@
 
 A training stage leaves its model under `<run>/<train stage>/model/` (safetensors, tokenizer,
 model card, `_COMPLETE` last). In-process engines need it on local disk: a local store is read in
-place, an S3 store is downloaded once into a cache keyed by the training stage's fingerprint. On a
+place, an S3 store is downloaded once into a cache keyed by the model's URI and content (the
+checksums its stage's manifest lists), so a model of another store or another training with the
+same fingerprint is never taken for it. On a
 cluster the operator serves the model with vLLM and tells the client Job where, through
 `HUMPBACK_ENDPOINT` (the server's /v1 root) and `HUMPBACK_SERVED_MODEL`.
 """
@@ -49,8 +51,8 @@ def local_model_dir(ctx: RunContext, train_stage: str) -> Path:
     local = store.local_path(prefix)
     if local is not None:
         return local
-    fingerprint = ctx.plan[train_stage].fingerprint
-    cache = Path(os.environ.get("HUMPBACK_CACHE", Path.home() / ".cache" / "humpback")) / "models" / fingerprint
+    cache = Path(os.environ.get("HUMPBACK_CACHE", Path.home() / ".cache" / "humpback")) / "models" / \
+        _cache_key(ctx, train_stage, prefix)
     if not (cache / COMPLETE).exists():
         log.info("Downloading model of %s from %s to %s", train_stage, store.url(prefix), cache)
         for key in store.list(prefix):
@@ -61,6 +63,21 @@ def local_model_dir(ctx: RunContext, train_stage: str) -> Path:
             store.download_file(key, dest)
         (cache / COMPLETE).write_text("")  # last: a half-downloaded cache is never used
     return cache
+
+
+def _cache_key(ctx: RunContext, train_stage: str, prefix: str) -> str:
+    """The model's URI and content: the checksums of its files in the stage's manifest, or (a
+    manifest from before checksums) its `_COMPLETE` marker, which names the training request."""
+    store = ctx.store
+    objects = (ctx.manifest(train_stage) or {}).get("objects")
+    rel = prefix[len(ctx.prefix(train_stage)) + 1:] + "/"
+    if isinstance(objects, dict) and any(k.startswith(rel) for k in objects):
+        content = {k: v.get("sha256") for k, v in sorted(objects.items()) if k.startswith(rel)}
+    else:
+        content = {COMPLETE: hashlib.sha256(store.read_bytes(f"{prefix}/{COMPLETE}")).hexdigest(),
+                   "fingerprint": ctx.plan[train_stage].fingerprint}
+    payload = json.dumps({"uri": store.url(prefix), "content": content}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def engine_for(ctx: RunContext, train_stage: str) -> Engine:

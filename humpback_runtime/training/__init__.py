@@ -40,7 +40,8 @@ What happens:
 * output: ``{prefix}/model/`` (safetensors, tokenizer, generation config, README.md model card),
   ``{prefix}/train_metrics.json``, then ``{prefix}/model/_COMPLETE`` last; then the checkpoints are
   deleted (``TrainRequest.keep_checkpoints`` keeps them). A request whose model is already complete
-  returns the stored metrics without training again.
+  returns the stored metrics without training again, and deletes the checkpoints an attempt killed
+  between ``model/_COMPLETE`` and their deletion left behind.
 * only global rank 0 writes to the store and logs at INFO. One exception across nodes: ZeRO
   partitions and RNG states live on the node of the rank that wrote them, so with several nodes the
   first process of each node uploads its node's files into the checkpoint folder before rank 0
@@ -140,6 +141,9 @@ def train(request: TrainRequest) -> dict[str, Any]:
         if env_int("RANK", 0) == 0:
             log.info("Model %s is already complete for this request; returning its metrics",
                      request.store.url(f"{prefix}/model"))
+            # An attempt killed between model/_COMPLETE and deleting its checkpoints left them.
+            if not request.keep_checkpoints and request.store.delete_prefix(f"{prefix}/checkpoints"):
+                log.info("Deleted the checkpoints the published model no longer needs")
         return done
 
     torch = require("torch")

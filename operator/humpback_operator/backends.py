@@ -31,9 +31,9 @@ class TrainingBackend(Protocol):
     def api_version(self) -> str: ...
 
     def build(self, *, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
-              pod_template: dict, nodes: int, procs_per_node: int) -> dict:
+              pod_template: dict, nodes: int, procs_per_node: int, active_deadline_seconds: int | None = None) -> dict:
         """The training object: `nodes` pods of `pod_template` (its first container trains), each
-        running `procs_per_node` processes."""
+        running `procs_per_node` processes, failed after `active_deadline_seconds` (None: never)."""
         ...
 
     def outcome(self, obj: Mapping) -> tuple[str | None, str]:
@@ -80,11 +80,11 @@ class PyTorchJobBackend(_Backend):
     CONTAINER = "pytorch"  # the training operator finds the trainer container (and its port) by this name
 
     def build(self, *, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
-              pod_template: dict, nodes: int, procs_per_node: int) -> dict:
+              pod_template: dict, nodes: int, procs_per_node: int, active_deadline_seconds: int | None = None) -> dict:
         def replicas(n: int) -> dict:
             template = copy.deepcopy(pod_template)
             template["spec"]["containers"][0]["name"] = self.CONTAINER
-            # Never: a failed pod fails the PyTorchJob at once (backoffLimit 0), and the operator
+            # Never: a failed pod fails the PyTorchJob at once, and the operator
             # retries the stage as a new PyTorchJob that resumes from the last checkpoint in the
             # store, with its own pods and logs. ExitCode (restart in place on retryable exit codes)
             # would be the alternative, but it hides failures inside one attempt.
@@ -93,12 +93,22 @@ class PyTorchJobBackend(_Backend):
         specs = {"Master": replicas(1)}
         if nodes > 1:
             specs["Worker"] = replicas(nodes - 1)
+        # cleanPodPolicy None keeps the pods of a finished attempt for `kubectl logs`; the run's
+        # deletion removes them with the PyTorchJob. No backoffLimit: on training-operator v1.8 and
+        # v1.9.0-v1.9.3, exceeding it (backoffLimit 0: any failed pod) deletes every pod BEFORE the
+        # Failed condition is set, and DeletePodsAndServices honours cleanPodPolicy only for a
+        # finished job (common/job.go ReconcileJobs; kubeflow/trainer#3419, fixed in v1.9.4). Without
+        # it, a failed pod under restartPolicy Never fails the job in UpdateJobStatus ("failed
+        # because 1 Master replica(s) failed") and the cleanup that follows keeps the pods.
+        # activeDeadlineSeconds still takes the first path on those versions: a timed-out
+        # attempt's pods go (they were stopped anyway).
+        run_policy: dict = {"cleanPodPolicy": "None"}
+        if active_deadline_seconds:
+            run_policy["activeDeadlineSeconds"] = active_deadline_seconds
         spec = {
             # torchrun also reads it as PET_NPROC_PER_NODE; the CRD types it as a string.
             "nprocPerNode": str(procs_per_node),
-            # cleanPodPolicy None keeps the pods of a finished attempt for `kubectl logs`; the run's
-            # deletion removes them with the PyTorchJob.
-            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"},
+            "runPolicy": run_policy,
             "pytorchReplicaSpecs": specs,
         }
         return self._object(name, namespace, labels, annotations, owner, spec)
@@ -120,7 +130,7 @@ class TrainJobBackend(_Backend):
     MANAGER = "humpback.dev/operator"  # our entry in runtimePatches (keyed by manager)
 
     def build(self, *, name: str, namespace: str, labels: dict, annotations: dict, owner: dict | None,
-              pod_template: dict, nodes: int, procs_per_node: int) -> dict:
+              pod_template: dict, nodes: int, procs_per_node: int, active_deadline_seconds: int | None = None) -> dict:
         pod = copy.deepcopy(pod_template["spec"])
         meta = copy.deepcopy(pod_template.get("metadata") or {})
         container = pod["containers"][0]

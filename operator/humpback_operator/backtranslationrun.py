@@ -32,7 +32,7 @@ from humpback_operator import child_events, metrics, policy
 from humpback_operator.children import ANNOTATION_GENERATED_KEY
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
-from humpback_operator.reconcile import Decision, run_from_body, decide
+from humpback_operator.reconcile import Decision, _finished_and_unchanged, decide, run_from_body
 from humpback_operator.store_probe import StoreProbe
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ ENV_PEERING_NAMESPACES = "HUMPBACK_PEERING_NAMESPACES"  # watching some namespac
 
 # How long our own creates and deletes stand in for what Kopf's indexes have not seen yet.
 RECENT_SECONDS = 30.0
+
+# Every so often a run's reconcile lists its children from the API instead of trusting Kopf's
+# indexes: a child deleted while a watch was down never leaves an index (no DELETED event).
+# Only runs that are not finished have a daemon, so this costs a few lists per active run.
+SAFETY_NET_SECONDS = float(os.environ.get("HUMPBACK_SAFETY_NET_SECONDS", "300"))
 
 
 class Operator:
@@ -67,13 +72,17 @@ class Operator:
         self.phases: dict[tuple[str, str], str] = {}
         # Set when the run or one of its children changes: wakes the run's daemon.
         self.wakeups: dict[tuple[str, str], asyncio.Event] = {}
+        # When each run's children were last listed from the API (the safety net), and what the
+        # indexes still hold that the API said was gone: (kind, name, uid).
+        self.listed: dict[tuple[str, str], float] = {}
+        self.ghosts: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
 
     def wakeup(self, namespace: str, run: str) -> asyncio.Event:
         return self.wakeups.setdefault((namespace, run), asyncio.Event())
 
     def forget(self, namespace: str, run: str) -> None:
         """Drop all that is remembered of a deleted run."""
-        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups):
+        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups, self.listed, self.ghosts):
             per_run.pop((namespace, run), None)
 
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
@@ -84,6 +93,10 @@ class Operator:
         right after a create must not create again (a 409 and a duplicate Event), nor act on a
         child it has just deleted."""
         seen = child_events.children_of(indexes, namespace, run)
+        ghosts = self.ghosts.get((namespace, run))
+        if ghosts:
+            ghosts &= {_identity(o) for o in seen}  # those gone from the index need no filter
+            seen = [o for o in seen if _identity(o) not in ghosts]
         recent = self.recent.get((namespace, run))
         if not recent:
             return seen
@@ -103,6 +116,35 @@ class Operator:
         return list(by_key.values())
 
 
+    async def safety_net(self, indexes: Mapping[str, Any], namespace: str, run: str) -> None:
+        """Every SAFETY_NET_SECONDS: list the run's children from the API; what the indexes hold
+        and the API does not is a ghost from then on, what the API has and the indexes miss
+        stands in as a recent create."""
+        now = time.monotonic()
+        key = (namespace, run)
+        if now - self.listed.setdefault(key, now) < SAFETY_NET_SECONDS:
+            return
+        self.listed[key] = now
+        listed = await self.kube.list_children(namespace, run)
+        indexed = child_events.children_of(indexes, namespace, run)
+        self.ghosts[key] = {_identity(o) for o in indexed} - {_identity(o) for o in listed}
+        known = {(o["kind"], o["metadata"]["name"]) for o in indexed}
+        for obj in listed:
+            if (obj["kind"], obj["metadata"]["name"]) not in known:
+                self.note(namespace, run, obj["kind"], obj["metadata"]["name"], obj)
+
+
+def _identity(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return obj.get("kind", ""), meta.get("name", ""), meta.get("uid") or ""
+
+
+def _active(body: kopf.Body, **_: Any) -> bool:
+    """A run that still has work (or a spec not yet seen) gets a daemon; a finished one costs
+    nothing, and a spec edit (a new generation) brings its daemon back."""
+    return not _finished_and_unchanged(body.get("status") or {}, body.get("metadata", {}).get("generation"))
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The CRD's status schema has no `kopf` field: Kopf's bookkeeping goes into annotations.
@@ -112,8 +154,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Events are posted explicitly (reconcile.Event); log lines become Events only from warnings up.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
-    # API calls and store reads run in threads (blocking clients); the default pool (cores + 4)
-    # would queue the reconciles of many runs behind each other.
+    # API calls run in Kube's own pool; store reads (and anything else in threads) in the default
+    # one, made larger: the default (cores + 4) would queue the reads of many runs.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
     # Replicas (`kopf run --peering=NAME`): the highest priority acts, the others wait; equal
     # priorities would freeze all of them, so each process draws its own unless one is given.
@@ -136,7 +178,7 @@ async def run_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Mem
     op.wakeup(namespace, name).set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, when=_active)
 async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                      memo: kopf.Memo, **kwargs: Any) -> None:
     op: Operator = memo.operator
@@ -151,7 +193,7 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
         if delay is None:  # the run is gone
             return
         try:
-            await asyncio.wait_for(wake.wait(), timeout=max(delay, DEBOUNCE_SECONDS))
+            await asyncio.wait_for(wake.wait(), timeout=max(min(delay, SAFETY_NET_SECONDS), DEBOUNCE_SECONDS))
             await asyncio.sleep(DEBOUNCE_SECONDS)
         except asyncio.TimeoutError:
             pass
@@ -166,16 +208,19 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
         return None
     metrics.RECONCILES.inc()
     started = time.monotonic()
+    await op.safety_net(indexes, namespace, name)
     children = op.children(indexes, namespace, name)
+    pods = child_events.pods_of(indexes, namespace, name)
+    events = child_events.events_of(indexes, namespace, [c["metadata"]["name"] for c in children])
     store: dict[str, dict | None] = {}
     now = datetime.now(timezone.utc)
     secret_labels_ = await secret_labels(op, body)
-    decision = decide(body, children, store, now, op.config, secret_labels_)
+    decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config, secret_labels_)
+        decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     op.phases[(namespace, name)] = decision.status.get("phase", "Pending")

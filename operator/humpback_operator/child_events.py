@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from humpback_operator.diagnosis import FAILED_CREATE_EVENTS
 from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
 from humpback_operator.config import trainjobs_enabled
@@ -27,12 +28,16 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {
             "name": meta.get("name"),
             "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
             "labels": dict(meta.get("labels") or {}),
             "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("humpback.dev/")},
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
         "status": copy.deepcopy(dict(body.get("status") or {})),
     }
+    spec = body.get("spec") or {}
+    if "suspend" in spec or "suspend" in (spec.get("runPolicy") or {}):  # Kueue holds it (diagnosis.is_queued)
+        out["spec"] = {"suspend": spec.get("suspend"), "runPolicy": {"suspend": (spec.get("runPolicy") or {}).get("suspend")}}
     if body.get("kind") == "ConfigMap":
         out["data"] = dict(body.get("data") or {})
     return out
@@ -87,6 +92,29 @@ async def humpback_trainjobs(body, namespace, labels, memo, **_):
 if trainjobs_enabled():
     _trainjob = get_backend("trainjob")
     kopf.index(_trainjob.group, _trainjob.version, _trainjob.plural, labels=_RUN_LABEL)(humpback_trainjobs)
+# The pods of the children (their templates carry the run label): why a stage is not moving.
+@kopf.index("", "v1", "pods", labels=_RUN_LABEL)
+async def humpback_pods(body, namespace, labels, memo, **_):
+    return _index(body, namespace, labels, memo)
+
+
+def _refused_create(body: Mapping[str, Any], **_: Any) -> bool:
+    return body.get("type") == "Warning" and body.get("reason") in FAILED_CREATE_EVENTS
+
+
+# Warning Events of refused pod creates (quota, PodSecurity) on a Job or PyTorchJob, which no pod
+# shows: keyed by (namespace, name of the object they are about). Events carry no labels of ours,
+# so the run whose child it is is found by name (child names start with the run's name).
+@kopf.index("", "v1", "events", when=_refused_create)
+async def humpback_child_events(body, namespace, memo, **_):
+    involved = body.get("involvedObject") or {}
+    name = involved.get("name", "")
+    for (ns, run), wake in list(memo.operator.wakeups.items()):
+        if ns == namespace and name.startswith(run + "-"):
+            wake.set()
+    return {(namespace, name): {"involvedObject": {"kind": involved.get("kind"), "name": name},
+                                "type": body.get("type"), "reason": body.get("reason"), "message": body.get("message"),
+                                "lastTimestamp": body.get("lastTimestamp") or body.get("eventTime")}}
 
 
 # A deleted child leaves its index without a call to the index function, so without a wake-up:
@@ -104,3 +132,16 @@ def children_of(indexes: Mapping[str, Any], namespace: str, run: str) -> list[di
         if index is not None and (namespace, run) in index:
             out.extend(index[(namespace, run)])
     return out
+
+
+def pods_of(indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict[str, Any]]:
+    index = indexes.get("humpback_pods")
+    return list(index[(namespace, run)]) if index is not None and (namespace, run) in index else []
+
+
+def events_of(indexes: Mapping[str, Any], namespace: str, names: list[str]) -> list[dict[str, Any]]:
+    """The indexed Warning Events about the objects `names` of `namespace`."""
+    index = indexes.get("humpback_child_events")
+    if index is None:
+        return []
+    return [event for name in names if (namespace, name) in index for event in index[(namespace, name)]]

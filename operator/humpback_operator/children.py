@@ -50,7 +50,8 @@ from humpback_runtime.pod_contract import (
     SERVED_MODEL_ENV,
     server_api_key_env,
 )
-from humpback_runtime.spec import BacktranslationRun, PodResources, dump_run
+from humpback_runtime.errors import EXIT_INPUTS_MISSING, EXIT_INVALID
+from humpback_runtime.spec import BacktranslationRun, PodResources, duration_seconds, dump_run
 
 ENV_RUN_SPEC = "HUMPBACK_RUN_SPEC"
 SPEC_KEY = "run.yaml"
@@ -78,6 +79,26 @@ READINESS_PROBE = {"periodSeconds": 10, "failureThreshold": 3}
 # Lenient: a server busy with a full batch may answer /health slowly, and a restart loses the KV cache.
 LIVENESS_PROBE = {"periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 5}
 SERVER_PROGRESS_DEADLINE_S = 3600
+
+# Requests and limits when the spec leaves them out: sized from the GPUs a pod asks for, so that a
+# GPU pod is never BestEffort (evicted first, refused by memory quotas). An 8-GPU A100 node has
+# 96-256 cores and 1-2 TiB of memory; 8 cores and 96Gi per GPU fit either.
+CPU_PER_GPU = 8
+MEMORY_GI_PER_GPU = 96
+CPU_ONLY = ("2", "8Gi")
+# /dev/shm (memory-backed, so it counts against the memory limit): NCCL, DeepSpeed's and vLLM's workers.
+SHM_GI_PER_GPU = 16
+# Ephemeral storage (request, limit, and the /cache volume's sizeLimit) by what a pod keeps on disk.
+EPHEMERAL_TRAINING = "200Gi"  # the base model and local checkpoints: a 7B ZeRO-2 checkpoint is ~100 GB
+EPHEMERAL_GPU = "50Gi"  # an in-process engine's model download
+EPHEMERAL_SERVER = "20Gi"  # vLLM streams the weights from S3; compile caches and logs only
+EPHEMERAL_CPU = "10Gi"
+
+# Job podFailurePolicy: a disrupted pod (drain, preemption, spot loss: the DisruptionTarget
+# condition) does not count against backoffLimit, the Job makes a new pod; a pod that exits with
+# the runtime's bad-input codes fails the Job at once (reason PodFailurePolicy), and the operator
+# does not retry such a stage (reconcile.py): the same input fails the same way.
+PERMANENT_EXIT_CODES = (EXIT_INVALID, EXIT_INPUTS_MISSING)
 
 
 def owner_reference(body: Mapping) -> dict:
@@ -174,14 +195,16 @@ def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, atte
         primary = _training(run, stage, attempt, config, owner)
     elif models:  # a client of the servers: CPU only, the GPUs are the servers'
         primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
+                       deadline=resources.inference.timeout,
                        extra_env=_endpoint_env(run, stage, models, config) + _server_key_env(run, stage, models))
     elif _runs_in_process(run, stage):
         primary = _job(run, stage, attempt, config, owner, "job", resources.inference,
-                       gpus=resources.inference.gpus_per_replica)
+                       gpus=resources.inference.gpus_per_replica, deadline=resources.inference.timeout)
     elif stage.kind == "inference":  # a client of the user's endpoint or of an external rewriter
-        primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0)
+        primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
+                       deadline=resources.inference.timeout)
     else:
-        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0)
+        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0, deadline=resources.cpu.timeout)
     return StageChildren(servers=servers, primary=primary)
 
 
@@ -312,28 +335,28 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
     return env
 
 
-def _resources(res: PodResources, gpus: int) -> dict:
-    amounts = {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
+def _resources(res: PodResources, gpus: int, ephemeral: str) -> dict:
+    """Requests = limits for cpu, memory and ephemeral storage (Guaranteed QoS for a pod's only
+    container: evicted last), defaults from the GPUs asked for; GPUs as a limit."""
+    cpu, memory = (str(CPU_PER_GPU * gpus), f"{MEMORY_GI_PER_GPU * gpus}Gi") if gpus > 0 else CPU_ONLY
+    amounts = {"cpu": res.cpu or cpu, "memory": res.memory or memory,
+               "ephemeral-storage": res.ephemeral_storage or ephemeral}
     limits = dict(amounts)
     if gpus > 0:
         limits["nvidia.com/gpu"] = gpus  # extended resources: the limit is also the request
-    out = {}
-    if amounts:
-        out["requests"] = amounts
-    if limits:
-        out["limits"] = limits
-    return out
+    return {"requests": amounts, "limits": limits}
 
 
-def _volumes(shm: bool, cache: bool) -> tuple[list[dict], list[dict]]:
-    """(volumes, volumeMounts): /dev/shm in memory for NCCL and vLLM workers (the runtime's 64 MiB
-    default is far too small), and a scratch cache for downloaded models."""
+def _volumes(gpus: int, cache_size: str | None) -> tuple[list[dict], list[dict]]:
+    """(volumes, volumeMounts): a scratch cache for downloaded models and checkpoints, and for GPU
+    pods /dev/shm in memory for NCCL and vLLM workers (the runtime's 64 MiB default is far too
+    small). Both with a sizeLimit: an unbounded emptyDir can fill the node's disk or memory."""
     volumes, mounts = [], []
-    if cache:
-        volumes.append({"name": "cache", "emptyDir": {}})
+    if cache_size:
+        volumes.append({"name": "cache", "emptyDir": {"sizeLimit": cache_size}})
         mounts.append({"name": "cache", "mountPath": CACHE_DIR})
-    if shm:
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    if gpus > 0:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GI_PER_GPU * gpus}Gi"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
 
@@ -385,6 +408,12 @@ def _pod_template(run: BacktranslationRun, labels: dict, res: PodResources, conf
         spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations]
+    if res.priority_class_name:
+        spec["priorityClassName"] = res.priority_class_name
+    if res.affinity:
+        spec["affinity"] = copy.deepcopy(res.affinity)
+    if res.topology_spread_constraints:
+        spec["topologySpreadConstraints"] = copy.deepcopy(res.topology_spread_constraints)
     spec["containers"] = containers
     if volumes:
         spec["volumes"] = volumes
@@ -409,32 +438,46 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
     # training operator injects; only the processes per node are ours to say.
     command = ["torchrun", f"--nproc-per-node={procs}", "-m", "humpback_runtime", *_stage_args(stage)]
     labels = child_labels(run, stage.name, "train", attempt=str(attempt))
-    volumes, mounts = _volumes(shm=True, cache=True)
+    resources = _resources(res, res.gpus_per_node, EPHEMERAL_TRAINING)
+    volumes, mounts = _volumes(res.gpus_per_node, resources["limits"]["ephemeral-storage"])
     container = _container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
-                           _resources(res, res.gpus_per_node), mounts, command=command)
+                           resources, mounts, command=command)
     template = _pod_template(run, labels, res, config, [container], volumes)
     return get_backend(training_backend(run, config)).build(
         name=stage_child_name(run.name, stage, attempt), namespace=run.namespace, labels=labels,
         annotations=_fingerprint(stage), owner=owner, pod_template=template, nodes=res.nodes, procs_per_node=procs,
+        active_deadline_seconds=duration_seconds(res.timeout),
     )
 
 
 def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig, owner: dict | None,
-         component: str, res: PodResources, *, gpus: int, extra_env: list[dict] | None = None) -> dict:
+         component: str, res: PodResources, *, gpus: int, deadline: str, extra_env: list[dict] | None = None) -> dict:
     """A batch/v1 Job running the stage once. backoffLimit 0: a failure ends the attempt, and the
-    operator's retry is a new Job (its pods and logs stay beside the failed one's)."""
+    operator's retry is a new Job (its pods and logs stay beside the failed one's); a disruption
+    is no failure (podFailurePolicy); `deadline` bounds the attempt (activeDeadlineSeconds)."""
     labels = child_labels(run, stage.name, component, attempt=str(attempt))
-    volumes, mounts = _volumes(shm=gpus > 0, cache=True)
+    resources = _resources(res, gpus, EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU)
+    volumes, mounts = _volumes(gpus, resources["limits"]["ephemeral-storage"])
     command = ["humpback", *_stage_args(stage)]
     container = _container("stage", res.image or config.runtime_image, [*_runtime_env(run, stage), *(extra_env or [])],
-                           _resources(res, gpus), mounts, command=command)
+                           resources, mounts, command=command)
     template = _pod_template(run, labels, res, config, [container], volumes, restart_policy="Never")
+    spec: dict = {"backoffLimit": 0}
+    seconds = duration_seconds(deadline)
+    if seconds:
+        spec["activeDeadlineSeconds"] = seconds
+    spec["podFailurePolicy"] = {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In",
+                                              "values": list(PERMANENT_EXIT_CODES)}},
+    ]}
+    spec["template"] = template
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": object_meta(stage_child_name(run.name, stage, attempt), run.namespace, labels,
                                 _fingerprint(stage), owner),
-        "spec": {"backoffLimit": 0, "template": template},
+        "spec": spec,
     }
 
 
@@ -492,9 +535,9 @@ def _server(run: BacktranslationRun, stage: Stage, train_stage: str, config: Ope
         # stores (MinIO, Ceph) need; the runtime's boto3 client uses path style there too.
         env += [{"name": "RUNAI_STREAMER_S3_ENDPOINT", "value": run.spec.storage.s3.endpoint},
                 {"name": "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "value": "0"}]
-    volumes, mounts = _volumes(shm=True, cache=False)
-    container = _container("vllm", res.image or config.vllm_image, env, _resources(res, res.gpus_per_replica),
-                           mounts, args=args)
+    resources = _resources(res, res.gpus_per_replica, EPHEMERAL_SERVER)
+    volumes, mounts = _volumes(res.gpus_per_replica, None)
+    container = _container("vllm", res.image or config.vllm_image, env, resources, mounts, args=args)
     container["ports"] = [{"name": "http", "containerPort": config.vllm_port, "protocol": "TCP"}]
     health = {"httpGet": {"path": "/health", "port": "http"}}
     container["startupProbe"] = {**copy.deepcopy(health), **STARTUP_PROBE}

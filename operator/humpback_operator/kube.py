@@ -8,6 +8,8 @@ tokens and their rotation, TLS); its calls block, so they run in threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from typing import Any
 from humpback_runtime.spec import GROUP, PLURAL, VERSION
 
 from humpback_operator.backends import BACKENDS
+from humpback_operator.names import LABEL_RUN
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +78,17 @@ def resource_path(api_version: str, kind: str, namespace: str, name: str | None 
     return path
 
 
+# API calls block (the kubernetes client), so they run in threads: in a pool of their own, so
+# that slow store reads (store_probe.py) can never hold up creates, deletes and status patches.
+API_WORKERS = 8
+
+
 class Kube:
-    def __init__(self, api_client: Any | None = None):
+    def __init__(self, api_client: Any | None = None, workers: int = API_WORKERS):
         if api_client is None:
             api_client = _default_api_client()
         self.api = api_client
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
               query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
@@ -103,7 +112,8 @@ class Kube:
 
     async def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                    query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
-        return await asyncio.to_thread(self._call, method, path, body, content_type, query, accept)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(self._call, method, path, body, content_type, query, accept))
 
     async def get_run(self, namespace: str, name: str) -> dict | None:
         try:
@@ -168,6 +178,22 @@ class Kube:
                  "data": obj.get("data", {})}
         await self.call("PATCH", resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
                         patch, "application/merge-patch+json")
+
+    async def list_children(self, namespace: str, run: str) -> list[dict]:
+        """Every child of `run` as the API server has it now (each kind the operator creates)."""
+        selector = [("labelSelector", f"{LABEL_RUN}={run}")]
+        out: list[dict] = []
+        for (api_version, kind), _plural in PLURALS.items():
+            if kind == "BacktranslationRun":
+                continue
+            try:
+                listed = await self.call("GET", resource_path(api_version, kind, namespace), query=selector)
+            except ApiError as e:
+                if e.status == 404:  # a kind this cluster does not serve (the training operator's CRD)
+                    continue
+                raise
+            out += [{**item, "apiVersion": api_version, "kind": kind} for item in (listed or {}).get("items") or []]
+        return out
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """Delete in the background (dependents go with the garbage collector); False if gone already."""

@@ -25,6 +25,8 @@ LABEL_ATTEMPT = "humpback.dev/attempt"
 LABEL_MODEL = "humpback.dev/model"
 ANNOTATION_FINGERPRINT = "humpback.dev/fingerprint"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"  # Kueue's WorkloadPriorityClass of the workload
+KUEUE_LABELS = (QUEUE_LABEL, PRIORITY_CLASS_LABEL)
 MANAGED_BY = {"app.kubernetes.io/managed-by": "humpback-operator"}
 
 MAX_NAME = 63
@@ -71,15 +73,17 @@ def server_name(run_name: str, stage: Stage, train_stage: str) -> str:
 def child_labels(run: BacktranslationRun, stage: str | None, component: str, **extra: str) -> dict[str, str]:
     """Labels of a child: run, stage (None for run-wide children), component, managed-by, plus
     `humpback.dev/<key>` for each extra (attempt, model). Of the run's own labels only Kueue's queue
-    name is copied: other labels of the parent may mean something else on a Job or a Deployment."""
+    name and priority class are copied: other labels of the parent may mean something else on a Job
+    or a Deployment."""
     labels = {LABEL_RUN: run.name}
     if stage is not None:
         labels[LABEL_STAGE] = stage
     labels[LABEL_COMPONENT] = component
     labels.update({f"humpback.dev/{key}": str(value) for key, value in extra.items()})
     labels.update(MANAGED_BY)
-    if QUEUE_LABEL in run.metadata.labels:
-        labels[QUEUE_LABEL] = run.metadata.labels[QUEUE_LABEL]
+    for key in KUEUE_LABELS:
+        if key in run.metadata.labels:
+            labels[key] = run.metadata.labels[key]
     return labels
 
 
@@ -93,7 +97,7 @@ def object_meta(name: str, namespace: str, labels: dict[str, str], annotations: 
 
 
 def pod_labels(labels: dict[str, str]) -> dict[str, str]:
-    """Labels for a child's pod template: the child's, without Kueue's queue name, which belongs on
+    """Labels for a child's pod template: the child's, without Kueue's labels, which belong on
     the top-level object only (Kueue admits the Job/Deployment; a queue label on its pods could
     make Kueue's pod integration gate each pod on its own)."""
-    return {k: v for k, v in labels.items() if k != QUEUE_LABEL}
+    return {k: v for k, v in labels.items() if k not in KUEUE_LABELS}

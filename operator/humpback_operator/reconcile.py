@@ -14,6 +14,7 @@ restarted operator just decides again.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from humpback_runtime.plan import Plan, Stage, build_plan
-from humpback_runtime.spec import BacktranslationRun, SpecError, parse_run
+from humpback_runtime.spec import BacktranslationRun, PodResources, SpecError, duration_seconds, parse_run
 
 from humpback_operator import names, policy
 from humpback_operator.backends import backend_of_kind
@@ -31,11 +32,11 @@ from humpback_operator.children import (
     cluster_problems,
     job_outcome,
     owner_reference,
-    served_models,
     server_state,
     stage_uri,
 )
 from humpback_operator.config import OperatorConfig
+from humpback_operator.diagnosis import Problem, diagnose
 
 DONE = ("Succeeded", "Skipped")
 CONDITION_TYPES = ("Accepted", "Running", "Complete", "Failed", "Suspended")
@@ -103,12 +104,26 @@ def run_from_body(body: Mapping[str, Any]) -> BacktranslationRun:
 
 
 class _Children:
-    """A run's children by name, with the helpers decide() asks of them."""
+    """A run's children by name, their pods and the Warning Events on them, with the helpers
+    decide() asks of them."""
 
-    def __init__(self, objects: list[Mapping[str, Any]]):
+    def __init__(self, objects: list[Mapping[str, Any]], pods: list[Mapping[str, Any]] = (),
+                 events: list[Mapping[str, Any]] = ()):
         self.by_name: dict[tuple[str, str], Mapping[str, Any]] = {}
         for obj in objects:
             self.by_name[(obj.get("kind", ""), obj["metadata"]["name"])] = obj
+        self.pods = list(pods)
+        self.events: dict[str, list[Mapping[str, Any]]] = {}
+        for event in events:
+            self.events.setdefault((event.get("involvedObject") or {}).get("name", ""), []).append(event)
+
+    def pods_of(self, stage: str, **labels: str) -> list[Mapping[str, Any]]:
+        """Pods of `stage` with the given humpback.dev/<key> labels (attempt, component, model)."""
+        want = {names.LABEL_STAGE: stage, **{f"humpback.dev/{k}": v for k, v in labels.items()}}
+        return [p for p in self.pods if want.items() <= (p["metadata"].get("labels") or {}).items()]
+
+    def events_of(self, name: str) -> list[Mapping[str, Any]]:
+        return self.events.get(name, [])
 
     def get(self, kind: str, name: str) -> Mapping[str, Any] | None:
         return self.by_name.get((kind, name))
@@ -144,10 +159,14 @@ def decide(
     store: Mapping[str, dict | None],
     now: datetime,
     config: OperatorConfig,
+    pods: list[Mapping[str, Any]] = (),
+    events: list[Mapping[str, Any]] = (),
+    *,
     secret_labels: Mapping[str, Mapping[str, str] | None] | None = None,
 ) -> Decision:
     """The decision for one run. `store` maps stage name -> its `_SUCCESS.json` (None: not done)
     for the stages the caller has read; a stage missing from it is reported in `needs_store`.
+    `pods` are the pods of the run's children, `events` the Warning Events on its children.
     `secret_labels`: labels of the Secrets the run references (None: no such Secret), when the
     policy checks them (`policy.needs_secret_labels`)."""
     d = Decision()
@@ -172,9 +191,12 @@ def decide(
         return d
 
     plan = build_plan(run)
-    kids = _Children(children)
+    kids = _Children(children, pods, events)
     owner = owner_reference(body)
     old_stages = {s["name"]: s for s in old_status.get("stages") or [] if "name" in s}
+    # An operator upgrade may compute a stage's fingerprint differently (new code versions): a
+    # running attempt keeps its child and its fingerprint unless the user changed the spec.
+    plan.stages = [_in_flight(stage, old_stages.get(stage.name), old_status, generation) for stage in plan.stages]
 
     configmap = _spec_configmap(run, body, owner)
     existing_cm = kids.get("ConfigMap", configmap["metadata"]["name"])
@@ -197,8 +219,8 @@ def decide(
     suspended = run.spec.suspend
     # A stage that failed for good (with today's settings and retry limit) stops new starts anywhere.
     limit = run.spec.retries.limit
-    failed_before = any(s.get("phase") == "Failed" and s.get("fingerprint") == current.get(name)
-                        and int(s.get("attempt") or 0) > limit for name, s in old_stages.items())
+    failed_before = any(s.get("fingerprint") == current.get(name) and _failed_for_good(s, limit)
+                        for name, s in old_stages.items())
     failed_stage: str | None = None
     states: dict[str, dict[str, Any]] = {}
     for stage in plan.stages:
@@ -266,6 +288,31 @@ def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: 
     return d
 
 
+def _in_flight(stage: Stage, old: Mapping[str, Any] | None, old_status: Mapping[str, Any], generation: Any) -> Stage:
+    """`stage` with the fingerprint its running attempt was started with, when only the operator
+    (not the spec: same metadata.generation) changed it; else `stage` as planned."""
+    if not old or old.get("phase") != "Running" or not old.get("fingerprint") or old["fingerprint"] == stage.fingerprint:
+        return stage
+    if generation is None or old_status.get("observedGeneration") != generation or not old.get("child"):
+        return stage
+    return dataclasses.replace(stage, fingerprint=old["fingerprint"])
+
+
+def _counted(st: Mapping[str, Any]) -> int:
+    """Attempts that count against retries.limit: disrupted ones do not."""
+    return int(st.get("attempt") or 0) - int(st.get("disruptions") or 0)
+
+
+def _failed_for_good(st: Mapping[str, Any], limit: int) -> bool:
+    return st.get("phase") == "Failed" and (_counted(st) > limit or st.get("reason") == "InvalidInput")
+
+
+def _resources_of(run: BacktranslationRun, stage: Stage) -> PodResources:
+    """The resources block whose deadlines apply to `stage` (training, inference or cpu)."""
+    res = run.spec.resources
+    return {"train": res.training, "inference": res.inference}.get(stage.kind, res.cpu)
+
+
 def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage, old: dict | None,
                  states: dict[str, dict[str, Any]], kids: _Children, store: Mapping[str, dict | None],
                  now: datetime, config: OperatorConfig, owner: dict, *, suspended: bool, blocked: bool) -> dict[str, Any]:
@@ -286,7 +333,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
 
     phase = st["phase"]
     limit = run.spec.retries.limit
-    if phase in DONE or (phase == "Failed" and st.get("attempt", 0) > limit):
+    if phase in DONE or _failed_for_good(st, limit):
         delete_servers()
         return st
 
@@ -333,17 +380,33 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
 
     if existing is not None and not _is_terminating(existing):
         outcome, message = _outcome(existing, config)
+        pods = kids.pods_of(stage.name, attempt=str(attempt))
+        problem = diagnose(existing, pods, kids.events_of(primary["metadata"]["name"]))
         if outcome == "Succeeded":
             st.update(phase="Succeeded", completionTime=_now_str(now), outputs=[stage_uri(run, stage.name) + "/"],
                       message=f"attempt {attempt} succeeded")
-            st.pop("nextAttemptTime", None)
+            for key in ("nextAttemptTime", "reason", "pendingSince"):
+                st.pop(key, None)
             d.events.append(Event("Normal", "StageSucceeded",
                                   f"Stage {stage.name} succeeded ({primary['kind']} {primary['metadata']['name']})"))
             delete_servers()
             return st
         if outcome == "Failed":
-            return _attempt_failed(d, st, stage, attempt, message, limit, run, now, delete_servers, rebuild_servers=False)
-        st.update(phase="Running", child=_ref(primary), message=f"attempt {attempt} running")
+            if problem is not None and problem.reason == "Disrupted" and existing["kind"] != "Job":
+                # A Job ignores disruptions itself (podFailurePolicy); a training job fails: start it again.
+                return _attempt_disrupted(d, st, stage, attempt, problem)
+            reason = None
+            if problem is not None and problem.reason != "Queued":
+                reason, message = problem.reason, f"{problem.text()} ({message})"
+            # The runtime's bad-input exit codes matched the Job's FailJob rule: a retry fails the same way.
+            permanent = existing["kind"] == "Job" and message.startswith("PodFailurePolicy")
+            return _attempt_failed(d, st, stage, attempt, message, limit, run, now, delete_servers,
+                                   rebuild_servers=False, reason="InvalidInput" if permanent else reason)
+        st.update(phase="Running", child=_ref(primary))
+        if _watch(d, st, stage, attempt, problem, run, now):
+            d.delete.append(Delete(existing["apiVersion"], existing["kind"], existing["metadata"]["name"]))
+            return _attempt_failed(d, st, stage, attempt, _pending_too_long(run, stage, problem), limit, run, now,
+                                   delete_servers, rebuild_servers=False, reason="PendingTimeout")
         return st
 
     # The current attempt's child is not there (yet): retries wait for their time, servers first.
@@ -357,6 +420,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
         return st
 
     waiting: list[str] = []
+    server_problem: Problem | None = None
     for server in built.servers:
         if server["kind"] in UNWATCHED_KINDS:
             # Not watched (the operator must not read Secrets): made with their Deployment, kept
@@ -377,18 +441,27 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             waiting.append(server["metadata"]["name"])
         elif server["kind"] == "Deployment":
             state, message = server_state(have)
-            if state == "Failed":
+            labels = server["metadata"]["labels"]
+            problem = diagnose(have, kids.pods_of(stage.name, component="server", model=labels[names.LABEL_MODEL]), [])
+            # Kueue gates a Deployment's pods until admitted: its progress deadline runs meanwhile.
+            if state == "Failed" and not (problem is not None and problem.reason == "Queued"):
                 return _attempt_failed(d, st, stage, attempt, f"vLLM server {server['metadata']['name']}: {message}",
                                        limit, run, now, delete_servers, rebuild_servers=True)
             if state != "Available":
                 waiting.append(server["metadata"]["name"])
+                server_problem = server_problem or problem
     if waiting:
-        st.update(phase="Running", child=_ref(next(o for o in built.servers if o["kind"] == "Deployment")),
-                  message=f"attempt {attempt}: waiting for vLLM server {', '.join(waiting)} to become available")
+        st.update(phase="Running", child=_ref(next(o for o in built.servers if o["kind"] == "Deployment")))
+        if _watch(d, st, stage, attempt, server_problem, run, now):
+            return _attempt_failed(d, st, stage, attempt, _pending_too_long(run, stage, server_problem), limit, run,
+                                   now, delete_servers, rebuild_servers=True, reason="PendingTimeout")
+        if server_problem is None:
+            st["message"] = f"attempt {attempt}: waiting for vLLM server {', '.join(waiting)} to become available"
         return st
 
     d.create.append(primary)
-    st.pop("nextAttemptTime", None)
+    for key in ("nextAttemptTime", "reason", "pendingSince"):
+        st.pop(key, None)
     st.update(phase="Running", child=_ref(primary), message=f"attempt {attempt} running")
     if attempt == 1 or st.get("startTime") is None:
         st["startTime"] = st.get("startTime") or _now_str(now)
@@ -398,20 +471,77 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
     return st
 
 
+def _watch(d: Decision, st: dict, stage: Stage, attempt: int, problem: Problem | None, run: BacktranslationRun,
+           now: datetime) -> bool:
+    """Put what keeps a running attempt from moving into its status (and an Event when that
+    changes); True when its pods have waited to start longer than the stage's pendingTimeout."""
+    old_reason = st.get("reason")
+    if problem is None:
+        st.pop("reason", None)
+        st.pop("pendingSince", None)
+        st["message"] = f"attempt {attempt} running"
+        return False
+    st.update(reason=problem.reason, message=f"attempt {attempt}: {problem.text()}")
+    if problem.reason != old_reason:
+        d.events.append(Event("Normal" if problem.reason == "Queued" else "Warning", problem.reason,
+                              f"Stage {stage.name} (attempt {attempt}): {problem.message}"))
+    if not problem.pending:  # queued, crash-looping, ...: not waiting to start
+        st.pop("pendingSince", None)
+        return False
+    since = _parse_time(st.get("pendingSince")) or now
+    st["pendingSince"] = _now_str(since)
+    timeout = duration_seconds(_resources_of(run, stage).pending_timeout)
+    if timeout is None:
+        return False
+    left = timeout - (now - since).total_seconds()
+    if left <= 0:
+        return True
+    d.requeue_after = min(d.requeue_after, max(left, 0.5))
+    return False
+
+
+def _pending_too_long(run: BacktranslationRun, stage: Stage, problem: Problem | None) -> str:
+    what = problem.text() if problem is not None else "pods not started"
+    return f"pods did not start within pendingTimeout {_resources_of(run, stage).pending_timeout}: {what}"
+
+
+def _attempt_disrupted(d: Decision, st: dict, stage: Stage, attempt: int, problem: Problem) -> dict:
+    """A training attempt ended by a disruption (eviction, preemption, node loss): the next one
+    starts now and the disrupted one does not count against retries.limit."""
+    st.update(phase="Running", attempt=attempt + 1, disruptions=int(st.get("disruptions") or 0) + 1,
+              reason="Disrupted", message=f"attempt {attempt} was disrupted ({problem.message}); attempt "
+              f"{attempt + 1} starts now and the disrupted one does not count as a retry")
+    for key in ("nextAttemptTime", "pendingSince"):
+        st.pop(key, None)
+    d.events.append(Event("Warning", "StageDisrupted", f"Attempt {attempt} of stage {stage.name} was disrupted: "
+                          f"{problem.message}; starting attempt {attempt + 1} (not counted as a retry)"))
+    d.requeue_after = min(d.requeue_after, 0.5)
+    return st
+
+
 def _attempt_failed(d: Decision, st: dict, stage: Stage, attempt: int, message: str, limit: int,
-                    run: BacktranslationRun, now: datetime, delete_servers, *, rebuild_servers: bool) -> dict:
-    if attempt > limit:  # that was the last one
+                    run: BacktranslationRun, now: datetime, delete_servers, *, rebuild_servers: bool,
+                    reason: str | None = None) -> dict:
+    st.pop("pendingSince", None)
+    if reason:
+        st["reason"] = reason
+    else:
+        st.pop("reason", None)
+    if reason == "InvalidInput" or _counted(st) > limit:  # that was the last one
+        if reason == "InvalidInput":
+            message += "; the runtime rejected the stage's input or settings: not retried"
         st.update(phase="Failed", completionTime=_now_str(now),
-                  message=f"attempt {attempt} of {limit + 1} failed: {message}")
+                  message=f"attempt {attempt} of {limit + 1 + int(st.get('disruptions') or 0)} failed: {message}")
         st.pop("nextAttemptTime", None)
         d.events.append(Event("Warning", "StageFailed",
                               f"Stage {stage.name} failed after {attempt} attempt(s): {message}"))
         delete_servers()
         return st
-    delay = run.spec.retries.backoff_seconds * 2 ** (attempt - 1)
+    delay = run.spec.retries.backoff_seconds * 2 ** (_counted(st) - 1)
     retry_at = now + timedelta(seconds=delay)
     st.update(phase="Running", attempt=attempt + 1, nextAttemptTime=_now_str(retry_at),
-              message=f"attempt {attempt} failed: {message}; attempt {attempt + 1} of {limit + 1} in {delay}s")
+              message=f"attempt {attempt} failed: {message}; attempt {attempt + 1} of "
+              f"{limit + 1 + int(st.get('disruptions') or 0)} in {delay}s")
     d.events.append(Event("Warning", "StageRetrying",
                           f"Attempt {attempt} of stage {stage.name} failed: {message}; retrying in {delay}s"))
     if rebuild_servers:  # a server that never became ready is rebuilt for the next attempt

@@ -14,11 +14,13 @@ prints `listening on http://127.0.0.1:PORT/v1` once it serves, and runs until ki
 
 Failure injection: the first `fail_first` requests, and every request whose prompt contains
 `fail_on`, answer `status_on_fail` with an OpenAI error body (and `Retry-After: retry_after` when
-set); `delay_s` delays every answer. `model`, when set, is the only model served (404 otherwise,
+set); `delay_s` delays every answer, and `jitter_s` adds a random delay in [0, jitter_s] to each, so
+concurrent requests are answered in random order. `model`, when set, is the only model served (404 otherwise,
 as vLLM does). `stats` counts requests, failures, requests in flight and the most at once, and
 keeps the last `Authorization` header.
 
-In an event loop: `stub = await start_stub(...)`, then `stub.url`, `stub.stats`, `await stub.close()`.
+In an event loop: `stub = await start_stub(...)`, then `stub.url`, `stub.stats`, `await stub.close()`;
+`stub.behaviour` holds the options and may be changed while it serves (`stub.behaviour.delay_s = 0`).
 From sync code: `with StubServer(...) as stub:` runs the same server on a thread with its own loop.
 For benchmarks run it as a separate process (the command above) so server and client do not share
 one core's GIL.
@@ -30,6 +32,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import random
 import re
 import sys
 import threading
@@ -62,6 +65,7 @@ class _Behaviour:
     text: str | Callable[[str], str]
     top_logprobs: dict | None
     delay_s: float
+    jitter_s: float
     fail_first: int
     status_on_fail: int
     fail_on: str | None
@@ -119,8 +123,8 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
             if not all(isinstance(p, str) for p in prompts):
                 return _error(400, "'prompt' must be a string or a list of strings")
-            if b.delay_s:
-                await asyncio.sleep(b.delay_s)
+            if b.delay_s or b.jitter_s:
+                await asyncio.sleep(b.delay_s + random.uniform(0.0, b.jitter_s))
             if stats.requests <= b.fail_first or (b.fail_on is not None and any(b.fail_on in p for p in prompts)):
                 stats.failed += 1
                 headers = {"Retry-After": f"{b.retry_after:g}"} if b.retry_after is not None else None
@@ -175,30 +179,32 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
 
 
 class StubHandle:
-    """A running stub: `url` (…/v1), `stats`, and `await close()`."""
+    """A running stub: `url` (…/v1), `stats`, `behaviour` (its options, live), and `await close()`."""
 
-    def __init__(self, runner: web.AppRunner, url: str, stats: StubStats):
-        self._runner, self.url, self.stats = runner, url, stats
+    def __init__(self, runner: web.AppRunner, url: str, stats: StubStats, behaviour: _Behaviour):
+        self._runner, self.url, self.stats, self.behaviour = runner, url, stats, behaviour
 
     async def close(self) -> None:
         await self._runner.cleanup()
 
 
 async def start_stub(host: str = "127.0.0.1", port: int = 0, *, text: str | Callable[[str], str] = "ok",
-                     top_logprobs: dict | None = None, delay_s: float = 0.0, fail_first: int = 0,
+                     top_logprobs: dict | None = None, delay_s: float = 0.0, jitter_s: float = 0.0,
+                     fail_first: int = 0,
                      status_on_fail: int = 503, fail_on: str | None = None, retry_after: float | None = None,
                      model: str | None = None) -> StubHandle:
     """Start the stub in the running loop on `host:port` (0: a free port)."""
     _check_loopback(host)
     stats = StubStats()
-    behaviour = _Behaviour(text, top_logprobs, delay_s, fail_first, status_on_fail, fail_on, retry_after, model)
+    behaviour = _Behaviour(text, top_logprobs, delay_s, jitter_s, fail_first, status_on_fail, fail_on, retry_after,
+                           model)
     runner = web.AppRunner(_app(behaviour, stats), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     bound = runner.addresses[0]
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    return StubHandle(runner, f"http://{shown}:{bound[1]}/v1", stats)
+    return StubHandle(runner, f"http://{shown}:{bound[1]}/v1", stats, behaviour)
 
 
 class StubServer:
@@ -220,6 +226,11 @@ class StubServer:
     def stats(self) -> StubStats:
         assert self._handle is not None, "StubServer is not started"
         return self._handle.stats
+
+    @property
+    def behaviour(self) -> _Behaviour:
+        assert self._handle is not None, "StubServer is not started"
+        return self._handle.behaviour
 
     def start(self) -> StubServer:
         ready = threading.Event()
@@ -268,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-logprobs", type=json.loads, default=None, metavar="JSON",
                    help='the top_logprobs entry of each token, e.g. \'{"5": -0.1, "4": -2.3}\'')
     p.add_argument("--delay-s", type=float, default=0.0)
+    p.add_argument("--jitter-s", type=float, default=0.0, help="plus a random delay up to this: answers out of order")
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--status-on-fail", type=int, default=503)
     p.add_argument("--fail-on", default=None, help="fail every request whose prompt contains this")

@@ -17,6 +17,21 @@ What happens to a child is its outcome, from `policy(obj)` when the stand-in fir
     "run"          kubelet mode: runs the container's command on this machine; its exit code
                    decides Succeeded/Complete (0) or Failed (anything else)
 
+What a real cluster does to pods (each makes a Pod through the API, owned by the child, so the
+emulator's admission applies: a PodSecurity level or a ResourceQuota that refuses it becomes a
+FailedCreate Event on a Job, FailedCreatePod on a PyTorchJob, and a ReplicaFailure condition on a
+Deployment, retried until the pod is admitted):
+
+    "pending"      the pod stays Pending: PodScheduled False, Unschedulable, the scheduler's message
+    "image-pull"   the pod's container waits in ImagePullBackOff
+    "oom"          the container is OOMKilled; the Job / PyTorchJob fails
+    "evict"        the pod is evicted (DisruptionTarget); a Job whose podFailurePolicy ignores
+                   that makes a new pod, which succeeds; otherwise (PyTorchJob) the child fails
+    "queued"       Kueue holds it: a Job is suspended (spec.suspend), a PyTorchJob too
+                   (runPolicy.suspend, condition Suspended), a Deployment's pods wait behind a
+                   scheduling gate while its progress deadline passes; `release(name, outcome)`
+                   admits it
+
 `StandIns(..., kubelet=True)` makes "run" the default outcome of Jobs and PyTorchJobs: the stand-in
 kubelet (kubelet.py) runs them in `workdir` (default: the current directory); each child's output
 goes to `log_dir/<kind>-<name>.log` (`standins.logs[name]`). Deployments (vLLM servers) are
@@ -35,6 +50,7 @@ import dataclasses
 import datetime
 import os
 import re
+import secrets
 import subprocess
 import tempfile
 import threading
@@ -48,7 +64,10 @@ import kubernetes
 from humpback_testing.kubelet import Kubelet, kill
 
 Policy = Callable[[dict[str, Any]], str]
-OUTCOMES = ("succeed", "fail", "hold", "never-ready", "run")
+POD_OUTCOMES = ("pending", "image-pull", "oom", "evict", "queued")
+OUTCOMES = ("succeed", "fail", "hold", "never-ready", "run", *POD_OUTCOMES)
+UNSCHEDULABLE = "0/12 nodes are available: 12 Insufficient nvidia.com/gpu. preemption: 0/12 nodes are available: " \
+    "12 No preemption victims found for incoming pod."
 KINDS: dict[str, tuple[str, str, str]] = {  # kind: (group, version, plural)
     "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
     "Job": ("batch", "v1", "jobs"),
@@ -151,6 +170,7 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
     blocked: str = ""  # why the container cannot start yet (a missing ConfigMap, Secret or key)
+    pod: str = ""  # the name of its Pod in the API (pod outcomes)
 
 
 class StandIns:
@@ -192,6 +212,7 @@ class StandIns:
         self._api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
         self._api.user_agent = STANDINS_USER_AGENT
         self._objects = kubernetes.client.CustomObjectsApi(self._api)
+        self._core = kubernetes.client.CoreV1Api(self._api)
         self._kubelet = Kubelet(kubernetes.client.CoreV1Api(self._api), workdir=Path(workdir or os.getcwd()),
                                 env=os.environ if env is None else env, env_overrides=env_overrides or {},
                                 log_dir=self.log_dir, entrypoint=entrypoint)
@@ -283,10 +304,17 @@ class StandIns:
         return child
 
     def _advance(self, child: _Child, obj: dict[str, Any]) -> None:
+        admitted = False
         with self._lock:
             for key in (child.name, None):
-                if child.outcome == "hold" and key in self._releases:
-                    child.outcome = self._releases[key] if key is None else self._releases.pop(key)
+                if child.outcome in ("hold", "queued") and key in self._releases:
+                    released = self._releases[key] if key is None else self._releases.pop(key)
+                    admitted = admitted or child.outcome == "queued"
+                    child.outcome = released
+        if admitted:
+            self._admit(child, obj)
+        if child.outcome in POD_OUTCOMES:
+            return self._advance_pod(child, obj)
         if child.kind == "Deployment":
             return self._advance_deployment(child, obj)
         if child.step == 0:
@@ -397,6 +425,150 @@ class StandIns:
         child.step = 3
         self._record(child, state)
 
+    # --- pods that fail to be created, scheduled, pulled or kept --------------------------------------
+
+    def _advance_pod(self, child: _Child, obj: dict[str, Any]) -> None:
+        if child.outcome == "queued":
+            return self._queue(child, obj)
+        if child.step == 0:
+            if child.kind == "Deployment":
+                self._advance_deployment(child, obj)  # progressing, not available
+            else:
+                self._write(child, obj, "created")
+            child.step = 1
+        if not child.pod and not self._make_pod(child, obj):
+            return  # refused: a FailedCreate Event; tried again on the next poll
+        outcome = child.outcome
+        if outcome == "pending":
+            self._pod_status(child, {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE}]})
+            return self._settle(child, "unschedulable")
+        if outcome == "image-pull":
+            self._pod_status(child, {"phase": "Pending", "containerStatuses": [{"name": self._container(obj), "ready": False,
+                                     "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {
+                                     "reason": "ImagePullBackOff", "message": f'Back-off pulling image "{self._image(obj)}"'}}}]})
+            return self._settle(child, "image-pull-backoff")
+        if outcome == "oom":
+            self._pod_status(child, {"phase": "Failed", "containerStatuses": [{"name": self._container(obj), "ready": False,
+                                     "restartCount": 0, "image": "x", "imageID": "", "state": {"terminated": {
+                                     "reason": "OOMKilled", "exitCode": 137}}}]})
+            self._record(child, "oom-killed")
+            return self._write(child, obj, "failed") if child.kind != "Deployment" else self._settle(child, "oom-killed")
+        if outcome == "evict":
+            self._pod_status(child, {"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                     "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]})
+            self._record(child, "evicted")
+            rules = ((obj.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []
+            ignored = any(r.get("action") == "Ignore" and any(c.get("type") == "DisruptionTarget"
+                          for c in r.get("onPodConditions") or []) for r in rules)
+            if child.kind == "Job" and ignored:  # not counted: a new pod, which runs to the end
+                child.pod, child.outcome = "", "succeed"
+                return self._write(child, obj, "running")
+            return self._write(child, obj, "failed") if child.kind != "Deployment" else self._settle(child, "evicted")
+
+    def _settle(self, child: _Child, state: str) -> None:
+        child.step = 3  # stays like this until deleted
+        self._record(child, state)
+
+    def _queue(self, child: _Child, obj: dict[str, Any]) -> None:
+        """Kueue holding a workload until `release`: suspended, or (a Deployment) gated pods."""
+        if child.step:
+            return
+        if child.kind == "Deployment":
+            self._advance_deployment(child, obj)  # progressing (step 1)
+            if self._make_pod(child, obj):
+                self._pod_status(child, {"phase": "Pending", "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                     "message": "Scheduling is blocked due to non-empty scheduling gates"}]})
+            latest = self._objects.get_namespaced_custom_object(*KINDS["Deployment"][:2], child.namespace, "deployments", child.name)
+            status = dict(latest.get("status") or {})
+            status["conditions"] = _set_condition(list(status.get("conditions") or []), "Progressing", "False",
+                                                  "ProgressDeadlineExceeded", "the Deployment has timed out progressing.")
+            self._patch_status(child, status, latest)
+        else:
+            child.step = 1
+            self._suspend(child, True)
+            if child.kind == "PyTorchJob":
+                status = dict(obj.get("status") or {})
+                status["conditions"] = _set_condition(list(status.get("conditions") or []), "Suspended", "True",
+                                                      "PyTorchJobSuspended", f"PyTorchJob {child.name} is suspended.")
+                self._patch_status(child, status, obj)
+        self._record(child, "queued")
+
+    def _admit(self, child: _Child, obj: dict[str, Any]) -> None:
+        """Kueue admits a queued workload: unsuspended, or its pods' gates gone (a fresh start)."""
+        if child.kind == "Deployment":
+            if child.pod:
+                self._core.delete_namespaced_pod(child.pod, child.namespace)
+            child.pod = ""
+        else:
+            self._suspend(child, False)
+            if child.kind == "PyTorchJob":
+                status = dict(obj.get("status") or {})
+                status["conditions"] = _set_condition(list(status.get("conditions") or []), "Suspended", "False",
+                                                      "PyTorchJobResumed", f"PyTorchJob {child.name} is resumed.")
+                self._patch_status(child, status, obj)
+        child.step = 0
+        self._record(child, "admitted")
+
+    def _suspend(self, child: _Child, suspend: bool) -> None:
+        group, version, plural = KINDS[child.kind]
+        patch = {"spec": {"suspend": suspend}} if child.kind == "Job" else {"spec": {"runPolicy": {"suspend": suspend}}}
+        self._objects.patch_namespaced_custom_object(group, version, child.namespace, plural, child.name, patch,
+                                                     _content_type="application/merge-patch+json")
+
+    def _template(self, obj: dict[str, Any]) -> dict[str, Any]:
+        spec = obj["spec"]
+        return spec["pytorchReplicaSpecs"]["Master"]["template"] if "pytorchReplicaSpecs" in spec else spec["template"]
+
+    def _container(self, obj: dict[str, Any]) -> str:
+        return self._template(obj)["spec"]["containers"][0]["name"]
+
+    def _image(self, obj: dict[str, Any]) -> str:
+        return self._template(obj)["spec"]["containers"][0].get("image", "")
+
+    def _make_pod(self, child: _Child, obj: dict[str, Any]) -> bool:
+        """Create the child's pod through the API as its controller would; False (and the
+        controller's Warning) when admission refuses it."""
+        template = self._template(obj)
+        name = f"{child.name}-master-0" if child.kind == "PyTorchJob" else f"{child.name}-{secrets.token_hex(3)[:5]}"
+        api_version = f"{KINDS[child.kind][0]}/{KINDS[child.kind][1]}"
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": child.namespace,
+                            "labels": dict((template.get("metadata") or {}).get("labels") or {}),
+                            "ownerReferences": [{"apiVersion": api_version, "kind": child.kind, "name": child.name,
+                                                 "uid": child.uid, "controller": True, "blockOwnerDeletion": True}]},
+               "spec": template["spec"]}
+        try:
+            self._core.create_namespaced_pod(child.namespace, pod)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 403:
+                raise
+            message = "Error creating: " + (_message(exc.body) or str(exc.reason))
+            if child.kind == "Deployment":  # the ReplicaSet's FailedCreate, copied into the Deployment's conditions
+                latest = self._objects.get_namespaced_custom_object("apps", "v1", child.namespace, "deployments", child.name)
+                status = dict(latest.get("status") or {})
+                status["conditions"] = _set_condition(list(status.get("conditions") or []), "ReplicaFailure", "True",
+                                                      "FailedCreate", message)
+                self._patch_status(child, status, latest)
+            elif child.blocked != message:
+                self._core.create_namespaced_event(child.namespace, {
+                    "metadata": {"generateName": f"{child.name}.", "namespace": child.namespace},
+                    "involvedObject": {"apiVersion": api_version, "kind": child.kind, "name": child.name,
+                                       "namespace": child.namespace, "uid": child.uid},
+                    "type": "Warning", "reason": "FailedCreate" if child.kind == "Job" else "FailedCreatePod",
+                    "message": message, "count": 1, "firstTimestamp": _now(), "lastTimestamp": _now(),
+                    "source": {"component": "job-controller" if child.kind == "Job" else "pytorchjob-controller"}})
+            if child.blocked != message:
+                self._record(child, "failed-create")
+            child.blocked = message
+            return False
+        child.pod, child.blocked = name, ""
+        return True
+
+    def _pod_status(self, child: _Child, status: dict[str, Any]) -> None:
+        self._core.patch_namespaced_pod_status(child.pod, child.namespace, {"status": status})
+
     def _observe_generation(self, child: _Child, obj: dict[str, Any]) -> None:
         generation = obj["metadata"].get("generation", 1)
         if (obj.get("status") or {}).get("observedGeneration") != generation:
@@ -450,6 +622,15 @@ def _replacing(old: Any, new: Any) -> Any:
     patch = {key: _replacing(old.get(key), value) for key, value in new.items() if value is not None}
     patch.update({key: None for key in old if new.get(key) is None})
     return patch
+
+
+def _message(body: Any) -> str:
+    try:
+        import json
+
+        return json.loads(body).get("message", "")
+    except (TypeError, ValueError, AttributeError):
+        return ""
 
 
 def _is_final(kind: str, status: Mapping[str, Any]) -> bool:

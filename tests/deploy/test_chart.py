@@ -296,6 +296,8 @@ EXPECTED_RUN_RULES = """
 - {apiGroups: ["", events.k8s.io], resources: [events], verbs: [create, patch]}
 - {apiGroups: [""], resources: [secrets], verbs: [get, create, delete]}
 - {apiGroups: [networking.k8s.io], resources: [networkpolicies], verbs: [get, create, delete]}
+- {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
+- {apiGroups: [""], resources: [events], verbs: [list, watch]}
 """
 PEERING = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "create", "patch")}
 

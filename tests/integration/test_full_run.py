@@ -43,7 +43,13 @@ def test_whole_run_survives_a_kill_mid_curation(tmp_path, tiny_model):
             assert time.monotonic() < deadline, "curate-1 wrote no shard within 10 minutes"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no chance to finish the stage
+        # A crash: no cleanup, no chance to finish the stage. The stage runs in its own process
+        # group (its lease names its PID); killed first, so it does not stop cleanly when the
+        # runner dies (it would: the runner's death sends it SIGTERM).
+        lease = run_dir / "curate-1" / "_LEASE.json"
+        if lease.exists():
+            os.killpg(json.loads(lease.read_text())["holder"]["pid"], signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (run_dir / "curate-1" / "_SUCCESS.json").exists()
     finished_before = {p.parent.name for p in run_dir.glob("*/_SUCCESS.json")}

@@ -154,6 +154,29 @@ def test_restarted_attempt_resumes_from_the_last_checkpoint(tiny_model, examples
         [loss for _, loss in straight["train_loss"]], rel=1e-4)
 
 
+def test_a_kill_between_the_published_model_and_the_manifest_leaves_no_checkpoints(tiny_model, examples,
+                                                                                   tmp_path) -> None:
+    store = LocalStore(tmp_path / "store")
+    prefix = "default/tiny/train-m0"
+    request = TrainRequest(base_model=str(tiny_model), examples=examples[:4], store=store, prefix=prefix, card=CARD,
+                           settings=_settings(zero_stage=0, gradient_checkpointing=False))
+    real = store.delete_prefix
+
+    def killed(key: str, **kw) -> int:
+        if key == f"{prefix}/checkpoints":  # model/_COMPLETE is written; the process dies here
+            raise KeyboardInterrupt
+        return real(key, **kw)
+
+    store.delete_prefix = killed
+    with pytest.raises(KeyboardInterrupt):
+        train(request)
+    store.delete_prefix = real
+    assert store.exists(f"{prefix}/model/{COMPLETE}") and store.list(f"{prefix}/checkpoints")
+    again = train(request)  # the next attempt: the model is published, nothing is trained
+    assert again["steps"] == 4
+    assert not store.list(f"{prefix}/checkpoints")
+
+
 def test_s3_base_model_and_store_without_deepspeed(tiny_model, examples, tmp_path, s3_server, s3_bucket,
                                                    monkeypatch) -> None:
     from humpback_runtime.storage import open_store

@@ -252,6 +252,60 @@ def test_custom_resources_are_pruned_and_checked_against_the_crd_schema(kube_emu
     assert kopf_state["status"] == {"phase": "Running"}  # kopf's status storage is pruned, as on a cluster
 
 
+def test_cel_rules_of_the_crd_are_evaluated(kube_emulator):
+    status, body = http(kube_emulator, "POST", BTR_PATH, tiny_run("has.dot"))
+    assert status == 422 and "DNS-1123 label" in body["message"]
+    assert http(kube_emulator, "POST", BTR_PATH, tiny_run("fine"))[0] == 201
+
+
+def test_built_in_kinds_are_validated_strictly_and_namespaces_must_exist(kube_emulator):
+    bad = job("bad")
+    bad["spec"]["backoffLimit"] = "not-a-number"
+    status, body = http(kube_emulator, "POST", JOBS_PATH, bad)
+    assert status == 422 and "spec.backoffLimit" in body["message"]
+    unknown = job("unknown")
+    unknown["spec"]["template"]["spec"]["containers"][0]["cpus"] = 2
+    assert http(kube_emulator, "POST", JOBS_PATH, unknown)[0] == 422
+    status, body = http(kube_emulator, "POST", "/apis/batch/v1/namespaces/nowhere/jobs", job("x"))
+    assert status == 404 and body["message"] == 'namespaces "nowhere" not found'
+
+
+def test_pods_are_refused_by_pod_security_and_quotas(kube_emulator):
+    http(kube_emulator, "POST", "/api/v1/namespaces", {"metadata": {"name": "locked", "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}})
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [
+        {"name": "main", "image": "busybox", "securityContext": {"privileged": True},
+         "resources": {"requests": {"memory": "8Gi"}, "limits": {"memory": "8Gi"}}}]}}
+    status, body = http(kube_emulator, "POST", "/api/v1/namespaces/locked/pods", pod)
+    assert status == 403 and 'violates PodSecurity "restricted:latest": privileged' in body["message"]
+    http(kube_emulator, "POST", "/api/v1/namespaces/default/resourcequotas",
+         {"metadata": {"name": "small"}, "spec": {"hard": {"requests.memory": "4Gi"}}})
+    status, body = http(kube_emulator, "POST", "/api/v1/namespaces/default/pods", pod)
+    assert status == 403 and "exceeded quota: small" in body["message"]
+
+
+def test_dependents_are_garbage_collected_with_their_owner(kube_emulator):
+    _, run = http(kube_emulator, "POST", BTR_PATH, tiny_run("owner"))
+    owned = job("owned")
+    owned["metadata"]["ownerReferences"] = [{"apiVersion": "humpback.dev/v1alpha1", "kind": "BacktranslationRun",
+                                            "name": "owner", "uid": run["metadata"]["uid"], "controller": True}]
+    http(kube_emulator, "POST", JOBS_PATH, owned)
+    http(kube_emulator, "POST", JOBS_PATH, job("unowned"))
+    http(kube_emulator, "DELETE", BTR_PATH + "/owner")
+    assert http(kube_emulator, "GET", JOBS_PATH + "/owned")[0] == 404
+    assert http(kube_emulator, "GET", JOBS_PATH + "/unowned")[0] == 200
+
+
+def test_watches_expire_on_demand_with_410_gone(kube_emulator):
+    _, listed = http(kube_emulator, "GET", JOBS_PATH)
+    kube_emulator.call(lambda handler: handler.expire_watches())
+    http(kube_emulator, "POST", JOBS_PATH, job("later"))
+    since = listed["metadata"]["resourceVersion"]
+    with urllib.request.urlopen(f"{kube_emulator.url}{JOBS_PATH}?watch=true&resourceVersion={since}", timeout=10) as r:
+        first = json.loads(r.readline())
+    assert first["type"] == "ERROR" and first["object"]["code"] == 410
+
+
 def test_secret_string_data_is_stored_as_data(kube_emulator, kube_api):
     core = kubernetes.client.CoreV1Api(kube_api)
     core.create_namespaced_secret("default", {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "id"}})

@@ -58,7 +58,7 @@ def test_examples_apply_list_read_back_and_delete(run_kubectl, kube_emulator):
     listing = run_kubectl("get", "btr")
     assert listing.stderr == ""  # e.g. no "short name could also match" warning
     header, *rows = listing.stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "MESSAGE", "AGE"]
     assert sorted(row.split()[0] for row in rows) == sorted(EXAMPLES)
 
     for example in EXAMPLES:
@@ -103,10 +103,12 @@ def test_a_typo_in_a_run_is_refused_by_kubectl_apply(run_kubectl, tmp_path):
 def test_status_written_through_the_subresource_shows_in_get_and_wait(run_kubectl):
     run_kubectl("apply", "-n", "default", "-f", "examples/tiny-cpu.yaml")
     run_kubectl("patch", "btr", "tiny-cpu", "--subresource=status", "--type=merge",
-                "-p", '{"status": {"phase": "Running", "stage": "train-m0", "progress": "2/10"}}')
+                "-p", '{"status": {"phase": "Running", "stage": "train-m0", "progress": "2/10", '
+                '"message": "train-m0: attempt 1: Unschedulable: pod p: 0/12 nodes are available"}}')
     run_kubectl("wait", "btr/tiny-cpu", "--for=jsonpath={.status.phase}=Running", "--timeout=10s")
     row = run_kubectl("get", "btr", "tiny-cpu", "--no-headers").stdout.split()
-    assert row[:4] == ["tiny-cpu", "Running", "train-m0", "2/10"]
+    assert row[:5] == ["tiny-cpu", "Running", "train-m0", "2/10", "train-m0:"]
+    assert "Unschedulable: pod p: 0/12 nodes are available" in " ".join(row)  # the Message column
     # The main resource ignores status changes, as on a cluster.
     run_kubectl("patch", "btr", "tiny-cpu", "--type=merge", "-p", '{"status": {"phase": "Failed"}}')
     assert run_kubectl("get", "btr", "tiny-cpu", "-o", "jsonpath={.status.phase}").stdout == "Running"

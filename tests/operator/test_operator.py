@@ -53,12 +53,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
 
 
 class OperatorProcess:
-    def __init__(self, env: dict[str, str], log: Path, mode: str = "--standalone"):
+    def __init__(self, env: dict[str, str], log: Path, mode: str = "--standalone", modules: tuple[str, ...] = ()):
         self.port = free_port()
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
-            [str(KOPF), "run", "-m", "humpback_operator.backtranslationrun", mode, "--all-namespaces",
+            [str(KOPF), "run", "-m", "humpback_operator.backtranslationrun", *(a for m in modules for a in ("-m", m)),
+             mode, "--all-namespaces",
              f"--liveness=http://127.0.0.1:{self.port}/healthz"],
             env=env, cwd=REPO_ROOT, stdout=self._out, stderr=subprocess.STDOUT,
         )
@@ -91,13 +92,14 @@ class OperatorProcess:
 def start_operator(kube_env, s3_server, tmp_path) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
-    def start(mode: str = "--standalone", log: str = "operator.log", **extra_env: str) -> OperatorProcess:
+    def start(mode: str = "--standalone", log: str = "operator.log", modules: tuple[str, ...] = (),
+              **extra_env: str) -> OperatorProcess:
         env = dict(kube_env, AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
                    AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1",
                    # The admin allows the probe to read the test buckets at moto's plain-http endpoint.
                    HUMPBACK_PROBE_ALLOWED_STORES=json.dumps([{"bucket": "test-*", "endpoint": s3_server}]),
                    **extra_env)
-        op = OperatorProcess(env, tmp_path / log, mode)
+        op = OperatorProcess(env, tmp_path / log, mode, modules)
         started.append(op)
         return op
 

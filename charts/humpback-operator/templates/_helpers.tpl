@@ -137,6 +137,14 @@ name.
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+# Why a stage is not moving: the pods of its children (Unschedulable, ImagePullBackOff, OOMKilled,
+# DisruptionTarget) and the Warning Events on them (FailedCreate: quota, PodSecurity). Read only.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list, watch]
 {{- end }}
 
 {{/*

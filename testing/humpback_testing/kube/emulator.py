@@ -14,9 +14,11 @@ metadata (uid, resourceVersion, creationTimestamp, generation), create/get/list/
 finalizers, label and field selectors, watch resumption from a resourceVersion, Tables for
 ``kubectl get``, and CRDs created through the API (they start being served).
 
-What it does not: authentication, admission, OpenAPI schema validation, defaulting and pruning,
-namespace existence checks, garbage collection by ownerReferences, and any controller (Jobs,
-Deployments, custom resources never progress by themselves: tests bring stand-in controllers).
+It says no where kube-apiserver does: CRD schemas and their CEL rules, built-in kinds checked
+strictly, namespaces that must exist, PodSecurity and ResourceQuota admission of pods; it
+garbage-collects by ownerReferences, and expires watches (410 Gone) on demand. What it does not:
+authentication, defaulting, and any controller (Jobs, Deployments, custom resources never
+progress by themselves: tests bring stand-in controllers).
 
 It names nothing of any project: the tests pass in the CRDs it serves. Where and why it differs
 from KMock 0.8: README.md next to this file.
@@ -44,6 +46,8 @@ import jsonpatch
 import kmock
 import yaml
 
+from humpback_testing.kube import admission
+
 # The built-in resources served: (apiVersion, plural, kind, namespaced, shortNames, subresources).
 BUILTIN_RESOURCES: tuple[tuple[str, str, str, bool, tuple[str, ...], tuple[str, ...]], ...] = (
     ("v1", "namespaces", "Namespace", False, ("ns",), ("status",)),
@@ -55,10 +59,14 @@ BUILTIN_RESOURCES: tuple[tuple[str, str, str, bool, tuple[str, ...], tuple[str, 
     ("apps/v1", "deployments", "Deployment", True, ("deploy",), ("status",)),
     ("batch/v1", "jobs", "Job", True, (), ("status",)),
     ("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", True, ("netpol",), ()),
+    ("v1", "resourcequotas", "ResourceQuota", True, ("quota",), ("status",)),
     ("events.k8s.io/v1", "events", "Event", True, ("ev",), ()),
     ("apiextensions.k8s.io/v1", "customresourcedefinitions", "CustomResourceDefinition", False,
      ("crd", "crds"), ("status",)),
 )
+# Built-in kinds checked against their schemas (strict) on create and update: what the operator
+# and the stand-ins send. Others (Events, Namespaces, ...) are stored as sent.
+VALIDATED_BUILTINS = {"ConfigMap", "Service", "Pod", "Deployment", "Job", "ResourceQuota"}
 # Kinds without metadata.generation in a real cluster (their content is not a "spec").
 _NO_GENERATION = {"ConfigMap", "Secret", "Event", "Namespace"}
 _VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
@@ -171,6 +179,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._log: collections.deque[tuple[int, ResourceType, str, dict | None, dict]] = collections.deque(maxlen=10_000)
         self._watchers: set[_Watcher] = set()  # type: ignore[type-arg]
         self._closing = False
+        self._floor_rv = -1  # watches resuming from this or before get 410 Gone (`expire_watches`)
+        self._held: list[Any] | None = None  # events not sent while watches are held (`hold_watches`)
+        self._dependents: dict[str, set[tuple[Any, str | None, str]]] = {}  # owner uid -> keys (garbage collection)
         self._idle_bus: kmock.Bus[Any] = kmock.Bus()
         for api_version, plural, kind, namespaced, short, sub in BUILTIN_RESOURCES:
             group, _, version = api_version.rpartition("/")
@@ -364,7 +375,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             gone["metadata"]["resourceVersion"] = str(self._rv)
             self.objects[key].delete()
             self._emit(route.rtype, "DELETED", old, gone)
+            self._collect_garbage(old["metadata"].get("uid", ""))
         else:
+            for ref in new["metadata"].get("ownerReferences") or ():
+                self._dependents.setdefault(ref.get("uid", ""), set()).add(key)
             new["metadata"]["resourceVersion"] = str(self._rv)
             if key in self.objects:
                 self.objects[key].history.append(new)
@@ -394,6 +408,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         else:
             meta.pop("namespace", None)
         route = dataclasses.replace(route, namespace=meta.get("namespace"), name=meta["name"])
+        namespaces = self._types[("", "v1", "namespaces")]
+        if route.rtype.namespaced and self._current(Route(namespaces, None, route.namespace, None)) is None:
+            raise _api_error(404, "NotFound", f'namespaces "{route.namespace}" not found', name=route.namespace, kind="namespaces")
         if self._current(route) is not None:
             raise _api_error(409, "AlreadyExists", f'{route.rtype.qualified()} "{route.name}" already exists',
                              name=route.name, group=route.rtype.group, kind=route.rtype.plural)
@@ -407,6 +424,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if route.rtype.has_status:
             obj.pop("status", None)  # with a status subresource, only /status writes the status
         obj = self._admit(route, obj, params)
+        if route.rtype.kind == "Pod":  # admission of pods: PodSecurity of the namespace, ResourceQuotas
+            self._admit_pod(route, obj)
         if "dryRun" in params:
             return obj
         self._store(route, None, obj)  # sets resourceVersion: kopf resumes watches from it
@@ -518,6 +537,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             obj["status"] = _crd_status(obj)
         schema = route.rtype.schema
         if not schema:
+            if route.rtype.kind in VALIDATED_BUILTINS and route.rtype.group in ("", "apps", "batch"):
+                self._refuse_invalid(route, obj, admission.builtin_errors(obj))
             return obj
         unknown: list[str] = []
         pruned = _prune(obj, schema, "", unknown, root=True)
@@ -535,7 +556,64 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if errors:
             raise _api_error(422, "Invalid", f"{name} is invalid: " + "; ".join(errors), name=obj["metadata"].get("name"),
                              group=route.rtype.group, kind=route.rtype.kind)
+        self._refuse_invalid(route, pruned, admission.cel_errors(schema, pruned))
         return pruned
+
+    def _refuse_invalid(self, route: Route, obj: Mapping[str, Any], errors: list[str]) -> None:
+        if errors:
+            name = obj["metadata"].get("name")
+            raise _api_error(422, "Invalid", f'{route.rtype.kind}{"." + route.rtype.group if route.rtype.group else ""} '
+                             f'"{name}" is invalid: ' + "; ".join(errors), name=name, group=route.rtype.group, kind=route.rtype.kind)
+
+    def _admit_pod(self, route: Route, pod: Mapping[str, Any]) -> None:
+        """A pod as PodSecurity admission and the ResourceQuota admission plugin see it: 403
+        Forbidden, with the API server's wording, when the namespace's `enforce` level or a quota
+        refuses it (a Job's or ReplicaSet's controller turns that into a FailedCreate Event)."""
+        namespace = self._current(Route(self._types[("", "v1", "namespaces")], None, route.namespace, None)) or {}
+        level = (namespace.get("metadata", {}).get("labels") or {}).get("pod-security.kubernetes.io/enforce")
+        if level in ("baseline", "restricted"):
+            problems = admission.pod_security_problems(pod, level)
+            if problems:
+                raise _api_error(403, "Forbidden", f'pods "{pod["metadata"]["name"]}" is forbidden: violates PodSecurity '
+                                 f'"{level}:latest": ' + ", ".join(problems))
+        quotas = self._select(Route(self._types[("", "v1", "resourcequotas")], route.namespace, None, None), {})
+        if quotas:
+            pods = [p for p in self._select(Route(route.rtype, route.namespace, None, None), {})
+                    if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+            for quota in quotas:
+                exceeded = admission.quota_exceeded(quota, pods, pod)
+                if exceeded:
+                    raise _api_error(403, "Forbidden", f'pods "{pod["metadata"]["name"]}" is forbidden: exceeded quota: '
+                                     f'{quota["metadata"]["name"]}, {exceeded}')
+
+    def _collect_garbage(self, owner_uid: str) -> None:
+        """The garbage collector, in the background propagation mode: the dependents of a deleted
+        object (its uid in their ownerReferences) are deleted after it, and theirs after them."""
+        for ref, namespace, name in sorted(self._dependents.pop(owner_uid, ()), key=str):
+            rtype = next((t for t in self._types.values() if t.ref == ref), None)
+            if rtype is None:
+                continue
+            route = Route(rtype, namespace, name, None)
+            current = self._current(route)
+            if current is not None and owner_uid in {r.get("uid") for r in current["metadata"].get("ownerReferences") or ()}:
+                self._delete(route)
+
+    def hold_watches(self) -> None:
+        """Stop sending watch events (a watch gap: a network partition, an API server restart);
+        `expire_watches` ends the gap."""
+        self._held = []
+
+    def expire_watches(self) -> None:
+        """410 Gone for every open watch, and for any watch resuming from before now: clients
+        re-list. Events held back by `hold_watches` are never sent."""
+        self._held = None
+        self._floor_rv = self._rv  # resuming from here or before: 410; a list now gets a newer version
+        self._rv += 1
+        gone = {"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410,
+                                            "reason": "Expired", "message": "too old resource version"}}
+        for watcher in list(self._watchers):
+            watcher.queue.put_nowait(gone)
+            watcher.queue.put_nowait(_STOP)
 
     async def _serve_openapi_root(self) -> dict[str, Any]:
         versions = {(t.group, t.version) for t in self._types.values()}
@@ -612,6 +690,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _emit(self, rtype: ResourceType, kind: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
         self._log.append((self._rv, rtype, kind, old, new))
+        if self._held is not None:
+            return
         for watcher in self._watchers:
             event = self._event_for(watcher, rtype, kind, old, new)
             if event is not None:
@@ -646,7 +726,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     "metadata": {"resourceVersion": str(self._rv), "annotations": {"k8s.io/initial-events-end": "true"}}}})
         else:
             since_rv = int(since) if since.isdigit() else 0
-            if self._log and self._log[0][0] > since_rv + 1 and len(self._log) == self._log.maxlen:
+            if since_rv <= self._floor_rv or (self._log and self._log[0][0] > since_rv + 1 and len(self._log) == self._log.maxlen):
                 initial = [{"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410,
                                                          "reason": "Expired", "message": f"too old resource version: {since}"}}]
             else:

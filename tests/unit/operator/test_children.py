@@ -42,6 +42,7 @@ from humpback_operator.names import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_MODEL,
+    PRIORITY_CLASS_LABEL,
     QUEUE_LABEL,
 )
 
@@ -138,7 +139,8 @@ def test_pytorchjob_has_one_master_and_nodes_minus_one_workers(nodes, workers):
     for spec in specs.values():
         assert spec["restartPolicy"] == "Never"
         assert spec["template"]["spec"]["containers"][0]["name"] == "pytorch"
-    assert job["spec"]["runPolicy"] == {"backoffLimit": 0, "cleanPodPolicy": "None"}
+    # No backoffLimit (training-operator v1.8/v1.9.0-3 delete every pod when it is exceeded), pods kept, 72h deadline.
+    assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "None", "activeDeadlineSeconds": 72 * 3600}
 
 
 def test_training_runs_torchrun_with_the_gpus_per_node_as_processes():
@@ -155,8 +157,8 @@ def test_training_without_gpus_runs_one_process_and_requests_no_gpu():
     run = make_run(resources={"training": {"gpusPerNode": 0, "cpu": "4", "memory": "16Gi"}})
     container = container_of(stage_children(run, "train-m0").primary)
     assert "--nproc-per-node=1" in container["command"]
-    assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"},
-                                      "limits": {"cpu": "4", "memory": "16Gi"}}
+    assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "200Gi"},
+                                      "limits": {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "200Gi"}}
 
 
 def test_training_pods_get_node_selector_tolerations_shm_and_image_from_the_spec():
@@ -167,7 +169,7 @@ def test_training_pods_get_node_selector_tolerations_shm_and_image_from_the_spec
     pod = pod_templates(job)[0]["spec"]
     assert pod["nodeSelector"] == {"pool": "h100"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
     assert pod["containers"][0]["image"] == "registry.example/rt:1"
 
@@ -192,7 +194,7 @@ def test_cpu_stages_are_jobs_running_the_stage_command():
     container = pod["containers"][0]
     assert container["command"] == ["humpback", "stage", "prepare-corpus", "--spec", "env:HUMPBACK_RUN_SPEC"]
     assert container["image"] == "img:cpu"
-    assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "10Gi"}
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert "nodeSelector" not in pod
     assert job["metadata"]["labels"][LABEL_COMPONENT] == "job"
@@ -370,7 +372,7 @@ def test_augment_gets_a_vllm_server_and_a_client_job_pointing_at_it():
         "--model", "s3://bucket/runs/team-a/demo/train-myx/model", "--load-format", "runai_streamer",
         "--served-model-name", "train-myx", "--tensor-parallel-size", "2", "--host", "0.0.0.0", "--port", "8000",
         "--api-key", "$(VLLM_API_KEY)", "--max-model-len", "4096"]
-    assert vllm["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 2}
+    assert vllm["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "20Gi", "nvidia.com/gpu": 2}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert vllm[probe]["httpGet"] == {"path": "/health", "port": "http"}
     assert vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"] >= 1800
@@ -655,7 +657,7 @@ def test_trainjob_backend_carries_command_resources_and_node_selection():
     assert replicated["name"] == "node"
     pod = replicated["template"]["spec"]["template"]
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}} in pod["spec"]["volumes"]
 
 
 def test_trainjob_keeps_our_pod_template_security_context_and_labels():
@@ -729,7 +731,7 @@ def test_model_uri_matches_the_runtime_layout():
 
 BUILDER_MODULES = ["config", "names", "children", "backends"]
 ALLOWED_IMPORTS = {"humpback_runtime.spec", "humpback_runtime.plan", "humpback_runtime.pod_contract",
-                   "humpback_runtime.layout", "yaml"}
+                   "humpback_runtime.errors", "humpback_runtime.layout", "yaml"}
 
 
 @pytest.mark.parametrize("module", BUILDER_MODULES)
@@ -776,3 +778,69 @@ def test_humpback_render_warns_about_cluster_problems_but_still_renders(tmp_path
     docs = [d for d in yaml.safe_load_all(out.read_text()) if d is not None]
     assert len(docs) == len(render_run(load_run(REPO / "examples" / "tiny-cpu.yaml"), CONFIG))
     assert "registry.example/humpback-runtime:dev" in out.read_text()
+
+
+# --- resources a scheduler and a quota can work with; deadlines; disruptions (issue 11) ---------
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_pod_of_the_examples_has_requests_limits_size_limits_and_a_deadline(example):
+    for obj in render_run(load_run(REPO / "examples" / f"{example}.yaml"), CONFIG):
+        for template in pod_templates(obj):
+            pod = template["spec"]
+            for container in pod["containers"]:
+                for part in ("requests", "limits"):
+                    amounts = container["resources"][part]
+                    assert {"cpu", "memory", "ephemeral-storage"} <= set(amounts), (obj["metadata"]["name"], part)
+            for volume in pod.get("volumes", []):
+                assert volume["emptyDir"].get("sizeLimit"), (obj["metadata"]["name"], volume["name"])
+        if obj["kind"] == "Job":
+            assert obj["spec"]["activeDeadlineSeconds"] > 0
+            assert obj["spec"]["podFailurePolicy"]["rules"][0] == {
+                "action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        if obj["kind"] == "PyTorchJob":
+            assert obj["spec"]["runPolicy"]["activeDeadlineSeconds"] == 72 * 3600
+
+
+def test_gpu_pods_get_cpu_and_memory_from_the_gpus_they_ask_for():
+    run = make_run(resources={"training": {"gpusPerNode": 4}, "inference": {"gpusPerReplica": 2}})
+    (trainer,) = pod_templates(stage_children(run, "train-m0").primary)[0]["spec"]["containers"]
+    assert trainer["resources"]["requests"] == {"cpu": "32", "memory": "384Gi", "ephemeral-storage": "200Gi"}
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 4
+    server = next(o for o in stage_children(run, "augment").servers if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert server["containers"][0]["resources"]["requests"]["memory"] == "192Gi"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in server["volumes"]
+
+
+def test_deadlines_come_from_the_stage_kind_and_zero_means_none():
+    run = make_run(resources={"cpu": {"timeout": "1h30m"}, "inference": {"timeout": "0s"}, "training": {"timeout": "2h"}})
+    assert stage_children(run, "prepare-seed").primary["spec"]["activeDeadlineSeconds"] == 5400
+    assert "activeDeadlineSeconds" not in stage_children(run, "augment").primary["spec"]  # a client: inference's
+    assert stage_children(run, "train-m0").primary["spec"]["runPolicy"]["activeDeadlineSeconds"] == 7200
+    with pytest.raises(SpecError, match="timeout"):
+        make_run(resources={"cpu": {"timeout": "3 days"}})
+
+
+def test_jobs_fail_fast_on_the_runtimes_bad_input_exit_codes():
+    rules = stage_children(make_run(), "prepare-seed").primary["spec"]["podFailurePolicy"]["rules"]
+    assert rules[1] == {"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2, 4]}}
+
+
+def test_priority_class_affinity_and_topology_spread_are_passed_through():
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": {"humpback.dev/run": "demo"}}}]
+    run = make_run(resources={"training": {"priorityClassName": "gpu-high", "affinity": affinity,
+                                           "topologySpreadConstraints": spread}})
+    pod = pod_templates(stage_children(run, "train-m0").primary)[0]["spec"]
+    assert (pod["priorityClassName"], pod["affinity"], pod["topologySpreadConstraints"]) == ("gpu-high", affinity, spread)
+    assert "priorityClassName" not in stage_children(run, "prepare-seed").primary["spec"]["template"]["spec"]
+
+
+def test_kueue_priority_class_label_is_passed_on_beside_the_queue_name():
+    run = make_run(labels={QUEUE_LABEL: "gpus", PRIORITY_CLASS_LABEL: "research"})
+    for obj in render_run(run, CONFIG)[1:]:
+        assert obj["metadata"]["labels"][PRIORITY_CLASS_LABEL] == "research"
+        for template in pod_templates(obj):
+            assert PRIORITY_CLASS_LABEL not in template["metadata"]["labels"]

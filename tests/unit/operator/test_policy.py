@@ -44,14 +44,14 @@ def accepted(d) -> dict:
 ])
 def test_a_run_breaking_the_policy_is_refused_naming_the_rule_and_creates_nothing(spec, rule):
     labels = {"prod-db": {"app": "db"}, "missing": None}
-    d = decide(body(**spec), [], {}, T0, POLICY, labels)
+    d = decide(body(**spec), [], {}, T0, POLICY, secret_labels=labels)
     assert not d.create and not d.needs_store
     cond = accepted(d)
     assert (cond["status"], cond["reason"]) == ("False", "PolicyViolation")
     assert rule in cond["message"] and cond["message"].startswith("refused by the operator's policy")
     assert [e.reason for e in d.events] == ["PolicyViolation"]
     # Without the policy (any account allowed) the same run is accepted: it asks for the store first.
-    assert decide(body(**spec), [], {}, T0, OperatorConfig(allowed_service_accounts=("*",)), {}).needs_store
+    assert decide(body(**spec), [], {}, T0, OperatorConfig(allowed_service_accounts=("*",)), secret_labels={}).needs_store
 
 
 def test_a_run_within_the_policy_runs():
@@ -62,8 +62,8 @@ def test_a_run_within_the_policy_runs():
     assert needs_secret_labels(run, POLICY) == ["s3", "pull"]
     ok = {"s3": {"humpback.dev/usable-by-runs": "true"}, "pull": {"humpback.dev/usable-by-runs": "true"}}
     assert violations(run, POLICY, ok) == []
-    store = {s: None for s in decide(body(**spec), [], {}, T0, POLICY, ok).needs_store}
-    d = decide(body(**spec), [], store, T0, POLICY, ok)
+    store = {s: None for s in decide(body(**spec), [], {}, T0, POLICY, secret_labels=ok).needs_store}
+    d = decide(body(**spec), [], store, T0, POLICY, secret_labels=ok)
     assert accepted(d)["status"] == "True" and d.create
 
 

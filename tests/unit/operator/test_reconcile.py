@@ -50,6 +50,8 @@ class Cluster:
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.events: list[tuple[str, str, str]] = []
+        self.pods: list[dict] = []  # of the children, as the operator's Pod index has them
+        self.warnings: list[dict] = []  # Warning Events on the children
         self.now = T0
 
     def children(self) -> list[dict]:
@@ -59,10 +61,10 @@ class Cluster:
         """One reconcile: decide (reading the store when asked), apply, let controllers act."""
         self.now += timedelta(seconds=advance)
         store = dict(store or {})
-        d = decide(self.body, self.children(), store, self.now, CONFIG)
+        d = decide(self.body, self.children(), store, self.now, CONFIG, self.pods, self.warnings)
         if d.needs_store:
             store.update({s: None for s in d.needs_store if s not in store})
-            d = decide(self.body, self.children(), store, self.now, CONFIG)
+            d = decide(self.body, self.children(), store, self.now, CONFIG, self.pods, self.warnings)
         assert not d.needs_store
         for obj in d.update:
             self.objects[(obj["kind"], obj["metadata"]["name"])]["data"] = obj["data"]
@@ -358,3 +360,141 @@ def test_a_server_that_misses_its_progress_deadline_fails_the_attempt_and_is_reb
     augment = next(s for s in d.status["stages"] if s["name"] == "augment")
     assert augment["attempt"] == 2 and "ProgressDeadlineExceeded" in augment["message"]
     assert not [o for o in d.create if o["kind"] == "Job"]  # no client Job against a dead server
+
+
+# --- a cluster that says no: stuck pods, deadlines, disruptions, upgrades (issue 11) -------------
+
+
+def pod_of(child: dict, **status) -> dict:
+    """A pod of `child` (its template's labels) with the given status."""
+    spec = child["spec"]
+    template = spec["template"] if "template" in spec else spec["pytorchReplicaSpecs"]["Master"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": child["metadata"]["name"] + "-x1",
+            "labels": dict(template["metadata"]["labels"])}, "status": status}
+
+
+UNSCHEDULABLE = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/12 nodes are available: 12 Insufficient nvidia.com/gpu."}]}
+
+
+def started(cluster: Cluster, stage: str) -> dict:
+    cluster.run_until(lambda c: any(k[0] in ("Job", "PyTorchJob") and o["metadata"]["labels"].get("humpback.dev/stage") == stage
+                                    for k, o in c.objects.items()))
+    return next(o for k, o in cluster.objects.items() if k[0] in ("Job", "PyTorchJob")
+                and o["metadata"]["labels"].get("humpback.dev/stage") == stage)
+
+
+def test_an_unschedulable_pod_is_surfaced_and_a_cpu_stage_fails_after_its_pending_timeout():
+    cluster = Cluster(tiny_body(**{"resources.cpu.pendingTimeout": "10m"}), policy=lambda obj: "hold")
+    job = started(cluster, "prepare-seed")
+    cluster.pods.append(pod_of(job, **UNSCHEDULABLE))
+    cluster.step()
+    stage = cluster.stage("prepare-seed")
+    assert stage["reason"] == "Unschedulable" and "12 Insufficient nvidia.com/gpu" in stage["message"]
+    assert "12 Insufficient nvidia.com/gpu" in cluster.body["status"]["message"]
+    assert ("Warning", "Unschedulable") in [(t, r) for t, r, _ in cluster.events]
+    cluster.step(advance=300)
+    assert cluster.reasons().count("Unschedulable") == 1  # one Event per change, not per reconcile
+    assert cluster.stage("prepare-seed")["phase"] == "Running"
+    cluster.step(advance=301)
+    stage = cluster.stage("prepare-seed")
+    assert stage["reason"] == "PendingTimeout" and stage["attempt"] == 2
+    assert "pendingTimeout 10m" in stage["message"] and job["metadata"]["name"] in cluster.deleted
+
+
+def test_training_waits_for_gpus_without_a_pending_timeout_but_queued_time_is_no_problem():
+    cluster = Cluster(tiny_body(), policy=lambda obj: "hold" if obj["kind"] == "PyTorchJob" else "succeed")
+    train = started(cluster, "train-m0")
+    cluster.pods.append(pod_of(train, **UNSCHEDULABLE))
+    cluster.step(advance=7 * 24 * 3600)
+    assert cluster.stage("train-m0")["phase"] == "Running" and cluster.stage("train-m0")["reason"] == "Unschedulable"
+    train["spec"]["runPolicy"]["suspend"] = True  # Kueue holds it
+    cluster.pods.clear()
+    cluster.step()
+    stage = cluster.stage("train-m0")
+    assert stage["reason"] == "Queued" and "pendingSince" not in stage
+
+
+def test_an_oom_killed_pod_is_named_in_the_failure():
+    cluster = Cluster(tiny_body(), policy=lambda obj: "hold")
+    job = started(cluster, "prepare-seed")
+    cluster.pods.append(pod_of(job, phase="Failed", containerStatuses=[
+        {"name": "stage", "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]))
+    conditions_true(job, "Failed")
+    cluster.step()
+    stage = cluster.stage("prepare-seed")
+    assert stage["reason"] == "OOMKilled" and "ran out of memory" in stage["message"] and stage["attempt"] == 2
+
+
+def test_failed_create_events_of_a_job_are_surfaced():
+    cluster = Cluster(tiny_body(), policy=lambda obj: "hold")
+    job = started(cluster, "prepare-seed")
+    cluster.warnings.append({"kind": "Event", "type": "Warning", "reason": "FailedCreate",
+                             "involvedObject": {"kind": "Job", "name": job["metadata"]["name"]},
+                             "message": 'Error creating: pods "x" is forbidden: exceeded quota: gpu, requested: memory=8Gi'})
+    cluster.step()
+    stage = cluster.stage("prepare-seed")
+    assert stage["reason"] == "FailedCreate" and "exceeded quota" in stage["message"] and "pendingSince" in stage
+
+
+def test_a_job_failed_by_its_pod_failure_policy_is_not_retried():
+    cluster = Cluster(tiny_body(), policy=lambda obj: "hold")
+    job = started(cluster, "prepare-seed")
+    job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                     "message": "Container stage for pod ml/x failed with exit code 2 matching FailJob rule at index 1"}]}
+    cluster.step()
+    stage = cluster.stage("prepare-seed")
+    assert (stage["phase"], stage["reason"], stage["attempt"]) == ("Failed", "InvalidInput", 1)
+    assert cluster.body["status"]["phase"] == "Failed"
+
+
+def test_a_disrupted_training_attempt_is_recreated_at_once_without_counting():
+    cluster = Cluster(tiny_body(**{"retries.limit": 0}), policy=lambda obj: "hold" if obj["kind"] == "PyTorchJob" else "succeed")
+    train = started(cluster, "train-m0")
+    cluster.pods.append(pod_of(train, phase="Failed", conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]))
+    conditions_true(train, "Failed")
+    cluster.step()
+    stage = cluster.stage("train-m0")
+    assert (stage["phase"], stage["attempt"], stage["disruptions"]) == ("Running", 2, 1)
+    assert "nextAttemptTime" not in stage and "StageDisrupted" in cluster.reasons()
+    cluster.step()
+    assert any(n.startswith("tiny-cpu-train-m0-") and n.endswith("-a2") for n in cluster.created)
+    # A real failure after it is the last one (retries.limit 0): the disruption did not use it up.
+    second = next(o for k, o in cluster.objects.items() if k[1].endswith("-a2") and k[0] == "PyTorchJob")
+    conditions_true(second, "Failed")
+    cluster.step()
+    assert cluster.stage("train-m0")["phase"] == "Failed"
+
+
+def test_an_operator_upgrade_that_changes_a_fingerprint_keeps_the_running_child(monkeypatch):
+    from humpback_runtime import plan as plan_module
+
+    cluster = Cluster(tiny_body(), policy=lambda obj: "hold")
+    job = started(cluster, "prepare-seed")
+    cluster.step()
+    monkeypatch.setitem(plan_module.STAGE_CODE_VERSIONS, "prepare-seed", "upgraded")
+    cluster.step()
+    assert job["metadata"]["name"] not in cluster.deleted
+    assert cluster.stage("prepare-seed")["phase"] == "Running"
+    # A spec edit still replaces it.
+    cluster.body["metadata"]["generation"] = 2
+    cluster.body["spec"]["seed"]["maxExamples"] = 7
+    cluster.step()
+    assert job["metadata"]["name"] in cluster.deleted
+
+
+def test_a_server_past_its_progress_deadline_while_kueue_gates_its_pods_is_not_failed():
+    cluster = Cluster(tiny_body(), policy=lambda obj: "succeed")
+    cluster.run_until(lambda c: any(k[0] == "Deployment" for k in c.objects))
+    name, server = next((k[1], o) for k, o in cluster.objects.items() if k[0] == "Deployment")
+    server["status"] = {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}
+    gated = pod_of(server, phase="Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}])
+    cluster.pods.append(gated)
+    cluster.step()
+    assert name not in cluster.deleted
+    stage_name = server["metadata"]["labels"]["humpback.dev/stage"]
+    assert cluster.stage(stage_name)["reason"] == "Queued"
+    cluster.pods.clear()  # admitted, and then it really missed its deadline
+    cluster.step()
+    assert name in cluster.deleted

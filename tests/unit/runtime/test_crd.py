@@ -185,7 +185,7 @@ def test_one_served_storage_version_with_status_subresource():
 def test_printer_columns():
     (version,) = crd.build_crd()["spec"]["versions"]
     columns = {c["name"]: (c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Stage", "Progress", "Age"]
+    assert list(columns) == ["Phase", "Stage", "Progress", "Message", "Age"]
     assert columns["Phase"] == ("string", ".status.phase")
     assert columns["Stage"] == ("string", ".status.stage")
     assert columns["Progress"] == ("string", ".status.progress")

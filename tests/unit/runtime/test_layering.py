@@ -13,9 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[3] / "humpback_runtime"
 
 # Lower layers never import higher ones. Same-layer imports are allowed but may not form a circle.
 LAYERS: list[set[str]] = [
-    {"errors", "pod_contract", "layout", "__init__"},
+    {"errors", "pod_contract", "layout", "processes", "__init__"},
     {"spec", "prompts"},
-    {"plan", "crd", "storage", "sources"},
+    {"plan", "crd", "storage", "sources", "lease", "manifest"},
     {"context", "seed", "corpus", "tiny_model", "report", "inference.client", "evaluation"},
     {"inference.engines", "inference.local", "training.recipe", "training.distributed", "training.checkpoints",
      "training.card", "training.trainer", "training.__init__", "inference.__init__"},

@@ -359,3 +359,29 @@ def test_local_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a" / "report.html").stat().st_mode) == 0o666 & ~mask
+
+
+def test_shard_temp_files_live_in_a_per_process_folder_and_dead_processes_folders_are_swept(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import humpback_runtime.storage as storage
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(storage.tempfile, "tempdir", None)
+    monkeypatch.setattr(storage, "_scratch_dir", None)
+    store = storage.open_store(str(tmp_path / "store"))
+    writer = storage.ShardWriter(store, "p", records_per_shard=10)
+    writer.write({"id": 1})
+    mine = storage.shard_scratch_dir()
+    assert mine.parent == tmp_path and list(mine.iterdir())  # the open shard
+    writer.close()
+    assert not list(mine.iterdir())
+    # A process killed mid-shard leaves its folder; the next stage on this host removes it.
+    code = ("import os, humpback_runtime.storage as s; w = s.ShardWriter(s.open_store(%r), 'p'); "
+            "w.write({'id': 1}); os._exit(0)") % str(tmp_path / "store")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    dead = [d for d in tmp_path.glob("humpback-shards-*") if d != mine]
+    assert len(dead) == 1 and list(dead[0].iterdir())
+    assert storage.sweep_shard_scratch() == 1
+    assert not dead[0].exists() and mine.exists()

@@ -1,0 +1,145 @@
+"""The operator on a cluster that says no (issue 11): pods that cannot be scheduled, pulled, admitted
+or kept, deadlines, disruptions, Kueue, watch gaps and operator upgrades, each met through the
+stricter emulator and stand-ins (`humpback_testing.kube`, `humpback_testing.standins`) with the operator in
+its own process (test_operator.py's fixtures)."""
+
+from __future__ import annotations
+
+import time
+
+import kubernetes
+
+from humpback_testing.standins import stage_policy
+from test_operator import NAMESPACE, cluster, explain, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures)
+
+
+def stage_of(cluster, run: str, stage: str):
+    return lambda: cluster.stage(run, stage)
+
+
+def children_named(cluster, run: str, resource: str, part: str) -> list[dict]:
+    return [o for o in cluster.children(run, resource) if part in o["metadata"]["name"]]
+
+
+def test_an_unschedulable_pod_is_surfaced_and_the_pending_timeout_fails_the_attempt(
+        cluster, start_operator, make_standins, s3_bucket, s3_server):
+    make_standins(policy=stage_policy({("prepare-seed", 1): "pending"}))
+    op = start_operator()
+    cluster.create_run(tiny_run(s3_bucket, s3_server, resources={"cpu": {"pendingTimeout": "4s"}},
+                                retries={"limit": 2, "backoffSeconds": 0}))
+    wait_for(lambda: cluster.stage("tiny", "prepare-seed").get("reason") == "Unschedulable", 60,
+             "the reason in the stage status", explain(cluster, "tiny", op))
+    assert "12 Insufficient nvidia.com/gpu" in cluster.stage("tiny", "prepare-seed")["message"]
+    assert "12 Insufficient nvidia.com/gpu" in cluster.status("tiny")["message"]  # the Message column
+    assert any(r == "Unschedulable" and "Insufficient nvidia.com/gpu" in m for _, r, m in cluster.events("tiny"))
+    wait_for(lambda: children_named(cluster, "tiny", "jobs", "prepare-seed") and
+             any(j["metadata"]["name"].endswith("-a2") for j in children_named(cluster, "tiny", "jobs", "prepare-seed")),
+             60, "attempt 2 after the pending timeout", explain(cluster, "tiny", op))
+    assert not any(j["metadata"]["name"].endswith("-a1") for j in children_named(cluster, "tiny", "jobs", "prepare-seed"))
+    assert any(r == "StageRetrying" and "pendingTimeout 4s" in m for _, r, m in cluster.events("tiny"))
+
+
+def test_pods_refused_by_a_quota_are_surfaced_as_failed_create(
+        cluster, start_operator, make_standins, s3_bucket, s3_server):
+    cluster.core.create_namespaced_resource_quota(NAMESPACE, {
+        "metadata": {"name": "tight"}, "spec": {"hard": {"requests.memory": "1Gi"}}})
+    make_standins(policy=stage_policy({"prepare-seed": "pending"}))
+    op = start_operator()
+    cluster.create_run(tiny_run(s3_bucket, s3_server))
+    wait_for(lambda: cluster.stage("tiny", "prepare-seed").get("reason") == "FailedCreate", 60,
+             "FailedCreate in the stage status", explain(cluster, "tiny", op))
+    stage = cluster.stage("tiny", "prepare-seed")
+    assert "exceeded quota: tight" in stage["message"] and stage.get("pendingSince")
+
+
+def test_oom_killed_and_image_pull_backoff_are_named(cluster, start_operator, make_standins, s3_bucket, s3_server):
+    make_standins(policy=stage_policy({("prepare-seed", 1): "oom", "prepare-corpus": "image-pull"}))
+    op = start_operator()
+    cluster.create_run(tiny_run(s3_bucket, s3_server, retries={"limit": 2, "backoffSeconds": 30}))
+    wait_for(lambda: cluster.stage("tiny", "prepare-seed").get("attempt") == 2, 60, "a retry", explain(cluster, "tiny", op))
+    assert "OOMKilled" in cluster.stage("tiny", "prepare-seed")["message"]
+    assert cluster.stage("tiny", "prepare-seed")["reason"] == "OOMKilled"
+    wait_for(lambda: cluster.stage("tiny", "prepare-corpus").get("reason") == "ImagePullBackOff", 60,
+             "ImagePullBackOff", explain(cluster, "tiny", op))
+    assert "Back-off pulling image" in cluster.stage("tiny", "prepare-corpus")["message"]
+
+
+def test_disruptions_are_not_failures(cluster, start_operator, make_standins, s3_bucket, s3_server):
+    standins = make_standins(policy=stage_policy({("prepare-seed", 1): "evict", ("train-m0", 1): "evict"}))
+    op = start_operator()
+    cluster.create_run(tiny_run(s3_bucket, s3_server, retries={"limit": 0, "backoffSeconds": 0}))
+    # The Job ignores its evicted pod (podFailurePolicy) and finishes in attempt 1; the PyTorchJob
+    # fails, and the operator starts attempt 2 at once without using up the retry limit of 0.
+    wait_for(lambda: cluster.stage("tiny", "train-m0").get("disruptions") == 1, 90, "a disrupted training attempt",
+             explain(cluster, "tiny", op))
+    wait_for(cluster.phase_is("tiny", "Succeeded"), 120, "phase Succeeded", explain(cluster, "tiny", op))
+    assert cluster.stage("tiny", "prepare-seed")["attempt"] == 1
+    assert [n[-3:] for n in standins.seen["PyTorchJob"] if "-train-m0-" in n] == ["-a1", "-a2"]
+    assert "StageDisrupted" in cluster.reasons("tiny")
+
+
+def test_kueue_suspended_then_admitted_deployment_and_pytorchjob(cluster, start_operator, make_standins, s3_bucket, s3_server):
+    def policy(obj):
+        kind, stage = obj["kind"], obj["metadata"]["labels"].get("humpback.dev/stage")
+        return "queued" if (kind, stage) in (("PyTorchJob", "train-m0"), ("Deployment", "augment")) else "succeed"
+
+    standins = make_standins(policy=policy)
+    op = start_operator()
+    run = tiny_run(s3_bucket, s3_server)
+    run["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpus", "kueue.x-k8s.io/priority-class": "research"}
+    cluster.create_run(run)
+    wait_for(lambda: cluster.stage("tiny", "train-m0").get("reason") == "Queued", 60, "train-m0 queued",
+             explain(cluster, "tiny", op))
+    train = children_named(cluster, "tiny", "pytorchjobs", "train-m0")[0]
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research"
+    standins.release(train["metadata"]["name"], "succeed")
+    wait_for(lambda: cluster.stage("tiny", "augment").get("reason") == "Queued", 90, "augment's server queued",
+             explain(cluster, "tiny", op))
+    # Its progress deadline passed while Kueue held it: not a failure.
+    assert cluster.stage("tiny", "augment")["attempt"] == 1 and "StageRetrying" not in cluster.reasons("tiny")
+    server = children_named(cluster, "tiny", "deployments", "augment")[0]["metadata"]["name"]
+    standins.release(server, "succeed")
+    wait_for(lambda: cluster.stage("tiny", "augment").get("phase") == "Succeeded", 90, "augment done",
+             explain(cluster, "tiny", op))
+    assert cluster.stage("tiny", "augment")["attempt"] == 1 and cluster.stage("tiny", "train-m0")["attempt"] == 1
+
+
+def test_a_child_deleted_during_a_watch_gap_is_noticed(cluster, start_operator, make_standins, s3_bucket, s3_server, kube_api):
+    standins = make_standins(policy=stage_policy({("prepare-seed", 1): "hold"}))
+    op = start_operator(HUMPBACK_SAFETY_NET_SECONDS="2")
+    cluster.create_run(tiny_run(s3_bucket, s3_server))
+    job = wait_for(lambda: children_named(cluster, "tiny", "jobs", "prepare-seed"), 60, "the Job", explain(cluster, "tiny", op))[0]
+    cluster.emulator.call(lambda handler: handler.hold_watches())
+    kubernetes.client.BatchV1Api(kube_api).delete_namespaced_job(job["metadata"]["name"], NAMESPACE)
+    cluster.emulator.call(lambda handler: handler.expire_watches())
+    # The Job is gone from the API; the operator lists it from there and creates it again.
+    wait_for(lambda: [j for j in children_named(cluster, "tiny", "jobs", "prepare-seed")
+                      if j["metadata"]["uid"] != job["metadata"]["uid"]], 60, "the Job created again",
+             explain(cluster, "tiny", op))
+    wait_for(lambda: len([n for n in standins.seen["Job"] if n == job["metadata"]["name"]]) == 2, 30,
+             "the stand-ins saw the new Job")
+
+
+UPGRADE = '''
+"""A newer operator: the train stage's code version changed, so its fingerprint did."""
+from humpback_runtime import plan
+
+plan.STAGE_CODE_VERSIONS["train"] += 1
+'''
+
+
+def test_an_upgrade_that_changes_a_fingerprint_keeps_the_running_child(
+        cluster, start_operator, make_standins, s3_bucket, s3_server, tmp_path, kube_env):
+    make_standins(policy=stage_policy({("train-m0", 1): "hold"}))
+    old = start_operator()
+    cluster.create_run(tiny_run(s3_bucket, s3_server))
+    train = wait_for(lambda: children_named(cluster, "tiny", "pytorchjobs", "train-m0"), 60, "train-m0 running",
+                     explain(cluster, "tiny", old))[0]
+    wait_for(lambda: cluster.stage("tiny", "train-m0").get("child"), 30, "train-m0's child in status")
+    old.stop()
+    (tmp_path / "upgrade_shim.py").write_text(UPGRADE)
+    new = start_operator(modules=("upgrade_shim",), PYTHONPATH=str(tmp_path))
+    time.sleep(5)  # the new operator has reconciled the run by now (a daemon starts at once)
+    survivors = children_named(cluster, "tiny", "pytorchjobs", "train-m0")
+    assert [o["metadata"]["uid"] for o in survivors if not o["metadata"].get("deletionTimestamp")] == [train["metadata"]["uid"]], new.tail()
+    assert cluster.stage("tiny", "train-m0")["phase"] == "Running"
