@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
+from humpback_runtime import prompts
 from humpback_runtime.layout import run_prefix, stage_prefix
 from humpback_runtime.plan import Plan, Stage, build_plan, stage_sources
 from humpback_runtime.spec import BacktranslationRun
@@ -72,6 +73,17 @@ class RunContext:
         objects = (manifest or {}).get("objects")
         expected = {f"{prefix}/{rel}": info for rel, info in objects.items()} if isinstance(objects, dict) else None
         return iter_shard_records(self.store, output_shards(self.store, prefix, manifest), expected=expected)
+
+    def model_system(self, train_stage: str) -> str:
+        """The system text a stage puts before its task when it prompts the model of `train_stage`.
+
+        The text the model was trained with (prompts.inference_system): the seed tag, which M0 saw on
+        every example and Mk on every seed example. Myx (backward) is never prompted with a system text.
+        """
+        role = self.plan[train_stage].role
+        if role not in ("seed", "forward"):
+            raise ValueError(f"{train_stage} (role {role}) is not a forward model: it takes no system text")
+        return prompts.inference_system(self.run.spec.system_prompts)
 
     def is_done(self, stage: Stage) -> bool:
         """Finished with the current settings: its manifest carries the plan's fingerprint."""

@@ -1,8 +1,10 @@
 """prepare-corpus: the unlabelled web segments that the backward model writes instructions for.
 
-The paper (Li et al. 2023, section 2 and appendix) takes ClueWeb segments, deduplicates them,
-keeps those of 600 to 3,000 characters, and drops "the likes of" navigation and boilerplate
-heuristically. This module does the same for any web corpus (c4, RefinedWeb, Dolma, ...):
+The paper (Li et al. 2023, section 2.1) takes ClueWeb segments ("portions of text following an
+HTML header"), and runs "deduplication, length filtering" and heuristics against low-quality
+segments "such as the proportion of capitalized letters in the header"; it gives no numbers. The
+600-3,000-character window (spec.corpus.minChars/maxChars) and the filters below are ours
+(docs/method.md). This module does it for any web corpus (c4, RefinedWeb, Dolma, ...):
 
     counts = CorpusCounts()
     for segment in filter_corpus(records, spec.corpus, counts):   # records: (where, record)

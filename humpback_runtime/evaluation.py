@@ -1,13 +1,14 @@
 """The evaluate stage: answers of M0..Mk on evaluation prompt sets, judged pairwise by any
-OpenAI-compatible judge, summarised as win rates with standard errors; judged against reference
-outputs (win rate, average length, AlpacaEval 2.0's length-controlled win rate); MT-Bench sets
-asked in two turns and graded 1-10; every answer set exported in alpaca_eval's format
-(``alpaca_eval/<set>/<model>.json``). See docs/evaluation.md.
+OpenAI-compatible judge (through its chat API by default, ``evaluation.judge.api``), summarised as
+win rates with standard errors; judged against reference outputs (win rate, average length,
+AlpacaEval 2.0's length-controlled win rate); MT-Bench sets asked in two turns and graded 1-10;
+every answer set exported in alpaca_eval's format (``alpaca_eval/<set>/<model>.json``). See
+docs/evaluation.md.
 
 The stage (`humpback stage evaluate --spec RUN.yaml`) calls :func:`evaluate` with a callable that
 answers prompts with one trained model; the engine behind it is the stage's business::
 
-    system = prompts.inference_system(run.spec.system_prompts)
+    system = prompts.inference_system(run.spec.system_prompts)   # the seed tag every forward model trained with
 
     def generate_answers(model_stage, records, prefix):      # -> {prompt id: answer text}
         engine = engine_for(model_stage)                       # vLLM server, in-process, transformers
@@ -590,7 +591,7 @@ def evaluate(
         key = judge_api_key if judge_api_key is not None else os.environ.get(JUDGE_API_KEY_ENV) or None
         try:
             settings = ClientSettings(base_url=judge.endpoint, model=judge.model, api_key=key,
-                                      concurrency=judge_concurrency)
+                                      concurrency=judge_concurrency, api=judge.api)
         except ValueError as e:
             raise EvaluationError(f"spec.evaluation.judge: {e}") from e
 
@@ -683,7 +684,8 @@ def evaluate(
     evaluation = {
         "judged": judged_any,
         "note": note,
-        "judge": {"endpoint": _without_userinfo(judge.endpoint), "model": judge.model} if judge else None,
+        "judge": ({"endpoint": _without_userinfo(judge.endpoint), "model": judge.model, "api": judge.api}
+                  if judge else None),
         "models": list(models),
         "comparisons": [list(p) for p in pairs] if settings is not None else [],
         "sets": result_sets,

@@ -32,7 +32,7 @@ STAGE_CODE_VERSIONS = {
     "prepare-corpus": 2,  # 2: duplicate ids made unique (id#2, ...); near-duplicates verified by exact Jaccard
     "train": 2,  # 2: the backward model's prompt (the response) is cut to fit instead of dropping the pair
     "augment": 1,
-    "rewrite": 1,
+    "rewrite": 2,  # 2: rewrites cut off by maxTokens are dropped (finish_reason length)
     "curate": 2,  # 2: scores only (score = argmax in logprobs mode); selection moved to selected/<id>/
     "evaluate": 2,  # 2: reference outputs, alpaca_eval export, MT-Bench two turns graded 1-10
     "report": 1,
@@ -144,6 +144,17 @@ def model_stage(k: int) -> str:
     return "train-m0" if k == 0 else f"train-m{k}"
 
 
+EXTERNAL_REWRITE = "rewrite"  # the one stage of an external rewriter (every iteration reads it)
+
+
+def rewrite_stage(run: BacktranslationRun, k: int) -> str | None:
+    """The stage whose rewrites iteration k uses, or None without rewriting."""
+    rw = run.spec.curation.rewrite
+    if not rw.enabled:
+        return None
+    return EXTERNAL_REWRITE if rw.external else f"rewrite-{k}"
+
+
 def stage_sources(run: BacktranslationRun) -> dict[str, tuple[str, ...]]:
     """The data files each stage reads, as written in the spec (the sources of content fingerprints)."""
     spec = run.spec
@@ -203,19 +214,31 @@ def build_plan(run: BacktranslationRun, inputs: dict[str, str | None] | None = N
     curation_settings = {k: v for k, v in curation.items()
                          if k not in ("iterations", "rewrite", *SELECTION_SETTINGS)}
     selection = selection_settings(spec.curation)
+    rw = spec.curation.rewrite
+    if rw.enabled:
+        rewrite_settings = {**curation["rewrite"], "order": rw.resolved_order}
+    if rw.enabled and rw.external:
+        # An external rewriter does not depend on M(k-1): one stage rewrites every candidate once,
+        # for all iterations (order after: curate-k scores the originals, train-mk takes the rewrites).
+        add(EXTERNAL_REWRITE, "inference", "rewrite", ["augment"], {"rewrite": rewrite_settings})
     for k in range(1, spec.curation.iterations + 1):
         scorer = model_stage(k - 1)
         candidates = "augment"
-        if spec.curation.rewrite.enabled:
-            rewrite = curation["rewrite"]
-            external = spec.curation.rewrite.endpoint is not None
-            # An external rewriter does not depend on M(k-1); self-rewriting does.
-            add(f"rewrite-{k}", "inference", "rewrite", ["augment"] if external else ["augment", scorer],
-                {"rewrite": rewrite}, iteration=k, serves=None if external else scorer)
+        if rw.enabled and rw.external and rw.resolved_order == "before":
+            candidates = EXTERNAL_REWRITE
+        elif rw.enabled and rw.resolved_order == "before":  # self-rewriting by M(k-1), then curation
+            add(f"rewrite-{k}", "inference", "rewrite", ["augment", scorer], {"rewrite": rewrite_settings},
+                iteration=k, serves=scorer)
             candidates = f"rewrite-{k}"
         add(f"curate-{k}", "inference", "curate", [candidates, scorer],
             {"curation": curation_settings}, iteration=k, serves=scorer)
-        train(f"train-m{k}", "forward", ["prepare-seed", f"curate-{k}"],
+        training_data = [f"curate-{k}"]
+        if rw.enabled and rw.resolved_order == "after":
+            if not rw.external:  # M(k-1) rewrites the pairs curate-k selected
+                add(f"rewrite-{k}", "inference", "rewrite", [f"curate-{k}", scorer],
+                    {"rewrite": rewrite_settings, "selection": selection}, iteration=k, serves=scorer)
+            training_data.append(rewrite_stage(run, k))
+        train(f"train-m{k}", "forward", ["prepare-seed", *training_data],
               {"systemPrompts": dump(spec.system_prompts), "selection": selection}, iteration=k)
 
     models = [model_stage(k) for k in range(0, spec.curation.iterations + 1)]

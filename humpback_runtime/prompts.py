@@ -7,8 +7,8 @@ fingerprints, so a template edit re-runs whatever depends on it. Pure functions 
 standard library only (no torch, no transformers), so the operator-side code may import it too::
 
     from humpback_runtime import prompts
-    system = prompts.inference_system(run.spec.system_prompts)
-    text = prompts.forward_prompt("Name three whales.", system)   # what Mk sees before answering
+    system = prompts.inference_system(run.spec.system_prompts)   # the seed tag, as in training
+    text = prompts.forward_prompt("Name three whales.", system)   # what M0 or Mk sees before answering
 
 Formats (base models and the demo's tiny model have no chat template, so the format is plain text
 and owned here):
@@ -40,8 +40,13 @@ Rules that keep training and inference identical:
   answer is a legitimate (bad) answer to judge.
 * System tags: seed examples carry ``SystemPrompts.seed`` ("Answer in the style of an AI
   Assistant."), augmented ones ``SystemPrompts.augmented`` ("Answer with knowledge from web
-  search."); at inference the model sees both, seed first, joined by one space
-  (:func:`inference_system`).
+  search."). M0 trains on seed examples only, so with the seed tag only; Mk on both. Every stage
+  that prompts a forward model (curation, self-rewriting, evaluation) uses
+  :func:`inference_system`, the seed tag: a text every forward model saw on each of its seed
+  examples, so what a model sees at inference is exactly a system text it was trained with, and
+  M0 and Mk answer evaluation prompts under the same text. (Li et al. 2023, Table 8, report a
+  slightly higher win rate for Mk prompted with both tags concatenated, a text never seen in
+  training; docs/method.md lists this deviation.)
 
 Scores: the paper's generate-then-parse protocol (a brief reasoning, then ``Score: N`` on the last
 line) is parsed by the strict :func:`parse_score`; the logprob protocol (the prompt ends with
@@ -99,7 +104,9 @@ __all__ = [
 
 # Bump whenever any template text below changes; stages put it into their fingerprints. The unit
 # tests pin (TEMPLATE_VERSION, template_digest()) so an edit without a bump fails loudly.
-TEMPLATE_VERSION: int = 2
+# 2: forward models are prompted with the seed tag only (was: both tags); 3: MT-Bench judge prompts
+# and the forward template's next turn.
+TEMPLATE_VERSION: int = 3
 
 SCORES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -264,7 +271,7 @@ _ALL_TEMPLATES: tuple[tuple[str, str], ...] = (
         ("single", MT_BENCH_SINGLE), ("single_math", MT_BENCH_SINGLE_MATH),
         ("single_multi_turn", MT_BENCH_SINGLE_MULTI_TURN), ("single_math_multi_turn", MT_BENCH_SINGLE_MATH_MULTI_TURN),
     ) for i, text in enumerate(pair)),
-    ("system_join", " "),
+    ("inference_system", "seed"),  # which tag forward models see at inference
     ("bare_logprob_join", "\n\n"),
 )
 
@@ -313,8 +320,13 @@ def augmented_system(tags: SystemPrompts) -> str:
 
 
 def inference_system(tags: SystemPrompts) -> str:
-    """Both tags, seed first, joined by one space: what Mk sees at inference and evaluation."""
-    return f"{seed_system(tags)} {augmented_system(tags)}"
+    """The system text of every forward model (M0, Mk) at inference: the seed tag, ``tags.seed``.
+
+    Every forward model trained with it (M0 on all its examples, Mk on its seed examples), so an
+    inference prompt equals the prompt of a training example with the same instruction, token for
+    token. The augmented tag marks web-derived training data only.
+    """
+    return seed_system(tags)
 
 
 # --- forward and backward models --------------------------------------------------------------

@@ -28,7 +28,7 @@ prepare-corpus      ``counts``: ``read``, ``kept`` and what each filter removed 
 augment             ``outputs.count`` (candidates) and ``counts`` (any integers; ``dropped_*`` /
                     ``*_dropped`` keys are listed as drops); shard records ``instruction``,
                     ``response`` (or ``output``, or ``text``)
-rewrite-k           ``counts`` (any integers), shown like augment's
+rewrite, rewrite-k  ``counts`` (any integers), shown like augment's
 curate-k            ``scored`` and ``selected`` (top level or under ``counts``); ``mode``
                     (``"generate"`` | ``"logprobs"``); ``threshold``; ``scores.histogram``
                     (``{"1": n, ..., "5": n}``), ``scores.unparsable`` (generate mode) and, in
@@ -582,7 +582,7 @@ def _counts(manifests: dict, curate: list[tuple[int, str]]) -> str:
     block("Corpus (prepare-corpus)", "prepare-corpus", corpus)
     block("Augmented candidates (augment)", "augment", generic)
     for name in manifests:
-        if name.startswith("rewrite-"):
+        if name == "rewrite" or name.startswith("rewrite-"):
             block(f"Rewriting ({name})", name, generic)
     out.append("<h3>Curated yield per iteration</h3>")
     if not curate:

@@ -1,7 +1,7 @@
 """prepare-seed: the seed pairs (instruction, response) the backward and seed models train on.
 
 The paper's seed data is the first turn of oasst1: each root prompt with its rank-0 assistant
-reply, English, human-written, not deleted (~3,200 pairs). Three input formats give the same
+reply, English (3,200 pairs; Li et al. 2023, section 3.1). Dropping deleted messages is ours. Three input formats give the same
 records: the flat oasst1 message table of the HF release, nested oasst trees, or ready pairs.
 Pure functions over (where, record) pairs; the stage wires them to sources and storage.
 """

@@ -26,13 +26,18 @@ PLURAL = "backtranslationruns"
 SINGULAR = "backtranslationrun"
 SHORT_NAMES = ["btr"]
 
-# Paper (Li et al. 2023, appendix): training steps by number of training examples.
-PAPER_STEPS_BY_SIZE: list[tuple[int, int]] = [
-    (3200, 500),
-    (6400, 600),
-    (12800, 600),
-    (25600, 1200),
-    (51200, 1600),
+# Li et al. 2023 (arXiv 2308.06259), appendix table "N / Batch size / Steps" (data scaling
+# experiments, 7B): (training examples N, batch size, optimizer steps). "For finetuning with less
+# than 3000 examples we use batch size 8" (section 3.1).
+PAPER_STEPS_BY_SIZE: list[tuple[int, int, int]] = [
+    (100, 8, 30),
+    (800, 8, 300),
+    (1600, 8, 600),
+    (3200, 32, 500),
+    (6400, 32, 600),
+    (12800, 32, 600),
+    (25600, 32, 1200),
+    (51200, 32, 1600),
 ]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -140,8 +145,8 @@ class CorpusSpec(DataSource):
     text_field: str = Field("text", description="Field holding the document text.")
     id_field: str | None = Field(None, description="Field holding a stable document id (e.g. url); null numbers the documents.")
     max_documents: int | None = Field(None, ge=1, le=MAX_COUNT, description="Read at most this many documents.")
-    min_chars: int = Field(600, ge=1, le=10**7, description="Shortest segment kept (paper: 600).")
-    max_chars: int = Field(3000, ge=1, le=10**7, description="Longest segment kept (paper: 3,000).")
+    min_chars: int = Field(600, ge=1, le=10**7, description="Shortest segment kept (our choice: the paper gives no length window).")
+    max_chars: int = Field(3000, ge=1, le=10**7, description="Longest segment kept (our choice: the paper gives no length window).")
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     boilerplate: bool = Field(True, description="Drop navigation, cookie and boilerplate lines and pages.")
 
@@ -158,19 +163,30 @@ class CorpusSpec(DataSource):
 class StepsBySize(Model):
     max_examples: int = Field(ge=1, le=MAX_COUNT, description="Applies to training sets up to this size.")
     steps: int = Field(ge=1, le=MAX_STEPS)
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="Global batch size for this row; null uses batchSize.")
 
 
 class TrainingSpec(Model):
-    learning_rate: float = Field(1e-5, gt=0)
-    final_learning_rate: float = Field(9e-6, ge=0, description="Learning rate decays linearly to this.")
-    weight_decay: float = Field(0.1, ge=0)
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Global batch size (sequences per optimizer step).")
+    # Defaults from Li et al. 2023, section 3.1, unless a description says otherwise.
+    learning_rate: float = Field(1e-5, gt=0, description="Paper: 1e-5.")
+    final_learning_rate: float = Field(9e-6, ge=0, description="Learning rate decays linearly to this (paper: 9e-6).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (paper: 0.1).")
+    dropout: float = Field(
+        0.1, ge=0, lt=1,
+        description="Dropout during fine-tuning (paper: 0.1), set on every dropout field the model's config "
+        "has (Llama: attention_dropout only, the one dropout its Hugging Face implementation has).",
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (not stated in the paper; PyTorch's default).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (not stated in the paper; PyTorch's default).")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Global batch size (sequences per optimizer step; paper: 32); "
+                            "a stepsBySize row's batchSize overrides it.")
     per_device_batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batch; gradient accumulation makes up the rest.")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Fixed optimizer steps; null uses stepsBySize.")
     steps_by_size: list[StepsBySize] = Field(
-        default_factory=lambda: [StepsBySize(max_examples=n, steps=s) for n, s in PAPER_STEPS_BY_SIZE],
+        default_factory=lambda: [StepsBySize(max_examples=n, batch_size=b, steps=s) for n, b, s in PAPER_STEPS_BY_SIZE],
         min_length=1,
-        description="Paper schedule: the first entry whose maxExamples >= the data size; larger sets use the last.",
+        description="Paper schedule (appendix table of steps and batch size by data size N): the first entry "
+        "whose maxExamples >= the data size; larger sets use the last.",
     )
     max_seq_length: int = Field(2048, ge=16, le=MAX_TOKENS)
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
@@ -197,13 +213,31 @@ class TrainingSpec(Model):
                              f"({self.per_device_batch_size}): the global batch is made of equal micro-batches")
         return self
 
+    def _row(self, n_examples: int) -> StepsBySize:
+        for entry in self.steps_by_size:
+            if n_examples <= entry.max_examples:
+                return entry
+        return self.steps_by_size[-1]
+
     def steps_for(self, n_examples: int) -> int:
         if self.steps is not None:
             return self.steps
-        for entry in self.steps_by_size:
-            if n_examples <= entry.max_examples:
-                return entry.steps
-        return self.steps_by_size[-1].steps
+        return self._row(n_examples).steps
+
+    def batch_size_for(self, n_examples: int) -> int:
+        """The global batch size for a training set of this size: the row's, else batchSize.
+
+        With fixed `steps` the rows do not apply and batchSize holds.
+        """
+        if self.steps is not None:
+            return self.batch_size
+        return self._row(n_examples).batch_size or self.batch_size
+
+    def for_size(self, n_examples: int) -> TrainingSpec:
+        """These settings with steps and batch size resolved for a training set of `n_examples`."""
+        batch = self.batch_size_for(n_examples)
+        return self.model_copy(update={"steps": self.steps_for(n_examples), "batch_size": batch,
+                                       "per_device_batch_size": min(self.per_device_batch_size, batch)})
 
 
 class TrainingRoles(Model):
@@ -257,6 +291,9 @@ class InferenceSpec(Model):
     )
 
 
+ApiKind = Literal["chat", "completions"]
+
+
 class RewriteSpec(Model):
     enabled: bool = False
     endpoint: str | None = Field(
@@ -264,7 +301,19 @@ class RewriteSpec(Model):
         description="External OpenAI-compatible endpoint (back-and-forth translation); null: M(k-1) rewrites (self-rewriting).",
     )
     model: str | None = Field(None, description="Model name at the external endpoint.")
+    api: ApiKind = Field(
+        "chat",
+        description="OpenAI API of the external endpoint: chat (/v1/chat/completions; the server applies "
+        "the model's chat template) or completions (/v1/completions, the bare task text). Self-rewriting "
+        "by M(k-1) always uses completions with our template.",
+    )
     api_key_secret: str | None = Field(None, description="Name of a Secret with key apiKey for the external endpoint.")
+    order: Literal["before", "after"] | None = Field(
+        None,
+        description="before: rewrite every candidate, then curate the rewritten pairs; after: curate the "
+        "original pairs, train on the rewritten responses of the selected ones (Nguyen et al. 2024, "
+        "back-and-forth translation). null: after with an external endpoint, before for self-rewriting.",
+    )
     sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(temperature=0.7, top_p=0.9, max_tokens=1024))
 
     @model_validator(mode="after")
@@ -272,6 +321,15 @@ class RewriteSpec(Model):
         if self.endpoint and not self.model:
             raise ValueError("model is required when endpoint is set")
         return self
+
+    @property
+    def external(self) -> bool:
+        return self.endpoint is not None
+
+    @property
+    def resolved_order(self) -> Literal["before", "after"]:
+        """`order`, or its default: after for an external rewriter, before for self-rewriting."""
+        return self.order or ("after" if self.external else "before")
 
 
 class CurationSpec(Model):
@@ -338,6 +396,11 @@ class EvalSet(Model):
 class JudgeSpec(Model):
     endpoint: str = Field(description="OpenAI-compatible base URL of the judge.")
     model: str
+    api: ApiKind = Field(
+        "chat",
+        description="OpenAI API of the judge: chat (/v1/chat/completions; the server applies the judge's "
+        "chat template: GPT-4-class judges, chat-tuned models on vLLM) or completions (/v1/completions).",
+    )
     api_key_secret: str | None = Field(None, description="Name of a Secret with key apiKey (never the key itself).")
 
 

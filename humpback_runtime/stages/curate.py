@@ -48,7 +48,7 @@ EXPECTED_WARNING_SHARE = 0.01  # selectBy expected keeping less than this gets a
 
 
 def _candidates_stage(stage: Stage) -> str:
-    return next(d for d in stage.deps if d == "augment" or d.startswith("rewrite-"))
+    return next(d for d in stage.deps if d in ("augment", "rewrite") or d.startswith("rewrite-"))
 
 
 def _score_record(pair: dict, **fields: Any) -> dict:
@@ -61,7 +61,7 @@ def run_curate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.stages.guardrails import check_rejected, max_rejected
 
     spec = ctx.run.spec.curation
-    system = prompts.inference_system(ctx.run.spec.system_prompts)
+    system = ctx.model_system(stage.serves)  # what M(k-1) was trained with
     pairs = list(candidate_records(ctx, _candidates_stage(stage)))
     engine = engine_for(ctx, stage.serves)
     common = dict(store=ctx.store, prefix=prefix, checkpoint_every=ctx.run.spec.inference.checkpoint_every,

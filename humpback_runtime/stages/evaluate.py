@@ -21,12 +21,12 @@ def run_evaluate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.storage import iter_shard_records, list_shards
 
     spec = ctx.run.spec
-    system = prompts.inference_system(spec.system_prompts)  # the forward template, as in training
 
     def generate_answers(model_stage: str, records: list[dict], out_prefix: str) -> dict[str, str]:
         def handle(record: dict, result: GenerationResult) -> dict:
             return {"id": record["id"], "answer": result.text.strip(), "finish_reason": result.finish_reason}
 
+        system = ctx.model_system(model_stage)  # the system text this model was trained with
         engine_for(ctx, model_stage).generate(
             records, lambda r: prompts.forward_turn_prompt(r.get("history") or [], r["instruction"], system),
             Sampling.from_spec(spec.evaluation.sampling), store=ctx.store, prefix=out_prefix, handle=handle,

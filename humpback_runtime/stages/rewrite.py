@@ -1,9 +1,18 @@
-"""rewrite-k: a model rewrites each candidate's response in assistant style before curation.
+"""rewrite / rewrite-k: a model rewrites candidate responses in assistant style.
 
-    humpback stage rewrite-1 --spec RUN.yaml
+    humpback stage rewrite --spec RUN.yaml      # an external rewriter: one stage for all iterations
+    humpback stage rewrite-1 --spec RUN.yaml    # self-rewriting by M(k-1)
 
-Self-rewriting uses M(k-1) with our template; with `spec.curation.rewrite.endpoint` an external
-OpenAI-compatible model rewrites, asked without our system tags (back-and-forth translation).
+Self-rewriting uses M(k-1) with our template (completions API); with `spec.curation.rewrite.endpoint`
+an external OpenAI-compatible model rewrites (back-and-forth translation), asked through its `api`
+(chat by default) without our system tags. `spec.curation.rewrite.order` (see the plan): `before`
+rewrites every augment candidate and curate-k scores the rewrites; `after` (Nguyen et al. 2024)
+lets curate-k score the original pairs and train-mk take the rewritten responses of the selected
+ones. An external rewriter runs once for all iterations (it rewrites every candidate); self-rewriting
+in order `after` rewrites only curate-k's selection.
+
+A rewrite cut off by `maxTokens` (finish_reason "length") is an unfinished answer: it is dropped and
+counted (`dropped_truncated`), never kept as training data; so is an empty one (`dropped_empty`).
 """
 
 from __future__ import annotations
@@ -24,21 +33,28 @@ def run_rewrite(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     from humpback_runtime.inference.models import engine_for
 
     spec = ctx.run.spec.curation.rewrite
-    pairs = list(candidate_records(ctx, "augment"))
+    source = next(d for d in stage.deps if d == "augment" or d.startswith("curate-"))
+    if source == "augment":
+        pairs = list(candidate_records(ctx, source))
+    else:  # order after: the pairs curate-k selected, by the selection of this run's settings
+        from humpback_runtime.stages.curate import selected_pairs
+
+        pairs = selected_pairs(ctx, source, stage.settings["selection"])[0]
     if spec.endpoint:
         # Back-and-forth translation: an external aligned model, asked without our system tags.
         engine = VLLMServerEngine(spec.endpoint, spec.model, api_key=os.environ.get(REWRITE_API_KEY_ENV),
-                                  concurrency=ctx.run.spec.inference.concurrency)
+                                  concurrency=ctx.run.spec.inference.concurrency, api=spec.api)
         system = None
     else:
         engine = engine_for(ctx, stage.serves)
-        system = prompts.inference_system(ctx.run.spec.system_prompts)
+        system = ctx.model_system(stage.serves)
 
     def handle(pair: dict, result: GenerationResult) -> dict:
         text = result.text.strip()
+        dropped = "empty" if not text else "truncated" if result.finish_reason == "length" else None
         return {"id": pair["id"], "instruction": pair["instruction"], "response": text or pair["response"],
                 "original_response": pair["response"], "finish_reason": result.finish_reason,
-                "dropped": None if text else "empty"}
+                "dropped": dropped}
 
     stats = engine.generate(
         pairs, lambda p: prompts.rewrite_prompt(p["instruction"], p["response"], system=system),

@@ -17,6 +17,30 @@ from humpback_runtime.errors import StageError, TrainingError
 from humpback_runtime.plan import Stage
 
 
+def curated_pairs(ctx: RunContext, stage: Stage) -> tuple[list[dict], dict[str, Any]]:
+    """The augmented training pairs of train-mk, and counts.
+
+    curate-k's selection; with `rewrite.order: after` each selected pair's response is replaced by
+    its rewrite, and a selected pair whose rewrite was dropped (empty, cut off by maxTokens) is left
+    out and counted.
+    """
+    from humpback_runtime.plan import rewrite_stage
+    from humpback_runtime.stages.augment import candidate_records
+
+    from humpback_runtime.stages.curate import selected_pairs
+
+    k = stage.iteration
+    # The selection of the current settings, made from the stored scores if need be (no requests).
+    selected, chosen = selected_pairs(ctx, f"curate-{k}", stage.settings["selection"])
+    rw = ctx.run.spec.curation.rewrite
+    if not rw.enabled or rw.resolved_order == "before":
+        return selected, {"curated": len(selected), "selection": chosen["id"]}
+    rewrites = {r["id"]: r for r in candidate_records(ctx, rewrite_stage(ctx.run, k))}
+    pairs = [{**p, "response": rewrites[p["id"]]["response"]} for p in selected if p["id"] in rewrites]
+    return pairs, {"curated": len(pairs), "curated_rewrite_dropped": len(selected) - len(pairs),
+                   "selection": chosen["id"]}
+
+
 def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, int]]:
     """The examples of a training stage, every template from prompts.py, and their counts."""
     from humpback_runtime import prompts
@@ -28,13 +52,10 @@ def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, in
     examples = [prompts.forward_example(p["instruction"], p["response"], prompts.seed_system(tags)) for p in seed]
     if stage.role == "seed":
         return examples, {"seed": len(seed)}
-    from humpback_runtime.stages.curate import selected_pairs
-
-    # The selection of the current settings, made from the stored scores if need be (no requests).
-    curated, chosen = selected_pairs(ctx, f"curate-{stage.iteration}", stage.settings["selection"])
+    curated, counts = curated_pairs(ctx, stage)
     examples += [prompts.forward_example(p["instruction"], p["response"], prompts.augmented_system(tags))
                  for p in curated]
-    return examples, {"seed": len(seed), "curated": len(curated), "selection": chosen["id"]}
+    return examples, {"seed": len(seed), **counts}
 
 
 def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:

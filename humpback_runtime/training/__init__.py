@@ -59,6 +59,8 @@ AdamW is used (no ``cpu_adam`` build, no offload). Any op DeepSpeed still builds
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import shutil
@@ -125,13 +127,15 @@ def train(request: TrainRequest) -> dict[str, Any]:
     written to ``{prefix}/train_metrics.json``. Every rank returns them; only rank 0 writes.
     """
     started = time.perf_counter()
-    settings = request.settings
     prefix = request.prefix.strip("/")
-    world_size = env_int("WORLD_SIZE", 1)
-    grad_accum = gradient_accumulation_steps(settings, world_size)  # fail before any heavy work
     examples = list(request.examples)
     if not examples:
         raise TrainingError(f"no training examples for {request.store.url(prefix)}")
+    # Steps and batch size by data size (the paper's table: batch 8 under 3,200 examples).
+    request = dataclasses.replace(request, settings=request.settings.for_size(len(examples)))
+    settings = request.settings
+    world_size = env_int("WORLD_SIZE", 1)
+    grad_accum = gradient_accumulation_steps(settings, world_size)  # fail before any heavy work
     for i, ex in enumerate(examples):
         if not isinstance(ex, TrainingExample):
             raise TrainingError(f"examples[{i}] is a {type(ex).__name__}, expected prompts.TrainingExample")

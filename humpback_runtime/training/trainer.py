@@ -181,6 +181,23 @@ def default_work_dir(store: Store, prefix: str) -> Path:
 
 
 
+# Config fields that hold a dropout probability used in training, across common architectures.
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def apply_dropout(config: Any, p: float) -> list[str]:
+    """Set every dropout field `config` has to `p` (before the model is built); returns their names.
+
+    The paper fine-tunes with dropout 0.1 without saying where; Hugging Face's Llama has attention
+    dropout only, so that is where it goes for Llama (docs/method.md).
+    """
+    fields = [f for f in DROPOUT_FIELDS if isinstance(getattr(config, f, None), (int, float))]
+    for f in fields:
+        setattr(config, f, p)
+    return fields
+
+
 def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExample], key: str,
            grad_accum: int, torch: Any, started: float, work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -205,6 +222,8 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         gradient_accumulation_steps=grad_accum,
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
         max_grad_norm=MAX_GRAD_NORM,
         warmup_steps=0,
         optim="adamw_torch",
@@ -290,7 +309,11 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     # bf16 under DeepSpeed: load in bf16 (DeepSpeed keeps fp32 master weights in the optimizer).
     # Otherwise fp32 weights (autocast does bf16 compute without DeepSpeed).
     dtype = torch.bfloat16 if (bf16 and ds_config is not None) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    dropout_fields = apply_dropout(config, settings.dropout)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, config=config)
     if settings.gradient_checkpointing:
         model.config.use_cache = False
 
@@ -339,6 +362,8 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         "world_size": world_size,
         "precision": "bf16" if bf16 else "fp32",
         "zero_stage": settings.zero_stage,
+        "batch_size": settings.batch_size,
+        "dropout": {"p": settings.dropout, "fields": dropout_fields},
         "gradient_accumulation_steps": grad_accum,
         "resumed_from": resume_step,
         "checkpoints": uploader.uploaded,

@@ -10,6 +10,12 @@ prints `listening on http://127.0.0.1:PORT/v1` once it serves, and runs until ki
   `finish_reason: "length"`, else `"stop"`. With `"logprobs": k` in the request the choice carries
   `{tokens, token_logprobs, top_logprobs, text_offset}`; `top_logprobs` (say `{"5": -0.1, "4": -2.4}`)
   is the entry for every token, else each token alone with logprob -0.1.
+- `POST /v1/chat/completions` like vLLM's chat API: `{..., object: "chat.completion", choices:
+  [{index, message: {role: "assistant", content}, logprobs, finish_reason}]}`; the "prompt" the text
+  function sees is the messages' contents joined by blank lines (a stand-in for a chat template).
+  With `"logprobs": true, "top_logprobs": k` the choice carries `{"content": [{token, logprob, bytes,
+  top_logprobs: [{token, logprob, bytes}]}]}`, the chat API's shape. `chat_only=True` answers
+  `/v1/completions` with 404, like a judge served only behind the chat API.
 - `GET /health` (200, empty) and `GET /v1/models`.
 
 Failure injection: the first `fail_first` requests, and every request whose prompt contains
@@ -51,7 +57,8 @@ _TOKEN = re.compile(r"\s*\S+|\s+")
 
 @dataclass
 class StubStats:
-    requests: int = 0  # POST /v1/completions received
+    requests: int = 0  # POST /v1/completions and /v1/chat/completions received
+    chat_requests: int = 0  # of which /v1/chat/completions
     failed: int = 0  # answered with an injected failure
     in_flight: int = 0
     max_in_flight: int = 0
@@ -71,6 +78,7 @@ class _Behaviour:
     fail_on: str | None
     retry_after: float | None
     model: str | None
+    chat_only: bool = False
 
 
 def _check_loopback(host: str) -> None:
@@ -102,10 +110,29 @@ def _logprobs(tokens: list[str], top: dict | None) -> dict:
     }
 
 
+def _chat_logprobs(tokens: list[str], top: dict | None) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [
+        {**entry(token, -0.1), "top_logprobs": [entry(t, lp) for t, lp in (top or {token: -0.1}).items()]}
+        for token in tokens
+    ]}
+
+
 def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
     b = behaviour
 
     async def completions(request: web.Request) -> web.Response:
+        if b.chat_only:
+            return _error(404, "Not Found: this server serves /v1/chat/completions only", "NotFoundError")
+        return await _answer(request, chat=False)
+
+    async def chat_completions(request: web.Request) -> web.Response:
+        stats.chat_requests += 1
+        return await _answer(request, chat=True)
+
+    async def _answer(request: web.Request, chat: bool) -> web.Response:
         stats.requests += 1
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -116,8 +143,17 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
                 body = json.loads(await request.read())
             except ValueError as e:
                 return _error(400, f"Request body is not JSON: {e}")
-            if not isinstance(body, dict) or "prompt" not in body or "model" not in body:
-                return _error(400, "The request needs 'model' and 'prompt'")
+            field_name = "messages" if chat else "prompt"
+            if not isinstance(body, dict) or field_name not in body or "model" not in body:
+                return _error(400, f"The request needs 'model' and '{field_name}'")
+            if chat:
+                messages = body["messages"]
+                if not (isinstance(messages, list) and messages and all(
+                        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages)):
+                    return _error(400, "'messages' must be a non-empty list of {role, content} objects")
+                if isinstance(body.get("logprobs"), int) and not isinstance(body.get("logprobs"), bool):
+                    return _error(400, "chat 'logprobs' is a boolean; the count goes in 'top_logprobs'")
+                body["prompt"] = "\n\n".join(m["content"] for m in messages)
             if b.model is not None and body["model"] != b.model:
                 return _error(404, f"The model `{body['model']}` does not exist.", "NotFoundError")
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
@@ -130,7 +166,7 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
                 headers = {"Retry-After": f"{b.retry_after:g}"} if b.retry_after is not None else None
                 return _error(b.status_on_fail, f"stub failure (HTTP {b.status_on_fail})", "stub_error", headers)
             max_tokens = body.get("max_tokens")
-            logprobs = body.get("logprobs")
+            logprobs = body.get("logprobs") if not chat else (body.get("top_logprobs") if body.get("logprobs") else None)
             if logprobs is not None:
                 stats.logprobs = logprobs
             choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -141,19 +177,28 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
                 if isinstance(max_tokens, int) and len(tokens) > max_tokens:
                     tokens, finish = tokens[:max_tokens], "length"
                     text = "".join(tokens)
-                choices.append({
-                    "index": index,
-                    "text": text,
-                    "logprobs": _logprobs(tokens, b.top_logprobs) if logprobs is not None else None,
-                    "finish_reason": finish,
-                    "stop_reason": None,
-                })
+                if chat:
+                    choices.append({
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": _chat_logprobs(tokens, b.top_logprobs) if logprobs is not None else None,
+                        "finish_reason": finish,
+                        "stop_reason": None,
+                    })
+                else:
+                    choices.append({
+                        "index": index,
+                        "text": text,
+                        "logprobs": _logprobs(tokens, b.top_logprobs) if logprobs is not None else None,
+                        "finish_reason": finish,
+                        "stop_reason": None,
+                    })
                 prompt_tokens += len(_TOKEN.findall(prompt))
                 completion_tokens += len(tokens)
             stats.prompts += len(prompts)
             return web.json_response({
-                "id": f"cmpl-{uuid.uuid4().hex}",
-                "object": "text_completion",
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
                 "model": body["model"],
                 "choices": choices,
@@ -173,6 +218,7 @@ def _app(behaviour: _Behaviour, stats: StubStats) -> web.Application:
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     return app
@@ -192,12 +238,12 @@ async def start_stub(host: str = "127.0.0.1", port: int = 0, *, text: str | Call
                      top_logprobs: dict | None = None, delay_s: float = 0.0, jitter_s: float = 0.0,
                      fail_first: int = 0,
                      status_on_fail: int = 503, fail_on: str | None = None, retry_after: float | None = None,
-                     model: str | None = None) -> StubHandle:
+                     model: str | None = None, chat_only: bool = False) -> StubHandle:
     """Start the stub in the running loop on `host:port` (0: a free port)."""
     _check_loopback(host)
     stats = StubStats()
     behaviour = _Behaviour(text, top_logprobs, delay_s, jitter_s, fail_first, status_on_fail, fail_on, retry_after,
-                           model)
+                           model, chat_only)
     runner = web.AppRunner(_app(behaviour, stats), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -285,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-on", default=None, help="fail every request whose prompt contains this")
     p.add_argument("--retry-after", type=float, default=None)
     p.add_argument("--model", default=None, help="the only model served (default: any)")
+    p.add_argument("--chat-only", action="store_true", help="serve /v1/chat/completions only (404 on /v1/completions)")
     args = p.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in ("host", "port")}
 

@@ -131,20 +131,51 @@ def test_self_rewriting_by_the_previous_model_feeds_curation(tmp_path, tiny_mode
     assert curated["scored"] == manifest["outputs"]["count"]
 
 
-def test_rewriting_by_an_external_endpoint(tmp_path, tiny_model):
+def test_external_chat_rewriter_runs_once_drops_cut_off_rewrites_and_feeds_training_after_curation(
+        tmp_path, tiny_model):
+    import json
+
+    from humpback_runtime.stages.train import training_examples
     from humpback_testing.openai_stub import StubServer
 
-    with StubServer(text="A rewritten, assistant-style answer.") as stub:
-        ctx = make_ctx(tmp_path, tiny_model, rewrite={"enabled": True, "endpoint": stub.url, "model": "model"})
+    first = json.loads((ROOT / "examples" / "data" / "oasst1_pairs.jsonl").read_text().splitlines()[0])
+
+    def rewrite(prompt: str) -> str:  # the first candidate's rewrite runs past maxTokens
+        return "word " * 50 if first["instruction"].strip() in prompt else "A rewritten, assistant-style answer."
+
+    with StubServer(text=rewrite, chat_only=True) as stub:  # an external model behind the chat API only
+        ctx = make_ctx(tmp_path, tiny_model, rewrite={"enabled": True, "endpoint": stub.url, "model": "model",
+                                                      "sampling": {"maxTokens": 20}})
         n = _candidates(ctx)
-        assert ctx.plan["rewrite-1"].deps == ("augment",)  # no dependency on M0
-        manifest = run_stage(ctx, "rewrite-1")
-    rewritten = records(ctx, ctx.prefix("rewrite-1"))
-    assert {r["response"] for r in rewritten} == {"A rewritten, assistant-style answer."}
-    assert manifest["counts"]["rewritten"] == n and manifest["inference"]["engine"] == "vllm-server"
+        assert [s.name for s in ctx.plan.stages if s.family == "rewrite"] == ["rewrite"]  # once, all iterations
+        assert ctx.plan["rewrite"].deps == ("augment",)  # no dependency on M0
+        manifest = run_stage(ctx, "rewrite")
+        assert stub.stats.chat_requests == n
+    kept = [r for r in records(ctx, ctx.prefix("rewrite")) if not r["dropped"]]
+    assert {r["response"] for r in kept} == {"A rewritten, assistant-style answer."}
+    assert manifest["counts"]["rewritten"] == n - 1 and manifest["counts"]["dropped_truncated"] == 1
+    assert manifest["inference"]["engine"] == "vllm-server"
+
+    # Order after (the default for an external rewriter): curate-1 scored the original pairs; train-m1
+    # trains on the rewrites of the selected ones, and a selected pair whose rewrite was cut off is left out.
+    selected = [{"id": r["id"], "instruction": r["instruction"], "response": r["original_response"], "score": 5}
+                for r in records(ctx, ctx.prefix("rewrite"))]
+    from humpback_runtime.storage import ShardWriter
+
+    with ShardWriter(ctx.store, ctx.prefix("curate-1") + "/selected") as writer:
+        for r in selected:
+            writer.write(r)
+    write_success(ctx.store, ctx.prefix("curate-1"), {"fingerprint": ctx.plan["curate-1"].fingerprint,
+                                                      "outputs": {"records": writer.shards}})
+    write_success(ctx.store, ctx.prefix("prepare-seed"), {"fingerprint": ctx.plan["prepare-seed"].fingerprint,
+                                                          "outputs": {"records": []}})
+    examples, counts = training_examples(ctx, ctx.plan["train-m1"])
+    assert counts["curated"] == n - 1 and counts["curated_rewrite_dropped"] == 1
+    assert {ex.completion for ex in examples} == {"A rewritten, assistant-style answer."}
 
 
-def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny_model):
+def test_evaluate_answers_with_every_model_and_a_chat_only_judge_gives_win_rates(tmp_path, tiny_model):
+    """The demo's configuration with a judge served only behind /v1/chat/completions (spec default api: chat)."""
     import json
 
     from humpback_testing.openai_stub import StubServer
@@ -152,7 +183,7 @@ def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"id": f"q{i}", "instruction": q}) + "\n" for i, q in
                                     enumerate(["Name a planet.", "What is 2+2?", "Say hello."])))
-    with StubServer(text="Both are fine, A is clearer.\nVerdict: A") as judge:
+    with StubServer(text="Both are fine, A is clearer.\nVerdict: A", chat_only=True) as judge:
         ctx = make_ctx(tmp_path, tiny_model)
         ctx.run.spec.evaluation = ctx.run.spec.evaluation.model_validate({
             "enabled": True, "sets": [{"name": "mini", "source": str(prompts_file)}],
@@ -160,8 +191,9 @@ def test_evaluate_answers_with_every_model_and_judges_both_orders(tmp_path, tiny
         stand_in_for_training(ctx, tiny_model, "train-m0", "train-m1", "train-m2")
         manifest = run_stage(ctx, "evaluate")
         asked = judge.stats.requests
+        assert judge.stats.chat_requests == asked  # every judgment through the chat route
     result = manifest["evaluation"]
-    assert result["judged"] is True
+    assert result["judged"] is True and result["judge"]["api"] == "chat"
     pairs = result["sets"]["mini"]["pairs"]
     # M2 vs M0 and M2 vs M1, each prompt judged in both orders.
     assert len(pairs) == 2 and asked == 2 * 2 * 3

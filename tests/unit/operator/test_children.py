@@ -266,7 +266,7 @@ def test_api_keys_are_secret_references_and_no_value_looks_like_a_secret():
     )
     objects = render_run(run, CONFIG)
     evaluate = next(o for o in objects if o["metadata"]["name"].startswith("demo-evaluate") and o["kind"] == "Job")
-    rewrite = next(o for o in objects if o["metadata"]["name"].startswith("demo-rewrite-1") and o["kind"] == "Job")
+    rewrite = next(o for o in objects if o["metadata"]["name"].startswith("demo-rewrite-") and o["kind"] == "Job")
     assert env_of(container_of(evaluate))["HUMPBACK_JUDGE_API_KEY"]["valueFrom"] == {
         "secretKeyRef": {"name": "judge-key", "key": "apiKey"}}
     assert env_of(container_of(rewrite))["HUMPBACK_REWRITE_API_KEY"]["valueFrom"] == {
@@ -481,7 +481,7 @@ def test_a_user_endpoint_means_no_operator_servers_and_a_cpu_client():
 def test_external_rewrite_gets_no_server_and_the_api_key_reference():
     run = make_run(curation={"iterations": 1, "rewrite": {"enabled": True, "endpoint": "https://llm.example/v1",
                                                           "model": "big", "apiKeySecret": "rewrite-key"}})
-    built = stage_children(run, "rewrite-1")
+    built = stage_children(run, "rewrite")  # one stage for all iterations
     assert built.servers == []
     env = env_of(container_of(built.primary))
     assert env["HUMPBACK_REWRITE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "rewrite-key", "key": "apiKey"}

@@ -128,20 +128,61 @@ def test_complete_returns_the_first_choice_with_usage():
     assert choice["usage"]["completion_tokens"] == 2
 
 
-def test_503_is_retried_with_backoff_then_succeeds():
-    with StubServer(fail_first=3, status_on_fail=503) as stub:
+API = pytest.mark.parametrize("api", ["completions", "chat"])
+
+
+def _stub(api: str, **options) -> StubServer:
+    """A stub that serves the chat route only when the client speaks chat: no fallback can hide a bug."""
+    return StubServer(chat_only=api == "chat", **options)
+
+
+def test_chat_api_sends_messages_and_reads_the_chat_response_in_the_completions_shape():
+    with StubServer(text="the answer", chat_only=True, top_logprobs={"5": -0.1, "4": -2.5}) as stub:
         async def main():
-            async with CompletionsClient(_settings(stub.url, max_retries=3)) as client:
+            async with CompletionsClient(_settings(stub.url, api="chat")) as client:
+                return await client.complete("question?", max_tokens=5, logprobs=2)
+
+        choice = asyncio.run(main())
+    assert stub.stats.chat_requests == 1 == stub.stats.requests
+    assert choice["text"] == "the answer" and choice["finish_reason"] == "stop"
+    assert choice["message"] == {"role": "assistant", "content": "the answer"}
+    assert choice["logprobs"]["tokens"] == ["the", " answer"]
+    assert choice["logprobs"]["top_logprobs"][0] == {"5": -0.1, "4": -2.5}
+    assert choice["usage"]["completion_tokens"] == 2
+
+
+def test_chat_only_server_refuses_the_completions_api():
+    with StubServer(chat_only=True) as stub:
+        async def main():
+            async with CompletionsClient(_settings(stub.url)) as client:
+                await client.complete("p")
+
+        with pytest.raises(CompletionError, match="404"):
+            asyncio.run(main())
+
+
+def test_api_setting_is_checked():
+    with pytest.raises(ValueError, match="api: expected 'completions' or 'chat'"):
+        _settings("http://127.0.0.1:1/v1", api="responses")
+
+
+@API
+def test_503_is_retried_with_backoff_then_succeeds(api):
+    with _stub(api, fail_first=3, status_on_fail=503) as stub:
+        async def main():
+            async with CompletionsClient(_settings(stub.url, max_retries=3, api=api)) as client:
                 return await client.complete("p"), client.retries
 
         choice, retries = asyncio.run(main())
     assert choice["text"] == "ok" and retries == 3 and stub.stats.requests == 4
 
 
-def test_retry_after_header_is_honoured():
-    with StubServer(fail_first=1, status_on_fail=429, retry_after=0.4) as stub:
+@API
+def test_retry_after_header_is_honoured(api):
+    with _stub(api, fail_first=1, status_on_fail=429, retry_after=0.4) as stub:
         async def main():
-            async with CompletionsClient(_settings(stub.url, backoff_base_s=0.001, backoff_max_s=5)) as client:
+            async with CompletionsClient(_settings(stub.url, backoff_base_s=0.001, backoff_max_s=5,
+                                                   api=api)) as client:
                 start = time.perf_counter()
                 await client.complete("p")
                 return time.perf_counter() - start
@@ -238,25 +279,28 @@ def test_outputs_are_checkpointed_every_n_records(store):
     assert not store.list(f"{PREFIX}/dropped")
 
 
-def test_at_most_concurrency_requests_are_in_flight(store):
-    with StubServer(delay_s=0.02) as stub:
-        asyncio.run(_run(stub.url, store, _records(40), concurrency=3))
+@API
+def test_at_most_concurrency_requests_are_in_flight(store, api):
+    with _stub(api, delay_s=0.02) as stub:
+        asyncio.run(_run(stub.url, store, _records(40), concurrency=3, api=api))
     assert stub.stats.max_in_flight == 3 and stub.stats.requests == 40
 
 
-def test_a_record_failing_all_retries_fails_the_run_and_keeps_what_finished(store):
+@API
+def test_a_record_failing_all_retries_fails_the_run_and_keeps_what_finished(store, api):
     records = _records(10)
-    with StubServer(fail_on="document 5", status_on_fail=503) as stub:
+    route = "chat/completions" if api == "chat" else "completions"
+    with _stub(api, fail_on="document 5", status_on_fail=503) as stub:
         with pytest.raises(CompletionError) as info:
-            asyncio.run(_run(stub.url, store, records, concurrency=1, max_retries=2, checkpoint_every=2))
+            asyncio.run(_run(stub.url, store, records, concurrency=1, max_retries=2, checkpoint_every=2, api=api))
     err = info.value
     assert err.record_id == "r5" and err.status == 503 and err.attempts == 3
-    assert f"record 'r5' to {stub.url}/completions failed after 3 attempts: HTTP 503" in str(err)
+    assert f"record 'r5' to {stub.url}/{route} failed after 3 attempts: HTTP 503" in str(err)
     # r0-r3 were checkpointed during the run, r4 by the flush on the way out.
     assert sorted(_ids(store)) == ["r0", "r1", "r2", "r3", "r4"]
 
-    with StubServer() as stub:
-        stats = asyncio.run(_run(stub.url, store, records, checkpoint_every=2))
+    with _stub(api) as stub:
+        stats = asyncio.run(_run(stub.url, store, records, checkpoint_every=2, api=api))
     assert stats["skipped_done"] == 5 and stats["completed"] == 5 and stub.stats.requests == 5
     assert Counter(_ids(store)) == Counter(r["id"] for r in records)
 

@@ -43,8 +43,34 @@ def test_optional_rewrite_and_evaluate_stages():
     assert plan["curate-1"].deps == ("rewrite-1", "train-m0")
     assert plan["evaluate"].deps == ("train-m0", "train-m1", "train-m2")
     assert "evaluate" in plan["report"].deps
-    external = build_plan(run_with(curation={"rewrite": {"enabled": True, "endpoint": "http://x/v1", "model": "big"}}))
-    assert external["rewrite-2"].deps == ("augment",) and external["rewrite-2"].serves is None
+
+
+EXTERNAL = {"enabled": True, "endpoint": "http://x/v1", "model": "big"}
+
+
+def test_an_external_rewriter_runs_once_for_all_iterations_after_curation_by_default():
+    plan = build_plan(run_with(curation={"iterations": 3, "rewrite": EXTERNAL}))
+    rewrites = [s for s in plan.stages if s.family == "rewrite"]
+    assert [s.name for s in rewrites] == ["rewrite"] and rewrites[0].deps == ("augment",)
+    assert rewrites[0].serves is None and rewrites[0].settings["rewrite"]["order"] == "after"
+    for k in (1, 2, 3):  # Nguyen et al.: curate the original pairs, train on the rewritten responses
+        assert plan[f"curate-{k}"].deps == ("augment", f"train-m{k - 1}" if k > 1 else "train-m0")
+        assert plan[f"train-m{k}"].deps == ("prepare-seed", f"curate-{k}", "rewrite")
+
+
+def test_external_rewrite_before_curation_is_one_stage_that_every_curation_reads():
+    plan = build_plan(run_with(curation={"rewrite": {**EXTERNAL, "order": "before"}}))
+    assert [s.name for s in plan.stages if s.family == "rewrite"] == ["rewrite"]
+    assert plan["curate-1"].deps == ("rewrite", "train-m0") and plan["curate-2"].deps == ("rewrite", "train-m1")
+    assert plan["train-m2"].deps == ("prepare-seed", "curate-2")
+
+
+def test_self_rewriting_after_curation_rewrites_each_selection():
+    plan = build_plan(run_with(curation={"rewrite": {"enabled": True, "order": "after"}}))
+    assert plan["curate-1"].deps == ("augment", "train-m0")
+    assert plan["rewrite-1"].deps == ("curate-1", "train-m0") and plan["rewrite-1"].serves == "train-m0"
+    assert plan["train-m1"].deps == ("prepare-seed", "curate-1", "rewrite-1")
+    assert plan["rewrite-2"].deps == ("curate-2", "train-m1")
 
 
 def test_plan_is_deterministic():

@@ -50,15 +50,17 @@ def test_seed_and_augmented_tags_are_never_swapped():
     assert aug_ex.prompt.startswith(AUG_TAG + "\n\n") and SEED_TAG not in aug_ex.prompt
 
 
-def test_inference_system_has_both_tags_seed_first():
-    assert P.inference_system(TAGS) == f"{SEED_TAG} {AUG_TAG}"
+def test_inference_system_is_the_seed_tag_every_forward_model_trained_with():
+    # M0 trains on seed examples only (seed tag); it must never be prompted with the web tag.
+    assert P.inference_system(TAGS) == SEED_TAG
     prompt = P.forward_prompt(INSTRUCTION, P.inference_system(TAGS))
-    assert prompt.index(SEED_TAG) < prompt.index(AUG_TAG) < prompt.index("### Instruction:")
+    assert AUG_TAG not in prompt
+    assert prompt == P.forward_example(INSTRUCTION, RESPONSE, P.seed_system(TAGS)).prompt
 
 
 def test_custom_tags_flow_through():
     tags = SystemPrompts(seed="  Be an assistant.  ", augmented="Use the web.")
-    assert P.inference_system(tags) == "Be an assistant. Use the web."
+    assert P.inference_system(tags) == "Be an assistant."
     assert P.forward_prompt("Hi?", P.seed_system(tags)).startswith("Be an assistant.\n\n")
 
 
@@ -70,7 +72,7 @@ def test_blank_tag_is_an_error_not_a_silent_untagged_prompt():
 
 def test_forward_prompt_golden():
     assert P.forward_prompt(INSTRUCTION, P.inference_system(TAGS)) == (
-        "Answer in the style of an AI Assistant. Answer with knowledge from web search.\n\n"
+        "Answer in the style of an AI Assistant.\n\n"
         "### Instruction:\nName three species of whale and one fact about each.\n\n"
         "### Response:\n"
     )
@@ -415,8 +417,8 @@ def test_templates_are_plain_versioned_strings():
 def test_template_edits_need_a_version_bump():
     # Changed a template? Bump TEMPLATE_VERSION and update the digest here: stages fingerprint both.
     assert (P.TEMPLATE_VERSION, P.template_digest()) == (
-        2,
-        "4428c2a546daa6e024d37498caac80f201238d8f4aabad66fc77a35acfd8c680",
+        3,
+        "5581850ae400dacb305ca383d64bbb053cf67111f24c44b6ede3b026d82753d8",
     )
 
 

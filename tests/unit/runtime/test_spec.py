@@ -46,11 +46,11 @@ def test_defaults_are_the_papers():
 
 @pytest.mark.parametrize(
     ("n", "steps"),
-    [(100, 500), (3200, 500), (3201, 600), (12800, 600), (25600, 1200), (51200, 1600), (10**6, 1600)],
+    [(100, 30), (1600, 600), (3200, 500), (3201, 600), (12800, 600), (25600, 1200), (51200, 1600), (10**6, 1600)],
 )
 def test_steps_follow_the_papers_schedule(n, steps):
     assert parse_run(minimal()).spec.training.forward.steps_for(n) == steps
-    assert PAPER_STEPS_BY_SIZE[0] == (3200, 500)
+    assert PAPER_STEPS_BY_SIZE[3] == (3200, 32, 500)
 
 
 def test_fixed_steps_override_the_schedule():
@@ -202,3 +202,28 @@ def test_relative_paths_resolve_against_the_run_files_folder(tmp_path, monkeypat
     assert RunContext.create(run, identify_inputs=False).storage_uri == str(project / "out")
     hub = parse_run(minimal(baseModel="meta-llama/Llama-2-7b-hf"))
     assert hub.base_model_ref() == "meta-llama/Llama-2-7b-hf"  # a hub id stays one
+# --- the paper's settings (Li et al. 2023, arXiv 2308.06259, section 3.1 and the appendix table) ---
+
+def test_training_defaults_are_the_papers():
+    from humpback_runtime.spec import TrainingSpec
+
+    t = TrainingSpec()
+    assert (t.learning_rate, t.final_learning_rate, t.weight_decay, t.batch_size, t.dropout) == (1e-5, 9e-6, 0.1, 32, 0.1)
+    assert (t.adam_beta1, t.adam_beta2) == (0.9, 0.999)  # not in the paper: PyTorch's defaults, configurable
+    assert TrainingSpec(dropout=0.0, adamBeta2=0.95).adam_beta2 == 0.95
+
+
+def test_small_training_sets_get_the_papers_batch_8_rows():
+    from humpback_runtime.spec import TrainingSpec
+
+    t = TrainingSpec()
+    table = {100: (8, 30), 800: (8, 300), 1600: (8, 600), 3200: (32, 500), 6400: (32, 600),
+             12800: (32, 600), 25600: (32, 1200), 51200: (32, 1600)}
+    for n, (batch, steps) in table.items():
+        assert (t.batch_size_for(n), t.steps_for(n)) == (batch, steps), n
+    assert (t.batch_size_for(64), t.steps_for(64)) == (8, 30)
+    assert (t.batch_size_for(2000), t.steps_for(2000)) == (32, 500)  # between rows: the next row up
+    resolved = TrainingSpec(perDeviceBatchSize=16).for_size(1000)
+    assert (resolved.batch_size, resolved.steps, resolved.per_device_batch_size) == (8, 600, 8)
+    fixed = TrainingSpec(steps=7, batchSize=16).for_size(100)  # fixed steps: the rows do not apply
+    assert (fixed.batch_size, fixed.steps) == (16, 7)

@@ -237,3 +237,12 @@ def test_the_forward_model_keeps_the_instruction_and_cuts_the_response(tokenizer
     data = tokenize_all(tokenizer, [ex], 96)
     assert data.dropped == 0 and data.truncated == 1 and data.prompt_cut == 0
     assert tokenizer.decode(data.features[0]["input_ids"]).startswith(tokenizer.bos_token + ex.prompt)
+def test_dropout_goes_on_every_dropout_field_the_config_has():
+    transformers = pytest.importorskip("transformers")
+    from humpback_runtime.training.trainer import apply_dropout
+
+    llama = transformers.LlamaConfig()
+    assert apply_dropout(llama, 0.1) == ["attention_dropout"] and llama.attention_dropout == 0.1
+    gpt2 = transformers.GPT2Config()
+    assert set(apply_dropout(gpt2, 0.1)) == {"resid_pdrop", "embd_pdrop", "attn_pdrop"}
+    assert gpt2.resid_pdrop == gpt2.embd_pdrop == gpt2.attn_pdrop == 0.1
