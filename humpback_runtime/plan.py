@@ -35,7 +35,7 @@ STAGE_CODE_VERSIONS = {
     "augment": 1,
     "rewrite": 2,  # 2: rewrites cut off by maxTokens are dropped (finish_reason length)
     "curate": 2,  # 2: scores only (score = argmax in logprobs mode); selection moved to selected/<id>/
-    "evaluate": 1,
+    "evaluate": 2,  # 2: reference outputs, alpaca_eval export, MT-Bench two turns graded 1-10
     "report": 2,  # 2: verdict, settings, warnings, funnel, selection-score histograms, answers, links
 }
 
@@ -161,7 +161,9 @@ def stage_sources(run: BacktranslationRun) -> dict[str, tuple[str, ...]]:
     spec = run.spec
     sources = {"prepare-seed": (spec.seed.source,), "prepare-corpus": (spec.corpus.source,)}
     if spec.evaluation.enabled:
-        sources["evaluate"] = tuple(s.source for s in spec.evaluation.sets if not s.source.startswith("builtin:"))
+        sources["evaluate"] = tuple(
+            f for s in spec.evaluation.sets for f in (s.source, s.reference_outputs)
+            if f and not f.startswith("builtin:"))
     return sources
 
 

@@ -86,6 +86,9 @@ __all__ = [
     "curation_prompt",
     "forward_example",
     "forward_prompt",
+    "forward_turn_prompt",
+    "mt_bench_judge_prompt",
+    "parse_rating",
     "inference_system",
     "instruction_only_logprob_prompt",
     "instruction_only_prompt",
@@ -101,7 +104,9 @@ __all__ = [
 
 # Bump whenever any template text below changes; stages put it into their fingerprints. The unit
 # tests pin (TEMPLATE_VERSION, template_digest()) so an edit without a bump fails loudly.
-TEMPLATE_VERSION: int = 2  # 2: forward models are prompted with the seed tag only (was: both tags)
+# 2: forward models are prompted with the seed tag only (was: both tags); 3: MT-Bench judge prompts
+# and the forward template's next turn.
+TEMPLATE_VERSION: int = 3
 
 SCORES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -110,6 +115,8 @@ SCORES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
 FORWARD_TEMPLATE = "{system}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 FORWARD_TEMPLATE_NO_SYSTEM = "### Instruction:\n{instruction}\n\n### Response:\n"
+# A later turn of a conversation (MT-Bench's second question): appended after the previous answer.
+FORWARD_NEXT_TURN_TEMPLATE = "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 BACKWARD_TEMPLATE = "### Response:\n{response}\n\n### Instruction that this is the answer to:\n"
 
 # What the model writes first on the line that carries its rating (and where a logprob prompt stops).
@@ -201,6 +208,55 @@ JUDGE_TASK = (
     "Instruction:\n{instruction}\n\nAnswer A:\n{answer_a}\n\nAnswer B:\n{answer_b}"
 )
 
+# MT-Bench single-answer grading (Zheng et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and
+# Chatbot Arena"): the judge prompts "single-v1", "single-math-v1", "single-v1-multi-turn" and
+# "single-math-v1-multi-turn" of lm-sys/FastChat, fastchat/llm_judge/data/judge_prompts.jsonl
+# (commit 0e6e7fdc78bf64aceea1508694ce4e6472810b8b), Apache-2.0, copyright the FastChat / LMSYS
+# authors; verbatim, including their typos ("You evaluation"). (system prompt, user template).
+_MT_RATE = ('After providing your explanation, you must rate the response on a scale of 1 to 10 by strictly '
+            'following this format: "[[rating]]", for example: "Rating: [[5]]".')
+MT_BENCH_SINGLE = (
+    "You are a helpful assistant.",
+    "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
+    "assistant to the user question displayed below. Your evaluation should consider factors such as the "
+    "helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. Begin your "
+    "evaluation by providing a short explanation. Be as objective as possible. " + _MT_RATE + "\n\n"
+    "[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]",
+)
+MT_BENCH_SINGLE_MATH = (
+    "You are a helpful assistant.",
+    "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
+    "assistant to the user question displayed below. Your evaluation should consider correctness and "
+    "helpfulness. You will be given a reference answer and the assistant's answer. Begin your evaluation by "
+    "comparing the assistant's answer with the reference answer. Identify and correct any mistakes. Be as "
+    "objective as possible. " + _MT_RATE + "\n\n"
+    "[Question]\n{question}\n\n[The Start of Reference Answer]\n{ref_answer_1}\n[The End of Reference Answer]\n\n"
+    "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]",
+)
+_MT_CONVERSATION = (
+    "<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{question_1}\n\n### Assistant A:\n"
+    "{answer_1}\n\n### User:\n{question_2}\n\n### Assistant A:\n{answer_2}\n\n"
+    "<|The End of Assistant A's Conversation with User|>"
+)
+MT_BENCH_SINGLE_MULTI_TURN = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
+    "the user question displayed below. Your evaluation should consider factors such as the helpfulness, "
+    "relevance, accuracy, depth, creativity, and level of detail of the response. You evaluation should focus "
+    "on the assistant's answer to the second user question. Begin your evaluation by providing a short "
+    "explanation. Be as objective as possible. " + _MT_RATE + "\n\n",
+    _MT_CONVERSATION,
+)
+MT_BENCH_SINGLE_MATH_MULTI_TURN = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
+    "the user question. Your evaluation should consider correctness and helpfulness. You will be given a "
+    "reference answer and the assistant's answer. You evaluation should focus on the assistant's answer to the "
+    "second question. Begin your evaluation by comparing the assistant's answer with the reference answer. "
+    "Identify and correct any mistakes. Be as objective as possible. " + _MT_RATE + "\n\n",
+    "<|The Start of Reference Answer|>\n\n### User:\n{question_1}\n\n### Reference answer:\n{ref_answer_1}\n\n"
+    "### User:\n{question_2}\n\n### Reference answer:\n{ref_answer_2}\n\n<|The End of Reference Answer|>\n\n\n"
+    + _MT_CONVERSATION,
+)
+
 _ALL_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("forward", FORWARD_TEMPLATE),
     ("forward_no_system", FORWARD_TEMPLATE_NO_SYSTEM),
@@ -210,6 +266,11 @@ _ALL_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("instruction_only", _INSTRUCTION_ONLY_TASK),
     ("rewrite", REWRITE_TASK),
     ("judge", JUDGE_TASK),
+    ("forward_next_turn", FORWARD_NEXT_TURN_TEMPLATE),
+    *((f"mt_bench_{name}_{i}", text) for name, pair in (
+        ("single", MT_BENCH_SINGLE), ("single_math", MT_BENCH_SINGLE_MATH),
+        ("single_multi_turn", MT_BENCH_SINGLE_MULTI_TURN), ("single_math_multi_turn", MT_BENCH_SINGLE_MATH_MULTI_TURN),
+    ) for i, text in enumerate(pair)),
     ("inference_system", "seed"),  # which tag forward models see at inference
     ("bare_logprob_join", "\n\n"),
 )
@@ -309,6 +370,22 @@ def forward_prompt(instruction: str, system: str) -> str:
     if not system:
         return FORWARD_TEMPLATE_NO_SYSTEM.format(instruction=instruction)
     return FORWARD_TEMPLATE.format(system=system, instruction=instruction)
+
+
+def forward_turn_prompt(history: Sequence[tuple[str, str]], instruction: str, system: str) -> str:
+    """A later turn of a conversation: :func:`forward_prompt` of the first question, each earlier
+    answer followed by the next question in the same ``### Instruction:`` / ``### Response:`` form.
+
+    ``history`` is ``[(question, answer), ...]`` of the earlier turns; empty, this is
+    :func:`forward_prompt`. Used by MT-Bench's second turn (the first answer stays in context).
+    """
+    if not history:
+        return forward_prompt(instruction, system)
+    text = forward_prompt(history[0][0], system)
+    for i, (_, answer) in enumerate(history):
+        following = history[i + 1][0] if i + 1 < len(history) else instruction
+        text += answer.strip() + FORWARD_NEXT_TURN_TEMPLATE.format(instruction=_clean(following, "instruction"))
+    return text
 
 
 def forward_example(instruction: str, response: str, system: str) -> TrainingExample:
@@ -422,6 +499,43 @@ def pairwise_judge_prompt(instruction: str, answer_a: str, answer_b: str) -> str
     return JUDGE_TASK.format(
         instruction=_clean(instruction, "instruction"), answer_a=answer_a.strip(), answer_b=answer_b.strip()
     )
+
+
+def mt_bench_judge_prompt(question_1: str, answer_1: str, *, question_2: str | None = None,
+                          answer_2: str | None = None, reference: Sequence[str] | None = None) -> str:
+    """MT-Bench's single-answer grading prompt (FastChat's published wording), for turn 1 or 2.
+
+    Turn 2 when ``question_2`` is given (the judge sees the whole conversation and grades the
+    second answer). With ``reference`` (the reference answers of the turns; FastChat uses them for
+    math, reasoning and coding) the "math" variant compares against it. The judge ends with
+    ``[[rating]]``, 1 to 10: read it with :func:`parse_rating`. FastChat sends the first part as
+    the system message; this completions-API prompt puts it first, separated by a blank line.
+    """
+    fields = {"question_1": _clean(question_1, "question_1"), "question": question_1.strip(),
+              "answer_1": answer_1.strip(), "answer": answer_1.strip()}
+    if question_2 is None:
+        system, template = MT_BENCH_SINGLE_MATH if reference else MT_BENCH_SINGLE
+    else:
+        fields.update(question_2=_clean(question_2, "question_2"), answer_2=(answer_2 or "").strip())
+        system, template = MT_BENCH_SINGLE_MATH_MULTI_TURN if reference else MT_BENCH_SINGLE_MULTI_TURN
+    if reference:
+        refs = list(reference) + [""] * 2
+        fields.update(ref_answer_1=refs[0].strip(), ref_answer_2=refs[1].strip())
+    return system.rstrip("\n") + "\n\n" + template.format(**fields)
+
+
+# FastChat's own patterns: "[[8]]", else "[8]"; a rating outside 1..10 is unreadable.
+_RATING = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))
+
+
+def parse_rating(text: str) -> float | None:
+    """The MT-Bench rating (1 to 10) in the judge's text, as FastChat reads it, or None."""
+    for pattern in _RATING:
+        m = pattern.search(text)
+        if m:
+            value = float(m.group(1))
+            return value if 1 <= value <= 10 else None
+    return None
 
 
 # --- reading scores ---------------------------------------------------------------------------

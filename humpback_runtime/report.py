@@ -41,7 +41,9 @@ train-*             ``metrics.train_loss``: ``[[step, loss], ...]`` (or ``[{"ste
 evaluate            ``evaluation``: what :func:`humpback_runtime.evaluation.evaluate` returns:
                     ``judged``, ``note``, ``sets.<set>.pairs.<A-vs-B>`` with ``a``, ``b``,
                     ``win_rate``, ``stderr``, ``n``, ``wins``, ``ties``, ``losses``, ``unparsed``,
-                    ``position_consistency``
+                    ``position_consistency``; ``sets.<set>.reference.models.<model>`` (win rate against
+                    reference outputs, ``length_controlled_win_rate``, ``avg_length``); ``sets.<set>
+                    .mt_bench.<model>`` (``score``, ``turn_1``, ``turn_2``, ``categories``)
 ==================  =================================================================================
 """
 
@@ -1086,7 +1088,10 @@ def _win_section(plots: _Plots, manifests: dict, win_rates: Mapping | None, answ
             if isinstance(pair, Mapping) and _is_number(pair.get("win_rate")):
                 rows.append({"set": set_name, "key": key, **pair,
                              "a": pair.get("a") or key, "b": pair.get("b") or ""})
+    extra = _reference_and_mt_bench_tables(win_rates)
     if not rows:
+        if extra:
+            return extra
         note = win_rates.get("note")
         if win_rates.get("judged") is False or win_rates.get("judge") is None:
             return _na(note or "no judge configured") + _answer_lengths(plots, answers or {})
@@ -1104,7 +1109,39 @@ def _win_section(plots: _Plots, manifests: dict, win_rates: Mapping | None, answ
                "them (win 1, tie 0.5, loss 0) over n prompts. Wins, ties, losses and unparsed count "
                "judgments. The plot's bars are ±1.96 standard errors.</p>")
     plot = plots.unavailable() if plots.missing else _win_plot(plots, rows)
-    return caption + table + "\n" + plot + _answer_lengths(plots, answers or {})
+    return caption + table + "\n" + plot + extra + _answer_lengths(plots, answers or {})
+
+
+def _reference_and_mt_bench_tables(win_rates: Mapping) -> str:
+    """Win rates against reference outputs (with lengths and the length-controlled win rate) and
+    MT-Bench grades, when the evaluate manifest has them."""
+    ref_rows, mt_rows = [], []
+    for set_name, entry in (win_rates.get("sets") or {}).items():
+        ref = _get(entry, "reference")
+        for model, r in ((_get(ref, "models") or {}) if isinstance(ref, Mapping) else {}).items():
+            if isinstance(r, Mapping):
+                ref_rows.append([_e(set_name), _e(model), _e(_get(ref, "generator")), _num(r.get("win_rate")),
+                                 _num(r.get("stderr")), _num(r.get("length_controlled_win_rate")),
+                                 _num(r.get("avg_length")), _num(r.get("reference_avg_length")), _num(r.get("n"))])
+        for model, m in (_get(entry, "mt_bench") or {}).items():
+            if isinstance(m, Mapping):
+                cats = m.get("categories") if isinstance(m.get("categories"), Mapping) else {}
+                mt_rows.append([_e(set_name), _e(model), _num(m.get("score")), _num(m.get("turn_1")),
+                                _num(m.get("turn_2")), _e(", ".join(f"{c} {v:.2f}" for c, v in cats.items()
+                                                                    if _is_number(v))),
+                                _num(m.get("graded")), _num(m.get("unparsed"))])
+    out = ""
+    if ref_rows:
+        out += ('<h3>Against reference outputs</h3><p class="muted">Both orders per prompt; the length-'
+                "controlled win rate is AlpacaEval 2.0's (Dubois et al. 2024): a logistic fit on the length "
+                "difference, read at zero difference. Lengths in characters.</p>")
+        out += _table(["set", "model", "reference", "win rate", "± stderr", "length-controlled",
+                       "avg length", "reference avg length", "n"], ref_rows)
+    if mt_rows:
+        out += ('<h3>MT-Bench</h3><p class="muted">Single-answer grading 1-10 with FastChat\'s judge '
+                "prompts; score is the mean over both turns.</p>")
+        out += _table(["set", "model", "score", "turn 1", "turn 2", "categories", "graded", "unparsed"], mt_rows)
+    return out
 
 
 def _answer_lengths(plots: _Plots, answers: Mapping) -> str:

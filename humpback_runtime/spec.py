@@ -453,7 +453,20 @@ class CurationSpec(Model):
 
 class EvalSet(Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    source: str = Field(description="JSONL with id and instruction; builtin:NAME for a shipped set.")
+    source: str = Field(description="JSONL with id and instruction (optional reference: a reference answer); "
+                        "builtin:NAME for a shipped set.")
+    kind: Literal["pairwise", "mt_bench"] | None = Field(
+        None, description="pairwise: judged pairwise (and against reference outputs); mt_bench: two turns "
+        "(records need turns) graded 1-10. Default: mt_bench for builtin:mt_bench, else pairwise.")
+    reference_outputs: str | None = Field(
+        None, description="alpaca_eval-format JSON list of {instruction, output, generator}: reference answers "
+        "matched to the set's prompts by instruction text (e.g. a local AlpacaEval copy).")
+
+    @model_validator(mode="after")
+    def _kind(self) -> "EvalSet":
+        if self.kind is None:
+            self.kind = "mt_bench" if self.source == "builtin:mt_bench" else "pairwise"
+        return self
 
     @field_validator("source")
     @classmethod

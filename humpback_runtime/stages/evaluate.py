@@ -1,4 +1,6 @@
-"""evaluate: each model answers the evaluation sets; a judge compares the answers pairwise.
+"""evaluate: each model answers the evaluation sets; a judge compares the answers pairwise, against
+reference outputs, or grades them 1-10 (MT-Bench, two turns: a record's ``history`` holds the
+earlier questions and answers).
 
     humpback stage evaluate --spec RUN.yaml
 """
@@ -26,7 +28,7 @@ def run_evaluate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
 
         system = ctx.model_system(model_stage)  # the system text this model was trained with
         engine_for(ctx, model_stage).generate(
-            records, lambda r: prompts.forward_prompt(r["instruction"], system),
+            records, lambda r: prompts.forward_turn_prompt(r.get("history") or [], r["instruction"], system),
             Sampling.from_spec(spec.evaluation.sampling), store=ctx.store, prefix=out_prefix, handle=handle,
             checkpoint_every=spec.inference.checkpoint_every, total=len(records), desc=f"{stage.name} {model_stage}",
         )

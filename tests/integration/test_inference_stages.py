@@ -204,6 +204,38 @@ def test_evaluate_answers_with_every_model_and_a_chat_only_judge_gives_win_rates
     assert manifest["outputs"]["answers"] == 3 * 3
 
 
+
+def test_evaluate_runs_mt_bench_in_two_turns_and_exports_alpaca_eval(tmp_path, tiny_model):
+    import json
+
+    from humpback_testing.openai_stub import StubServer
+
+    rows = [{"id": "w", "instruction": "Write a haiku.", "category": "writing",
+             "turns": ["Write a haiku.", "Now translate it."]},
+            {"id": "m", "instruction": "What is 2+2?", "category": "math",
+             "turns": ["What is 2+2?", "And 3+3?"], "reference": ["4", "6"]}]
+    mt = tmp_path / "mt.jsonl"
+    mt.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with StubServer(text="Fine.\nRating: [[7]]") as judge:
+        ctx = make_ctx(tmp_path, tiny_model)
+        ctx.run.spec.evaluation = ctx.run.spec.evaluation.model_validate({
+            "enabled": True, "sets": [{"name": "mt", "source": str(mt), "kind": "mt_bench"}],
+            "judge": {"endpoint": judge.url, "model": "model"}, "sampling": {"maxTokens": 8}})
+        stand_in_for_training(ctx, tiny_model, "train-m0", "train-m1", "train-m2")
+        manifest = run_stage(ctx, "evaluate")
+        assert judge.stats.prompts == 3 * 2 * 2  # three models, two questions, two turns each
+    assert manifest["outputs"]["answers"] == 3 * 2 * 2
+    scores = manifest["evaluation"]["sets"]["mt"]["mt_bench"]
+    assert set(scores) == {"train-m0", "train-m1", "train-m2"}
+    assert all(s["score"] == 7.0 and s["categories"] == {"math": 7.0, "writing": 7.0} for s in scores.values())
+    turn2 = manifest["evaluation"]["sets"]["mt"]["answers"]["train-m2"]["turn_2"]["prefix"]
+    assert turn2.endswith("/answers/mt/turn-2/train-m2")
+    export = manifest["evaluation"]["sets"]["mt"]["answers"]["train-m2"]["alpaca_eval"]
+    rows_out = ctx.store.read_json(export)
+    assert [r["instruction"] for r in rows_out] == ["Write a haiku.", "What is 2+2?"]
+    assert {(r["generator"], r["dataset"]) for r in rows_out} == {("train-m2", "mt")}
+
+
 # --- score once, select many; bad records; yield floors (issues 10 and 13) --------------------------
 
 def stub_ctx(tmp_path, tiny_model, stub, **curation):

@@ -258,7 +258,8 @@ def test_evaluate_judges_mk_against_m0_and_m_k_minus_1(tmp_path, store, monkeypa
             pair["unparsed"]) == (1.0, 0.0, 3, 6, 0, 0, 0)
     assert list_shards(store, pair["prefix"])
     assert ev["sets"]["tiny"]["answers"]["train-m1"] == {"prefix": "ns/run/evaluate/answers/tiny/train-m1",
-                                                        "count": 3}
+                                                        "count": 3,
+                                                        "alpaca_eval": "ns/run/evaluate/alpaca_eval/tiny/train-m1.json"}
     assert result["outputs"] == {"count": 9, "answers": 9, "judgments": 12}
     assert ev["judging"]["completed"] == 12
     assert "sk-test-secret" not in json.dumps(result)
@@ -273,7 +274,9 @@ def test_evaluate_without_a_judge_writes_answers_and_says_so(tmp_path, store):
     assert ev["sets"]["tiny"]["pairs"] == {} and ev["comparisons"] == [] and ev["judge"] is None
     assert len(gen.calls) == 2
     assert "win_rate" not in json.dumps(result)
-    assert store.list("ns/run/evaluate") == []
+    # Nothing judged: the only files are the alpaca_eval exports of the answers.
+    assert sorted(store.list("ns/run/evaluate")) == [f"ns/run/evaluate/alpaca_eval/tiny/train-m{i}.json"
+                                                     for i in (0, 1)]
 
 
 def test_evaluate_fails_when_a_model_leaves_prompts_unanswered(tmp_path, store):
@@ -313,3 +316,189 @@ def test_judgments_are_readable_shards(store):
     records = list(iter_shard_records(store, list_shards(store, PREFIX)))
     assert {r["order"] for r in records} == {"ab", "ba"}
     assert all(set(r) == {"id", "prompt_id", "order", "verdict", "winner", "text"} for r in records)
+
+
+# --- reference outputs, length control, alpaca_eval export (issue 13.2) ---------------------------
+
+def test_length_controlled_win_rate_matches_the_hand_computed_example():
+    from humpback_runtime.evaluation import length_controlled_win_rate
+    # Seven prompts: A is 100 characters longer on five (wins 4, loses 1), 100 shorter on two (wins
+    # 1, loses 1). d = +-100 everywhere, so x = tanh(d / std(d)) takes two values +c and -c, and the
+    # two-parameter logistic model is saturated: sigmoid(b0 + b1 c) = 4/5 and sigmoid(b0 - b1 c) = 1/2.
+    # logit(4/5) = ln 4, logit(1/2) = 0, so b0 = (ln 4 + 0) / 2 = ln 2 and the length-controlled
+    # win rate sigmoid(b0) = 2 / (1 + 2) = 2/3, below the raw win rate 5/7 = 0.714.
+    scores = [1, 1, 1, 1, 0, 1, 0]
+    lengths_b = [200] * 7
+    lengths_a = [300] * 5 + [100] * 2
+    assert sum(scores) / 7 == pytest.approx(5 / 7)
+    assert length_controlled_win_rate(scores, lengths_a, lengths_b) == pytest.approx(2 / 3, abs=1e-9)
+    # Ties count 1/2 (soft labels). Longer on four: 1, 1, 1, 1/2 -> mean 7/8, logit ln 7; shorter on
+    # three: 1/2, 1/2, 0 -> mean 1/3, logit -ln 2. b0 = (ln 7 - ln 2) / 2 = ln sqrt(3.5), so
+    # LC = sqrt(3.5) / (1 + sqrt(3.5)) = 1.870829 / 2.870829 = 0.651668.
+    scores = [1, 1, 1, 0.5, 0.5, 0.5, 0]
+    lengths_a = [250] * 4 + [150] * 3
+    assert length_controlled_win_rate(scores, lengths_a, [200] * 7) == pytest.approx(0.651668, abs=1e-6)
+    # No length difference at all: the model is the intercept alone, LC = the raw win rate.
+    assert length_controlled_win_rate([1, 0, 0.5, 1], [5] * 4, [5] * 4) == pytest.approx(0.625)
+    assert length_controlled_win_rate([], [], []) is None
+
+
+def _set_with_references(tmp_path) -> str:
+    path = tmp_path / "ref.jsonl"
+    rows = [{"id": "p0", "instruction": "Question 0?", "reference": "GOOD reference"},
+            {"id": "p1", "instruction": "Question 1?", "reference": "bad"},
+            {"id": "p2", "instruction": "Question 2?", "reference": "bad"},
+            {"id": "p3", "instruction": "Question 3?", "reference": "GOOD but much longer reference text"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_evaluate_judges_each_model_against_reference_outputs_in_both_orders(tmp_path, store):
+    spec = EvaluationSpec(enabled=True, sets=[EvalSet(name="ref", source=_set_with_references(tmp_path))],
+                          judge=JudgeSpec(endpoint="http://unused", model="judge"))
+    with StubServer(text=prefers_good) as stub:
+        spec = spec.model_copy(update={"judge": JudgeSpec(endpoint=stub.url, model="judge")})
+        result = evaluate(spec, ["train-m0"], FakeAnswers(good="train-m0"), store=store, prefix="ns/run/evaluate")
+        assert stub.stats.prompts == 8  # 4 prompts x 2 orders, one model, no other model to compare
+    ev = result["evaluation"]
+    assert ev["judged"] is True and ev["note"] is None
+    ref = ev["sets"]["ref"]["reference"]
+    assert ref["generator"] == "reference"
+    m0 = ref["models"]["train-m0"]
+    # "GOOD train-m0" wins p1 and p2 against "bad", ties p0 and p3 against GOOD references.
+    assert (m0["wins"], m0["ties"], m0["losses"], m0["n"]) == (4, 4, 0, 4)
+    assert m0["win_rate"] == pytest.approx(0.75)
+    assert m0["stderr"] == pytest.approx(0.25 * (4 / 3) ** 0.5 / 2)  # sd of 0.5, 1, 1, 0.5 / sqrt(4)
+    assert m0["avg_length"] == len("GOOD train-m0")
+    assert m0["reference_avg_length"] == pytest.approx(sum(map(len, ["GOOD reference", "bad", "bad",
+                                                                     "GOOD but much longer reference text"])) / 4)
+    assert m0["length_controlled_win_rate"] is not None and 0 < m0["length_controlled_win_rate"] < 1
+    judged = list(iter_shard_records(store, list_shards(store, "ns/run/evaluate/judgments/ref/train-m0-vs-reference")))
+    assert sorted(j["id"] for j in judged) == sorted(f"p{i}:{o}" for i in range(4) for o in ("ab", "ba"))
+
+
+def test_evaluate_writes_alpaca_eval_model_outputs_for_every_model_and_set(tmp_path, store):
+    spec = EvaluationSpec(enabled=True, sets=[EvalSet(name="tiny", source=_eval_set(tmp_path)),
+                                              EvalSet(name="ref", source=_set_with_references(tmp_path))])
+    result = evaluate(spec, ["train-m0", "train-m1"], FakeAnswers(good="train-m1"), store=store,
+                      prefix="ns/run/evaluate")
+    for name, n in (("tiny", 3), ("ref", 4)):
+        for model in ("train-m0", "train-m1"):
+            key = f"ns/run/evaluate/alpaca_eval/{name}/{model}.json"
+            assert result["evaluation"]["sets"][name]["answers"][model]["alpaca_eval"] == key
+            rows = store.read_json(key)
+            assert len(rows) == n
+            assert rows[0] == {"instruction": "Question 0?", "output": ("GOOD " if model == "train-m1" else "plain ")
+                               + model, "generator": model, "dataset": name}
+
+
+def test_reference_outputs_file_in_alpaca_eval_format_is_matched_by_instruction(tmp_path, store):
+    ref = tmp_path / "alpaca_eval_gpt4_baseline.json"
+    ref.write_text(json.dumps([{"instruction": f"Question {i}?", "output": "GOOD" if i == 0 else "bad",
+                                "generator": "gpt4_1106_preview", "dataset": "x"} for i in (2, 1, 0)]))
+    spec = EvaluationSpec(enabled=True, sets=[EvalSet(name="tiny", source=_eval_set(tmp_path),
+                                                      referenceOutputs=str(ref))])
+    with StubServer(text=prefers_good) as stub:
+        spec = spec.model_copy(update={"judge": JudgeSpec(endpoint=stub.url, model="judge")})
+        result = evaluate(spec, ["train-m0"], FakeAnswers(good="none"), store=store, prefix="ns/run/evaluate")
+    ref_entry = result["evaluation"]["sets"]["tiny"]["reference"]
+    assert ref_entry["generator"] == "gpt4_1106_preview" and ref_entry["source"] == str(ref)
+    m0 = ref_entry["models"]["train-m0"]
+    assert (m0["wins"], m0["ties"], m0["losses"]) == (0, 4, 2)  # p0 lost to the GOOD reference
+
+
+def test_reference_outputs_missing_a_prompt_name_the_file(tmp_path, store):
+    ref = tmp_path / "refs.json"
+    ref.write_text(json.dumps([{"instruction": "Question 0?", "output": "x", "generator": "g"}]))
+    spec = EvaluationSpec(enabled=True, sets=[EvalSet(name="tiny", source=_eval_set(tmp_path),
+                                                      referenceOutputs=str(ref))])
+    answers = FakeAnswers(good="none")
+    with pytest.raises(EvaluationError, match=r"refs\.json have no output for 2 of 3 prompts.*'p1'"):
+        evaluate(spec, ["train-m0"], answers, store=store, prefix="ns/run/evaluate")
+    assert answers.calls == []
+    ref.write_text(json.dumps([{"instruction": "Question 0?", "generator": "g"}]))
+    with pytest.raises(EvaluationError, match=r"refs\.json.*'output'"):
+        evaluate(spec, ["train-m0"], answers, store=store, prefix="ns/run/evaluate")
+
+
+# --- MT-Bench (issue 13.3) ---------------------------------------------------------------------------
+
+def test_builtin_mt_bench_is_graded_as_mt_bench_with_two_turns():
+    from humpback_runtime.evaluation import _check_mt_bench
+    assert EvalSet(name="mt_bench", source="builtin:mt_bench").kind == "mt_bench"
+    assert EvalSet(name="v", source="builtin:vicuna80").kind == "pairwise"
+    records = load_eval_set("builtin:mt_bench")
+    _check_mt_bench(records, "builtin:mt_bench")
+    assert all(len(r["turns"]) == 2 for r in records)
+
+
+def _mt_set(tmp_path) -> str:
+    path = tmp_path / "mt.jsonl"
+    rows = [{"id": "w1", "instruction": "Write a poem.", "category": "writing",
+             "turns": ["Write a poem.", "Now make it rhyme."]},
+            {"id": "m1", "instruction": "What is 2+2?", "category": "math",
+             "turns": ["What is 2+2?", "And times 3?"], "reference": ["4", "12"]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def mt_judge(prompt: str) -> str:
+    """Grades like a judge: 9 with a reference answer, 6 for a second turn, 8 otherwise."""
+    if "[The Start of Reference Answer]" in prompt or "<|The Start of Reference Answer|>" in prompt:
+        return "Correct.\nRating: [[9]]"
+    if "### Assistant A:" in prompt:
+        return "Fine. Rating: [[6]]"
+    return "Good. [[8]]"
+
+
+def test_mt_bench_asks_the_second_turn_with_the_first_answer_and_grades_1_to_10(tmp_path, store):
+    spec = EvaluationSpec(enabled=True, sets=[EvalSet(name="mt", source=_mt_set(tmp_path), kind="mt_bench")])
+    seen: list[dict] = []
+
+    def answers(model, records, prefix):
+        seen.extend(records)
+        return {r["id"]: f"{model} says {r['instruction']}" for r in records}
+
+    with StubServer(text=mt_judge) as stub:
+        spec = spec.model_copy(update={"judge": JudgeSpec(endpoint=stub.url, model="judge")})
+        result = evaluate(spec, ["train-m0"], answers, store=store, prefix="ns/run/evaluate")
+        assert stub.stats.prompts == 4  # 2 questions x 2 turns, single-answer grading (no pairs)
+    turn2 = [r for r in seen if "history" in r]
+    assert turn2 == [{"id": "w1", "instruction": "Now make it rhyme.",
+                      "history": [["Write a poem.", "train-m0 says Write a poem."]]},
+                     {"id": "m1", "instruction": "And times 3?",
+                      "history": [["What is 2+2?", "train-m0 says What is 2+2?"]]}]
+    scores = result["evaluation"]["sets"]["mt"]["mt_bench"]["train-m0"]
+    assert scores["categories"] == {"math": 9.0, "writing": 7.0}  # math: 9, 9; writing: 8 (t1), 6 (t2)
+    assert (scores["turn_1"], scores["turn_2"], scores["score"]) == (8.5, 7.5, 8.0)
+    assert (scores["graded"], scores["unparsed"]) == (4, 0)
+    assert result["evaluation"]["sets"]["mt"]["pairs"] == {}
+    graded = {j["id"]: j for j in iter_shard_records(store, list_shards(store, "ns/run/evaluate/judgments/mt/train-m0"))}
+    assert graded["m1:t2"]["rating"] == 9.0 and graded["w1:t2"]["rating"] == 6.0
+
+
+def test_mt_bench_record_without_two_turns_names_the_record(tmp_path, store):
+    path = tmp_path / "mt.jsonl"
+    path.write_text(json.dumps({"id": "x", "instruction": "Hi?", "turns": ["Hi?"]}) + "\n")
+    spec = EvaluationSpec(enabled=True, sets=[EvalSet(name="mt", source=str(path), kind="mt_bench")])
+    with pytest.raises(EvaluationError, match=r"record 'x'.*'turns', a list of 2"):
+        evaluate(spec, ["train-m0"], FakeAnswers(good="none"), store=store, prefix="ns/run/evaluate")
+
+
+@pytest.mark.parametrize("text, rating", [("Rating: [[7]]", 7.0), ("[[8.5]]", 8.5), ("score [6]", 6.0),
+                                          ("Rating: [[0]]", None), ("[[11]]", None), ("no rating", None)])
+def test_parse_rating_reads_fastchat_format(text, rating):
+    from humpback_runtime.prompts import parse_rating
+    assert parse_rating(text) == rating
+
+
+def test_mt_bench_judge_prompts_are_fastchats_wording():
+    from humpback_runtime.prompts import forward_prompt, forward_turn_prompt, mt_bench_judge_prompt
+    one = mt_bench_judge_prompt("Q?", "A.")
+    assert one.startswith("You are a helpful assistant.\n\n[Instruction]\nPlease act as an impartial judge")
+    assert one.endswith("[Question]\nQ?\n\n[The Start of Assistant's Answer]\nA.\n[The End of Assistant's Answer]")
+    two = mt_bench_judge_prompt("Q?", "A.", question_2="Q2?", answer_2="B.", reference=["r1", "r2"])
+    assert "You evaluation should focus on the assistant's answer to the second question." in two
+    assert "### User:\nQ2?\n\n### Reference answer:\nr2" in two and "### Assistant A:\nB." in two
+    assert (forward_turn_prompt([("Q?", "A. ")], "Q2?", "sys")
+            == forward_prompt("Q?", "sys") + "A.\n\n### Instruction:\nQ2?\n\n### Response:\n")

@@ -417,8 +417,8 @@ def test_templates_are_plain_versioned_strings():
 def test_template_edits_need_a_version_bump():
     # Changed a template? Bump TEMPLATE_VERSION and update the digest here: stages fingerprint both.
     assert (P.TEMPLATE_VERSION, P.template_digest()) == (
-        2,
-        "950a557763e8d51cdd10e46d32226ffdc7d0012c339e2909873f00add3f2c612",
+        3,
+        "5581850ae400dacb305ca383d64bbb053cf67111f24c44b6ede3b026d82753d8",
     )
 
 

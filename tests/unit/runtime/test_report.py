@@ -467,3 +467,18 @@ def test_plots_log_no_matplotlib_chatter(caplog):
     caplog.set_level(logging.DEBUG, logger="matplotlib")
     _yield_plot(_Plots(), [(1, 0.4), (2, 0.5)])
     assert not [r for r in caplog.records if "categorical units" in r.getMessage()]
+
+
+def test_report_shows_reference_win_rates_and_mt_bench_grades():
+    evaluation = {"judged": True, "note": None, "judge": {"model": "j", "endpoint": "http://j"}, "sets": {
+        "ref": {"pairs": {}, "reference": {"generator": "gpt4", "models": {"train-m0": {
+            "win_rate": 0.75, "stderr": 0.14, "length_controlled_win_rate": 0.6667, "avg_length": 120.0,
+            "reference_avg_length": 300.0, "n": 4}}}},
+        "mt": {"pairs": {}, "mt_bench": {"train-m0": {"score": 8.0, "turn_1": 8.5, "turn_2": 7.5,
+                                                     "categories": {"math": 9.0, "writing": 7.0},
+                                                     "graded": 4, "unparsed": 0}}}}}
+    page = build_report({"evaluate": {"evaluation": evaluation}}, curate_stages=[], loss_curves={}, scores={},
+                        win_rates=None)
+    text = " ".join(_parse(page).text)
+    assert "Against reference outputs" in text and "gpt4" in text and "0.667" in text
+    assert "MT-Bench" in text and "math 9.00, writing 7.00" in text
