@@ -233,7 +233,7 @@ def test_a_shard_cut_at_a_line_boundary_is_found_and_its_producer_runs_again(tmp
     assert f"{path}: {path.stat().st_size} bytes, the manifest says" in checked.stdout
     assert "prepare-seed" in checked.stdout and "sizes and checksums match" in checked.stdout
 
-    rerun = humpback("run", spec, "--until", "prepare-corpus")
+    rerun = humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "prepare-corpus: outputs do not match the manifest" in rerun.stdout
     assert "prepare-seed: done (fingerprint" in rerun.stdout
@@ -274,7 +274,7 @@ def test_a_deleted_shard_on_s3_does_not_leave_the_run_stuck(tmp_path, s3_server,
     ctx.store.delete(key)
     checked = humpback("verify", spec)
     assert checked.returncode == 1 and f"{ctx.store.url(key)}: missing" in checked.stdout
-    rerun = humpback("run", spec, "--until", "prepare-corpus")  # repairs it: re-runs prepare-seed
+    rerun = humpback("run", spec, "--until", "prepare-seed", "--until", "prepare-corpus")  # repairs it: re-runs prepare-seed
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "prepare-seed: outputs do not match the manifest" in rerun.stdout
     assert "prepare-corpus: done (fingerprint" in rerun.stdout

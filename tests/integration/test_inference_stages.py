@@ -156,14 +156,15 @@ def test_external_chat_rewriter_runs_once_drops_cut_off_rewrites_and_feeds_train
     assert manifest["counts"]["rewritten"] == n - 1 and manifest["counts"]["dropped_truncated"] == 1
     assert manifest["inference"]["engine"] == "vllm-server"
 
-    # Order after (the default for an external rewriter): curate-1 scored the original pairs; train-m1
-    # trains on the rewrites of the selected ones, and a selected pair whose rewrite was cut off is left out.
-    selected = [{"id": r["id"], "instruction": r["instruction"], "response": r["original_response"], "score": 5}
-                for r in records(ctx, ctx.prefix("rewrite"))]
+    # Order after (the default for an external rewriter): curate-1 scored the original pairs (every one a
+    # 5 here); train-m1 trains on the rewrites of the selected ones, and a selected pair whose rewrite was
+    # cut off is left out.
+    scores = [{"id": r["id"], "instruction": r["instruction"], "response": r["original_response"], "score": 5,
+               "argmax": 5, "expected": 5.0, "mass": 1.0} for r in records(ctx, ctx.prefix("rewrite"))]
     from humpback_runtime.storage import ShardWriter
 
-    with ShardWriter(ctx.store, ctx.prefix("curate-1") + "/selected") as writer:
-        for r in selected:
+    with ShardWriter(ctx.store, ctx.prefix("curate-1")) as writer:  # curate-k stores scores; selection is made
+        for r in scores:
             writer.write(r)
     write_success(ctx.store, ctx.prefix("curate-1"), {"fingerprint": ctx.plan["curate-1"].fingerprint,
                                                       "outputs": {"records": writer.shards}})
