@@ -84,11 +84,19 @@ def pid_namespace() -> str | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this PID namespace exists."""
+    """Whether process `pid` of this PID namespace exists and has not died.
+
+    A killed process whose parent has not reaped it yet (a zombie: its runner died with it and the
+    init process of a container may never reap) still answers signal 0, but it writes nothing more."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, and belongs to another user
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"
+    except (OSError, IndexError):  # no /proc (not Linux): signal 0 is all we know
+        return True
+    return state not in ("Z", "X")

@@ -120,7 +120,7 @@ def test_status_subresource_and_main_resource_change_only_their_part(kube_emulat
     status, after_status = merge_patch(kube_emulator, f"{path}/status", {"status": {"phase": "Running"}, "spec": {"baseModel": "x"}})
     assert status == 200
     assert after_status["status"] == {"phase": "Running"}
-    assert after_status["spec"]["baseModel"] == ".cache/tiny-llama"
+    assert after_status["spec"]["baseModel"] == "../.cache/tiny-llama"
     assert int(after_status["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
     assert after_status["metadata"]["generation"] == 1
 
@@ -136,12 +136,13 @@ def test_generation_moves_on_spec_changes_only(kube_emulator):
     assert labelled["metadata"]["generation"] == 1
     respecced = merge_patch(kube_emulator, path, {"spec": {"curation": {"iterations": 3}}})[1]
     assert respecced["metadata"]["generation"] == 2
-    assert respecced["spec"]["curation"] == {"iterations": 3, "mode": "logprobs", "threshold": 2, "maxTokens": 32}
+    assert respecced["spec"]["curation"] == {"iterations": 3, "mode": "logprobs", "threshold": 2, "maxTokens": 32,
+                                           "minDigitMass": 0, "minYield": 0}
 
 
 def test_a_no_op_patch_writes_nothing(kube_emulator):
     created = http(kube_emulator, "POST", BTR_PATH, tiny_run())[1]
-    same = merge_patch(kube_emulator, f"{BTR_PATH}/tiny-cpu", {"spec": {"baseModel": ".cache/tiny-llama"}})[1]
+    same = merge_patch(kube_emulator, f"{BTR_PATH}/tiny-cpu", {"spec": {"baseModel": "../.cache/tiny-llama"}})[1]
     assert same["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
 
 
@@ -421,7 +422,7 @@ def test_a_kopf_operator_sees_a_run_and_patches_its_status(kube_emulator, kube_a
     finally:
         process.terminate()
         process.wait(20)
-    assert obj["status"] == {"phase": "Running", "message": "seen .cache/tiny-llama"}
+    assert obj["status"] == {"phase": "Running", "message": "seen ../.cache/tiny-llama"}
     assert "kopf.zalando.org/last-handled-configuration" in obj["metadata"]["annotations"]
     text = log.read_text()
     assert "Handler 'created' succeeded" in text
