@@ -158,7 +158,7 @@ def test_kubectl_get_shows_the_running_stage_progress(run_kubectl):
                     "progress": {"done": 120, "total": 400, "unit": "records", "etaSeconds": 68.0,
                                  "summary": "120/400 records (30%), ETA 1m08s"}}]}}))
     header, row = run_kubectl("get", "btr", "tiny-cpu").stdout.splitlines()
-    assert header.split()[:6] == ["NAME", "PHASE", "STAGE", "PROGRESS", "STAGE", "PROGRESS"]
+    assert header.split()[:7] == ["NAME", "PHASE", "STAGE", "PROGRESS", "MESSAGE", "STAGE", "PROGRESS"]
     assert "curate-1 120/400 records (30%), ETA 1m08s" in row
     # The stage's own copy survives the CRD's schema (unknown fields would be pruned).
     done = run_kubectl("get", "btr", "tiny-cpu", "-o", "jsonpath={.status.stages[0].progress.done}").stdout

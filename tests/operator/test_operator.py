@@ -294,7 +294,8 @@ def test_a_spec_edit_reruns_only_what_changed(cluster, start_operator, make_stan
     old = cluster.stage("tiny", "curate-1")
     kept = {s["name"]: s for s in cluster.status("tiny")["stages"] if s["phase"] == "Succeeded"}
 
-    cluster.patch_spec("tiny", {"curation": {"threshold": 3}})
+    # A scoring setting: the threshold no longer re-scores (selection is made from the stored scores).
+    cluster.patch_spec("tiny", {"curation": {"maxTokens": 16}})
     wait_for(lambda: cluster.stage("tiny", "curate-1").get("fingerprint") not in (None, old["fingerprint"]),
              30, "curate-1 re-planned", explain(cluster, "tiny", op))
     standins.release()
@@ -309,7 +310,7 @@ def test_a_spec_edit_reruns_only_what_changed(cluster, start_operator, make_stan
     assert len(curate_jobs) == 2 and curate_jobs[0] != curate_jobs[1]  # replaced, new settings
     assert len([n for n in standins.seen["PyTorchJob"] if "-train-myx-" in n]) == 1
     cm = cluster.emulator.get("v1/configmaps", "tiny-spec", NAMESPACE)
-    assert "threshold: 3" in cm["data"]["run.yaml"]  # pods of the new attempt read the new spec
+    assert "maxTokens: 16" in cm["data"]["run.yaml"]  # pods of the new attempt read the new spec
 
 
 def test_deleting_a_run_removes_its_children(cluster, start_operator, make_standins, s3_bucket, s3_server):
