@@ -42,17 +42,21 @@ def model_prefix(ctx: RunContext, train_stage: str) -> str:
     return f"{ctx.prefix(train_stage)}/{MODEL_DIR}"
 
 
+def _complete_model(ctx: RunContext, train_stage: str) -> tuple[str, Path | None]:
+    """The store prefix of `train_stage`'s finished model, and its local folder when the store is local."""
+    prefix = model_prefix(ctx, train_stage)
+    if not ctx.store.exists(f"{prefix}/{COMPLETE}"):
+        raise InputsMissing(f"no complete model at {ctx.store.url(prefix)} (stage {train_stage} has not finished)")
+    return prefix, ctx.store.local_path(prefix)
+
+
 def local_model_dir(ctx: RunContext, train_stage: str) -> Path:
     """The trained model of `train_stage` as a local directory (downloaded from S3 if need be)."""
-    prefix = model_prefix(ctx, train_stage)
-    store = ctx.store
-    if not store.exists(f"{prefix}/{COMPLETE}"):
-        raise InputsMissing(f"no complete model at {store.url(prefix)} (stage {train_stage} has not finished)")
-    local = store.local_path(prefix)
+    prefix, local = _complete_model(ctx, train_stage)
     if local is not None:
         return local
-    cache = Path(os.environ.get("HUMPBACK_CACHE", Path.home() / ".cache" / "humpback")) / "models" / \
-        _cache_key(ctx, train_stage, prefix)
+    store = ctx.store
+    cache = _cache_root() / "models" / _cache_key(ctx, train_stage, prefix)
     if not (cache / COMPLETE).exists():
         log.info("Downloading model of %s from %s to %s", train_stage, store.url(prefix), cache)
         for key in store.list(prefix):
@@ -123,13 +127,10 @@ TOKENIZER_FILES = frozenset({
 def local_tokenizer_dir(ctx: RunContext, train_stage: str) -> Path:
     """The tokenizer of `train_stage`'s model as a local directory, fetching only the tokenizer files
     from an S3 store (a client pod next to a vLLM server needs the tokenizer, not 14 GB of weights)."""
-    prefix = model_prefix(ctx, train_stage)
-    store = ctx.store
-    if not store.exists(f"{prefix}/{COMPLETE}"):
-        raise InputsMissing(f"no complete model at {store.url(prefix)} (stage {train_stage} has not finished)")
-    local = store.local_path(prefix)
+    prefix, local = _complete_model(ctx, train_stage)
     if local is not None:
         return local
+    store = ctx.store
     # Keyed by where the model is, not only by its fingerprint: another store's model never answers.
     where = hashlib.sha256(store.url(prefix).encode()).hexdigest()[:16]
     cache = _cache_root() / "tokenizers" / f"{ctx.plan[train_stage].fingerprint}-{where}"
