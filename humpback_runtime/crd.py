@@ -392,6 +392,9 @@ def status_schema() -> dict[str, Any]:
             "phase": _str("Stage phase.", enum=["Pending", "Running", "Succeeded", "Failed", "Skipped"]),
             "attempt": _int("Attempt number, from 1; a retry creates a new child."),
             "fingerprint": _str("Hash of the stage's settings and inputs; unchanged means reusable."),
+            "fingerprintVersion": _str("What computed the fingerprint besides the spec (fingerprint algorithm, "
+                                       "stage code and prompt template versions, e.g. alg1-code2-tpl3); a running "
+                                       "attempt keeps its version across an operator upgrade."),
             "child": {
                 "description": "The Kubernetes object running this attempt.",
                 "type": "object",

@@ -39,6 +39,12 @@ STAGE_CODE_VERSIONS = {
     "report": 2,  # 2: verdict, settings, warnings, funnel, selection-score histograms, answers, links
 }
 
+# The version of how build_plan turns settings and inputs into a fingerprint (the payload's layout,
+# the hash). Bump it with any such change. With the stage's code version and the prompt templates'
+# version it makes a stage's fingerprint version, which the operator records per attempt
+# (docs/crd-upgrades.md): an attempt keeps the version it started with across an operator upgrade.
+FINGERPRINT_ALGORITHM = 1
+
 PROMPTED_FAMILIES = frozenset({"train", "augment", "rewrite", "curate", "evaluate"})
 
 # Curation settings that choose among the stored scores rather than change them.
@@ -65,6 +71,7 @@ class Stage:
     data: dict[str, str] = field(default_factory=dict)
     settings_digest: str = ""  # hash of settings, code and template versions: what "settings changed" means
     upstream: dict[str, str] = field(default_factory=dict)  # the fingerprints of the stages it depends on
+    fingerprint_version: str = ""  # what computed the fingerprint besides the spec: see fingerprint_version()
 
 
 @dataclass
@@ -140,6 +147,15 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def fingerprint_version(family: str) -> str:
+    """What computes a stage's fingerprint besides its settings and inputs, e.g. "alg1-code2-tpl3":
+    the fingerprint algorithm, the stage family's code version and, for stages that prompt a model,
+    the prompt templates' version. A release that changes it for a stage changes that stage's
+    fingerprint."""
+    version = f"alg{FINGERPRINT_ALGORITHM}-code{STAGE_CODE_VERSIONS[family]}"
+    return version + (f"-tpl{TEMPLATE_VERSION}" if family in PROMPTED_FAMILIES else "")
+
+
 def model_stage(k: int) -> str:
     """The training stage whose model is M_k."""
     return "train-m0" if k == 0 else f"train-m{k}"
@@ -193,7 +209,8 @@ def build_plan(run: BacktranslationRun, inputs: dict[str, str | None] | None = N
             data = {}
         fps[name] = fingerprint(payload)
         plan.stages.append(Stage(name, kind, family, tuple(deps), settings, fps[name], sources=sources, data=data,
-                                 settings_digest=fingerprint(own), upstream={d: fps[d] for d in deps}, **extra))
+                                 settings_digest=fingerprint(own), upstream={d: fps[d] for d in deps},
+                                 fingerprint_version=fingerprint_version(family), **extra))
 
     # Operational settings (resources, retries, storage, suspend, inference engine) stay out of
     # fingerprints: they change where and how fast a stage runs, not what it writes.

@@ -26,6 +26,7 @@ from humpback_operator.backends import conditions_outcome, get_backend
 from humpback_operator.config import OperatorConfig
 from humpback_operator.names import (
     ANNOTATION_FINGERPRINT,
+    ANNOTATION_FINGERPRINT_VERSION,
     LABEL_COMPONENT,
     LABEL_MODEL,
     LABEL_RUN,
@@ -434,7 +435,8 @@ def _pod_template(run: BacktranslationRun, labels: dict, res: PodResources, conf
 
 
 def _fingerprint(stage: Stage) -> dict[str, str]:
-    return {ANNOTATION_FINGERPRINT: stage.fingerprint}
+    version = {ANNOTATION_FINGERPRINT_VERSION: stage.fingerprint_version} if stage.fingerprint_version else {}
+    return {ANNOTATION_FINGERPRINT: stage.fingerprint, **version}
 
 
 # --- children by kind -----------------------------------------------------------------------

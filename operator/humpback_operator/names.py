@@ -24,6 +24,8 @@ LABEL_COMPONENT = "humpback.dev/component"  # job, train, server, client (spec: 
 LABEL_ATTEMPT = "humpback.dev/attempt"
 LABEL_MODEL = "humpback.dev/model"
 ANNOTATION_FINGERPRINT = "humpback.dev/fingerprint"
+# What computed that fingerprint (humpback_runtime.plan.fingerprint_version): kept by an attempt across upgrades.
+ANNOTATION_FINGERPRINT_VERSION = "humpback.dev/fingerprint-version"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"  # Kueue's WorkloadPriorityClass of the workload
 KUEUE_LABELS = (QUEUE_LABEL, PRIORITY_CLASS_LABEL)

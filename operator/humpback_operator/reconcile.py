@@ -202,8 +202,10 @@ def decide(
     owner = owner_reference(body)
     old_stages = {s["name"]: s for s in old_status.get("stages") or [] if "name" in s}
     # An operator upgrade may compute a stage's fingerprint differently (new code versions): a
-    # running attempt keeps its child and its fingerprint unless the user changed the spec.
-    plan.stages = [_in_flight(stage, old_stages.get(stage.name), old_status, generation) for stage in plan.stages]
+    # running attempt keeps its child, its fingerprint and its fingerprint version unless the user
+    # changed the spec; the next attempt uses the new ones.
+    plan.stages = [_in_flight(stage, old_stages.get(stage.name), old_status, generation, run.name, kids)
+                   for stage in plan.stages]
 
     configmap = _spec_configmap(run, body, owner)
     existing_cm = kids.get("ConfigMap", configmap["metadata"]["name"])
@@ -321,14 +323,24 @@ def _invalid(d: Decision, old: dict, generation: Any, problems: list[str], now: 
     return d
 
 
-def _in_flight(stage: Stage, old: Mapping[str, Any] | None, old_status: Mapping[str, Any], generation: Any) -> Stage:
-    """`stage` with the fingerprint its running attempt was started with, when only the operator
-    (not the spec: same metadata.generation) changed it; else `stage` as planned."""
+def _in_flight(stage: Stage, old: Mapping[str, Any] | None, old_status: Mapping[str, Any], generation: Any,
+               run_name: str, kids: _Children) -> Stage:
+    """`stage` with the fingerprint and fingerprint version its running attempt was started with,
+    when only the operator (not the spec: same metadata.generation) computes them differently now;
+    else `stage` as planned. Only the attempt that is running keeps them: once it has ended
+    (succeeded, failed, disrupted) the stage meets the new fingerprint, and its next attempt uses it."""
     if not old or old.get("phase") != "Running" or not old.get("fingerprint") or old["fingerprint"] == stage.fingerprint:
         return stage
     if generation is None or old_status.get("observedGeneration") != generation or not old.get("child"):
         return stage
-    return dataclasses.replace(stage, fingerprint=old["fingerprint"])
+    kept = dataclasses.replace(stage, fingerprint=old["fingerprint"], fingerprint_version=old.get("fingerprintVersion", ""))
+    child = old["child"]
+    if child.get("kind") == "Deployment":  # its servers are starting: they are the attempt so far
+        server = kids.get("Deployment", child.get("name", ""))
+        running = server is not None and not _is_terminating(server)
+    else:  # the current attempt's Job or PyTorchJob, not the child of an attempt that has ended
+        running = child.get("name") == names.stage_child_name(run_name, kept, int(old.get("attempt") or 0))
+    return kept if running else stage
 
 
 def _counted(st: Mapping[str, Any]) -> int:
@@ -352,9 +364,13 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
     st: dict[str, Any] = dict(old) if old else {"name": stage.name, "phase": "Pending", "attempt": 0}
     if st.get("fingerprint") != stage.fingerprint:
         if old and old.get("fingerprint") and old.get("phase") != "Pending":
-            d.events.append(Event("Normal", "StageReplanned",
-                                  f"Settings of stage {stage.name} changed: it will run again"))
+            was = old.get("fingerprintVersion")
+            why = (f"this operator computes its fingerprint with version {stage.fingerprint_version} (was {was})"
+                   if was and was != stage.fingerprint_version else "settings of the stage changed")
+            d.events.append(Event("Normal", "StageReplanned", f"Stage {stage.name}: {why}: it will run again"))
         st = {"name": stage.name, "phase": "Pending", "attempt": 0, "fingerprint": stage.fingerprint}
+        if stage.fingerprint_version:
+            st["fingerprintVersion"] = stage.fingerprint_version
 
     def delete_servers() -> None:
         for obj in kids.of_stage(stage.name):
@@ -495,6 +511,8 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
     d.create.append(primary)
     for key in ("nextAttemptTime", "reason", "pendingSince"):
         st.pop(key, None)
+    if stage.fingerprint_version:  # the attempt's record, as on its child's annotation
+        st["fingerprintVersion"] = stage.fingerprint_version
     st.update(phase="Running", child=_ref(primary), message=f"attempt {attempt} running")
     if attempt == 1 or st.get("startTime") is None:
         st["startTime"] = st.get("startTime") or _now_str(now)

@@ -130,16 +130,41 @@ plan.STAGE_CODE_VERSIONS["train"] += 1
 
 def test_an_upgrade_that_changes_a_fingerprint_keeps_the_running_child(
         cluster, start_operator, make_standins, s3_bucket, s3_server, tmp_path, kube_env):
-    make_standins(policy=stage_policy({("train-m0", 1): "hold"}))
+    from humpback_runtime import plan
+
+    standins = make_standins(policy=stage_policy({("train-m0", 1): "hold", ("train-myx", 1): "hold"}))
     old = start_operator()
-    cluster.create_run(tiny_run(s3_bucket, s3_server))
-    train = wait_for(lambda: children_named(cluster, "tiny", "pytorchjobs", "train-m0"), 60, "train-m0 running",
-                     explain(cluster, "tiny", old))[0]
-    wait_for(lambda: cluster.stage("tiny", "train-m0").get("child"), 30, "train-m0's child in status")
+    cluster.create_run(tiny_run(s3_bucket, s3_server, retries={"limit": 1, "backoffSeconds": 0}))
+    wait_for(lambda: all(cluster.stage("tiny", s).get("child", {}).get("kind") == "PyTorchJob"
+                         for s in ("train-m0", "train-myx")), 60, "both training stages running", explain(cluster, "tiny", old))
+    trains = {s: children_named(cluster, "tiny", "pytorchjobs", s)[0] for s in ("train-m0", "train-myx")}
+    old_version = plan.fingerprint_version("train")
+    new_version = old_version.replace(f"-code{plan.STAGE_CODE_VERSIONS['train']}-",
+                                      f"-code{plan.STAGE_CODE_VERSIONS['train'] + 1}-")
+    assert new_version != old_version
     old.stop()
     (tmp_path / "upgrade_shim.py").write_text(UPGRADE)
     new = start_operator(modules=("upgrade_shim",), PYTHONPATH=str(tmp_path))
     time.sleep(5)  # the new operator has reconciled the run by now (a daemon starts at once)
-    survivors = children_named(cluster, "tiny", "pytorchjobs", "train-m0")
-    assert [o["metadata"]["uid"] for o in survivors if not o["metadata"].get("deletionTimestamp")] == [train["metadata"]["uid"]], new.tail()
-    assert cluster.stage("tiny", "train-m0")["phase"] == "Running"
+    for name, train in trains.items():
+        survivors = [o for o in children_named(cluster, "tiny", "pytorchjobs", name) if not o["metadata"].get("deletionTimestamp")]
+        assert [o["metadata"]["uid"] for o in survivors] == [train["metadata"]["uid"]], new.tail()
+        stage = cluster.stage("tiny", name)
+        # The running attempt keeps the fingerprint and the fingerprint version it started with.
+        assert stage["phase"] == "Running" and stage["fingerprint"] == train["metadata"]["annotations"]["humpback.dev/fingerprint"]
+        assert stage["fingerprintVersion"] == train["metadata"]["annotations"]["humpback.dev/fingerprint-version"] == old_version
+
+    # One attempt succeeds, the other fails: the next attempt of each uses the new operator's version.
+    standins.release(trains["train-m0"]["metadata"]["name"], "succeed")
+    standins.release(trains["train-myx"]["metadata"]["name"], "fail")
+    for name, train in trains.items():
+        fresh = wait_for(lambda: [o for o in children_named(cluster, "tiny", "pytorchjobs", name)
+                                  if o["metadata"]["uid"] != train["metadata"]["uid"]], 60,
+                         f"a new attempt of {name}", explain(cluster, "tiny", new))[0]
+        assert fresh["metadata"]["annotations"]["humpback.dev/fingerprint-version"] == new_version
+        assert fresh["metadata"]["annotations"]["humpback.dev/fingerprint"] != train["metadata"]["annotations"]["humpback.dev/fingerprint"]
+        wait_for(lambda: cluster.stage("tiny", name).get("child", {}).get("name") == fresh["metadata"]["name"], 30,
+                 f"{name}'s new attempt in status", explain(cluster, "tiny", new))
+        assert cluster.stage("tiny", name)["fingerprintVersion"] == new_version
+    # The finished attempt's PyTorchJob stays for its logs.
+    assert all(children_named(cluster, "tiny", "pytorchjobs", t["metadata"]["name"]) for t in trains.values())

@@ -484,6 +484,51 @@ def test_an_operator_upgrade_that_changes_a_fingerprint_keeps_the_running_child(
     assert job["metadata"]["name"] in cluster.deleted
 
 
+def test_a_running_attempt_keeps_its_fingerprint_version_across_an_upgrade_and_new_attempts_use_the_new_one(monkeypatch):
+    from humpback_runtime import plan as plan_module
+
+    cluster = Cluster(tiny_body(**{"retries": {"limit": 1, "backoffSeconds": 0}}), policy=lambda obj: "hold")
+    seed, corpus = started(cluster, "prepare-seed"), started(cluster, "prepare-corpus")
+    old_version = plan_module.fingerprint_version("prepare-seed")
+    assert old_version == f"alg{plan_module.FINGERPRINT_ALGORITHM}-code{plan_module.STAGE_CODE_VERSIONS['prepare-seed']}"
+    for child, name in ((seed, "prepare-seed"), (corpus, "prepare-corpus")):
+        assert child["metadata"]["annotations"]["humpback.dev/fingerprint-version"] == cluster.stage(name)["fingerprintVersion"]
+    old_fingerprints = {n: cluster.stage(n)["fingerprint"] for n in ("prepare-seed", "prepare-corpus")}
+
+    # The new operator: both stages' code changed, so their fingerprints and versions did.
+    monkeypatch.setitem(plan_module.STAGE_CODE_VERSIONS, "prepare-seed", 99)
+    monkeypatch.setitem(plan_module.STAGE_CODE_VERSIONS, "prepare-corpus", 99)
+    new_version = plan_module.fingerprint_version("prepare-seed")
+    assert new_version != old_version
+    cluster.step()
+    for name in ("prepare-seed", "prepare-corpus"):
+        stage = cluster.stage(name)
+        assert (stage["phase"], stage["fingerprint"]) == ("Running", old_fingerprints[name])
+        assert stage["fingerprintVersion"] == cluster.objects[("Job", stage["child"]["name"])]["metadata"]["annotations"][
+            "humpback.dev/fingerprint-version"] != new_version
+    assert not cluster.deleted
+
+    # The running attempts end: prepare-seed succeeds (with the version it started with), prepare-corpus fails.
+    conditions_true(seed, "Complete")
+    conditions_true(corpus, "Failed")
+    cluster.step()
+    assert cluster.stage("prepare-seed")["phase"] == "Succeeded"
+    assert cluster.stage("prepare-seed")["fingerprintVersion"] != new_version
+    assert cluster.stage("prepare-corpus")["attempt"] == 2  # a retry, which...
+    for _ in range(3):
+        cluster.step()
+    # ...like the stage that finished, starts a new attempt with the new fingerprint and version.
+    for name, old in ((seed, "prepare-seed"), (corpus, "prepare-corpus")):
+        stage = cluster.stage(old)
+        assert stage["phase"] == "Running" and stage["fingerprint"] != old_fingerprints[old]
+        assert stage["fingerprintVersion"] == new_version == "alg1-code99"
+        child = cluster.objects[("Job", stage["child"]["name"])]
+        assert child["metadata"]["annotations"] == {"humpback.dev/fingerprint": stage["fingerprint"],
+                                                    "humpback.dev/fingerprint-version": new_version}
+        assert child["metadata"]["name"].endswith("-a1") and name["metadata"]["name"] not in cluster.deleted
+    assert any(r == "StageReplanned" and "version alg1-code99" in m for _, r, m in cluster.events)
+
+
 def test_a_server_past_its_progress_deadline_while_kueue_gates_its_pods_is_not_failed():
     cluster = Cluster(tiny_body(), policy=lambda obj: "succeed")
     cluster.run_until(lambda c: any(k[0] == "Deployment" for k in c.objects))
