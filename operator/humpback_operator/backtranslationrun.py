@@ -186,20 +186,24 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
                      memo: kopf.Memo, **kwargs: Any) -> None:
     op: Operator = memo.operator
     wake = op.wakeup(namespace, name)
-    while not stopped:
-        wake.clear()
-        try:
-            delay = await reconcile_once(op, namespace, name, kwargs, logger)
-        except ApiError as e:
-            logger.warning("Reconciling run %s/%s failed: %s; trying again in 10s", namespace, name, e)
-            delay = 10.0
-        if delay is None:  # the run is gone
-            return
-        try:
-            await asyncio.wait_for(wake.wait(), timeout=max(min(delay, SAFETY_NET_SECONDS), DEBOUNCE_SECONDS))
-            await asyncio.sleep(DEBOUNCE_SECONDS)
-        except asyncio.TimeoutError:
-            pass
+    metrics.DAEMONS.inc()
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                delay = await reconcile_once(op, namespace, name, kwargs, logger)
+            except ApiError as e:
+                logger.warning("Reconciling run %s/%s failed: %s; trying again in 10s", namespace, name, e)
+                delay = 10.0
+            if delay is None:  # the run is gone
+                return
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=max(min(delay, SAFETY_NET_SECONDS), DEBOUNCE_SECONDS))
+                await asyncio.sleep(DEBOUNCE_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        metrics.DAEMONS.dec()
 
 
 async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mapping[str, Any],

@@ -20,6 +20,8 @@ RECONCILE_SECONDS = Histogram("humpback_reconcile_seconds", "Time of one reconci
 CHILDREN_CREATED = Counter("humpback_children_created_total", "Children the operator created.", ["kind"])
 EVENTS = Counter("humpback_events_total", "Events posted on runs, by reason.", ["reason"])
 RUNS = Gauge("humpback_runs", "Runs this operator follows, by phase.", ["phase"])
+# A finished run has no daemon: this counts only runs with work left (or a spec not yet seen).
+DAEMONS = Gauge("humpback_run_daemons", "Runs whose reconcile daemon is running.")
 # Stage families (train, curate, ...) rather than stage names keep the label set small and let a
 # dashboard compare iterations; a duration runs from the first attempt's start to the end.
 STAGE_SECONDS = Histogram("humpback_stage_duration_seconds", "Duration of finished stages, by family and outcome.",

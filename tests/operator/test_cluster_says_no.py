@@ -6,11 +6,12 @@ its own process (test_operator.py's fixtures)."""
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import kubernetes
 
 from humpback_testing.standins import stage_policy
-from test_operator import NAMESPACE, cluster, explain, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures)
+from test_operator import NAMESPACE, cluster, explain, free_port, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures)
 
 
 def stage_of(cluster, run: str, stage: str):
@@ -118,6 +119,49 @@ def test_a_child_deleted_during_a_watch_gap_is_noticed(cluster, start_operator, 
              explain(cluster, "tiny", op))
     wait_for(lambda: len([n for n in standins.seen["Job"] if n == job["metadata"]["name"]]) == 2, 30,
              "the stand-ins saw the new Job")
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_a_finished_runs_daemon_stops_and_a_spec_edit_brings_it_back(
+        cluster, start_operator, make_standins, s3_bucket, s3_server):
+    def policy(obj):  # the run "bad" fails its first stage every time
+        labels = obj["metadata"]["labels"]
+        return "fail" if (labels.get("humpback.dev/run"), labels.get("humpback.dev/stage")) == ("bad", "prepare-seed") else "succeed"
+
+    make_standins(policy=policy)
+    port = free_port()
+    # A live daemon reconciles at least every second here (the safety net's period caps its sleep).
+    op = start_operator(HUMPBACK_METRICS_PORT=str(port), HUMPBACK_SAFETY_NET_SECONDS="1")
+    cluster.create_run(tiny_run(s3_bucket, s3_server, name="good"))
+    cluster.create_run(tiny_run(s3_bucket, s3_server, name="bad", retries={"limit": 0, "backoffSeconds": 0}))
+    wait_for(lambda: scrape(port).get("humpback_run_daemons") == 2, 30, "two daemons", explain(cluster, "bad", op))
+    wait_for(cluster.phase_is("bad", "Failed"), 60, "run bad Failed", explain(cluster, "bad", op))
+    wait_for(cluster.phase_is("good", "Succeeded"), 120, "run good Succeeded", explain(cluster, "good", op))
+    wait_for(lambda: scrape(port).get("humpback_run_daemons") == 0, 30, "no daemon for finished runs", op.tail)
+    reconciles = scrape(port)["humpback_reconciles_total"]
+    time.sleep(3)
+    assert scrape(port)["humpback_reconciles_total"] == reconciles  # nothing wakes for a finished run
+
+    # An edit brings the daemon back: one more retry for the failed run starts attempt 2.
+    cluster.patch_spec("bad", {"retries": {"limit": 1, "backoffSeconds": 0}})
+    wait_for(lambda: any(j["metadata"]["name"].endswith("-a2") for j in children_named(cluster, "bad", "jobs", "prepare-seed")),
+             30, "attempt 2 after the edit", explain(cluster, "bad", op))
+    assert scrape(port)["humpback_reconciles_total"] > reconciles
+    wait_for(lambda: cluster.status("bad").get("observedGeneration") == 2 and cluster.status("bad")["phase"] == "Failed",
+             60, "run bad Failed again", explain(cluster, "bad", op))
+    wait_for(lambda: scrape(port).get("humpback_run_daemons") == 0, 30, "its daemon gone again", op.tail)
+    # And a succeeded run's: an edit that changes what a stage does runs that stage again.
+    cluster.patch_spec("good", {"seed": {"maxExamples": 48}})
+    wait_for(lambda: scrape(port).get("humpback_run_daemons") == 1, 30, "the good run's daemon back", op.tail)
+    wait_for(lambda: cluster.status("good").get("observedGeneration") == 2 and cluster.status("good")["phase"] == "Succeeded",
+             120, "run good Succeeded again", explain(cluster, "good", op))
+    assert cluster.stage("good", "prepare-seed")["phase"] == "Succeeded"
+    wait_for(lambda: scrape(port).get("humpback_run_daemons") == 0, 30, "no daemon once it is done", op.tail)
 
 
 UPGRADE = '''
