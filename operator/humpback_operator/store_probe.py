@@ -8,8 +8,10 @@ the chart's `storeProbe.allowedStores`): a bucket glob at an exact endpoint, pla
 that endpoint is listed. For any other store, and whenever a read fails, a stage counts as "not
 known done": its child starts, finds the stage done itself (with the run's own Secret) and exits.
 
-A slow store must not hold up other runs: probes run in their own small thread pool, each read
-has a hard timeout, and an endpoint that keeps failing is skipped for a while (circuit breaker).
+A slow store must not hold up other runs: probes (and the reads of running stages' `_PROGRESS.json`,
+under the same rules) run in their own small thread pool, apart from the Kubernetes API calls'
+(kube.py), each read has a hard timeout, and an endpoint that keeps failing is skipped for a while
+(circuit breaker).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,17 @@ class StoreProbe:
             logger.warning(message, *args)
 
     async def read(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger) -> dict[str, dict | None]:
+        """Each stage's `_SUCCESS.json`; None where there is none or it cannot be read."""
+        return await self._each(body, stages, logger, _read)
+
+    async def read_progress(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger) -> dict[str, dict]:
+        """The `_PROGRESS.json` of each stage that has one; unreadable ones are left out. The same
+        rules as `read`: allowed stores only, this pool, the timeout and the circuit breaker."""
+        read = await self._each(body, stages, logger, _read_progress)
+        return {stage: snap for stage, snap in read.items() if snap is not None}
+
+    async def _each(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger,
+                    reader: Callable[[str, str | None, str | None, str], dict | None]) -> dict[str, dict | None]:
         meta = body["metadata"]
         spec = body.get("spec") or {}
         storage = spec.get("storage") or {}
@@ -82,7 +95,7 @@ class StoreProbe:
                 out[stage] = None
                 continue
             prefix = stage_prefix(meta["namespace"], meta["name"], stage)
-            future = loop.run_in_executor(self._pool, _read, uri, endpoint, s3.get("region"), prefix)
+            future = loop.run_in_executor(self._pool, reader, uri, endpoint, s3.get("region"), prefix)
             try:
                 out[stage] = await asyncio.wait_for(future, timeout=self.timeout)
                 breaker.failures = 0
@@ -93,26 +106,6 @@ class StoreProbe:
                 self._warn_once(uri, logger, "Cannot read the store %s (%s); stages will check it themselves",
                                 uri, type(e).__name__ if isinstance(e, asyncio.TimeoutError) else e)
                 out[stage] = None
-        return out
-
-
-    async def read_progress(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger) -> dict[str, dict]:
-        """The `_PROGRESS.json` of each stage that has one; unreadable ones are left out."""
-        meta = body["metadata"]
-        storage = (body.get("spec") or {}).get("storage") or {}
-        uri, s3 = storage.get("uri", "./runs"), storage.get("s3") or {}
-        out: dict[str, dict] = {}
-        for stage in stages:
-            prefix = stage_prefix(meta["namespace"], meta["name"], stage)
-            try:
-                snap = await asyncio.wait_for(
-                    asyncio.to_thread(_read_progress, uri, s3.get("endpoint"), s3.get("region"), prefix),
-                    timeout=PROBE_TIMEOUT_SECONDS)
-            except Exception as e:  # noqa: BLE001 - progress is for show: never stall a reconcile on it
-                logger.debug("Cannot read the progress of stage %s: %s", stage, e)
-                continue
-            if snap is not None:
-                out[stage] = snap
         return out
 
 

@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +20,8 @@ pytest.importorskip("boto3")
 
 from humpback_operator import store_probe  # noqa: E402
 from humpback_operator.config import AllowedStore, OperatorConfig, parse_allowed_stores  # noqa: E402
-from humpback_operator.store_probe import StoreProbe  # noqa: E402
+from humpback_operator.kube import API_WORKERS, Kube  # noqa: E402
+from humpback_operator.store_probe import PROBE_THREADS, StoreProbe  # noqa: E402
 
 LOG = logging.getLogger("test")
 OPERATOR_KEY = "AKIAOPERATORPROBE"
@@ -163,3 +165,71 @@ def test_a_silent_store_times_out_opens_its_circuit_and_leaves_other_threads_fre
     assert noop < 3.0  # (making the probe's boto3 client holds the GIL for a moment)
     assert all(r == {"a": None, "b": None} for r in results)
     assert again == {"a": None, "b": None, "c": None} and again_s < 0.2
+
+
+def test_progress_is_read_only_from_allowed_stores(capture):
+    url, requests = capture
+
+    async def go(config):
+        p = StoreProbe(config, timeout=60)
+        try:
+            return await p.read_progress(run_body("s3://ml-runs/x", url), ["train-m0"], LOG)
+        finally:
+            p.close()
+
+    # Not allowed: no request, so no credentials sent (progress reads used to ignore the list).
+    assert asyncio.run(go(OperatorConfig())) == {}
+    assert requests == []
+    # Allowed: read like a _SUCCESS.json (the capture server answers anything with the same JSON).
+    assert asyncio.run(go(OperatorConfig(probe_allowed_stores=(AllowedStore("ml-*", url),)))) != {}
+    assert [r["path"] for r in requests] == ["/ml-runs/x/team-a/r1/train-m0/_PROGRESS.json"]
+
+
+class _Api:
+    """The kubernetes ApiClient's call_api, answering at once or (a path ending in /hang) when released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def call_api(self, path, method, **_):
+        if path.endswith("/hang"):
+            self.release.wait(20)
+        return types.SimpleNamespace(data=b'{"ok": true}')
+
+
+def test_api_calls_and_store_reads_have_bounded_pools_that_cannot_starve_each_other(silent, capture):
+    url, _ = capture
+    config = OperatorConfig(probe_allowed_stores=(AllowedStore("slow", silent), AllowedStore("fast", url)))
+    api = _Api()
+
+    def threads(prefix: str) -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith(prefix))
+
+    async def go():
+        kube = Kube(api_client=api)
+        probe_ = StoreProbe(config, timeout=2)
+        try:
+            # Every API thread stuck (a slow API server): store reads go on.
+            hung = [asyncio.create_task(kube.call("GET", f"/x/{i}/hang")) for i in range(3 * API_WORKERS)]
+            await asyncio.sleep(0.2)
+            api_threads = threads("kube-api")
+            read = await asyncio.wait_for(probe_.read(run_body("s3://fast/x", url), ["a"], LOG), timeout=30)
+            api.release.set()
+            await asyncio.gather(*hung)
+            # Every probe thread stuck on a silent store: API calls go on.
+            stuck = [asyncio.create_task(probe_.read(run_body("s3://slow/x", silent), ["a"], LOG))
+                     for _ in range(3 * PROBE_THREADS)]
+            await asyncio.sleep(0.2)
+            probe_threads = threads("store-probe")
+            started = time.monotonic()
+            answer = await asyncio.wait_for(kube.call("PATCH", "/runs/r1/status", {}), timeout=5)
+            api_seconds = time.monotonic() - started
+            await asyncio.gather(*stuck)
+            return api_threads, read, probe_threads, answer, api_seconds
+        finally:
+            probe_.close()
+            kube.pool.shutdown(wait=False)
+
+    api_threads, read, probe_threads, answer, api_seconds = asyncio.run(go())
+    assert api_threads == API_WORKERS and read["a"]["outputs"]["count"] == 99
+    assert probe_threads == PROBE_THREADS and answer == {"ok": True} and api_seconds < 1.0
