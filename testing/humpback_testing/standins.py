@@ -32,6 +32,12 @@ Deployment, retried until the pod is admitted):
                    scheduling gate while its progress deadline passes; `release(name, outcome)`
                    admits it
 
+Deadlines as the real controllers keep them: a Job (`spec.activeDeadlineSeconds`) or PyTorchJob
+(`spec.runPolicy.activeDeadlineSeconds`) still running that long after its `status.startTime` fails
+(Job: reason DeadlineExceeded; PyTorchJob: "active longer than specified deadline"). Suspending
+either resets its startTime (the Job controller and the training operator both document that), so
+time spent queued never counts.
+
 `StandIns(..., kubelet=True)` makes "run" the default outcome of Jobs and PyTorchJobs: the stand-in
 kubelet (kubelet.py) runs them in `workdir` (default: the current directory); each child's output
 goes to `log_dir/<kind>-<name>.log` (`standins.logs[name]`). Deployments (vLLM servers) are
@@ -313,6 +319,8 @@ class StandIns:
                     child.outcome = released
         if admitted:
             self._admit(child, obj)
+        if self._past_deadline(child, obj):
+            return self._write(child, obj, "deadline-exceeded")
         if child.outcome in POD_OUTCOMES:
             return self._advance_pod(child, obj)
         if child.kind == "Deployment":
@@ -340,6 +348,16 @@ class StandIns:
         succeeded = child.outcome == "succeed" or (child.outcome == "run" and child.exit_code == 0)
         self._write(child, obj, "succeeded" if succeeded else "failed")
 
+    def _past_deadline(self, child: _Child, obj: dict[str, Any]) -> bool:
+        """A started Job or PyTorchJob active longer than its activeDeadlineSeconds (from startTime)."""
+        spec = obj.get("spec") or {}
+        deadline = (spec if child.kind == "Job" else spec.get("runPolicy") or {}).get("activeDeadlineSeconds")
+        started = (obj.get("status") or {}).get("startTime")
+        if child.kind == "Deployment" or child.step >= 3 or not deadline or not started:
+            return False
+        begun = datetime.datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+        return (datetime.datetime.now(datetime.UTC) - begun).total_seconds() > float(deadline)
+
     def _schedule(self, child: _Child) -> None:
         child.step += 1
         child.next_at = time.monotonic() + self.delay
@@ -363,6 +381,10 @@ class StandIns:
                 status["completionTime"] = now
                 conditions = _set_condition(conditions, "Running", "False", "PyTorchJobSucceeded", f"PyTorchJob {ref} successfully completed.")
                 conditions = _set_condition(conditions, "Succeeded", "True", "PyTorchJobSucceeded", f"PyTorchJob {ref} successfully completed.")
+            elif state == "deadline-exceeded":  # the training operator's PastActiveDeadline
+                message = f"PyTorchJob {ref} has failed because it was active longer than specified deadline"
+                conditions = _set_condition(conditions, "Running", "False", "PyTorchJobFailed", message)
+                conditions = _set_condition(conditions, "Failed", "True", "PyTorchJobFailed", message)
             else:
                 replicas = {"Master": {"failed": 1}}
                 message = f"PyTorchJob {ref} has failed because 1 Master replica(s) failed."
@@ -384,6 +406,11 @@ class StandIns:
                 message = "Job has reached the specified backoff limit"
                 conditions = _set_condition(conditions, "FailureTarget", "True", "BackoffLimitExceeded", message)
                 conditions = _set_condition(conditions, "Failed", "True", "BackoffLimitExceeded", message)
+            elif state == "deadline-exceeded":
+                status.update(active=0, ready=0, failed=1)
+                message = "Job was active longer than specified deadline"
+                conditions = _set_condition(conditions, "FailureTarget", "True", "DeadlineExceeded", message)
+                conditions = _set_condition(conditions, "Failed", "True", "DeadlineExceeded", message)
         if conditions:
             status["conditions"] = [{k: v for k, v in c.items() if not (child.kind == "Job" and k == "lastUpdateTime")}
                                     for c in conditions]  # Job conditions carry lastProbeTime, not lastUpdateTime
@@ -391,7 +418,7 @@ class StandIns:
             for condition in status.get("conditions", []):
                 condition.setdefault("lastProbeTime", condition["lastTransitionTime"])
         self._patch_status(child, status, obj)
-        if state in ("succeeded", "failed"):
+        if state in ("succeeded", "failed", "deadline-exceeded"):
             child.step = 3
         self._record(child, state)
 
@@ -488,11 +515,11 @@ class StandIns:
         else:
             child.step = 1
             self._suspend(child, True)
+            status = {k: v for k, v in (obj.get("status") or {}).items() if k != "startTime"}  # reset on suspend
             if child.kind == "PyTorchJob":
-                status = dict(obj.get("status") or {})
                 status["conditions"] = _set_condition(list(status.get("conditions") or []), "Suspended", "True",
                                                       "PyTorchJobSuspended", f"PyTorchJob {child.name} is suspended.")
-                self._patch_status(child, status, obj)
+            self._patch_status(child, status, obj)
         self._record(child, "queued")
 
     def _admit(self, child: _Child, obj: dict[str, Any]) -> None:

@@ -32,7 +32,9 @@ def test_an_unschedulable_pod_is_surfaced_and_the_pending_timeout_fails_the_atte
              "the reason in the stage status", explain(cluster, "tiny", op))
     assert "12 Insufficient nvidia.com/gpu" in cluster.stage("tiny", "prepare-seed")["message"]
     assert "12 Insufficient nvidia.com/gpu" in cluster.status("tiny")["message"]  # the Message column
-    assert any(r == "Unschedulable" and "Insufficient nvidia.com/gpu" in m for _, r, m in cluster.events("tiny"))
+    # (Events follow the status patch)
+    wait_for(lambda: any(r == "Unschedulable" and "Insufficient nvidia.com/gpu" in m for _, r, m in cluster.events("tiny")),
+             10, "the Unschedulable Event")
     wait_for(lambda: children_named(cluster, "tiny", "jobs", "prepare-seed") and
              any(j["metadata"]["name"].endswith("-a2") for j in children_named(cluster, "tiny", "jobs", "prepare-seed")),
              60, "attempt 2 after the pending timeout", explain(cluster, "tiny", op))
@@ -103,6 +105,46 @@ def test_kueue_suspended_then_admitted_deployment_and_pytorchjob(cluster, start_
     wait_for(lambda: cluster.stage("tiny", "augment").get("phase") == "Succeeded", 90, "augment done",
              explain(cluster, "tiny", op))
     assert cluster.stage("tiny", "augment")["attempt"] == 1 and cluster.stage("tiny", "train-m0")["attempt"] == 1
+
+
+def test_time_suspended_by_kueue_counts_against_no_deadline_of_a_job_or_pytorchjob(
+        cluster, start_operator, make_standins, s3_bucket, s3_server):
+    # prepare-corpus (a Job) and train-m0 (a PyTorchJob) wait in Kueue's queue longer than their
+    # pendingTimeout and timeout (activeDeadlineSeconds); the stand-ins enforce the deadline from
+    # startTime, which a suspension resets, as the Job controller and the training operator do.
+    standins = make_standins(policy=stage_policy({("prepare-corpus", 1): "queued", ("train-m0", 1): "queued"}))
+    op = start_operator()
+    limits = {"timeout": "4s", "pendingTimeout": "3s"}
+    run = tiny_run(s3_bucket, s3_server, resources={"cpu": limits, "training": limits},
+                   retries={"limit": 1, "backoffSeconds": 0})
+    run["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team"}
+    cluster.create_run(run)
+    for stage in ("prepare-corpus", "train-m0"):
+        wait_for(lambda: cluster.stage("tiny", stage).get("reason") == "Queued", 60, f"{stage} queued",
+                 explain(cluster, "tiny", op))
+    time.sleep(6)
+    for stage in ("prepare-corpus", "train-m0"):
+        st = cluster.stage("tiny", stage)
+        assert (st["phase"], st["attempt"], st["reason"]) == ("Running", 1, "Queued") and "pendingSince" not in st
+    assert not {"StageRetrying", "PendingTimeout"} & set(cluster.reasons("tiny"))
+    job = children_named(cluster, "tiny", "jobs", "prepare-corpus")[0]
+    train = children_named(cluster, "tiny", "pytorchjobs", "train-m0")[0]
+    assert job["spec"]["activeDeadlineSeconds"] == 4 and train["spec"]["runPolicy"]["activeDeadlineSeconds"] == 4
+
+    # Admitted, the Job's pod cannot be scheduled and the PyTorchJob runs on: each deadline counts
+    # from admission, not from creation (which is long past both).
+    admitted = time.monotonic()
+    standins.release(job["metadata"]["name"], "pending")
+    standins.release(train["metadata"]["name"], "hold")
+    waited = {}
+    for stage, what in (("prepare-corpus", "pendingTimeout 3s"), ("train-m0", "longer than specified deadline")):
+        wait_for(lambda: cluster.stage("tiny", stage).get("attempt") == 2, 60, f"{stage} past its deadline",
+                 explain(cluster, "tiny", op))
+        waited[stage] = time.monotonic() - admitted
+        wait_for(lambda: any(r == "StageRetrying" and stage in m and what in m for _, r, m in cluster.events("tiny")),
+                 10, f"{stage}'s retry for {what!r}", lambda: str(cluster.events("tiny")))
+    # (the API's timestamps have whole seconds: a deadline may end up to a second early)
+    assert waited["prepare-corpus"] >= 2 and waited["train-m0"] >= 3, waited
 
 
 def test_a_child_deleted_during_a_watch_gap_is_noticed(cluster, start_operator, make_standins, s3_bucket, s3_server, kube_api):
