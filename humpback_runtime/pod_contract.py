@@ -3,6 +3,9 @@ and where a training stage leaves its model. Standard library only: the operator
 """
 
 MODEL_DIR = "model"  # a training stage's model: <storage>/<namespace>/<run>/<stage>/model
+# Local scratch of a training stage (checkpoints before their upload); default the system temp
+# directory. The operator points it at the run's checkpoint volume when it has one.
+WORK_DIR_ENV = "HUMPBACK_WORK_DIR"
 ENDPOINT_ENV = "HUMPBACK_ENDPOINT"  # the vLLM server's /v1 root for a stage that uses one model
 SERVED_MODEL_ENV = "HUMPBACK_SERVED_MODEL"  # the name that server serves the model under
 # Stages that use several models (evaluate) get one server per model: a JSON object mapping the

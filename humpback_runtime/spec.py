@@ -580,6 +580,33 @@ class PodResources(Model):
                                  "time queued or suspended by Kueue does not count; 0s: no limit.")
 
 
+# A storage size as Kubernetes quantities write it: 500Gi, 1Ti, 200G.
+STORAGE_SIZE_PATTERN = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?$"
+
+
+class CheckpointVolume(Model):
+    """A persistent volume for a training pod's local checkpoints (before they are uploaded), instead
+    of its ephemeral storage: set `claimName` or `size`."""
+
+    claim_name: str | None = Field(None, description="An existing PersistentVolumeClaim in the run's namespace, "
+                                   "mounted by every training pod (ReadWriteMany when nodes > 1).")
+    size: str | None = Field(None, pattern=STORAGE_SIZE_PATTERN, description="Size of a volume made for each "
+                             "training pod (a generic ephemeral volume: a PersistentVolumeClaim created with the "
+                             "pod and deleted with it), e.g. 500Gi.")
+    storage_class_name: str | None = Field(None, description="StorageClass of that volume; null: the cluster's "
+                                           "default StorageClass.")
+
+    _names = field_validator("claim_name", "storage_class_name")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+    @model_validator(mode="after")
+    def _one(self) -> CheckpointVolume:
+        if (self.claim_name is None) == (self.size is None):
+            raise ValueError("set exactly one of claimName (an existing claim) and size (a volume per pod)")
+        if self.claim_name is not None and self.storage_class_name is not None:
+            raise ValueError("storageClassName goes with size: an existing claim has its own")
+        return self
+
+
 class TrainingResources(PodResources):
     nodes: int = Field(1, ge=1, le=4096, description="PyTorchJob replicas: one Master plus nodes-1 Workers.")
     gpus_per_node: int = Field(8, ge=0, le=64)
@@ -588,6 +615,10 @@ class TrainingResources(PodResources):
                          "(runPolicy.activeDeadlineSeconds); 0s: none.")
     pending_timeout: str = Field("0s", pattern=DURATION_PATTERN, description="How long a training attempt may "
                                  "wait for its pods to start; 0s: no limit (a GPU queue may be long).")
+    checkpoint_volume: CheckpointVolume | None = Field(
+        None, description="Where each training pod keeps its local checkpoints (mounted at /checkpoints): an "
+        "existing claim or a volume per pod. Null: the pod's ephemeral storage (then 200Gi by default; with a "
+        "checkpoint volume 50Gi).")
 
 
 class InferenceResources(PodResources):

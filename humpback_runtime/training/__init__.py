@@ -59,8 +59,9 @@ What happens:
   first process of each node uploads its node's files into the checkpoint folder before rank 0
   writes ``_COMPLETE``; to resume, the first process of each node downloads the whole checkpoint.
 * ``s3://`` base models are downloaded once per node into ``$HUMPBACK_CACHE/models/`` (default
-  ``~/.cache/humpback``); scratch files go to ``TrainRequest.work_dir`` (default: under the system
-  temp directory) and are removed at the end, crash or not.
+  ``~/.cache/humpback``); scratch files (local checkpoints) go to ``TrainRequest.work_dir`` (default:
+  under ``$HUMPBACK_WORK_DIR``, a checkpoint volume on a cluster, else the system temp directory)
+  and are removed at the end, crash or not.
 
 DeepSpeed on CPU: the processes talk over gloo. DeepSpeed 0.19 would JIT-compile its shared-memory
 all-reduce op (``deepspeed_shm_comm``) on the first CPU process group (~20 s, and a compiler in the
@@ -105,7 +106,7 @@ class TrainRequest:
     with :mod:`humpback_runtime.prompts`. Outputs go to ``store`` under ``prefix``. ``card``: lineage
     for the model card and the resume key (run, stage, role, base model, data counts, fingerprint).
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (run after the checkpoint upload).
-    ``work_dir``: local scratch space; by default a folder under the system temp directory derived
+    ``work_dir``: local scratch space; by default a folder under ``$HUMPBACK_WORK_DIR`` or the system temp directory derived
     from the output location, the same for every process of one node. ``keep_checkpoints``: leave
     the last two checkpoints in the store after the model is complete (by default they are deleted
     then: they only serve to resume an unfinished run, and for a 7B model each is ~100 GB).

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from humpback_runtime.errors import TrainingError
+from humpback_runtime.pod_contract import WORK_DIR_ENV
 from humpback_runtime.prompts import TrainingExample
 from humpback_runtime.spec import TrainingSpec
 from humpback_runtime.storage import Store, open_store
@@ -319,8 +320,10 @@ def split_eval(examples: list[TrainingExample], fraction: float, seed: int
 
 
 def default_work_dir(store: Store, prefix: str) -> Path:
+    """A folder for this output location under $HUMPBACK_WORK_DIR (a checkpoint volume), else the
+    system temp directory: the same for every process of one node."""
     digest = hashlib.sha256(store.url(prefix).encode("utf-8")).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "humpback-train" / digest
+    return Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir()) / "humpback-train" / digest
 
 
 

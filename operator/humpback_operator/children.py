@@ -49,16 +49,26 @@ from humpback_runtime.pod_contract import (
     MODEL_DIR,
     REWRITE_API_KEY_ENV,
     SERVED_MODEL_ENV,
+    WORK_DIR_ENV,
     server_api_key_env,
     STAGE_METRICS_PORT_ENV,
 )
 from humpback_runtime.errors import EXIT_INPUTS_MISSING, EXIT_INVALID
-from humpback_runtime.spec import BacktranslationRun, PodResources, duration_seconds, dump_run
+from humpback_runtime.spec import (
+    BacktranslationRun,
+    CheckpointVolume,
+    InferenceResources,
+    PodResources,
+    TrainingResources,
+    duration_seconds,
+    dump_run,
+)
 
 ENV_RUN_SPEC = "HUMPBACK_RUN_SPEC"
 SPEC_KEY = "run.yaml"
 
 CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process engines
+CHECKPOINT_DIR = "/checkpoints"  # HUMPBACK_WORK_DIR of a training pod with a checkpoint volume
 IN_PROCESS_ENGINES = ("transformers", "vllm")
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 ANNOTATION_GENERATED_KEY = "humpback.dev/generated-key"  # on a Secret: the operator fills this key at creation
@@ -92,7 +102,7 @@ CPU_ONLY = ("2", "8Gi")
 SHM_GI_PER_GPU = 16
 # Ephemeral storage (request, limit, and the /cache volume's sizeLimit) by what a pod keeps on disk.
 EPHEMERAL_TRAINING = "200Gi"  # the base model and local checkpoints: a 7B ZeRO-2 checkpoint is ~100 GB
-EPHEMERAL_GPU = "50Gi"  # an in-process engine's model download
+EPHEMERAL_GPU = "50Gi"  # an in-process engine's model download; training's base model beside a checkpoint volume
 EPHEMERAL_SERVER = "20Gi"  # vLLM streams the weights from S3; compile caches and logs only
 EPHEMERAL_CPU = "10Gi"
 
@@ -349,6 +359,37 @@ def _resources(res: PodResources, gpus: int, ephemeral: str) -> dict:
     return {"requests": amounts, "limits": limits}
 
 
+def resource_defaults_table() -> str:
+    """The requests (= limits) of a pod whose `spec.resources.<kind>` leaves cpu, memory and
+    ephemeralStorage out, and its volumes' size limits, as a Markdown table computed by the same
+    functions that build the pods (the chart README and docs/quickstart.md carry it; a test keeps
+    them equal)."""
+    def row(pod: str, source: str, res: PodResources, gpus: int, ephemeral: str, cache: bool, note: str = "") -> str:
+        amounts = _resources(res, gpus, ephemeral)["requests"]
+        shm = next((v["emptyDir"]["sizeLimit"] for v in _volumes(gpus, None)[0] if v["name"] == "dshm"), "none")
+        if gpus > 0:  # per GPU, and what the default number of GPUs makes
+            per = _resources(res, 1, ephemeral)["requests"]
+            cpu, memory = f"{per['cpu']} per GPU ({amounts['cpu']})", f"{per['memory']} per GPU ({amounts['memory']})"
+            shm = f"{_volumes(1, None)[0][0]['emptyDir']['sizeLimit']} per GPU ({shm})"
+        else:
+            cpu, memory = amounts["cpu"], amounts["memory"]
+        storage = amounts["ephemeral-storage"] + note + ("" if cache else " (no /cache volume)")
+        return f"| {pod} | {source} | {cpu} | {memory} | {storage} | {shm} |"
+
+    training, inference = TrainingResources(), InferenceResources()
+    return "\n".join([
+        "| Pod | GPUs (default) | cpu | memory | ephemeral-storage, also the /cache sizeLimit | /dev/shm sizeLimit |",
+        "|---|---|---|---|---|---|",
+        row("training (PyTorchJob)", f"`training.gpusPerNode` ({training.gpus_per_node})", training,
+            training.gpus_per_node, EPHEMERAL_TRAINING, True, f"; {EPHEMERAL_GPU} with a `checkpointVolume`"),
+        row("vLLM server", f"`inference.gpusPerReplica` ({inference.gpus_per_replica})", inference,
+            inference.gpus_per_replica, EPHEMERAL_SERVER, False),
+        row("in-process inference Job", f"`inference.gpusPerReplica` ({inference.gpus_per_replica})", inference,
+            inference.gpus_per_replica, EPHEMERAL_GPU, True),
+        row("CPU Jobs: prepare, report, inference clients", "none", PodResources(), 0, EPHEMERAL_CPU, True),
+    ]) + "\n"
+
+
 def _volumes(gpus: int, cache_size: str | None) -> tuple[list[dict], list[dict]]:
     """(volumes, volumeMounts): a scratch cache for downloaded models and checkpoints, and for GPU
     pods /dev/shm in memory for NCCL and vLLM workers (the runtime's 64 MiB default is far too
@@ -450,9 +491,15 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
     # training operator injects; only the processes per node are ours to say.
     command = ["torchrun", f"--nproc-per-node={procs}", "-m", "humpback_runtime", *_stage_args(stage)]
     labels = child_labels(run, stage.name, "train", attempt=str(attempt))
-    resources = _resources(res, res.gpus_per_node, EPHEMERAL_TRAINING)
+    checkpoints = res.checkpoint_volume
+    resources = _resources(res, res.gpus_per_node, EPHEMERAL_GPU if checkpoints else EPHEMERAL_TRAINING)
     volumes, mounts = _volumes(res.gpus_per_node, resources["limits"]["ephemeral-storage"])
-    container = _with_metrics_port(_container("trainer", res.image or config.runtime_image, _runtime_env(run, stage),
+    env = _runtime_env(run, stage)
+    if checkpoints:
+        volumes.append(_checkpoint_volume(run, stage, checkpoints))
+        mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_DIR})
+        env.append({"name": WORK_DIR_ENV, "value": CHECKPOINT_DIR})
+    container = _with_metrics_port(_container("trainer", res.image or config.runtime_image, env,
                                               resources, mounts, command=command), config)
     template = _pod_template(run, labels, res, config, [container], volumes)
     return get_backend(training_backend(run, config)).build(
@@ -460,6 +507,19 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
         annotations=_fingerprint(stage), owner=owner, pod_template=template, nodes=res.nodes, procs_per_node=procs,
         active_deadline_seconds=duration_seconds(res.timeout),
     )
+
+
+def _checkpoint_volume(run: BacktranslationRun, stage: Stage, volume: CheckpointVolume) -> dict:
+    """The pod volume of `spec.resources.training.checkpointVolume`: the existing claim, or a generic
+    ephemeral volume (Kubernetes makes a claim `<pod>-checkpoints` per pod, owned by the pod, and
+    deletes it with the pod)."""
+    if volume.claim_name:
+        return {"name": "checkpoints", "persistentVolumeClaim": {"claimName": volume.claim_name}}
+    claim: dict = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": volume.size}}}
+    if volume.storage_class_name:
+        claim["storageClassName"] = volume.storage_class_name
+    labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.name}
+    return {"name": "checkpoints", "ephemeral": {"volumeClaimTemplate": {"metadata": {"labels": labels}, "spec": claim}}}
 
 
 def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig, owner: dict | None,

@@ -855,3 +855,56 @@ def test_kueue_priority_class_label_is_passed_on_beside_the_queue_name():
         assert obj["metadata"]["labels"][PRIORITY_CLASS_LABEL] == "research"
         for template in pod_templates(obj):
             assert PRIORITY_CLASS_LABEL not in template["metadata"]["labels"]
+
+
+def test_a_checkpoint_volume_per_pod_or_an_existing_claim_holds_the_training_pods_checkpoints():
+    run = make_run(resources={"training": {"nodes": 2, "checkpointVolume": {"size": "500Gi", "storageClassName": "fast"}}})
+    job = stage_children(run, "train-m0").primary
+    for template in pod_templates(job):  # the master's and the worker's: a claim each
+        pod = template["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "checkpoints"]
+        assert volume["ephemeral"]["volumeClaimTemplate"]["spec"] == {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "fast", "resources": {"requests": {"storage": "500Gi"}}}
+        assert volume["ephemeral"]["volumeClaimTemplate"]["metadata"]["labels"]["humpback.dev/stage"] == "train-m0"
+        (trainer,) = pod["containers"]
+        assert {"name": "checkpoints", "mountPath": "/checkpoints"} in trainer["volumeMounts"]
+        assert env_of(trainer)["HUMPBACK_WORK_DIR"]["value"] == "/checkpoints"
+        # The checkpoints no longer need the pod's ephemeral storage: the base model's share is left.
+        assert trainer["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+    claim = make_run(resources={"training": {"checkpointVolume": {"claimName": "ckpt"}}})
+    pod = pod_templates(stage_children(claim, "train-m0").primary)[0]["spec"]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}} in pod["volumes"]
+    # Without one, checkpoints stay in ephemeral storage, sized for them; other stages never get one.
+    (trainer,) = pod_templates(stage_children(make_run(), "train-m0").primary)[0]["spec"]["containers"]
+    assert "HUMPBACK_WORK_DIR" not in env_of(trainer) and trainer["resources"]["requests"]["ephemeral-storage"] == "200Gi"
+    assert "HUMPBACK_WORK_DIR" not in env_of(container_of(stage_children(run, "prepare-seed").primary))
+
+
+@pytest.mark.parametrize("volume, error", [
+    ({}, "exactly one of claimName"),
+    ({"claimName": "a", "size": "1Ti"}, "exactly one of claimName"),
+    ({"claimName": "a", "storageClassName": "fast"}, "storageClassName goes with size"),
+    ({"size": "lots"}, "checkpointVolume.size"),
+    ({"claimName": "Not_A_Name"}, "checkpointVolume.claimName"),
+])
+def test_a_bad_checkpoint_volume_is_refused_naming_the_field(volume, error):
+    with pytest.raises(SpecError, match=error) as e:
+        make_run(resources={"training": {"checkpointVolume": volume}})
+    assert "resources.training.checkpointVolume" in str(e.value)
+
+
+def test_the_docs_list_the_resource_defaults_the_code_computes():
+    table = ch.resource_defaults_table()
+    for doc in ("charts/humpback-operator/README.md", "docs/quickstart.md"):
+        assert table in (REPO / doc).read_text(), f"{doc}: paste children.resource_defaults_table() again"
+    # The table is what the builders give a pod of the default spec.
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    run = make_run()
+    (trainer,) = pod_templates(stage_children(run, "train-m0").primary)[0]["spec"]["containers"]
+    assert f"({trainer['resources']['requests']['cpu']})" in rows["training (PyTorchJob)"][2]
+    assert f"({trainer['resources']['requests']['memory']})" in rows["training (PyTorchJob)"][3]
+    assert rows["training (PyTorchJob)"][4].startswith(trainer["resources"]["requests"]["ephemeral-storage"])
+    server = next(o for o in stage_children(run, "augment").servers if o["kind"] == "Deployment")
+    assert rows["vLLM server"][4].startswith(container_of(server)["resources"]["requests"]["ephemeral-storage"])
+    job = container_of(stage_children(run, "prepare-seed").primary)["resources"]["requests"]
+    assert rows["CPU Jobs: prepare, report, inference clients"][2:5] == [job["cpu"], job["memory"], job["ephemeral-storage"]]

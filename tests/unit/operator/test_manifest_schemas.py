@@ -135,6 +135,9 @@ RUNS = {
         "annotations": {"eks.amazonaws.com/skip-containers": "none"}, "labels": {"team": "a"}},
         storage={"uri": "s3://b/r", "s3": {"endpoint": "https://storage.googleapis.com", "region": "auto",
                                           "credentialsSecret": "gcs-hmac"}}),
+    "checkpoint-volume": lambda: make_run(resources={"training": {
+        "nodes": 2, "checkpointVolume": {"size": "500Gi", "storageClassName": "fast-ssd"}}}),
+    "checkpoint-claim": lambda: make_run(resources={"training": {"checkpointVolume": {"claimName": "ckpt"}}}),
 }
 SERVICE_ACCOUNT = OperatorConfig(service_account="humpback-runner")
 
@@ -161,7 +164,17 @@ def test_every_core_object_validates_with_kubernetes_validate(run_name):
         validate_core_object(obj)
 
 
-@pytest.mark.parametrize("run_name", ["llama2-7b-paper", "multi-node", "credentials"])
+@pytest.mark.parametrize("run_name", RUNS)
+def test_every_training_pod_template_validates_with_kubernetes_validate(run_name):
+    """The PyTorchJob's CRD carries its own copy of the pod schema: check the pods against the core one too."""
+    for job in [o for o in all_objects(RUNS[run_name](), SERVICE_ACCOUNT) if o["kind"] == "PyTorchJob"]:
+        for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+            validate_core_object({"apiVersion": "v1", "kind": "PodTemplate",
+                                  "metadata": {"name": f"{job['metadata']['name']}-{role.lower()}"},
+                                  "template": replica["template"]})
+
+
+@pytest.mark.parametrize("run_name", ["llama2-7b-paper", "multi-node", "credentials", "checkpoint-volume"])
 def test_trainjobs_validate_against_the_trainer_v2_3_crd(run_name):
     config = OperatorConfig(training_backend="trainjob", service_account="humpback-runner")
     jobs = [o for o in all_objects(RUNS[run_name](), config) if o["kind"] == "TrainJob"]

@@ -325,3 +325,16 @@ def test_qlora_without_a_gpu_is_an_error_naming_the_field() -> None:
 
     with pytest.raises(TrainingError, match="training.lora.quantizeBase needs a CUDA GPU"):
         qlora_config(False, torch)
+
+
+def test_local_checkpoints_go_to_the_work_dir_the_operator_names(tmp_path, monkeypatch):
+    from humpback_runtime.pod_contract import WORK_DIR_ENV
+    from humpback_runtime.training import default_work_dir
+
+    store = LocalStore(tmp_path / "store")
+    monkeypatch.delenv(WORK_DIR_ENV, raising=False)
+    assert not str(default_work_dir(store, "r/train-m0")).startswith("/checkpoints")
+    monkeypatch.setenv(WORK_DIR_ENV, "/checkpoints")  # a checkpoint volume's mount (children.py)
+    work = default_work_dir(store, "r/train-m0")
+    assert work.parent == Path("/checkpoints/humpback-train") and work == default_work_dir(store, "r/train-m0")
+    assert work != default_work_dir(store, "r/train-m1")
