@@ -68,6 +68,10 @@ class Operator:
         # resourceVersion of the run's last status patch by this operator: the watch event it
         # causes carries nothing new, so it need not wake the daemon again.
         self.own_versions: dict[tuple[str, str], str] = {}
+        # The run as that patch returned it, and the resourceVersion of the body it was decided
+        # on: while Kopf still shows that older body, the next reconcile uses the patched one
+        # instead of asking the API (one GET fewer in the path from a child's end to the next).
+        self.patched: dict[tuple[str, str], tuple[str | None, dict]] = {}
         # The run's phase after its last reconcile, for the `humpback_runs` gauge.
         self.phases: dict[tuple[str, str], str] = {}
         # Set when the run or one of its children changes: wakes the run's daemon.
@@ -84,8 +88,8 @@ class Operator:
 
     def forget(self, namespace: str, run: str) -> None:
         """Drop all that is remembered of a deleted run."""
-        for per_run in (self.recent, self.own_versions, self.phases, self.wakeups, self.listed, self.ghosts,
-                        self.progress):
+        for per_run in (self.recent, self.own_versions, self.patched, self.phases, self.wakeups, self.listed,
+                        self.ghosts, self.progress):
             per_run.pop((namespace, run), None)
 
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
@@ -264,12 +268,18 @@ async def _stage_progress(op: Operator, body: Mapping[str, Any], logger: logging
 
 def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, name: str) -> dict | None:
     """Kopf's live view of the run, when it is known to include our last status patch (so a
-    decision never rests on a status older than what we wrote); None means: read it from the API."""
+    decision never rests on a status older than what we wrote); while Kopf still shows the body
+    that patch was decided on, the patch's answer (nothing else changed the run in between); None
+    means: read it from the API."""
     if live is None:
         return None
     own = op.own_versions.get((namespace, name))
-    if own is not None and live.get("metadata", {}).get("resourceVersion") != own:
-        return None
+    version = live.get("metadata", {}).get("resourceVersion")
+    if own is not None and version != own:
+        based_on, patched = op.patched.get((namespace, name), (None, None))
+        if patched is None or version is None or version != based_on:
+            return None
+        return copy.deepcopy(patched)
     return copy.deepcopy(dict(live))
 
 
@@ -306,6 +316,8 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
         metrics.observe_stages((body.get("status") or {}).get("stages"), status.get("stages"))
         patched = await op.kube.patch_run_status(namespace, name, status)
         op.own_versions[(namespace, name)] = (patched or {}).get("metadata", {}).get("resourceVersion")
+        if patched:
+            op.patched[(namespace, name)] = (body["metadata"].get("resourceVersion"), patched)
     for event in decision.events:
         if event.child in existed:  # not ours to announce: it was there already
             continue

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from humpback_runtime import plan as plan_module
 from humpback_runtime.plan import Plan, Stage, build_plan
 from humpback_runtime.progress import format_line
+from humpback_runtime.prompts import TEMPLATE_VERSION
 from humpback_runtime.spec import BacktranslationRun, PodResources, SpecError, duration_seconds, parse_run
 
 from humpback_operator import names, policy
@@ -180,7 +182,7 @@ def decide(
     old_status = dict(body.get("status") or {})
     generation = body.get("metadata", {}).get("generation")
     try:
-        run = run_from_body(body)
+        run, plan = _run_and_plan(body)
         problems = cluster_problems(run, config)
     except SpecError as e:
         problems = e.errors
@@ -197,7 +199,6 @@ def decide(
         d.status = old_status
         return d
 
-    plan = build_plan(run)
     kids = _Children(children, pods, events)
     owner = owner_reference(body)
     old_stages = {s["name"]: s for s in old_status.get("stages") or [] if "name" in s}
@@ -272,6 +273,31 @@ def progress_status(snap: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in fields.items() if v is not None}
     out["summary"] = format_line(snap).split(": ", 1)[-1]
     return out
+
+
+_plans: dict[str, tuple[BacktranslationRun | SpecError, Plan | None]] = {}
+
+
+def _run_and_plan(body: Mapping[str, Any]) -> tuple[BacktranslationRun, Plan]:
+    """The run parsed and planned, once per spec: both depend only on the spec, the run's identity
+    and the code versions, and were most of a decision's CPU (bench/operator_scale.py). Raises
+    SpecError for an invalid spec. The plan is a copy: decide() replaces its stages."""
+    meta = body.get("metadata", {})
+    key = json.dumps([body.get("apiVersion"), body.get("kind"), meta.get("namespace"), meta.get("name"),
+                      meta.get("labels"), body.get("spec"), plan_module.STAGE_CODE_VERSIONS,
+                      plan_module.FINGERPRINT_ALGORITHM, TEMPLATE_VERSION], sort_keys=True, default=str)
+    if key not in _plans:
+        if len(_plans) >= 1024:
+            _plans.clear()
+        try:
+            run = run_from_body(body)
+            _plans[key] = (run, build_plan(run))
+        except SpecError as e:
+            _plans[key] = (e, None)
+    run, plan = _plans[key]
+    if isinstance(run, SpecError):
+        raise run
+    return run, Plan(plan.run_name, plan.namespace, list(plan.stages))
 
 
 _configmaps: dict[str, dict] = {}
