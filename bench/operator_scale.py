@@ -2,6 +2,8 @@
 stand-in controllers (every child finishes the moment it appears), artifacts on a moto S3 server.
 
     .venv/bin/python bench/operator_scale.py --runs 100
+    .venv/bin/python bench/operator_scale.py --runs 1000 --light --timeout 3600
+    .venv/bin/python bench/operator_scale.py --runs 1000 --finished     # idle cost of 1,000 finished runs
 
 Measures, for the operator process (`kopf run -m humpback_operator.backtranslationrun`):
 - latency from a child's completion (a Job/PyTorchJob finishing, or a vLLM Deployment becoming
@@ -139,12 +141,39 @@ def controllers_process(kubeconfig: str, conn) -> None:
         conn.send((dict(controllers.events), cpu_seconds(os.getpid())))
 
 
-def run_doc(name: str, bucket: str, endpoint: str) -> dict:
+def run_doc(name: str, bucket: str, endpoint: str, light: bool = False) -> dict:
     doc = yaml.safe_load((ROOT / "examples/tiny-cpu.yaml").read_text())
     doc["metadata"] = {"name": name, "namespace": NAMESPACE}
     doc["spec"]["storage"] = {"uri": f"s3://{bucket}/runs", "s3": {"endpoint": endpoint}}
-    doc["spec"]["inference"]["engine"] = "auto"  # vLLM server + client Job per inference stage
+    # Full: a vLLM server (Deployment, Service, Secret, NetworkPolicy) + client Job per inference
+    # stage. Light: inference in-process (one Job per stage), half the children and API writes.
+    doc["spec"]["inference"]["engine"] = "transformers" if light else "auto"
     return doc
+
+
+def finished_status(doc: dict) -> dict:
+    """The status of `doc` once every stage succeeded, as the operator's own decide() writes it
+    against children that finish at once (for --finished: runs that are done before it starts)."""
+    from datetime import datetime, timezone
+
+    from humpback_operator.config import OperatorConfig
+    from humpback_operator.reconcile import decide, run_from_body
+    from humpback_runtime.plan import build_plan
+
+    body = copy.deepcopy(doc)
+    body["metadata"].update(uid="0", generation=1)
+    store = {stage.name: None for stage in build_plan(run_from_body(body)).stages}
+    children: dict[tuple[str, str], dict] = {}
+    for _ in range(500):
+        d = decide(body, list(children.values()), store, datetime.now(timezone.utc), OperatorConfig())
+        for ref in d.delete:
+            children.pop((ref.kind, ref.name), None)
+        for obj in d.create:
+            children[(obj["kind"], obj["metadata"]["name"])] = {**obj, "status": done_status(obj["kind"])}
+        body["status"] = d.status
+        if d.status.get("phase") == "Succeeded":
+            return d.status
+    raise RuntimeError(f"the simulated run did not finish: {body['status'].get('message')}")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -194,15 +223,84 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def finished_runs(args: argparse.Namespace, kubeconfig: Path, work: Path, s3_endpoint: str, load_before) -> dict:
+    """--finished: N runs already Succeeded when the operator starts; what following them costs."""
+    api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    api.user_agent = BENCH_AGENT
+    custom = kubernetes.client.CustomObjectsApi(api)
+    status = finished_status(run_doc("bench", "bench", s3_endpoint, args.light))
+    started = time.monotonic()
+    for i in range(args.runs):
+        created = custom.create_namespaced_custom_object("humpback.dev", "v1alpha1", NAMESPACE, "backtranslationruns",
+                                                         run_doc(f"bench-{i:04d}", "bench", s3_endpoint, args.light))
+        done = {**status, "observedGeneration": created["metadata"]["generation"]}
+        custom.patch_namespaced_custom_object_status("humpback.dev", "v1alpha1", NAMESPACE, "backtranslationruns",
+                                                     created["metadata"]["name"], {"status": done})
+    setup = time.monotonic() - started
+    metrics_port = free_port()
+    env = kube_env(kubeconfig, HOME=str(work), HUMPBACK_METRICS_PORT=str(metrics_port))
+    with (work / "operator-finished.log").open("wb") as log:
+        op = subprocess.Popen([str(Path(sys.executable).parent / "kopf"), "run", "-m", "humpback_operator.backtranslationrun",
+                               "--standalone", "--all-namespaces", "--quiet"], env=env, cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+        started = time.monotonic()
+        # Starting, it lists the runs and puts its finalizer on each: that is startup, not idle.
+        finalized = 0
+        while time.monotonic() - started < args.timeout and finalized < args.runs:
+            time.sleep(2)
+            items = custom.list_namespaced_custom_object("humpback.dev", "v1alpha1", NAMESPACE, "backtranslationruns")["items"]
+            finalized = sum(1 for o in items if o["metadata"].get("finalizers"))
+        startup = time.monotonic() - started
+        time.sleep(10)
+        startup_cpu = cpu_seconds(op.pid)
+        time.sleep(args.idle_seconds)
+        idle_cpu = cpu_seconds(op.pid) - startup_cpu
+        values = _metrics(metrics_port)
+        result = {
+            "mode": "finished runs: the operator starts after all runs finished",
+            "runs": args.runs,
+            "children": "light (inference in-process)" if args.light else "full (vLLM servers)",
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "setup_seconds": round(setup, 1),
+            "operator_startup_seconds": round(startup, 1),
+            "runs_with_finalizer": finalized,
+            "operator_startup_cpu_seconds": round(startup_cpu, 1),
+            "idle_seconds": args.idle_seconds,
+            "idle_operator_cpu_seconds_per_minute": round(idle_cpu * 60 / args.idle_seconds, 3),
+            "idle_operator_rss_mb": round(current_rss_mb(op.pid), 1),
+            "operator_peak_rss_mb": round(peak_rss_mb(op.pid), 1),
+            "daemons": values.get("humpback_run_daemons", 0.0),
+            "reconciles": values.get("humpback_reconciles_total", 0.0),
+            "machine": f"{os.cpu_count()} cores",
+        }
+        op.terminate()
+        op.wait(60)
+    return result
+
+
+def _metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return {line.split()[0]: float(line.split()[1]) for line in r.read().decode().splitlines()
+                if line and not line.startswith("#")}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--light", action="store_true", help="the lighter child set: inference in-process, no vLLM servers")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--profile", action="store_true", help="cProfile the operator into bench/results/operator_scale/")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/operator_scale.json")
     p.add_argument("--idle-seconds", type=float, default=60, help="after the last run finished, measure this long")
+    p.add_argument("--finished", action="store_true",
+                   help="only the idle cost: N runs that finished before the operator starts (status as decide() "
+                        "writes it), then the operator's CPU and RSS while it follows them")
     args = p.parse_args()
 
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3
 
@@ -223,6 +321,13 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     with Emulator(crds=CRDS) as emulator:
         kubeconfig = write_kubeconfig(work / "kubeconfig", emulator.url)
+        if args.finished:
+            result = finished_runs(args, kubeconfig, work, s3_endpoint, load_before)
+            moto.terminate()
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2))
+            return 0 if result["daemons"] == 0 else 1
         import multiprocessing
 
         parent_conn, child_conn = multiprocessing.Pipe()
@@ -243,7 +348,7 @@ def main() -> int:
         started = time.monotonic()
         for i in range(args.runs):
             custom.create_namespaced_custom_object("humpback.dev", "v1alpha1", NAMESPACE, "backtranslationruns",
-                                                   run_doc(f"bench-{i:03d}", "bench", s3_endpoint))
+                                                   run_doc(f"bench-{i:04d}", "bench", s3_endpoint, args.light))
         created = time.monotonic() - started
 
         def phases() -> collections.Counter:
@@ -281,6 +386,9 @@ def main() -> int:
     lat = latencies(events)
     result = {
         "runs": args.runs,
+        "children": "light (inference in-process)" if args.light else "full (vLLM servers)",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "phases": dict(counts),
         "wall_seconds": round(wall, 1),
         "create_runs_seconds": round(created, 2),

@@ -185,7 +185,9 @@ async def run_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Mem
     op.wakeup(namespace, name).set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, when=_active)
+# Stopped (a finished run), the daemon is told first and leaves on its own within the backoff;
+# only one stuck in an API call is cancelled.
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=2.0, cancellation_timeout=5.0, when=_active)
 async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                      memo: kopf.Memo, **kwargs: Any) -> None:
     op: Operator = memo.operator
@@ -201,13 +203,23 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
                 delay = 10.0
             if delay is None:  # the run is gone
                 return
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=max(min(delay, SAFETY_NET_SECONDS), DEBOUNCE_SECONDS))
+            await _sleep(wake, stopped, max(min(delay, SAFETY_NET_SECONDS), DEBOUNCE_SECONDS))
+            if wake.is_set():
                 await asyncio.sleep(DEBOUNCE_SECONDS)
-            except asyncio.TimeoutError:
-                pass
     finally:
         metrics.DAEMONS.dec()
+
+
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until the run or a child changes, Kopf stops the daemon (the run finished: `_active`), or
+    `seconds` have passed. Leaving at once when stopped spares Kopf's cancellation (and its warning
+    for every finished run)."""
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
 
 
 async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mapping[str, Any],

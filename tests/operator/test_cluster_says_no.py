@@ -204,6 +204,7 @@ def test_a_finished_runs_daemon_stops_and_a_spec_edit_brings_it_back(
              120, "run good Succeeded again", explain(cluster, "good", op))
     assert cluster.stage("good", "prepare-seed")["phase"] == "Succeeded"
     wait_for(lambda: scrape(port).get("humpback_run_daemons") == 0, 30, "no daemon once it is done", op.tail)
+    assert "is cancelled" not in op.log.read_text()  # each daemon left when told, none had to be cancelled
 
 
 UPGRADE = '''
