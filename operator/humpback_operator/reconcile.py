@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -275,9 +276,6 @@ def progress_status(snap: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_plans: dict[str, tuple[BacktranslationRun | SpecError, Plan | None]] = {}
-
-
 def _run_and_plan(body: Mapping[str, Any]) -> tuple[BacktranslationRun, Plan]:
     """The run parsed and planned, once per spec: both depend only on the spec, the run's identity
     and the code versions, and were most of a decision's CPU (bench/operator_scale.py). Raises
@@ -286,18 +284,17 @@ def _run_and_plan(body: Mapping[str, Any]) -> tuple[BacktranslationRun, Plan]:
     key = json.dumps([body.get("apiVersion"), body.get("kind"), meta.get("namespace"), meta.get("name"),
                       meta.get("labels"), body.get("spec"), plan_module.STAGE_CODE_VERSIONS,
                       plan_module.FINGERPRINT_ALGORITHM, TEMPLATE_VERSION], sort_keys=True, default=str)
-    if key not in _plans:
-        if len(_plans) >= 1024:
-            _plans.clear()
-        try:
-            run = run_from_body(body)
-            _plans[key] = (run, build_plan(run))
-        except SpecError as e:
-            _plans[key] = (e, None)
-    run, plan = _plans[key]
-    if isinstance(run, SpecError):
-        raise run
+    run, plan = _planned(key)
     return run, Plan(plan.run_name, plan.namespace, list(plan.stages))
+
+
+# ~60 KB each (the parsed spec and its plan): 256 keep the operator's memory bounded at 1,000 runs.
+@functools.lru_cache(maxsize=256)
+def _planned(key: str) -> tuple[BacktranslationRun, Plan]:
+    api_version, kind, namespace, name, labels, spec, *_versions = json.loads(key)
+    meta = {k: v for k, v in (("namespace", namespace), ("name", name), ("labels", labels)) if v is not None}
+    run = run_from_body({"apiVersion": api_version, "kind": kind, "spec": spec, "metadata": meta})
+    return run, build_plan(run)
 
 
 _configmaps: dict[str, dict] = {}
