@@ -92,6 +92,11 @@ class Operator:
                         self.ghosts, self.progress):
             per_run.pop((namespace, run), None)
 
+    def rest(self, namespace: str, run: str) -> None:
+        """Drop what only a running daemon needs (a finished run keeps nothing large in memory)."""
+        for per_run in (self.recent, self.patched, self.listed, self.ghosts, self.progress):
+            per_run.pop((namespace, run), None)
+
     def note(self, namespace: str, run: str, kind: str, name: str, obj: dict | None) -> None:
         self.recent.setdefault((namespace, run), {})[(kind, name)] = (time.monotonic(), obj)
 
@@ -208,6 +213,7 @@ async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, log
                 await asyncio.sleep(DEBOUNCE_SECONDS)
     finally:
         metrics.DAEMONS.dec()
+        op.rest(namespace, name)
 
 
 async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
@@ -292,6 +298,7 @@ def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, 
         if patched is None or version is None or version != based_on:
             return None
         return copy.deepcopy(patched)
+    op.patched.pop((namespace, name), None)  # Kopf has caught up: the copy is not needed any more
     return copy.deepcopy(dict(live))
 
 

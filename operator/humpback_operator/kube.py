@@ -81,25 +81,34 @@ def resource_path(api_version: str, kind: str, namespace: str, name: str | None 
 # API calls block (the kubernetes client), so they run in threads: in a pool of their own, so
 # that slow store reads (store_probe.py) can never hold up creates, deletes and status patches.
 API_WORKERS = 8
+# (connect, read) seconds of one API call: a request the server never answers must not hold one of
+# those threads for good (with all of them stuck, no run would be reconciled again).
+API_TIMEOUT = (5.0, 60.0)
 
 
 class Kube:
-    def __init__(self, api_client: Any | None = None, workers: int = API_WORKERS):
+    def __init__(self, api_client: Any | None = None, workers: int = API_WORKERS,
+                 timeout: tuple[float, float] = API_TIMEOUT):
         if api_client is None:
             api_client = _default_api_client()
         self.api = api_client
+        self.timeout = timeout
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
               query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
             data = self.api.call_api(
                 path, method, query_params=query or [], body=body,
                 header_params={"Content-Type": content_type, "Accept": accept},
                 auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+                _request_timeout=self.timeout,
             )
+        except HTTPError as e:  # no answer in time, connection refused or reset: try again later
+            raise ApiError(0, type(e).__name__, f"{method} {path}: {e}") from None
         except ApiException as e:
             message = e.body or ""
             try:

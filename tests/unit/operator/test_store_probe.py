@@ -233,3 +233,24 @@ def test_api_calls_and_store_reads_have_bounded_pools_that_cannot_starve_each_ot
     api_threads, read, probe_threads, answer, api_seconds = asyncio.run(go())
     assert api_threads == API_WORKERS and read["a"]["outputs"]["count"] == 99
     assert probe_threads == PROBE_THREADS and answer == {"ok": True} and api_seconds < 1.0
+
+
+def test_an_api_call_the_server_never_answers_times_out_and_frees_its_thread(silent):
+    import kubernetes
+
+    from humpback_operator.kube import ApiError
+
+    configuration = kubernetes.client.Configuration()
+    configuration.host = silent
+    kube = Kube(api_client=kubernetes.client.ApiClient(configuration), timeout=(1.0, 1.0))
+
+    async def go():
+        started = time.monotonic()
+        with pytest.raises(ApiError, match="ReadTimeoutError"):
+            await asyncio.wait_for(kube.call("GET", "/apis/humpback.dev/v1alpha1/namespaces/a/backtranslationruns/r"), 20)
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(go()) < 10  # before: no timeout, the thread waited for ever
+    finally:
+        kube.pool.shutdown(wait=False)
