@@ -168,7 +168,8 @@ def _stage_dataset(ctx: RunContext, stage: Stage, repo_id: str, folder: Path) ->
     for k in stage.settings["datasets"]:
         pairs, counts = curated_pairs(ctx, ctx.plan[f"train-m{k}"])
         config = f"iteration_{k}"
-        rows = [{"id": str(p["id"]), "instruction": p["instruction"], "response": p["response"],
+        # As the training examples have them (prompts.py strips surrounding whitespace).
+        rows = [{"id": str(p["id"]), "instruction": p["instruction"].strip(), "response": p["response"].strip(),
                  "score": None if p.get("score") is None else int(round(p["score"]))} for p in pairs]
         (folder / config).mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / config / PARQUET_NAME)

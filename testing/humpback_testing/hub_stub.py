@@ -11,13 +11,18 @@ Routes (what huggingface_hub 1.x/2.x sends):
   ``{"url"}``, or 409 with ``{"error", "url"}`` when the repository exists (``create_repo(exist_ok=True)``
   accepts that).
 - ``GET /api/{models|datasets}/OWNER/NAME[/revision/REV]``: ``{"id", "private", "sha"}``, 404 when missing.
+- ``POST /api/validate-yaml`` ``{"content", "repoType"}`` (``upload_folder`` sends each README.md first):
+  the metadata parsed by huggingface_hub's own card classes (``ModelCard`` / ``DatasetCard``, with
+  ``ignore_metadata_errors=False``: a model-index that does not parse is an error); 400 with
+  ``{"errors": [{"message"}]}`` when it fails, a warning when the metadata is empty.
 - ``POST /api/{models|datasets}/OWNER/NAME/preupload/REV``: every file ``"uploadMode": "regular"``
   (so the commit carries the contents inline; no LFS, no Xet).
 - ``POST /api/{models|datasets}/OWNER/NAME/commit/REV`` (NDJSON: a header, then one line per file
   with base64 content, or ``deletedFile``): applies the commit, answers ``{"commitUrl", "commitOid"}``.
 
 With ``token`` set, a request without ``Authorization: Bearer <token>`` gets 401. ``requests``
-records ``(method, path, authorization)`` of every request.
+records ``(method, path, authorization)`` of every request, ``validated`` the READMEs validated.
+Standard library only, except ``huggingface_hub`` for the metadata check (imported when it runs).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class HubStub:
         self.token = token
         self.repos: dict[str, StubRepo] = {}
         self.requests: list[tuple[str, str, str | None]] = []
+        self.validated: list[tuple[str, str]] = []  # (repo type, README content)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, 0), _handler(self))
         self.url = f"http://{host}:{self._server.server_port}"
@@ -141,6 +147,8 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
                     private = bool(req.get("private")) or req.get("visibility") == "private"
                     repo = stub.add_repo(repo_id, req.get("type") or "model", private)
                 return self._reply(200, {"url": stub.repo_url(repo)})
+            if self.path.split("?")[0] == "/api/validate-yaml":
+                return self._validate_yaml(json.loads(body))
             m = _REPO.match(self.path)
             repo = self._repo(m) if m else None
             if repo is None:
@@ -152,6 +160,26 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
             if m["op"] == "commit":
                 return self._commit(repo, body)
             self._error(404, f"no route {self.path}")
+
+        def _validate_yaml(self, req: dict) -> None:
+            from huggingface_hub import DatasetCard, ModelCard
+
+            repo_type = req.get("repoType") or "model"
+            content = req.get("content") or ""
+            with stub._lock:
+                stub.validated.append((repo_type, content))
+            try:
+                card = (DatasetCard if repo_type == "dataset" else ModelCard)(content, ignore_metadata_errors=False)
+            except Exception as e:  # what the Hub would refuse: YAML that does not parse, a bad model-index
+                self.send_response(400)
+                data = json.dumps({"errors": [{"message": str(e)}]}).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            warnings = [] if card.data.to_dict() else [{"message": "empty or missing yaml metadata in repo card"}]
+            self._reply(200, {"errors": [], "warnings": warnings})
 
         def _commit(self, repo: StubRepo, body: bytes) -> None:
             summary, changed = "", []
