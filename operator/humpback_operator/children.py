@@ -61,7 +61,7 @@ CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process
 IN_PROCESS_ENGINES = ("transformers", "vllm")
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 ANNOTATION_GENERATED_KEY = "humpback.dev/generated-key"  # on a Secret: the operator fills this key at creation
-HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret
+HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret and spec.publish.hub.tokenSecret
 S3_COMPATIBLE_REGION = "us-east-1"  # signing region of an S3-compatible endpoint that names none
 
 POD_SECURITY_CONTEXT = {
@@ -325,7 +325,10 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
         {"name": "HUMPBACK_CACHE", "value": CACHE_DIR},
         *_s3_env(run),
     ]
-    if spec.huggingface.token_secret:  # gated models and datasets on the hub
+    hub = spec.publish.hub
+    if stage.family == "publish" and hub and hub.token_secret:  # the write token: the publish pod only
+        env.append(_secret_env(HF_TOKEN_ENV, hub.token_secret, HF_TOKEN_ENV))
+    elif spec.huggingface.token_secret:  # gated models and datasets on the hub
         env.append(_secret_env(HF_TOKEN_ENV, spec.huggingface.token_secret, HF_TOKEN_ENV))
     judge = spec.evaluation.judge
     if stage.family == "evaluate" and judge and judge.api_key_secret:
