@@ -566,7 +566,7 @@ class PodResources(Model):
     ephemeral_storage: str | None = Field(None, description="Ephemeral-storage request and limit, also the size "
                                           "limit of the /cache scratch volume (downloaded models, checkpoints). "
                                           "Default: 200Gi for training (a 7B ZeRO-2 checkpoint is ~100 GB), 50Gi "
-                                          "for GPU inference, 10Gi otherwise.")
+                                          "for GPU inference, 50Gi for publish (one model's upload folder), 10Gi otherwise.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")

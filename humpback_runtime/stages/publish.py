@@ -2,8 +2,8 @@
 
     humpback stage publish --spec RUN.yaml        # HF_TOKEN in the environment (or `hf auth login`)
 
-First every repository's upload folder is written to the store, exactly as it will be pushed, under
-``publish/<OWNER>/<REPO>/`` (inspect it there; ``dryRun: true`` stops here):
+For each repository in turn, its upload folder is written to the store, exactly as it will be pushed,
+under ``publish/<OWNER>/<REPO>/`` (inspect it there; ``dryRun: true`` stops there), then pushed:
 
 - a model (PREFIX-myx, PREFIX-m0, PREFIX-m1, ...): the stage's ``model/`` folder (safetensors,
   config, generation config, tokenizer), the tokenizer's chat template set to
@@ -15,13 +15,17 @@ First every repository's upload folder is written to the store, exactly as it wi
   in config ``iteration_K``, and a dataset card (sources and licences, contamination warning,
   counts, score histograms).
 
-Then each folder is pushed with ``huggingface_hub`` (one commit per repository) to the hub
-``HF_ENDPOINT`` names. Without a token the stage fails and says how to give one.
+The push goes through ``huggingface_hub`` (one commit per repository) to the hub ``HF_ENDPOINT``
+names. Without a token the stage fails and says how to give one. The folders are built one at a
+time under ``$HUMPBACK_CACHE`` (the pod's /cache volume; locally the system temp folder): local
+disk must hold one model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -54,31 +58,33 @@ def run_publish(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
                              "to write the upload folders to the store only")
     evaluation = (ctx.manifest("evaluate") or {}).get("evaluation") if "evaluate" in stage.deps else None
     dataset_repo = hub_repo(ctx.run, "curated") if stage.settings["datasets"] else None
-    staged: list[tuple[str, str, Path]] = []  # (repo id, repo type, local folder)
+    work = []  # (repo id, repo type, how to build its folder)
+    for model in stage.settings["models"]:
+        work.append((hub_repo(ctx.run, model), "model",
+                     lambda repo_id, folder, model=model: _stage_model(ctx, model, repo_id, folder, evaluation,
+                                                                        dataset_repo)))
+    if dataset_repo:
+        work.append((dataset_repo, "dataset", lambda repo_id, folder: _stage_dataset(ctx, stage, repo_id, folder)))
     repos = []
-    with tempfile.TemporaryDirectory(prefix="humpback-publish-") as tmp:
-        for model in stage.settings["models"]:
-            repo_id = hub_repo(ctx.run, model)
-            folder = Path(tmp) / model
-            _stage_model(ctx, model, repo_id, folder, evaluation, dataset_repo)
-            staged.append((repo_id, "model", folder))
-        if dataset_repo:
-            folder = Path(tmp) / "curated"
-            _stage_dataset(ctx, stage, dataset_repo, folder)
-            staged.append((dataset_repo, "dataset", folder))
-        # Every folder is in the store before the first push: a failed push leaves them to inspect.
-        for repo_id, repo_type, folder in staged:
+    # One repository at a time, so that local disk holds one model (in a pod: the /cache volume).
+    scratch = os.environ.get("HUMPBACK_CACHE") or None
+    if scratch:
+        os.makedirs(scratch, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="humpback-publish-", dir=scratch) as tmp:
+        for repo_id, repo_type, build in work:
+            folder = Path(tmp) / repo_id
+            build(repo_id, folder)
             key = f"{prefix}/{repo_id}"
-            files = upload_dir(ctx.store, folder, key)
-            repos.append({"repo": repo_id, "type": repo_type, "folder": key, "files": files, "pushed": False})
+            files = upload_dir(ctx.store, folder, key)  # in the store before the push: inspect it there
+            entry = {"repo": repo_id, "type": repo_type, "folder": key, "files": files, "pushed": False}
             log.info("Staged %s %s: %d files in %s", repo_type, repo_id, files, ctx.store.url(key))
-        for entry, (repo_id, repo_type, folder) in zip(repos, staged):
-            if hub.dry_run:
-                continue
-            entry.update(push_folder(folder, repo_id, repo_type, private=hub.private, token=token,
-                                     commit_message=f"humpback: {ctx.run_prefix} (fingerprint {stage.fingerprint})"),
-                         pushed=True)
-            log.info("Pushed %s %s: %s", repo_type, repo_id, entry["commitUrl"])
+            if not hub.dry_run:
+                entry.update(push_folder(folder, repo_id, repo_type, private=hub.private, token=token,
+                                         commit_message=f"humpback: {ctx.run_prefix} (fingerprint {stage.fingerprint})"),
+                             pushed=True)
+                log.info("Pushed %s %s: %s", repo_type, repo_id, entry["commitUrl"])
+            repos.append(entry)
+            shutil.rmtree(folder)
     return {"outputs": {"count": len(repos), "repos": repos}, "dryRun": hub.dry_run,
             "counts": {"models": len(stage.settings["models"]), "datasets": 1 if dataset_repo else 0}}
 

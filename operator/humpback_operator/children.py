@@ -94,6 +94,7 @@ EPHEMERAL_TRAINING = "200Gi"  # the base model and local checkpoints: a 7B ZeRO-
 EPHEMERAL_GPU = "50Gi"  # an in-process engine's model download
 EPHEMERAL_SERVER = "20Gi"  # vLLM streams the weights from S3; compile caches and logs only
 EPHEMERAL_CPU = "10Gi"
+EPHEMERAL_PUBLISH = "50Gi"  # the publish Job holds one model's upload folder: a 7B bf16 model is ~14 GB
 
 # Job podFailurePolicy: a disrupted pod (drain, preemption, spot loss: the DisruptionTarget
 # condition) does not count against backoffLimit, the Job makes a new pod; a pod that exits with
@@ -205,7 +206,8 @@ def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, atte
         primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
                        deadline=resources.inference.timeout)
     else:
-        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0, deadline=resources.cpu.timeout)
+        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0, deadline=resources.cpu.timeout,
+                       ephemeral=EPHEMERAL_PUBLISH if stage.family == "publish" else None)
     return StageChildren(servers=servers, primary=primary)
 
 
@@ -464,12 +466,13 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
 
 
 def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig, owner: dict | None,
-         component: str, res: PodResources, *, gpus: int, deadline: str, extra_env: list[dict] | None = None) -> dict:
+         component: str, res: PodResources, *, gpus: int, deadline: str, extra_env: list[dict] | None = None,
+         ephemeral: str | None = None) -> dict:
     """A batch/v1 Job running the stage once. backoffLimit 0: a failure ends the attempt, and the
     operator's retry is a new Job (its pods and logs stay beside the failed one's); a disruption
     is no failure (podFailurePolicy); `deadline` bounds the attempt (activeDeadlineSeconds)."""
     labels = child_labels(run, stage.name, component, attempt=str(attempt))
-    resources = _resources(res, gpus, EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU)
+    resources = _resources(res, gpus, ephemeral or (EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU))
     volumes, mounts = _volumes(gpus, resources["limits"]["ephemeral-storage"])
     command = ["humpback", *_stage_args(stage)]
     container = _with_metrics_port(

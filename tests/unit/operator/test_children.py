@@ -306,6 +306,9 @@ def test_the_publish_job_gets_the_write_token_by_reference_and_no_other_pod_does
     assert container["command"][-4:] == ["stage", "publish", "--spec", "env:HUMPBACK_RUN_SPEC"]
     names = [e["name"] for e in container["env"]]
     assert names.count("HF_TOKEN") == 1  # the write token replaces the read token there
+    # Room for one model's upload folder on the /cache volume (a 7B model is ~14 GB).
+    assert container["resources"]["limits"]["ephemeral-storage"] == "50Gi"
+    assert {"name": "HUMPBACK_CACHE", "value": "/cache"} in container["env"]
     assert env_of(container)["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {
         "secretKeyRef": {"name": "hf-write", "key": "HF_TOKEN"}}}
     for obj in objects:

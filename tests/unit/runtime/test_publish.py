@@ -354,3 +354,30 @@ def test_private_publish_refuses_an_existing_public_repo(make_ctx, monkeypatch):
         with pytest.raises(StageError, match="exists and is public"):
             run_stage(ctx, "publish")
     assert public.files == {} and public.private is False
+
+
+def test_the_local_runner_runs_publish_as_its_own_stage_command(tmp_path, tiny_model, monkeypatch):
+    """`humpback run --until publish` runs the stage in a subprocess, as a pod would (`humpback stage publish`)."""
+    import io
+
+    from humpback_runtime.runner import run_local
+    from humpback_runtime.spec import load_run
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    data = _spec(tmp_path, dryRun=True, artifacts=["datasets"])  # no transformers import in the subprocess
+    spec = data["spec"]
+    spec["baseModel"] = str(tiny_model)
+    for part in ("seed", "corpus"):
+        spec[part]["source"] = str(ROOT / "examples" / spec[part]["source"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = load_run(path)
+    storage = str(tmp_path / "runs")
+    ctx = RunContext.create(run, storage)  # content fingerprints, as the runner plans
+    _upstream(ctx, tiny_model)
+    out = io.StringIO()
+    assert run_local(run, path, storage_uri=storage, until="publish", out=out) == 0, out.getvalue()
+    assert ctx.is_done(ctx.plan["publish"])
+    readme = _folder(ctx, f"{PREFIX}-curated") / "README.md"
+    assert readme.is_file() and "## Score histograms" in readme.read_text()
+    assert "publish" in out.getvalue()
