@@ -70,7 +70,7 @@ def _bar_table(histogram: Mapping[str, int], selected: Mapping[str, int]) -> lis
     for score in ("1", "2", "3", "4", "5"):
         n = int(histogram.get(score, 0))
         bar = "█" * round(HISTOGRAM_WIDTH * n / top)
-        lines.append(f"| {score} | {n} | {int(selected.get(score, 0))} | `{bar}` |")
+        lines.append(f"| {score} | {n} | {int(selected.get(score, 0))} | {f'`{bar}`' if bar else ''} |")
     return lines
 
 

@@ -129,8 +129,14 @@ def _stage_model(ctx: RunContext, model: str, repo_id: str, folder: Path, evalua
     text = cards.render_model_card(
         base_model=ctx.run.spec.base_model, settings=settings,
         card=lineage(ctx, train, manifest.get("counts") or {}), metrics=_card_metrics(metrics),
-        grad_accum=int(metrics.get("gradient_accumulation_steps") or 1), metadata=data.to_dict(), sections=sections)
+        grad_accum=int(metrics.get("gradient_accumulation_steps") or 1), metadata=_without_name(data.to_dict()),
+        sections=sections)
     (folder / "README.md").write_text(text, encoding="utf-8")
+
+
+def _without_name(metadata: dict[str, Any]) -> dict[str, Any]:
+    """ModelCardData keeps model_name (only the model-index needs it) as a key of its own: drop it."""
+    return {k: v for k, v in metadata.items() if k != "model_name"}
 
 
 def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

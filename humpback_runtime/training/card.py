@@ -103,7 +103,9 @@ def render_model_card(*, base_model: str, settings: TrainingSpec, card: Mapping[
         "| | |",
         "|---|---|",
         f"| learning rate | {s.learning_rate:g} → {s.final_learning_rate:g} (linear) |",
-        f"| weight decay | {s.weight_decay:g} (AdamW) |",
+        f"| weight decay | {s.weight_decay:g} (AdamW, betas {s.adam_beta1:g}, {s.adam_beta2:g}) |",
+        f"| dropout | {s.dropout:g} |",
+        f"| LoRA | {f'rank {s.lora.rank}, alpha {s.lora.alpha:g} (merged)' if s.lora else 'no (all weights)'} |",
         f"| global batch | {s.batch_size} ({s.per_device_batch_size} per device x {metrics['world_size']} "
         f"processes x {grad_accum} accumulation) |",
         f"| steps | {metrics['steps']} |",
@@ -152,7 +154,7 @@ def evaluation_results(evaluation: Mapping[str, Any] | None, model: str) -> list
         def add(metric_type: str, metric_name: str, value: Any, stderr: Any = None, n: Any = None) -> None:
             if isinstance(value, (int, float)):
                 rows.append({"set": name, "source": source, "metric_type": metric_type, "metric_name": metric_name,
-                             "value": float(value), "stderr": stderr, "n": n})
+                             "value": round(float(value), 4), "stderr": stderr, "n": n})
 
         for pair in (entry.get("pairs") or {}).values():
             if model not in (pair.get("a"), pair.get("b")):

@@ -220,6 +220,7 @@ def test_dry_run_writes_the_exact_upload_folders(make_ctx):
     assert m0_results[("mini", "win rate vs train-m2")] == 0.0 and m0_results[("mini", "win rate vs reference")] == 0.5
     myx = ModelCard.load(_folder(ctx, f"{PREFIX}-myx") / "README.md")
     assert myx.data.eval_results is None and "## Evaluation" not in myx.text and "backward model" in myx.text
+    assert "model_name" not in myx.data.to_dict()
 
     data = _folder(ctx, f"{PREFIX}-curated")
     dcard = DatasetCard.load(data / "README.md")
