@@ -351,7 +351,8 @@ class InferenceSpec(Model):
     max_rejected_fraction: float = Field(
         0.01, ge=0, le=1,
         description="A record the server refuses (HTTP 400, 413 or 422: a prompt over the context length, a "
-        "bad prompt) is dropped and counted (counts.rejected_by_server); the stage fails only when more "
+        "bad prompt) is dropped and counted (counts.rejected_by_server), and so is a prompt that cannot fit "
+        "our own model's context, before it is sent (counts.prompt_too_long); the stage fails only when more "
         "than this share of its records is refused.",
     )
     per_request_seed: bool = Field(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import InputsMissing, StageError
-from humpback_runtime.inference.engines import Engine, VLLMServerEngine
+from humpback_runtime.inference.engines import Engine, PromptLimit, VLLMServerEngine
 from humpback_runtime.inference.local import TransformersEngine, VLLMEngine, vllm_available
 from humpback_runtime.pod_contract import (
     ENDPOINT_ENV,
@@ -85,6 +85,14 @@ def _cache_key(ctx: RunContext, train_stage: str, prefix: str) -> str:
 
 
 def engine_for(ctx: RunContext, train_stage: str) -> Engine:
+    """The engine for the model of `train_stage`, which drops prompts too long for the model's context
+    before sending them (our own model: its tokenizer is at hand)."""
+    engine = _engine_for(ctx, train_stage)
+    engine.prompt_limit = _prompt_limit(ctx, train_stage, engine)
+    return engine
+
+
+def _engine_for(ctx: RunContext, train_stage: str) -> Engine:
     """The engine for the model of `train_stage`: the operator's vLLM server when one is announced."""
     spec = ctx.run.spec.inference
     per_model = _endpoints_by_stage()
@@ -143,6 +151,39 @@ def local_tokenizer_dir(ctx: RunContext, train_stage: str) -> Path:
             store.download_file(key, cache / key.rsplit("/", 1)[-1])
         (cache / COMPLETE).write_text("")  # last: a half-downloaded cache is never used
     return cache
+
+
+def _prompt_limit(ctx: RunContext, train_stage: str, engine: Engine) -> PromptLimit | None:
+    """`train_stage`'s context (the server's maxModelLen, else the model's max_position_embeddings) and
+    its tokenizer, loaded on the first prompt long enough to need counting; None when unknown."""
+    model_dir = getattr(engine, "model_dir", None)
+    if model_dir is None:
+        try:
+            model_dir = local_tokenizer_dir(ctx, train_stage)  # tokenizer files only
+        except InputsMissing:
+            return None  # a user's endpoint serving a model this store does not hold
+    configured = ctx.run.spec.inference.vllm.max_model_len  # vLLM's, served or in process
+    if configured is not None and not isinstance(engine, TransformersEngine):
+        context, source = configured, "inference.vllm.maxModelLen"
+    else:
+        try:
+            context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            context = None
+        if not isinstance(context, int) or context < 1:
+            return None
+        source = f"max_position_embeddings of {train_stage}'s model"
+    tokenizer = None
+
+    def count_tokens(prompt: str) -> int:
+        nonlocal tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return len(tokenizer(prompt).input_ids)  # BOS included, as the server counts
+
+    return PromptLimit(context=context, count_tokens=count_tokens, source=source)
 
 
 def _cache_root() -> Path:

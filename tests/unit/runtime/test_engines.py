@@ -400,3 +400,24 @@ def test_a_client_uses_the_generated_key_of_the_operators_server(monkeypatch):
     monkeypatch.setenv("HUMPBACK_ENDPOINT", "http://s:8000/v1")
     monkeypatch.setenv("HUMPBACK_SERVER_API_KEY_MYX", "kx")
     assert engine_for(ctx, "train-myx").settings.api_key == "kx"
+
+
+# --- prompts too long for the context (issue 10) -----------------------------------------------------
+
+def test_prompt_limit_counts_only_prompts_that_may_not_fit_and_names_the_figures():
+    from humpback_runtime.inference.engines import PromptLimit
+
+    counted: list[str] = []
+
+    def count(prompt: str) -> int:
+        counted.append(prompt)
+        return len(prompt.split()) + 1  # a word a token, plus BOS
+
+    limit = PromptLimit(context=100, count_tokens=count, source="inference.vllm.maxModelLen")
+    assert limit.check("short prompt", max_tokens=16) is None
+    assert counted == []  # 12 bytes + 16 cannot pass 100 tokens: no tokenizer call
+    assert limit.check("x " * 60, max_tokens=16) is None  # 120 bytes, but 61 + 16 tokens fit
+    reason = limit.check("word " * 90, max_tokens=16)
+    assert reason == ("prompt too long for the context: 91 prompt tokens + 16 max_tokens > 100 "
+                      "(inference.vllm.maxModelLen); not sent")
+    assert len(counted) == 2
