@@ -99,7 +99,8 @@ def _engine_for(ctx: RunContext, train_stage: str) -> Engine:
     # The key of a server the operator started for this model (None for a user's own endpoint).
     server_key = os.environ.get(server_api_key_env(train_stage)) or None
     if train_stage in per_model:
-        server = spec.model_copy(update={"engine": "vllm-server"})  # the operator started it for us
+        # The operator started it for us: our model, our template, the completions API.
+        server = spec.model_copy(update={"engine": "vllm-server", "api": "completions"})
         return make_engine(server, train_stage, endpoint=per_model[train_stage], api_key=server_key,
                            replicas=ctx.run.spec.resources.inference.replicas)
     endpoint = os.environ.get(ENDPOINT_ENV) or spec.endpoint
@@ -217,7 +218,8 @@ def make_engine(spec: InferenceSpec, model: str | Path, *, endpoint: str | None 
             raise ValueError("inference.endpoint: engine 'vllm-server' needs the server's API root "
                              "(http://HOST:PORT/v1), got none")
         engine: Engine = VLLMServerEngine(endpoint, str(model), api_key=api_key, concurrency=spec.client_concurrency(replicas),
-                                          max_retries=spec.max_retries, per_request_seed=spec.per_request_seed)
+                                          max_retries=spec.max_retries, per_request_seed=spec.per_request_seed,
+                                          api=spec.api)
     elif kind == "vllm":
         engine = VLLMEngine(model, batch_size=spec.checkpoint_every, **spec.vllm.llm_options())
     elif kind == "transformers":

@@ -402,6 +402,24 @@ def test_a_client_uses_the_generated_key_of_the_operators_server(monkeypatch):
     assert engine_for(ctx, "train-myx").settings.api_key == "kx"
 
 
+def test_a_users_own_endpoint_may_speak_the_chat_api_the_operators_servers_never(monkeypatch, tmp_path):
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.inference.models import engine_for
+    from humpback_runtime.spec import parse_run
+
+    def ctx_with(**inference):
+        run = parse_run({"apiVersion": "humpback.dev/v1alpha1", "kind": "BacktranslationRun", "metadata": {"name": "r"},
+                         "spec": {"baseModel": "m", "seed": {"source": "s.jsonl"}, "corpus": {"source": "c.jsonl"},
+                                  "inference": inference}})
+        return RunContext.create(run, str(tmp_path / "runs"))
+
+    assert engine_for(ctx_with(endpoint="http://mine:8000/v1"), "train-m0").settings.api == "completions"
+    chat = ctx_with(endpoint="http://mine:8000/v1", api="chat")
+    assert engine_for(chat, "train-m0").settings.api == "chat"
+    monkeypatch.setenv("HUMPBACK_ENDPOINTS", '{"train-m0": "http://s0:8000/v1"}')  # the operator's server
+    assert engine_for(chat, "train-m0").settings.api == "completions"
+
+
 # --- prompts too long for the context (issue 10) -----------------------------------------------------
 
 def test_prompt_limit_counts_only_prompts_that_may_not_fit_and_names_the_figures():
