@@ -553,10 +553,15 @@ def _attempt_disrupted(d: Decision, st: dict, stage: Stage, attempt: int, proble
     st.update(phase="Running", attempt=attempt + 1, disruptions=int(st.get("disruptions") or 0) + 1,
               reason="Disrupted", message=f"attempt {attempt} was disrupted ({problem.message}); attempt "
               f"{attempt + 1} starts now and the disrupted one does not count as a retry")
-    for key in ("nextAttemptTime", "pendingSince"):
-        st.pop(key, None)
     d.events.append(Event("Warning", "StageDisrupted", f"Attempt {attempt} of stage {stage.name} was disrupted: "
                           f"{problem.message}; starting attempt {attempt + 1} (not counted as a retry)"))
+    return _next_attempt_now(d, st)
+
+
+def _next_attempt_now(d: Decision, st: dict) -> dict:
+    """The next attempt starts at the next reconcile, with no retry backoff and a fresh pending clock."""
+    for key in ("nextAttemptTime", "pendingSince"):
+        st.pop(key, None)
     d.requeue_after = min(d.requeue_after, 0.5)
     return st
 
@@ -579,12 +584,9 @@ def _inputs_damaged(d: Decision, st: dict, stage: Stage, attempt: int, problem: 
     st.update(phase="Pending", attempt=attempt + 1, inputRechecks=int(st.get("inputRechecks") or 0) + 1,
               reason="InputsDamaged", message=f"attempt {attempt} found an input damaged ({problem.message}); "
               f"{', '.join(stage.deps)} checked again, then attempt {attempt + 1} (not counted as a retry)")
-    for key in ("nextAttemptTime", "pendingSince"):
-        st.pop(key, None)
     d.events.append(Event("Warning", "InputsDamaged", f"Attempt {attempt} of stage {stage.name} found an input "
                           f"damaged: {problem.message}; re-checking {', '.join(stage.deps)} in the store"))
-    d.requeue_after = min(d.requeue_after, 0.5)
-    return st
+    return _next_attempt_now(d, st)
 
 
 def _attempt_failed(d: Decision, st: dict, stage: Stage, attempt: int, message: str, limit: int,
