@@ -666,10 +666,11 @@ class HubPublishSpec(Model):
     @field_validator("repo_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        # The longest suffix (-curated) must still give a valid hub id.
-        if not _HUB_ID.match(v) or not _HUB_ID.match(v + "-curated"):
-            raise ValueError(f"{v!r} is not a Hugging Face repo id prefix (OWNER/NAME or NAME: letters, digits, "
-                             "'-', '_', '.'; the name at most 88 characters, so that -curated fits)")
+        # OWNER/ always: where a push goes never depends on whose token it is. The longest suffix
+        # (-curated) must still give a valid hub id.
+        if "/" not in v or not _HUB_ID.match(v) or not _HUB_ID.match(v + "-curated"):
+            raise ValueError(f"{v!r} is not a Hugging Face repo id prefix OWNER/NAME (letters, digits, '-', '_', "
+                             "'.'; NAME at most 88 characters, so that -curated fits)")
         return v
 
 

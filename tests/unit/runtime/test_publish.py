@@ -169,6 +169,7 @@ def test_plan_publishes_after_what_it_pushes(tmp_path):
 
 @pytest.mark.parametrize("hub, field", [
     ({"repoPrefix": "me/bad name"}, "spec.publish.hub.repoPrefix"),
+    ({"repoPrefix": "no-owner"}, "spec.publish.hub.repoPrefix"),
     ({"repoPrefix": "me/" + "x" * 90}, "spec.publish.hub.repoPrefix"),
     ({"repoPrefix": "me/ok", "tokenSecret": "Not_A_Name"}, "spec.publish.hub.tokenSecret"),
     ({"repoPrefix": "me/ok", "artifacts": ["weights"]}, "spec.publish.hub.artifacts[0]"),
