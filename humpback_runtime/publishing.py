@@ -146,11 +146,18 @@ def dataset_card(*, repo_id: str, run: str, iterations: Sequence[IterationData],
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def require_hub() -> Any:
+    """The huggingface_hub module, or a StageError that says which extra installs it."""
+    try:
+        import huggingface_hub
+    except ImportError as e:  # pragma: no cover - only without the extra
+        raise StageError("publish needs huggingface_hub: pip install 'humpback[hub]'") from e
+    return huggingface_hub
+
+
 def hub_token() -> str | None:
     """The token huggingface_hub would use: HF_TOKEN, else the one `hf auth login` stored."""
-    from huggingface_hub import get_token
-
-    return get_token()
+    return require_hub().get_token()
 
 
 def push_folder(folder: Path, repo_id: str, repo_type: str, *, private: bool, token: str,
@@ -158,6 +165,7 @@ def push_folder(folder: Path, repo_id: str, repo_type: str, *, private: bool, to
     """Create the repository if need be and upload `folder` as one commit; returns
     ``{"url", "commit", "commitUrl"}``. Refuses to push into an existing public repository when
     `private` is asked for (visibility is never changed here)."""
+    require_hub()
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 

@@ -35,7 +35,8 @@ from humpback_runtime import prompts
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import StageError
 from humpback_runtime.plan import Stage, hub_repo
-from humpback_runtime.publishing import IterationData, dataset_card, known_source, push_folder, seed_may_be_contaminated
+from humpback_runtime.publishing import (IterationData, dataset_card, known_source, push_folder, require_hub,
+                                         seed_may_be_contaminated)
 from humpback_runtime.training.checkpoints import COMPLETE, download_prefix, upload_dir
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ def _stage_model(ctx: RunContext, model: str, repo_id: str, folder: Path, evalua
     system = prompts.inference_system(ctx.run.spec.system_prompts) if role == "forward" else ""
     _set_chat_template(folder, role, system)
 
-    from huggingface_hub import EvalResult, ModelCardData
+    hf = require_hub()
+    EvalResult, ModelCardData = hf.EvalResult, hf.ModelCardData  # noqa: N806
 
     manifest = ctx.manifest(model) or {}
     metrics = manifest.get("metrics") or {}
@@ -168,7 +170,7 @@ def _set_chat_template(folder: Path, role: str, system: str) -> None:
 def _stage_dataset(ctx: RunContext, stage: Stage, repo_id: str, folder: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from huggingface_hub import DatasetCardData
+    DatasetCardData = require_hub().DatasetCardData  # noqa: N806
 
     from humpback_runtime.stages.curate import selection
     from humpback_runtime.stages.train import curated_pairs
