@@ -612,7 +612,7 @@ class InferenceResources(PodResources):
 class Resources(Model):
     training: TrainingResources = Field(default_factory=TrainingResources)
     inference: InferenceResources = Field(default_factory=InferenceResources)
-    cpu: PodResources = Field(default_factory=PodResources, description="prepare and report Jobs, and inference client Jobs.")
+    cpu: PodResources = Field(default_factory=PodResources, description="prepare, report and publish Jobs, and inference client Jobs.")
 
 
 class RetrySpec(Model):

@@ -138,8 +138,8 @@ def render_model_card(*, base_model: str, settings: TrainingSpec, card: Mapping[
     return "\n".join(lines) + "\n"
 
 
-
 # --- what the publish stage adds ------------------------------------------------------------
+
 
 def evaluation_results(evaluation: Mapping[str, Any] | None, model: str) -> list[dict[str, Any]]:
     """The judged results of `model` in the evaluate stage's manifest ``evaluation`` field, one row per
