@@ -238,6 +238,10 @@ def test_dry_run_writes_the_exact_upload_folders(make_ctx):
         # Threshold 4 over the stored scores: candidates 0, 1 and 3.
         assert [(r["id"], r["score"]) for r in rows] == [(SEGMENTS[i]["id"], SCORES[i]) for i in (0, 1, 3)]
         assert rows[0]["response"] == SEGMENTS[0]["text"].strip()
+    # The card's configs are what `datasets` loads from the repository.
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset(str(data), "iteration_2", split="train")
+    assert loaded.column_names == ["id", "instruction", "response", "score"] and loaded.num_rows == 3
     text = dcard.text
     assert "Apache-2.0" in text and "ODC-BY 1.0" in text  # oasst1 seed, c4 corpus
     assert "sha256:seed" in text and "sha256:corpus" in text
