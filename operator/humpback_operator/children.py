@@ -392,6 +392,7 @@ def resource_defaults_table() -> str:
         row("in-process inference Job", f"`inference.gpusPerReplica` ({inference.gpus_per_replica})", inference,
             inference.gpus_per_replica, EPHEMERAL_GPU, True),
         row("CPU Jobs: prepare, report, inference clients", "none", PodResources(), 0, EPHEMERAL_CPU, True),
+        row("publish Job (one model's upload folder)", "none", PodResources(), 0, EPHEMERAL_PUBLISH, True),
     ]) + "\n"
 
 
