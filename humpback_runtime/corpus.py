@@ -289,9 +289,9 @@ def exact_key(normalised: str | bytes) -> int:
     return xxhash.xxh3_128_intdigest(normalised)
 
 
-# MinHash signatures, vectorised over the whole shingle set of a document: no Python call per
-# shingle (datasketch's MinHash.update_batch hashes each shingle in Python; see
-# bench/prepare_corpus.py for the comparison). A shingle is `ngram` consecutive
+# MinHash signatures, vectorised over the shingles of a whole batch of documents: no Python call
+# per shingle (datasketch's MinHash.update_batch hashes each shingle in Python; see
+# bench/prepare_corpus.py for the comparison), and numpy's per-call overhead once per batch. A shingle is `ngram` consecutive
 # normalised words, i.e. a substring of the normalised text, so every shingle hash comes from
 # one prefix array of a polynomial (Rabin-Karp) hash over the UTF-8 bytes, mod 2^64:
 #     H(s, e) = (S[e] - S[s]) * P^-s,   S[i] = sum_{j<i} byte_j * P^j
@@ -333,69 +333,109 @@ def shingle_hash32(shingle: bytes) -> int:
     return (h ^ (h >> 32)) & 0xFFFFFFFF
 
 
+def _datasketch_affine32_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # datasketch's MinHash(scheme="affine32", seed=seed) parameters, drawn as it draws them (its
+    # _init_permutations), without importing datasketch (which imports scipy: ~1 s per stage start).
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+# Signatures are computed for many documents at once: per-call numpy overhead (a few microseconds
+# per operation, a dozen operations per document) is paid once per batch, not once per document.
+# The (permutations x shingles) products are made this many shingles at a time (~1 MB of uint32
+# at 64 permutations), so they stay in the CPU cache.
+_SIGNATURE_CHUNK = 4096
+
+
 class MinHasher:
     """MinHash signatures of word n-gram shingles, datasketch-compatible (scheme affine32)."""
 
     def __init__(self, num_perm: int, ngram: int, seed: int = 1):
-        from datasketch import MinHash
-
         self.num_perm = num_perm
         self.ngram = ngram
         self.seed = seed
-        self.template = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
-        a, b = self.template.permutations
-        self._a = np.ascontiguousarray(a, dtype=np.uint32)[:, None]
-        self._b = np.ascontiguousarray(b, dtype=np.uint32)[:, None]
-        self._pow = _powers(_P, 4096)
-        self._pow_inv = _powers(_P_INV, 4096)
+        a, b = _datasketch_affine32_permutations(num_perm, seed)
+        self._a = a[:, None]
+        self._b = b[:, None]
+        self._pow = _powers(_P, 1 << 16)
+        self._pow_inv = _powers(_P_INV, 1 << 16)
 
     def _grow(self, n: int) -> None:
         size = max(n, 2 * len(self._pow))
         self._pow = _powers(_P, size)
         self._pow_inv = _powers(_P_INV, size)
 
-    def shingle_hashes(self, normalised: str | bytes) -> np.ndarray:
-        """32-bit hashes of the word n-grams (the whole text when it has fewer words)."""
-        if isinstance(normalised, str):
-            # surrogatepass throughout: JSON may carry lone surrogates ("\ud83d"), which must not raise.
-            normalised = normalised.encode("utf-8", "surrogatepass")
-        data = np.frombuffer(normalised, dtype=np.uint8)
+    def shingle_hashes_many(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """32-bit hashes of the word n-grams of each normalised UTF-8 text (the whole text when it
+        has fewer words), all in one array: text i's are hashes[offsets[i]:offsets[i + 1]]."""
+        # The texts joined by spaces: one prefix hash over all of them, and shingles are chosen by
+        # word numbers so that none spans two texts.
+        data = np.frombuffer(b" ".join(texts), dtype=np.uint8)
         n = len(data)
         if n + 1 > len(self._pow):
             self._grow(n + 1)
-        prefix = np.zeros(n + 1, dtype=np.uint64)
         spaces = np.flatnonzero(data == 32)
-        starts = np.empty(len(spaces) + 1, dtype=np.intp)
+        starts = np.empty(len(spaces) + 1, dtype=np.intp)  # byte offset of each word's start
         starts[0] = 0
         starts[1:] = spaces + 1
-        ends = np.empty(len(spaces) + 1, dtype=np.intp)
+        ends = np.empty(len(spaces) + 1, dtype=np.intp)  # and of its end
         ends[:-1] = spaces
         ends[-1] = n
-        m = max(len(starts) - self.ngram + 1, 1)
-        s = starts[:m]
-        e = ends[-m:] if len(starts) >= self.ngram else ends[-1:]
+        words = np.fromiter((t.count(b" ") + 1 for t in texts), dtype=np.intp, count=len(texts))
+        first = np.zeros(len(texts), dtype=np.intp)  # each text's first word number
+        np.cumsum(words[:-1], out=first[1:])
+        count = np.maximum(words - self.ngram + 1, 1)  # shingles per text
+        offsets = np.zeros(len(texts) + 1, dtype=np.intp)
+        np.cumsum(count, out=offsets[1:])
+        word = np.arange(offsets[-1]) + np.repeat(first - offsets[:-1], count)  # each shingle's first word
+        last = np.minimum(word + (self.ngram - 1), np.repeat(first + words - 1, count))  # and its last
+        s, e = starts[word], ends[last]
+        prefix = np.zeros(n + 1, dtype=np.uint64)
         with np.errstate(over="ignore"):
             np.cumsum(data * self._pow[:n], out=prefix[1:])
             h = (prefix[e] - prefix[s]) * self._pow_inv[s]
-        return (h ^ (h >> _U64_32)).astype(np.uint32)
+        return (h ^ (h >> _U64_32)).astype(np.uint32), offsets
+
+    def shingle_hashes(self, normalised: str | bytes) -> np.ndarray:
+        """32-bit hashes of the word n-grams of one normalised text."""
+        if isinstance(normalised, str):
+            # surrogatepass throughout: JSON may carry lone surrogates ("\ud83d"), which must not raise.
+            normalised = normalised.encode("utf-8", "surrogatepass")
+        return self.shingle_hashes_many([normalised])[0]
 
     def use_permutations(self, n: int) -> None:
         """Compute only the first n values of each signature (an LSH that uses no more)."""
         self._a, self._b = self._a[:n], self._b[:n]
 
-    def mixed(self, normalised: str | bytes) -> np.ndarray:
-        """The shingle hashes after fmix32: the permutations' input, and (fmix32 being a bijection)
-        a set with the same sizes and intersections as the shingles' for exact Jaccard."""
-        return _fmix32(self.shingle_hashes(normalised))  # a fresh array: mixing in place is safe
+    def mixed_many(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """`shingle_hashes_many` after fmix32: the permutations' input, and (fmix32 being a
+        bijection) sets with the same sizes and intersections as the shingles' for exact Jaccard."""
+        hashes, offsets = self.shingle_hashes_many(texts)
+        return _fmix32(hashes), offsets  # a fresh array: mixing in place is safe
 
-    def signature_of(self, mixed: np.ndarray) -> np.ndarray:
-        """The MinHash signature of shingle hashes mixed by `mixed`."""
-        # (num_perm, shingles) in uint32: the wraparound is the affine32 scheme's mod 2^32.
-        return (self._a * mixed + self._b).min(axis=1)
+    def signatures_of(self, mixed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """The (texts, num_perm) uint32 MinHash signatures of the texts whose mixed shingle hashes
+        are mixed[offsets[i]:offsets[i + 1]]."""
+        out = np.empty((len(offsets) - 1, len(self._a)), dtype=np.uint32)
+        doc = 0
+        while doc < len(out):
+            # Whole texts, about _SIGNATURE_CHUNK shingles (at least one text).
+            stop = max(int(np.searchsorted(offsets, offsets[doc] + _SIGNATURE_CHUNK, side="right")) - 1, doc + 1)
+            stop = min(stop, len(out))
+            lo = offsets[doc]
+            # (num_perm, shingles) in uint32: the wraparound is the affine32 scheme's mod 2^32.
+            values = self._a * mixed[lo:offsets[stop]] + self._b
+            out[doc:stop] = np.minimum.reduceat(values, offsets[doc:stop] - lo, axis=1).T
+            doc = stop
+        return out
 
     def signature(self, normalised: str | bytes) -> np.ndarray:
         """The (num_perm,) uint32 MinHash signature of a normalised text."""
-        return self.signature_of(self.mixed(normalised))
+        if isinstance(normalised, str):
+            normalised = normalised.encode("utf-8", "surrogatepass")
+        return self.signatures_of(*self.mixed_many([normalised]))[0]
 
 
 # Banding. A pair at Jaccard s shares one band of r rows with probability s^r, so b bands find
@@ -462,10 +502,6 @@ class NearDuplicateIndex:
     def __len__(self) -> int:
         return len(self._shingles)
 
-    def _band_keys(self, sig: np.ndarray) -> list[int]:
-        with np.errstate(over="ignore"):
-            return (sig.reshape(self.bands, self.rows).astype(np.uint64) * self._mult).sum(axis=1).tolist()
-
     def _jaccard(self, shingles: np.ndarray, doc: int) -> float:
         other = _distinct(self._shingles[doc])
         common = len(np.intersect1d(shingles, other, assume_unique=True))
@@ -473,8 +509,21 @@ class NearDuplicateIndex:
 
     def seen(self, normalised: str | bytes) -> bool:
         """True if a near-duplicate was added before; otherwise add this document and say False."""
-        hashes = self.hasher.mixed(normalised)
-        keys = self._band_keys(self.hasher.signature_of(hashes))
+        if isinstance(normalised, str):
+            normalised = normalised.encode("utf-8", "surrogatepass")
+        return self.seen_many([normalised])[0]
+
+    def seen_many(self, texts: list[bytes]) -> list[bool]:
+        """`seen` of each normalised UTF-8 text in turn (a text is checked against the earlier ones
+        of the batch too); the signatures and band keys of the whole batch are computed at once."""
+        mixed, offsets = self.hasher.mixed_many(texts)
+        sigs = self.hasher.signatures_of(mixed, offsets).reshape(len(texts), self.bands, self.rows)
+        with np.errstate(over="ignore"):
+            keys = (sigs.astype(np.uint64) * self._mult).sum(axis=2).tolist()
+        bounds = offsets.tolist()
+        return [self._seen(mixed[bounds[i]:bounds[i + 1]], keys[i]) for i in range(len(texts))]
+
+    def _seen(self, hashes: np.ndarray, keys: list[int]) -> bool:
         shingles = None  # the distinct hashes, computed only if there is a candidate
         checked: set[int] = set()
         hits = [table.get(key) for table, key in zip(self._tables, keys)]
@@ -492,7 +541,8 @@ class NearDuplicateIndex:
                     return True
                 self.counts.lsh_rejected += 1
         doc = len(self._shingles)
-        self._shingles.append(hashes)  # as they come: made distinct only when a candidate needs it
+        # As they come (a view of the batch's array: made distinct only when a candidate needs it).
+        self._shingles.append(hashes)
         for table, key, hit in zip(self._tables, keys, hits):
             if hit is None:
                 table[key] = doc  # the common case: a band no kept document has
@@ -517,41 +567,66 @@ class CorpusFilter:
 
     def process(self, doc_id: str, text: Any) -> dict[str, str] | None:
         """The cleaned segment {"id", "text"}, or None when a filter removed it (and counted it)."""
+        return self.process_many([(doc_id, text)])[0]
+
+    def process_many(self, docs: list[tuple[str, Any]]) -> list[dict[str, str] | None]:
+        """`process` of each (id, text) in turn; the near-duplicate step runs once for the batch."""
+        out: list[dict[str, str] | None] = []
+        pending: list[int] = []  # positions of the segments the near-duplicate step decides on
+        norms: list[bytes] = []
+        for doc_id, text in docs:
+            segment, norm = self._filter(doc_id, text)
+            if norm:
+                pending.append(len(out))
+                norms.append(norm)
+            out.append(segment)
+        if norms:
+            for i, duplicate in zip(pending, self._near.seen_many(norms)):
+                if duplicate:
+                    self.counts.near_duplicate += 1
+                    out[i] = None
+        self.counts.kept += sum(segment is not None for segment in out)
+        return out
+
+    def _filter(self, doc_id: str, text: Any) -> tuple[dict[str, str] | None, bytes | None]:
+        # Every filter but the near-duplicate one; the normalised text when that one is to decide.
         c = self.counts
         c.read += 1
         if not isinstance(text, str):
             c.missing_text += 1
-            return None
+            return None, None
         if len(text) < self.spec.min_chars:
             c.too_short += 1
-            return None
+            return None, None
         if self.spec.boilerplate:
             text, removed = clean_boilerplate(text)
             c.boilerplate_lines_removed += removed
             if boilerplate_page_reason(text) is not None:
                 c.boilerplate += 1
-                return None
+                return None, None
         else:
             text = text.strip()
         if len(text) < self.spec.min_chars:
             c.too_short += 1
-            return None
+            return None, None
         if len(text) > self.spec.max_chars:
             c.too_long += 1
-            return None
+            return None, None
+        norm = None
         if self._exact is not None or self._near is not None:
             norm = normalised_utf8(text)
             if self._exact is not None:
                 key = exact_key(norm)
                 if key in self._exact:
                     c.exact_duplicate += 1
-                    return None
+                    return None, None
                 self._exact.add(key)
-            if self._near is not None and norm and self._near.seen(norm):
-                c.near_duplicate += 1
-                return None
-        c.kept += 1
-        return {"id": doc_id, "text": text}
+        return {"id": doc_id, "text": text}, norm if self._near is not None else None
+
+
+# Documents per near-duplicate batch: enough that numpy's per-call overhead is small beside the
+# work (~270 shingles each), few enough that a stage's progress and memory do not notice.
+_BATCH = 256
 
 
 def filter_corpus(records: Iterable[tuple[str, dict]], spec: CorpusSpec,
@@ -567,14 +642,20 @@ def filter_corpus(records: Iterable[tuple[str, dict]], spec: CorpusSpec,
     counts = flt.counts
     text_field, id_field = spec.text_field, spec.id_field
     used: set[str] = set()
-    for where, record in records:
-        doc_id = where
-        if id_field is not None:
-            value = record.get(id_field)
-            if value is not None:
-                doc_id = str(value)
-        segment = flt.process(doc_id, record.get(text_field))
-        if segment is not None:
+    records = iter(records)
+    while batch := list(islice(records, _BATCH)):
+        docs = []
+        for where, record in batch:
+            doc_id = where
+            if id_field is not None:
+                value = record.get(id_field)
+                if value is not None:
+                    doc_id = str(value)
+            docs.append((doc_id, record.get(text_field)))
+        for segment in flt.process_many(docs):
+            if segment is None:
+                continue
+            doc_id = segment["id"]
             if doc_id in used:
                 n = 2
                 while f"{doc_id}#{n}" in used:
