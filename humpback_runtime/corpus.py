@@ -250,15 +250,68 @@ _NON_WORD = re.compile(r"[\W_]+")
 _ASCII_NON_WORD_TO_SPACE = bytes(c if c >= 0x80 or chr(c).isalnum() else 0x20 for c in range(256))
 
 
+def _non_word_table(first: int, lead_bytes: range) -> np.ndarray:
+    # [lead byte - lead_bytes.start, continuation byte - 0x80]: True where the UTF-8 sequence
+    # (a 2-byte one, or the last two bytes of a 3-byte one with lead byte `first`) is a character
+    # that is not a letter or digit.
+    table = np.zeros((len(lead_bytes), 64), dtype=bool)
+    for i, lead in enumerate(lead_bytes):
+        for j in range(64):
+            seq = bytes([first, lead, 0x80 + j] if first else [lead, 0x80 + j])
+            ch = seq.decode("utf-8", "surrogatepass")
+            table[i, j] = not ch.isalnum()
+    return table
+
+
+# U+0080-U+07FF (2 bytes: Latin-1 punctuation, no-break space, Latin, Greek, Cyrillic, ...) and
+# U+2000-U+2FFF (0xE2 and 2 more bytes: curly quotes, dashes, ellipses, bullets, arrows, ...):
+# web text's usual non-ASCII characters, classified once here.
+_NON_WORD_2 = _non_word_table(0, range(0xC2, 0xE0))
+_NON_WORD_E2 = _non_word_table(0xE2, range(0x80, 0xC0))
+
+
 def normalised_utf8(text: str) -> bytes:
-    """`normalise(text)` in UTF-8 (surrogates passed through), without a regex pass over every
-    character: one byte translation turns ASCII punctuation into spaces, and only the runs of
-    non-ASCII characters meet the regex (for Unicode punctuation and spaces). The same words
-    as `normalise`, in a third to half of the time."""
-    data = text.lower().encode("utf-8", "surrogatepass").translate(_ASCII_NON_WORD_TO_SPACE)
-    if not data.isascii():
-        data = _unicode_non_word_to_space(data)
-    return b" ".join(data.split())
+    """`normalise(text)` in UTF-8 (surrogates passed through)."""
+    return normalised_utf8_many([text])[0]
+
+
+def normalised_utf8_many(texts: list[str]) -> list[bytes]:
+    """`normalise` of each text in UTF-8 (surrogates passed through), without a regex pass over
+    every character and with numpy's per-call overhead once per batch: one byte translation turns
+    ASCII punctuation into spaces, table lookups the usual non-ASCII punctuation (curly quotes,
+    dashes, no-break spaces), and only the remaining non-ASCII characters (CJK, emoji) meet the
+    regex; runs of spaces collapse in one vectorised step. The same words as `normalise`."""
+    encoded = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
+    joined = b"".join(encoded).translate(_ASCII_NON_WORD_TO_SPACE)
+    bounds = np.zeros(len(texts) + 1, dtype=np.intp)
+    np.cumsum([len(e) for e in encoded], out=bounds[1:])
+    data = np.frombuffer(joined, dtype=np.uint8)
+    if not joined.isascii():
+        data = data.copy()
+        lead = np.flatnonzero((data[:-1] >= 0xC2) & (data[:-1] < 0xE0))  # 2-byte sequences
+        lead = lead[_NON_WORD_2[data[lead] - 0xC2, data[lead + 1] - 0x80]]
+        data[lead] = data[lead + 1] = 0x20
+        lead = np.flatnonzero(data[:-2] == 0xE2)  # U+2000-U+2FFF
+        lead = lead[_NON_WORD_E2[data[lead + 1] - 0x80, data[lead + 2] - 0x80]]
+        data[lead] = data[lead + 1] = data[lead + 2] = 0x20
+    # Keep a space only after a non-space in the same text: no leading or repeated spaces.
+    space = data == 0x20
+    after_space = np.empty_like(space)
+    after_space[:1] = True
+    after_space[1:] = space[:-1]
+    after_space[bounds[:-1][bounds[:-1] < len(data)]] = True
+    keep = ~(space & after_space)
+    squeezed = data[keep].tobytes()
+    ends = np.zeros(len(data) + 1, dtype=np.intp)
+    np.cumsum(keep, out=ends[1:])
+    cuts = ends[bounds].tolist()
+    out = []
+    for start, end in zip(cuts, cuts[1:]):
+        norm = squeezed[start:end].rstrip(b" ")  # at most one trailing space
+        if not norm.isascii():  # characters the tables do not cover
+            norm = b" ".join(_unicode_non_word_to_space(norm).split())
+        out.append(norm)
+    return out
 
 
 def _unicode_non_word_to_space(data: bytes) -> bytes:
@@ -570,62 +623,63 @@ class CorpusFilter:
         return self.process_many([(doc_id, text)])[0]
 
     def process_many(self, docs: list[tuple[str, Any]]) -> list[dict[str, str] | None]:
-        """`process` of each (id, text) in turn; the near-duplicate step runs once for the batch."""
-        out: list[dict[str, str] | None] = []
-        pending: list[int] = []  # positions of the segments the near-duplicate step decides on
-        norms: list[bytes] = []
-        for doc_id, text in docs:
-            segment, norm = self._filter(doc_id, text)
-            if norm:
-                pending.append(len(out))
-                norms.append(norm)
-            out.append(segment)
-        if norms:
-            for i, duplicate in zip(pending, self._near.seen_many(norms)):
-                if duplicate:
-                    self.counts.near_duplicate += 1
-                    out[i] = None
-        self.counts.kept += sum(segment is not None for segment in out)
+        """`process` of each (id, text) in turn; normalisation and the near-duplicate step run once
+        for the batch (a document is still checked against the earlier ones of its batch)."""
+        c = self.counts
+        out = [self._filter(doc_id, text) for doc_id, text in docs]
+        if self._exact is not None or self._near is not None:
+            passed = [i for i, segment in enumerate(out) if segment is not None]
+            norms = normalised_utf8_many([out[i]["text"] for i in passed])
+            pending: list[int] = []  # positions of the segments the near-duplicate step decides on
+            pending_norms: list[bytes] = []
+            for i, norm in zip(passed, norms):
+                if self._exact is not None:
+                    key = exact_key(norm)
+                    if key in self._exact:
+                        c.exact_duplicate += 1
+                        out[i] = None
+                        continue
+                    self._exact.add(key)
+                if self._near is not None and norm:
+                    pending.append(i)
+                    pending_norms.append(norm)
+            if pending:
+                for i, duplicate in zip(pending, self._near.seen_many(pending_norms)):
+                    if duplicate:
+                        c.near_duplicate += 1
+                        out[i] = None
+        c.kept += sum(segment is not None for segment in out)
         return out
 
-    def _filter(self, doc_id: str, text: Any) -> tuple[dict[str, str] | None, bytes | None]:
-        # Every filter but the near-duplicate one; the normalised text when that one is to decide.
+    def _filter(self, doc_id: str, text: Any) -> dict[str, str] | None:
+        # Every filter but deduplication.
         c = self.counts
         c.read += 1
         if not isinstance(text, str):
             c.missing_text += 1
-            return None, None
+            return None
         if len(text) < self.spec.min_chars:
             c.too_short += 1
-            return None, None
+            return None
         if self.spec.boilerplate:
             text, removed = clean_boilerplate(text)
             c.boilerplate_lines_removed += removed
             if boilerplate_page_reason(text) is not None:
                 c.boilerplate += 1
-                return None, None
+                return None
         else:
             text = text.strip()
         if len(text) < self.spec.min_chars:
             c.too_short += 1
-            return None, None
+            return None
         if len(text) > self.spec.max_chars:
             c.too_long += 1
-            return None, None
-        norm = None
-        if self._exact is not None or self._near is not None:
-            norm = normalised_utf8(text)
-            if self._exact is not None:
-                key = exact_key(norm)
-                if key in self._exact:
-                    c.exact_duplicate += 1
-                    return None, None
-                self._exact.add(key)
-        return {"id": doc_id, "text": text}, norm if self._near is not None else None
+            return None
+        return {"id": doc_id, "text": text}
 
 
-# Documents per near-duplicate batch: enough that numpy's per-call overhead is small beside the
-# work (~270 shingles each), few enough that a stage's progress and memory do not notice.
+# Documents per batch of the dedup steps: enough that numpy's per-call overhead is small beside
+# the work (~270 shingles each), few enough that a stage's progress and memory do not notice.
 _BATCH = 256
 
 
