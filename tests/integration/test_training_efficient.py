@@ -4,37 +4,17 @@ through `train()` and exports a plain merged model, with an eval split logged.""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from humpback_runtime import prompts  # noqa: E402
-from humpback_runtime.spec import SystemPrompts, TrainingSpec  # noqa: E402
+from humpback_runtime.spec import TrainingSpec  # noqa: E402
 from humpback_runtime.storage import LocalStore  # noqa: E402
-from humpback_runtime.tiny_model import build_tiny_model  # noqa: E402
 from humpback_runtime.training import COMPLETE, IGNORE_INDEX, TrainRequest, train  # noqa: E402
 from humpback_runtime.training.recipe import tokenize_example  # noqa: E402
 from humpback_runtime.training.trainer import make_collator  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-SYSTEM = prompts.seed_system(SystemPrompts())
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def examples() -> list[prompts.TrainingExample]:
-    with open(ROOT / "examples" / "data" / "oasst1_pairs.jsonl", encoding="utf-8") as fh:
-        pairs = [json.loads(line) for _, line in zip(range(12), fh)]
-    return [prompts.forward_example(p["instruction"], p["response"], SYSTEM) for p in pairs]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
