@@ -24,6 +24,7 @@ from humpback_runtime.storage import Store, open_store
 from humpback_runtime.training.card import model_card
 from humpback_runtime.training.checkpoints import (COMPLETE, checkpoint_prefix, checkpoint_steps,
                                                    choose_checkpoint, download_prefix, upload_dir)
+from humpback_runtime.training.varlen import VARLEN, register_varlen
 from humpback_runtime.training.lora import add_lora, qlora_config, save_merged
 from humpback_runtime.training.distributed import (DIST_TIMEOUT_S, GRAD_ACCUM_FILTER, barrier, broadcast,
                                                    disable_cpu_shm_op, env_int)
@@ -61,13 +62,14 @@ class _Collator:
 
 def make_collator(packing: bool, pad_id: int, *, cuda: bool, attention: str) -> Any:
     """Padding-free flattening (one row per micro-batch, position ids restarting at every example;
-    transformers turns them into a block-diagonal causal mask, or FlashAttention's varlen boundaries)
-    or right-padding."""
+    transformers turns them into a block-diagonal causal mask for SDPA, and the boundaries go to
+    FlashAttention's varlen kernels or to "sdpa_varlen") or right-padding."""
     if packing:
         from transformers import DataCollatorWithFlattening
 
+        # The example boundaries (cu_seq_lens_*) for the kernels that attend example by example.
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
-                                          return_flash_attn_kwargs=attention == "flash_attention_2")
+                                          return_flash_attn_kwargs=attention in ("flash_attention_2", VARLEN))
     return _Collator(pad_id, 8 if cuda else None)
 
 
@@ -354,8 +356,10 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     if settings.zero_stage:
         logging.getLogger("accelerate.accelerator").addFilter(GRAD_ACCUM_FILTER)  # idempotent
     ds_config = deepspeed_config(settings, world_size=world_size, bf16=bf16, gpu=cuda)
-    attention = resolve_attention(settings.attention, cuda=cuda, bf16=bf16,
+    attention = resolve_attention(settings.attention, cuda=cuda, bf16=bf16, packing=settings.packing,
                                   flash_installed=importlib.util.find_spec("flash_attn") is not None)
+    if attention == VARLEN:
+        register_varlen()
     liger = settings.liger and cuda
     if settings.liger and importlib.util.find_spec("liger_kernel") is None:
         raise TrainingError("training.liger is true but the liger-kernel package is not installed")

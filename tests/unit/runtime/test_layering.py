@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"plan", "crd", "storage", "sources", "lease", "manifest", "progress"},
     {"context", "seed", "corpus", "tiny_model", "report", "inference.client", "evaluation", "status"},
     {"inference.engines", "inference.local", "training.recipe", "training.distributed", "training.checkpoints", "training.lora",
-     "training.card", "training.trainer", "training.__init__", "inference.__init__"},
+     "training.card", "training.varlen", "training.trainer", "training.__init__", "inference.__init__"},
     {"inference.models"},
     {"stages.__init__", "stages.prepare", "stages.train", "stages.augment", "stages.rewrite", "stages.curate",
      "stages.evaluate", "stages.report", "stages.guardrails"},
