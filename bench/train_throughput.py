@@ -173,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run packed batches with plain sdpa (one dense block-diagonal mask over the row)")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--zero", type=int, nargs="+", default=[2], help="ZeRO stages to run (0 = no DeepSpeed)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). On a shared machine 1 thread gives steadier "
+                        "figures: other processes make multi-threaded small ops wait on each other")
     p.add_argument("--out", default=str(ROOT / "bench/results/train_throughput.json"))
     args = p.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # else accelerate resets the count on CPU
+        torch.set_num_threads(args.threads)
 
     gpu = args.gpu
     if gpu and not torch.cuda.is_available():

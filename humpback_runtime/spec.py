@@ -201,7 +201,13 @@ class TrainingSpec(Model):
         "whose maxExamples >= the data size; larger sets use the last.",
     )
     max_seq_length: int = Field(2048, ge=16, le=MAX_TOKENS)
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    strategy: Literal["deepspeed", "fsdp"] = Field(
+        "deepspeed",
+        description="How the ranks share the training state: deepspeed (ZeRO stage zeroStage; 0 is plain data "
+        "parallelism) or fsdp (PyTorch FSDP2 through accelerate: weights, gradients and optimizer state "
+        "sharded over the ranks, like ZeRO-3; zeroStage does not apply). Master weights stay fp32 either way.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (strategy deepspeed).")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint to the store every N steps.")
@@ -220,7 +226,8 @@ class TrainingSpec(Model):
     attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
         "auto",
         description="Attention kernel: auto picks flash_attention_2 on a CUDA GPU in bf16 where the "
-        "flash-attn package is installed, sdpa otherwise.",
+        "flash-attn package is installed; otherwise sdpa, run example by example within a packed row "
+        "(sdpa_varlen) when packing. sdpa with packing gives SDPA one dense mask over the row.",
     )
     liger: bool = Field(False, description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy); needs the liger-kernel package and a CUDA GPU.")
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights; the exported model has them merged in.")
@@ -244,6 +251,8 @@ class TrainingSpec(Model):
             raise ValueError("stepsBySize must be sorted by strictly increasing maxExamples")
         if self.lora is not None and self.lora.quantize_base and self.zero_stage != 0:
             raise ValueError("lora.quantizeBase (QLoRA) needs zeroStage 0: DeepSpeed ZeRO does not shard 4-bit weights")
+        if self.strategy == "fsdp" and self.lora is not None:
+            raise ValueError("lora needs strategy deepspeed: the merged export of FSDP-sharded adapters is not built")
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("lora does not work with zeroStage 3 (the adapters are merged into the full weights, which ZeRO-3 partitions); use zeroStage 0-2")
         if self.per_device_batch_size > self.batch_size:

@@ -31,6 +31,7 @@ def _looks_like_hub_id(ref: str) -> bool:
 def model_card(request: TrainRequest, metrics: dict[str, Any], grad_accum: int) -> str:
     s = request.settings
     card = request.card
+    strategy = "FSDP (full shard)" if s.strategy == "fsdp" else f"DeepSpeed ZeRO stage {s.zero_stage or 'off'}"
     lines = [
         "---",
         "library_name: transformers",
@@ -89,7 +90,7 @@ def model_card(request: TrainRequest, metrics: dict[str, Any], grad_accum: int) 
         f"| steps | {metrics['steps']} |",
         f"| max sequence length | {s.max_seq_length} |",
         f"| precision | {metrics['precision']} |",
-        f"| DeepSpeed ZeRO stage | {s.zero_stage or 'off'} |",
+        f"| strategy | {strategy} |",
         f"| gradient checkpointing | {s.gradient_checkpointing} |",
         f"| seed | {s.seed} |",
         "",
