@@ -24,11 +24,14 @@ count in `CorpusCounts` is "removed here", and read == kept + the sum of the rem
 4. length window  on the cleaned text, so a page padded by menus and footers is judged by its
                   content.
 5. exact dup      one 128-bit hash of the normalised text and a set lookup.
-6. near dup       MinHash signature (one vectorised pass over the shingles) and an LSH query
-                  banded for recall, then the exact shingle Jaccard of each candidate, so that a
-                  document leaves only when it really is a near-duplicate; only documents that
-                  passed everything else pay it, and only kept documents enter the index, so the
-                  first occurrence is the one kept.
+6. near dup       MinHash signature and an LSH query banded for recall, then the exact shingle
+                  Jaccard of each candidate, so that a document leaves only when it really is a
+                  near-duplicate; only documents that passed everything else pay it, and only kept
+                  documents enter the index, so the first occurrence is the one kept.
+
+Steps 5 and 6 run on batches of documents (`filter_corpus` takes 256 at a time): normalisation,
+shingle hashes, signatures and band keys in a few numpy passes over the whole batch, then the
+lookups and decisions one document at a time, so the result is that of one document at a time.
 """
 
 from __future__ import annotations

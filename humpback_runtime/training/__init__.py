@@ -137,7 +137,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
     set), ``train_loss`` ([step, loss] per step, across attempts), ``tokens_per_second`` (this
     attempt, checkpoint uploads excluded), ``train_seconds``, ``checkpoint_seconds`` (the stalls, summed), ``seconds``
     (this call up to the final upload), ``world_size``, ``precision`` ("bf16"/"fp32"),
-    ``zero_stage``, ``gradient_accumulation_steps``, ``resumed_from`` (step or None),
+    ``strategy``, ``zero_stage`` (None under fsdp), ``gradient_accumulation_steps``, ``resumed_from`` (step or None),
     ``checkpoints`` (steps uploaded by this attempt), ``model_uri``, ``training_key``. They are also
     written to ``{prefix}/train_metrics.json``. Every rank returns them; only rank 0 writes.
     """
