@@ -347,9 +347,9 @@ def exact_key(normalised: str | bytes) -> int:
 
 # MinHash signatures, vectorised over the shingles of a whole batch of documents: no Python call
 # per shingle (datasketch's MinHash.update_batch hashes each shingle in Python; see
-# bench/prepare_corpus.py for the comparison), and numpy's per-call overhead once per batch. A shingle is `ngram` consecutive
-# normalised words, i.e. a substring of the normalised text, so every shingle hash comes from
-# one prefix array of a polynomial (Rabin-Karp) hash over the UTF-8 bytes, mod 2^64:
+# bench/prepare_corpus.py for the comparison), and numpy's per-call overhead once per batch.
+# A shingle is `ngram` consecutive normalised words, i.e. a substring of the normalised text, so
+# every shingle hash comes from one prefix array of a polynomial (Rabin-Karp) hash over the UTF-8 bytes, mod 2^64:
 #     H(s, e) = (S[e] - S[s]) * P^-s,   S[i] = sum_{j<i} byte_j * P^j
 # (P is odd, so P^-1 exists mod 2^64 and the same substring hashes the same at any offset).
 # The 64-bit value is folded to 32 bits, then each permutation is datasketch's "affine32"
