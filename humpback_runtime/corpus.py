@@ -597,7 +597,9 @@ class NearDuplicateIndex:
                     return True
                 self.counts.lsh_rejected += 1
         doc = len(self._shingles)
-        # As they come (a view of the batch's array: made distinct only when a candidate needs it).
+        # As they come (made distinct only when a candidate needs it): a view of the batch's array,
+        # which stays in memory with the hashes of the batch's removed documents (~1.1 KB each;
+        # copying every kept document's instead cost ~5 % of the stage's throughput).
         self._shingles.append(hashes)
         for table, key, hit in zip(self._tables, keys, hits):
             if hit is None:
