@@ -715,6 +715,70 @@ class PodTemplate(Model):
         return v
 
 
+# --- experiment trackers --------------------------------------------------------------------
+
+MLFLOW_SCHEMES = ("http://", "https://", "file:", "databricks")
+
+
+class TensorBoardSpec(Model):
+    enabled: bool = Field(True, description="TensorBoard event files in the store, under each stage's "
+                          "tensorboard/ folder: training curves (loss, learning rate, grad norm, tokens/s) and "
+                          "every stage's counts. `tensorboard --logdir` a copy of the run's folder.")
+
+
+class MlflowSpec(Model):
+    tracking_uri: str = Field(
+        description="MLflow tracking server (http(s)://HOST, databricks) or a local file store (file:PATH or "
+        "a path, relative to the run file's folder; local runs only: a pod's disk is lost).")
+    experiment: str | None = Field(None, min_length=1, max_length=500,
+                                   description="Experiment name; null: NAMESPACE/RUN.")
+    credentials_secret: str | None = Field(
+        None, description="Name of a Secret with any of the keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD "
+        "and MLFLOW_TRACKING_TOKEN, given to every pod under those names. Locally, export them.")
+
+    _name = field_validator("credentials_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be an MLflow tracking URI (http(s)://HOST) or a local path")
+        if ":" in v.split("/", 1)[0] and not v.startswith(MLFLOW_SCHEMES):
+            raise ValueError(f"unsupported tracking URI {v!r}: an MLflow server (http://, https://, databricks) "
+                             "or a file store (file:PATH or a local path)")
+        return v
+
+    @property
+    def remote(self) -> bool:
+        """A tracking server, reachable from a pod (a file store is not)."""
+        return self.tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+class WandbSpec(Model):
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[^/\\#?%:]+$",
+                         description="Weights & Biases project (WANDB_PROJECT).")
+    entity: str | None = Field(None, min_length=1, description="Team or user of the project (WANDB_ENTITY); "
+                               "null: the API key's default entity.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: log to the W&B server; offline: write each stage's run folder to the store "
+        "under STAGE/wandb/, for `wandb sync` later (no network, no key).")
+    base_url: str | None = Field(None, pattern=r"^https?://",
+                                 description="A self-hosted W&B server (WANDB_BASE_URL); null: wandb.ai.")
+    credentials_secret: str | None = Field(
+        None, description="Name of a Secret with key WANDB_API_KEY, given to every pod under that name. Locally, "
+        "export it (or `wandb login`).")
+
+    _name = field_validator("credentials_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+class TrackingSpec(Model):
+    """Where training curves and stage counts go besides the store (docs/tracking.md)."""
+
+    tensorboard: TensorBoardSpec = Field(default_factory=TensorBoardSpec)
+    mlflow: MlflowSpec | None = Field(None, description="Log every stage as an MLflow run; null: off.")
+    wandb: WandbSpec | None = Field(None, description="Log every stage as a Weights & Biases run; null: off.")
+
+
 # --- the resource ---------------------------------------------------------------------------
 
 
@@ -731,6 +795,9 @@ class BacktranslationRunSpec(Model):
     system_prompts: SystemPrompts = Field(default_factory=SystemPrompts)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers: TensorBoard event files in the store "
+        "(on by default), MLflow and Weights & Biases (off unless set).")
     storage: StorageSpec = Field(default_factory=StorageSpec)
     resources: Resources = Field(default_factory=Resources)
     retries: RetrySpec = Field(default_factory=RetrySpec)

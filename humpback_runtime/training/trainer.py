@@ -386,6 +386,8 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         save_strategy="steps",
         save_steps=settings.checkpoint_every,
         save_total_limit=None,  # the callback prunes, after uploading
+        # The trackers' callbacks come in request.callbacks (tracking.trainer_callbacks), after
+        # ThroughputLog, so that they log tokens/s too, and into the runs the stage opened.
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
