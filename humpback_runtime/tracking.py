@@ -15,8 +15,9 @@ MLflow and W&B integrations, which log each step's loss, learning rate, grad nor
 stage opened.
 
 - TensorBoard (on by default): event files written locally and copied to ``<stage>/tensorboard/``
-  in the store (every minute while training, and at the end); tensorboardX writes them, so no torch
-  or TensorFlow is needed. The files are outputs of the stage and listed in its manifest.
+  in the store (every minute while training, and at the end): the Trainer's through torch's
+  SummaryWriter, a stage's numbers through tensorboard's own event writer (no torch import in a data
+  stage). The files are outputs of the stage and listed in its manifest.
 - MLflow: one run per stage and fingerprint in the experiment (``NAMESPACE/RUN`` by default), named
   after the stage and tagged ``humpback.run``, ``humpback.stage``, ``humpback.fingerprint``; a retried
   attempt of the same fingerprint continues the same run. Credentials come from the environment
@@ -107,10 +108,10 @@ class StageTrackers:
         self.mlflow_run_id: str | None = None
         self.wandb_run: Any = None
         self.tensorboard = self.spec.tensorboard.enabled
-        if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
-            log.warning("spec.tracking.tensorboard is on but tensorboardX is not installed (%s): no event files "
-                        "for stage %s", EXTRA, stage.name)
-            self.info["tensorboard"] = {"error": "tensorboardX is not installed"}
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            log.warning("spec.tracking.tensorboard is on but the tensorboard package is not installed (%s): no "
+                        "event files for stage %s", EXTRA, stage.name)
+            self.info["tensorboard"] = {"error": "the tensorboard package is not installed"}
             self.tensorboard = False
         if self.spec.mlflow is not None:
             _require("mlflow", "spec.tracking.mlflow")
@@ -199,9 +200,9 @@ class StageTrackers:
 
         callbacks: list[Any] = []
         if self.tensorboard:
-            from tensorboardX import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(logdir=str(self.tensorboard_dir), filename_suffix=".train")
+            writer = SummaryWriter(log_dir=str(self.tensorboard_dir), filename_suffix=".train")
             callbacks += [TensorBoardCallback(tb_writer=writer), _sync_callback(self)]
         # Both attach to the run opened above (an active MLflow run, wandb.run) instead of starting one.
         if self.mlflow_run_id is not None:
@@ -231,11 +232,17 @@ class StageTrackers:
         return self.info
 
     def _finish_tensorboard(self, numbers: Mapping[str, float]) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        with SummaryWriter(logdir=str(self.tensorboard_dir), filename_suffix=".stage") as writer:
-            for name, value in numbers.items():
-                writer.add_scalar(name, value, 0)
+        # What SummaryWriter.add_scalar writes (a simple_value per tag), without importing torch.
+        writer = EventFileWriter(str(self.tensorboard_dir), filename_suffix=".stage")
+        now = time.time()
+        for name, value in numbers.items():
+            writer.add_event(Event(wall_time=now, step=0, summary=Summary(
+                value=[Summary.Value(tag=name, simple_value=value)])))
+        writer.close()
         n = _upload_dir(self.store, self.tensorboard_dir, f"{self.prefix}/{TENSORBOARD_DIR}")
         self.info["tensorboard"] = {"uri": self.store.url(f"{self.prefix}/{TENSORBOARD_DIR}"), "files": n}
 

@@ -444,7 +444,7 @@ def test_runtime_image():
     # Stage pods serve Prometheus metrics when the operator declares a port (metrics.stagePods).
     assert any(r.startswith("prometheus-client") for r in reqs)
     # Stage pods log to the trackers a run names (spec.tracking): TensorBoard files, MLflow, W&B.
-    assert {"tensorboardX", "mlflow-skinny", "wandb"} <= {re.split(r"[<>=!~ ;\[]", r, 1)[0] for r in reqs}
+    assert {"tensorboard", "mlflow-skinny", "wandb"} <= {re.split(r"[<>=!~ ;\[]", r, 1)[0] for r in reqs}
     assert "pyproject_requirements.py /src/pyproject.toml train s3 hub metrics tracking" in (IMAGES / "runtime" / "Dockerfile").read_text()
     assert len(reqs) == len(set(reqs))
     with pytest.raises(SystemExit, match="no extra"):
