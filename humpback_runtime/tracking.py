@@ -203,13 +203,20 @@ class StageTrackers:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(log_dir=str(self.tensorboard_dir), filename_suffix=".train")
-            callbacks += [TensorBoardCallback(tb_writer=writer), _sync_callback(self)]
+            callbacks += [_guarded(TensorBoardCallback(tb_writer=writer), "tensorboard", self),
+                          _sync_callback(self)]
         # Both attach to the run opened above (an active MLflow run, wandb.run) instead of starting one.
         if self.mlflow_run_id is not None:
-            callbacks.append(MLflowCallback())
+            callbacks.append(_guarded(MLflowCallback(), "mlflow", self))
         if self.wandb_run is not None:
-            callbacks.append(WandbCallback())
+            callbacks.append(_guarded(WandbCallback(), "wandb", self))
         return callbacks
+
+    def training_failed(self, tracker: str, error: Exception) -> None:
+        """A Trainer integration raised: its curves stop, training and the stage's numbers go on."""
+        log.warning("%s stopped logging the training of stage %s: %s: %s", tracker, self.stage.name,
+                    type(error).__name__, error)
+        self.info.setdefault(tracker, {})["error"] = f"training: {type(error).__name__}: {error}"
 
     def sync_tensorboard(self) -> None:
         """Copy the event files written so far to ``<stage>/tensorboard/`` (they only grow)."""
@@ -317,6 +324,34 @@ def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _guarded(inner: Any, tracker: str, trackers: StageTrackers) -> Any:
+    """`inner` (a Trainer callback) whose first exception is a warning and ends its calls, never the
+    training: e.g. MLflow refusing a changed parameter of a resumed run, or a server gone away."""
+    from transformers import TrainerCallback
+
+    class Guarded(TrainerCallback):
+        def __init__(self) -> None:
+            self.inner, self.failed = inner, False
+
+    def event(name: str) -> Any:
+        def call(self: Guarded, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if self.failed:
+                return None
+            try:
+                return getattr(self.inner, name)(args, state, control, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a tracker never fails the stage
+                self.failed = True
+                trackers.training_failed(tracker, e)
+                return None
+        return call
+
+    for name in dir(TrainerCallback):
+        if name.startswith("on_"):
+            setattr(Guarded, name, event(name))
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{type(inner).__name__}"
+    return Guarded()
 
 
 def _sync_callback(trackers: StageTrackers) -> Any:

@@ -155,3 +155,32 @@ def test_a_configured_tracker_without_its_package_stops_the_stage_naming_the_fie
                                          r"pip install 'humpback\[tracking\]'"):
         run_stage(ctx, "prepare-seed")
     assert not ctx.is_done(ctx.plan["prepare-seed"])
+
+
+def test_a_trainer_integration_that_raises_stops_its_own_logging_not_the_training(tmp_path, caplog):
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback, TrainerControl
+
+    class Refusing(TrainerCallback):  # e.g. MLflow refusing a changed parameter of a resumed run
+        calls = 0
+
+        def on_log(self, args, state, control, **kwargs):
+            Refusing.calls += 1
+            raise RuntimeError("Changing param values is not allowed")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = True
+            return control
+
+    ctx = context(tmp_path)
+    trackers = tracking.StageTrackers(ctx.run, ctx.plan["train-m0"], ctx.store, ctx.prefix("train-m0"))
+    guarded = tracking._guarded(Refusing(), "mlflow", trackers)
+    control = TrainerControl()
+    assert guarded.on_step_end(None, None, control).should_save  # what the callback returns passes through
+    caplog.set_level(logging.WARNING, logger="humpback_runtime.tracking")
+    assert guarded.on_log(None, None, control, logs={"loss": 1.0}) is None  # no exception reaches the Trainer
+    assert guarded.on_log(None, None, control, logs={"loss": 0.9}) is None
+    assert Refusing.calls == 1  # after its first failure the integration is left alone
+    assert trackers.info["mlflow"]["error"] == "training: RuntimeError: Changing param values is not allowed"
+    assert "mlflow stopped logging the training of stage train-m0" in caplog.text
+    trackers.close()
