@@ -39,6 +39,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -103,7 +104,11 @@ class StageTrackers:
     def __init__(self, run: BacktranslationRun, stage: Stage, store: Store, prefix: str):
         self.run, self.stage, self.store, self.prefix = run, stage, store, prefix
         self.spec = run.spec.tracking
-        self.local = Path(tempfile.mkdtemp(prefix="humpback-tracking-"))
+        if self.spec.mlflow is not None:
+            _require("mlflow", "spec.tracking.mlflow")
+        if self.spec.wandb is not None:
+            _require("wandb", "spec.tracking.wandb")
+        self.local = Path(tempfile.mkdtemp(prefix="humpback-tracking-"))  # event files and W&B run folders
         self.info: dict[str, Any] = {}
         self.mlflow_run_id: str | None = None
         self.wandb_run: Any = None
@@ -113,10 +118,6 @@ class StageTrackers:
                         "event files for stage %s", EXTRA, stage.name)
             self.info["tensorboard"] = {"error": "the tensorboard package is not installed"}
             self.tensorboard = False
-        if self.spec.mlflow is not None:
-            _require("mlflow", "spec.tracking.mlflow")
-        if self.spec.wandb is not None:
-            _require("wandb", "spec.tracking.wandb")
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -157,7 +158,7 @@ class StageTrackers:
         cfg = self.spec.mlflow
         assert cfg is not None
         uri = cfg.tracking_uri if cfg.remote else _file_store_uri(self.run, cfg.tracking_uri)
-        if not cfg.remote:  # MLflow 3.x refuses its file store (maintenance mode) unless asked for it: it was
+        if not cfg.remote:  # MLflow 3 refuses its file store (maintenance mode) unless told; the spec asks for one
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.set_experiment(cfg.experiment or f"{self.run.namespace}/{self.run.name}")
@@ -260,7 +261,8 @@ class StageTrackers:
 
         now = int(time.time() * 1000)
         client = MlflowClient()
-        items = [Metric(name, value, now, 0) for name, value in numbers.items()]
+        # MLflow's metric names: letters, digits and _ - . space : / (as transformers' callback does).
+        items = [Metric(re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name), value, now, 0) for name, value in numbers.items()]
         for i in range(0, len(items), 500):  # MLflow takes at most 1,000 metrics per batch
             client.log_batch(self.mlflow_run_id, metrics=items[i:i + 500])
         self._end_mlflow(status)
