@@ -332,6 +332,9 @@ class VllmSpec(Model):
         return options
 
 
+ApiKind = Literal["chat", "completions"]
+
+
 class InferenceSpec(Model):
     engine: Literal["auto", "vllm-server", "vllm", "transformers"] = Field(
         "auto",
@@ -339,6 +342,13 @@ class InferenceSpec(Model):
         "transformers otherwise.",
     )
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL of a running vLLM server (engine vllm-server, local runs).")
+    api: ApiKind = Field(
+        "completions",
+        description="The API of `endpoint`, a server you run: completions (our prompt template is sent as "
+        "is, what the models this run trains expect) or chat (/v1/chat/completions: the prompt goes as one "
+        "user message and the server applies its own chat template; for a chat-tuned model behind a chat-only "
+        "gateway). The servers the operator starts always get completions.",
+    )
     concurrency: int | Literal["auto"] = Field(
         "auto",
         description="Requests in flight per client; auto: the servers' capacity, resources.inference."
@@ -351,7 +361,8 @@ class InferenceSpec(Model):
     max_rejected_fraction: float = Field(
         0.01, ge=0, le=1,
         description="A record the server refuses (HTTP 400, 413 or 422: a prompt over the context length, a "
-        "bad prompt) is dropped and counted (counts.rejected_by_server); the stage fails only when more "
+        "bad prompt) is dropped and counted (counts.rejected_by_server), and so is a prompt that cannot fit "
+        "our own model's context, before it is sent (counts.prompt_too_long); the stage fails only when more "
         "than this share of its records is refused.",
     )
     per_request_seed: bool = Field(
@@ -370,9 +381,6 @@ class InferenceSpec(Model):
     def client_concurrency(self, replicas: int = 1) -> int:
         """Requests a client keeps in flight: the explicit number, or every replica's full batch."""
         return self.concurrency if isinstance(self.concurrency, int) else replicas * self.vllm.max_num_seqs
-
-
-ApiKind = Literal["chat", "completions"]
 
 
 class RewriteSpec(Model):
