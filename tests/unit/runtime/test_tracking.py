@@ -1,6 +1,6 @@
 """spec.tracking: every stage's numbers reach TensorBoard event files in the store and an MLflow
 file store, run in-process on the data stage prepare-seed (seconds). The training curves and W&B
-are in tests/integration/test_tracking.py, on a real training run."""
+are in tests/integration/test_training_tracking.py, on a real training run."""
 
 from __future__ import annotations
 
