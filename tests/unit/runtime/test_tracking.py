@@ -184,3 +184,17 @@ def test_a_trainer_integration_that_raises_stops_its_own_logging_not_the_trainin
     assert trackers.info["mlflow"]["error"] == "training: RuntimeError: Changing param values is not allowed"
     assert "mlflow stopped logging the training of stage train-m0" in caplog.text
     trackers.close()
+
+
+def test_a_failed_stage_ends_its_mlflow_run_failed(tmp_path, file_store_env):
+    from mlflow.tracking import MlflowClient
+
+    doc = run_doc(mlflow={"trackingUri": f"file:{tmp_path / 'mlruns'}"})
+    doc["spec"]["seed"]["source"] = str(tmp_path / "no-such-seed.jsonl")
+    ctx = RunContext.create(parse_run(doc), str(tmp_path / "runs"))
+    with pytest.raises(Exception, match="no-such-seed.jsonl"):
+        run_stage(ctx, "prepare-seed")
+    client = MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("default/tiny-cpu").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("prepare-seed", "FAILED")
+    assert not any(k.startswith("stage/") for k in run.data.metrics)  # a failed stage has no numbers to log
