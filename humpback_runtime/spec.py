@@ -574,7 +574,7 @@ class PodResources(Model):
     ephemeral_storage: str | None = Field(None, description="Ephemeral-storage request and limit, also the size "
                                           "limit of the /cache scratch volume (downloaded models, checkpoints). "
                                           "Default: 200Gi for training (a 7B ZeRO-2 checkpoint is ~100 GB), 50Gi "
-                                          "for GPU inference, 10Gi otherwise.")
+                                          "for GPU inference, 50Gi for publish (one model's upload folder), 10Gi otherwise.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
@@ -612,7 +612,7 @@ class InferenceResources(PodResources):
 class Resources(Model):
     training: TrainingResources = Field(default_factory=TrainingResources)
     inference: InferenceResources = Field(default_factory=InferenceResources)
-    cpu: PodResources = Field(default_factory=PodResources, description="prepare and report Jobs, and inference client Jobs.")
+    cpu: PodResources = Field(default_factory=PodResources, description="prepare, report and publish Jobs, and inference client Jobs.")
 
 
 class RetrySpec(Model):
@@ -632,6 +632,51 @@ class HuggingFaceSpec(Model):
         "datasets, given as HF_TOKEN to every pod that reads the hub.")
 
     _name = field_validator("token_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+PublishArtifact = Literal["models", "final-model", "datasets"]
+
+
+class HubPublishSpec(Model):
+    """Where the publish stage pushes the run's models and curated data on a Hugging Face hub."""
+
+    repo_prefix: str = Field(
+        description="OWNER/NAME prefix of the repositories: models go to PREFIX-myx, PREFIX-m0, PREFIX-m1, ..., "
+        "the curated data to PREFIX-curated (a dataset repository).")
+    token_secret: str | None = Field(
+        None, description="Name of a Secret with key HF_TOKEN: a Hugging Face token with write access, given as "
+        "HF_TOKEN to the publish pod only (locally: the HF_TOKEN environment variable or `hf auth login`).")
+    private: bool = Field(True, description="Create the repositories private; publishing into an existing public "
+                          "repository is refused while this is true.")
+    artifacts: list[PublishArtifact] = Field(
+        default_factory=lambda: ["models", "datasets"], min_length=1,
+        description="models: every trained model (Myx, M0..Mk); final-model: the last Mk only; datasets: the "
+        "curated pairs each Mk trained on (Parquet, one config per iteration).")
+    license: str | None = Field(
+        None, description="Licence id for the model cards (e.g. llama2, apache-2.0); null: other (the base "
+        "model's licence applies).")
+    dataset_license: str | None = Field(
+        None, description="Licence id for the dataset card (e.g. odc-by for c4-derived text); null: other (see "
+        "the card's Sources section).")
+    dry_run: bool = Field(False, description="Write the upload folders to the store (publish/OWNER/REPO/) without "
+                          "pushing them.")
+
+    _token = field_validator("token_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+    @field_validator("repo_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        # OWNER/ always: where a push goes never depends on whose token it is. The longest suffix
+        # (-curated) must still give a valid hub id.
+        if "/" not in v or not _HUB_ID.match(v) or not _HUB_ID.match(v + "-curated"):
+            raise ValueError(f"{v!r} is not a Hugging Face repo id prefix OWNER/NAME (letters, digits, '-', '_', "
+                             "'.'; NAME at most 88 characters, so that -curated fits)")
+        return v
+
+
+class PublishSpec(Model):
+    hub: HubPublishSpec | None = Field(None, description="Push models and curated data to a Hugging Face hub "
+                                       "(HF_ENDPOINT picks another hub); null: no publish stage.")
 
 
 class KeyRef(Model):
@@ -811,6 +856,8 @@ class BacktranslationRunSpec(Model):
     retries: RetrySpec = Field(default_factory=RetrySpec)
     suspend: bool = Field(False, description="Stop running children and keep finished artifacts; false continues.")
     huggingface: HuggingFaceSpec = Field(default_factory=HuggingFaceSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec, description="Where the publish stage pushes the "
+                                 "trained models and curated datasets.")
     pod_template: PodTemplate = Field(
         default_factory=PodTemplate, description="What every pod of the run gets besides what the operator sets: "
         "service account, environment, image pull secrets, labels and annotations.")

@@ -74,6 +74,7 @@ STAGES: dict[str, StageImpl] = {
     "curate": StageImpl("curate", "run_curate", resumable=True),
     "evaluate": StageImpl("evaluate", "run_evaluate", resumable=True),
     "report": StageImpl("report", "run_report"),
+    "publish": StageImpl("publish", "run_publish"),
 }
 
 

@@ -63,7 +63,7 @@ CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process
 IN_PROCESS_ENGINES = ("transformers", "vllm")
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 ANNOTATION_GENERATED_KEY = "humpback.dev/generated-key"  # on a Secret: the operator fills this key at creation
-HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret
+HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret and spec.publish.hub.tokenSecret
 S3_COMPATIBLE_REGION = "us-east-1"  # signing region of an S3-compatible endpoint that names none
 
 POD_SECURITY_CONTEXT = {
@@ -96,6 +96,7 @@ EPHEMERAL_TRAINING = "200Gi"  # the base model and local checkpoints: a 7B ZeRO-
 EPHEMERAL_GPU = "50Gi"  # an in-process engine's model download
 EPHEMERAL_SERVER = "20Gi"  # vLLM streams the weights from S3; compile caches and logs only
 EPHEMERAL_CPU = "10Gi"
+EPHEMERAL_PUBLISH = "50Gi"  # the publish Job holds one model's upload folder: a 7B bf16 model is ~14 GB
 
 # Job podFailurePolicy: a disrupted pod (drain, preemption, spot loss: the DisruptionTarget
 # condition) does not count against backoffLimit, the Job makes a new pod; a pod that exits with
@@ -211,7 +212,8 @@ def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, atte
         primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
                        deadline=resources.inference.timeout)
     else:
-        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0, deadline=resources.cpu.timeout)
+        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0, deadline=resources.cpu.timeout,
+                       ephemeral=EPHEMERAL_PUBLISH if stage.family == "publish" else None)
     return StageChildren(servers=servers, primary=primary)
 
 
@@ -331,7 +333,10 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
         {"name": "HUMPBACK_CACHE", "value": CACHE_DIR},
         *_s3_env(run),
     ]
-    if spec.huggingface.token_secret:  # gated models and datasets on the hub
+    hub = spec.publish.hub
+    if stage.family == "publish" and hub and hub.token_secret:  # the write token: the publish pod only
+        env.append(_secret_env(HF_TOKEN_ENV, hub.token_secret, HF_TOKEN_ENV))
+    elif spec.huggingface.token_secret:  # gated models and datasets on the hub
         env.append(_secret_env(HF_TOKEN_ENV, spec.huggingface.token_secret, HF_TOKEN_ENV))
     judge = spec.evaluation.judge
     if stage.family == "evaluate" and judge and judge.api_key_secret:
@@ -479,12 +484,13 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
 
 
 def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig, owner: dict | None,
-         component: str, res: PodResources, *, gpus: int, deadline: str, extra_env: list[dict] | None = None) -> dict:
+         component: str, res: PodResources, *, gpus: int, deadline: str, extra_env: list[dict] | None = None,
+         ephemeral: str | None = None) -> dict:
     """A batch/v1 Job running the stage once. backoffLimit 0: a failure ends the attempt, and the
     operator's retry is a new Job (its pods and logs stay beside the failed one's); a disruption
     is no failure (podFailurePolicy); `deadline` bounds the attempt (activeDeadlineSeconds)."""
     labels = child_labels(run, stage.name, component, attempt=str(attempt))
-    resources = _resources(res, gpus, EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU)
+    resources = _resources(res, gpus, ephemeral or (EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU))
     volumes, mounts = _volumes(gpus, resources["limits"]["ephemeral-storage"])
     command = ["humpback", *_stage_args(stage)]
     container = _with_metrics_port(

@@ -30,6 +30,7 @@ def referenced_secrets(run: BacktranslationRun) -> list[tuple[str, str]]:
     refs: list[tuple[str, str | None]] = [
         ("spec.storage.s3.credentialsSecret", spec.storage.s3.credentials_secret),
         ("spec.huggingface.tokenSecret", spec.huggingface.token_secret),
+        ("spec.publish.hub.tokenSecret", spec.publish.hub.token_secret if spec.publish.hub else None),
         ("spec.curation.rewrite.apiKeySecret", spec.curation.rewrite.api_key_secret),
         ("spec.evaluation.judge.apiKeySecret", spec.evaluation.judge.api_key_secret if spec.evaluation.judge else None),
         ("spec.tracking.mlflow.credentialsSecret", spec.tracking.mlflow.credentials_secret if spec.tracking.mlflow else None),
