@@ -198,3 +198,29 @@ def test_a_failed_stage_ends_its_mlflow_run_failed(tmp_path, file_store_env):
     (run,) = client.search_runs([client.get_experiment_by_name("default/tiny-cpu").experiment_id])
     assert (run.info.run_name, run.info.status) == ("prepare-seed", "FAILED")
     assert not any(k.startswith("stage/") for k in run.data.metrics)  # a failed stage has no numbers to log
+
+
+def test_training_event_files_reach_the_store_every_minute_and_when_a_stage_fails(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    ctx = context(tmp_path)
+    prefix = ctx.prefix("train-m0")
+    trackers = tracking.StageTrackers(ctx.run, ctx.plan["train-m0"], ctx.store, prefix)
+    trackers.tensorboard_dir.mkdir()
+    events = trackers.tensorboard_dir / "events.out.tfevents.1.host.train"
+    events.write_bytes(b"step 1")
+    sync = tracking._sync_callback(trackers)
+    rank0, rank1 = SimpleNamespace(is_world_process_zero=True), SimpleNamespace(is_world_process_zero=False)
+    sync.on_log(None, rank0, None, logs={"loss": 1.0})  # under a minute since training began: not yet
+    assert not ctx.store.exists(f"{prefix}/tensorboard/{events.name}")
+    monkeypatch.setattr(tracking, "SYNC_EVERY_S", 0.0)
+    sync.on_log(None, rank1, None, logs={"loss": 1.0})  # other ranks never upload
+    assert not ctx.store.exists(f"{prefix}/tensorboard/{events.name}")
+    sync.on_log(None, rank0, None, logs={"loss": 1.0})
+    assert ctx.store.read_bytes(f"{prefix}/tensorboard/{events.name}") == b"step 1"
+    # A stage that fails keeps the curves written so far.
+    events.write_bytes(b"step 1, step 2")
+    trackers.fail()
+    assert ctx.store.read_bytes(f"{prefix}/tensorboard/{events.name}") == b"step 1, step 2"
+    assert not trackers.local.exists()  # the local copies are gone
