@@ -7,7 +7,7 @@ manifest itself is written::
 
     with tracking.stage_tracking(run, stage, store, prefix) as trackers:
         result = impl.run(ctx, stage, prefix)
-        result["tracking"] = trackers.finish(result, seconds)
+        tracked = trackers.finish(result, seconds)  # the manifest's "tracking": where each run went
 
 Training stages add :func:`trainer_callbacks` to the Hugging Face Trainer: its own TensorBoard,
 MLflow and W&B integrations, which log each step's loss, learning rate, grad norm and tokens/s
@@ -255,7 +255,6 @@ class StageTrackers:
         self.info["tensorboard"] = {"uri": self.store.url(f"{self.prefix}/{TENSORBOARD_DIR}"), "files": n}
 
     def _finish_mlflow(self, numbers: Mapping[str, float], status: str) -> None:
-        import mlflow
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
