@@ -178,8 +178,22 @@ def cmd_stage(args: argparse.Namespace) -> int:
         run_stage(ctx, args.stage, force=args.force, wait=args.wait)
     except StageError as e:
         logging.getLogger("humpback").error("Stage %s of run %s failed: %s", args.stage, run.name, e)
+        _write_termination_message(f"{type(e).__name__}: {e}")
         return e.exit_code
     return 0
+
+
+def _write_termination_message(text: str) -> None:
+    """Tell Kubernetes why the stage failed (the container's terminated.message), where it listens."""
+    from humpback_runtime.pod_contract import TERMINATION_LOG, TERMINATION_LOG_ENV, TERMINATION_MESSAGE_BYTES
+
+    path = Path(os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG)
+    if not path.exists():  # not in a pod: nothing listens
+        return
+    try:
+        path.write_bytes(text.encode()[:TERMINATION_MESSAGE_BYTES])
+    except OSError:
+        pass  # a read-only or foreign file: the log line above says it all the same
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

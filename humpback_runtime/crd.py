@@ -405,11 +405,16 @@ def status_schema() -> dict[str, Any]:
             "completionTime": _time("When the stage finished."),
             "nextAttemptTime": _time("When the next attempt starts, after a failed one (retry backoff)."),
             "reason": _str("Why the current attempt is not moving or failed: Unschedulable, ImagePullBackOff, "
-                           "FailedCreate, CrashLoopBackOff, OOMKilled, Disrupted, PendingTimeout, Queued."),
+                           "FailedCreate, CrashLoopBackOff, OOMKilled, Disrupted, InputsDamaged, PendingTimeout, Queued."),
             "pendingSince": _time("Since when the current attempt's pods wait to start (time queued by Kueue "
                                   "excluded); pendingTimeout counts from here."),
             "disruptions": _int("Attempts ended by a disruption (eviction, preemption, node loss): re-created "
                                 "without counting against retries.limit."),
+            "inputRechecks": _int("Attempts that found an input differing from its producer's manifest (exit "
+                                  "code 6): the producer is checked in the store again (and runs again), then "
+                                  "a new attempt starts, not counted against retries.limit."),
+            "attemptsBefore": _int("Attempts of an earlier run of this stage, before a later stage found its "
+                                   "output damaged and sent it back; not counted against retries.limit."),
             "outputs": {
                 "description": "Artifact URIs the stage wrote.",
                 "type": "array",

@@ -9,6 +9,7 @@ EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_INPUTS_MISSING = 4
 EXIT_LEASE_HELD = 5  # another process is writing the stage: try again later, or wait (--wait)
+EXIT_INPUTS_DAMAGED = 6  # an input differs from its producer's manifest, which was withdrawn: run it again
 
 
 class StageError(RuntimeError):
@@ -26,6 +27,8 @@ class InputsMissing(StageError):
 class InputsDamaged(StageError):
     """An input object differs from the manifest of the stage that wrote it (missing, another size,
     another checksum). That stage's manifest is withdrawn, so it runs again; then this one can."""
+
+    exit_code = EXIT_INPUTS_DAMAGED
 
 
 class LeaseHeld(StageError):

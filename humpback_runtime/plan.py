@@ -37,9 +37,12 @@ STAGE_CODE_VERSIONS = {
     "curate": 2,  # 2: scores only (score = argmax in logprobs mode); selection moved to selected/<id>/
     "evaluate": 2,  # 2: reference outputs, alpaca_eval export, MT-Bench two turns graded 1-10
     "report": 2,  # 2: verdict, settings, warnings, funnel, selection-score histograms, answers, links
+    "publish": 1,
 }
 
-PROMPTED_FAMILIES = frozenset({"train", "augment", "rewrite", "curate", "evaluate"})
+# publish writes the chat templates (prompts.chat_template) into the tokenizers it uploads.
+PROMPTED_FAMILIES = frozenset({"train", "augment", "rewrite", "curate", "evaluate", "publish"})
+PUBLISH = "publish"
 
 # Curation settings that choose among the stored scores rather than change them.
 SELECTION_SETTINGS = ("threshold", "selectBy", "minDigitMass", "minYield")
@@ -224,6 +227,7 @@ def build_plan(run: BacktranslationRun, inputs: dict[str, str | None] | None = N
         # An external rewriter does not depend on M(k-1): one stage rewrites every candidate once,
         # for all iterations (order after: curate-k scores the originals, train-mk takes the rewrites).
         add(EXTERNAL_REWRITE, "inference", "rewrite", ["augment"], {"rewrite": rewrite_settings})
+    curated_data: dict[int, list[str]] = {}  # per iteration, the stages train-mk takes its curated pairs from
     for k in range(1, spec.curation.iterations + 1):
         scorer = model_stage(k - 1)
         candidates = "augment"
@@ -243,6 +247,7 @@ def build_plan(run: BacktranslationRun, inputs: dict[str, str | None] | None = N
             training_data.append(rewrite_stage(run, k))
         train(f"train-m{k}", "forward", ["prepare-seed", *training_data],
               {"systemPrompts": dump(spec.system_prompts), "selection": selection}, iteration=k)
+        curated_data[k] = training_data
 
     models = [model_stage(k) for k in range(0, spec.curation.iterations + 1)]
     report_deps = ["prepare-seed", "prepare-corpus", "train-myx", "augment"]
@@ -251,7 +256,40 @@ def build_plan(run: BacktranslationRun, inputs: dict[str, str | None] | None = N
         add("evaluate", "inference", "evaluate", models, {"evaluation": dump(spec.evaluation)})
         report_deps.append("evaluate")
     add("report", "cpu", "report", _unique(report_deps), {})
+    hub = spec.publish.hub
+    if hub is not None:
+        published = published_models(run)
+        datasets = sorted(curated_data) if "datasets" in hub.artifacts else []
+        deps = published + [d for k in datasets for d in curated_data[k]]
+        if published and spec.evaluation.enabled:  # the model cards carry the evaluation results
+            deps.append("evaluate")
+        # The token is operational (who pushes), not what is pushed.
+        settings = {"hub": _without(dump(hub), "tokenSecret"), "models": published, "datasets": datasets}
+        if datasets:  # the published pairs are those of the current selection (as train-mk's)
+            settings["selection"] = selection
+        add(PUBLISH, "cpu", "publish", _unique(deps), settings)
     return plan
+
+
+def published_models(run: BacktranslationRun) -> list[str]:
+    """The training stages whose models spec.publish.hub pushes, in plan order."""
+    hub = run.spec.publish.hub
+    if hub is None:
+        return []
+    last = model_stage(run.spec.curation.iterations)
+    if "models" in hub.artifacts:
+        return ["train-myx", *(model_stage(k) for k in range(0, run.spec.curation.iterations + 1))]
+    return [last] if "final-model" in hub.artifacts else []
+
+
+def hub_repo(run: BacktranslationRun, what: str) -> str:
+    """The hub repository of a published artifact: PREFIX-myx, PREFIX-m0, PREFIX-m1, ..., PREFIX-curated.
+
+    `what` is a training stage name or "curated"."""
+    hub = run.spec.publish.hub
+    if hub is None:
+        raise ValueError("spec.publish.hub is not set")
+    return f"{hub.repo_prefix}-{what.removeprefix('train-')}"
 
 
 def _without(settings: dict[str, Any], *keys: str) -> dict[str, Any]:

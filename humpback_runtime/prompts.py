@@ -48,6 +48,14 @@ Rules that keep training and inference identical:
   slightly higher win rate for Mk prompted with both tags concatenated, a text never seen in
   training; docs/method.md lists this deviation.)
 
+Chat templates: :func:`chat_template` gives the Jinja chat template of a published model's tokenizer
+(the publish stage writes it), so that ``tokenizer.apply_chat_template(messages,
+add_generation_prompt=True)`` and a chat API (vLLM's ``/v1/chat/completions``) render exactly
+:func:`forward_turn_prompt` (forward models; a missing system message means the seed tag, as at
+inference here) or :func:`backward_prompt` (Myx). They are derived from the templates above and
+tested against them token for token; they are not part of :func:`template_digest`, since only the
+publish stage writes them (its fingerprint carries TEMPLATE_VERSION and its own code version).
+
 Scores: the paper's generate-then-parse protocol (a brief reasoning, then ``Score: N`` on the last
 line) is parsed by the strict :func:`parse_score`; the logprob protocol (the prompt ends with
 ``Score:``, the model's next-token distribution over the digits 1..5) is read by
@@ -82,6 +90,7 @@ __all__ = [
     "augmented_system",
     "backward_example",
     "backward_prompt",
+    "chat_template",
     "curation_logprob_prompt",
     "curation_prompt",
     "forward_example",
@@ -407,6 +416,69 @@ def backward_example(instruction: str, response: str) -> TrainingExample:
     start = BACKWARD_TEMPLATE.index("{response}")
     return TrainingExample(backward_prompt(response), _clean(instruction, "instruction"),
                            (start, start + len(response)))
+
+
+# --- chat templates of published models -----------------------------------------------------
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal (Jinja reads backslash escapes; other characters as they are)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def chat_template(role: Literal["forward", "backward"], *, default_system: str = "", bos: bool = False) -> str:
+    """The Jinja chat template that renders a conversation exactly as this module prompts the model.
+
+    Forward models (M0, Mk): an optional system message (missing: ``default_system``, the seed tag
+    the model saw at inference here; empty: no system block), then user and assistant turns; with
+    ``add_generation_prompt`` the text ends with ``"### Response:\\n"``: :func:`forward_turn_prompt`
+    of the conversation. The backward model (Myx): one user message, the response, rendered as
+    :func:`backward_prompt`; the assistant writes the instruction. Contents lose surrounding
+    whitespace (Jinja's ``trim`` is ``str.strip``, as here). ``bos``: start with the tokenizer's BOS
+    token, for tokenizers that add it when encoding text (vLLM's chat API tokenizes the rendered
+    text without special tokens, its completions API with them: both then see the same tokens).
+    No EOS after an assistant turn: :func:`forward_turn_prompt` puts none between turns.
+    """
+    head = "{{- bos_token -}}" if bos else ""
+    if role == "backward":
+        return (
+            head
+            + "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            "{{- '### Response:\\n' + message['content'] | trim + '\\n\\n' -}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- '### Instruction that this is the answer to:\\n' + message['content'] | trim -}}"
+            "{%- else -%}"
+            "{{- raise_exception('the backward model takes a user message (a response) and writes its instruction; "
+            "got a ' + message['role'] + ' message') -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '### Instruction that this is the answer to:\\n' -}}{%- endif -%}"
+        )
+    if role != "forward":
+        raise ValueError(f"role must be forward or backward, got {role!r}")
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] | trim -%}{%- set turns = messages[1:] -%}"
+        "{%- else -%}"
+        "{%- set system = " + _jinja_string(_clean_system(default_system)) + " -%}{%- set turns = messages -%}"
+        "{%- endif -%}"
+        + head
+        + "{%- if system -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if not loop.first -%}{{- '\\n\\n' -}}{%- endif -%}"
+        "{{- '### Instruction:\\n' + message['content'] | trim + '\\n\\n' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- '### Response:\\n' + message['content'] | trim -}}"
+        "{%- else -%}"
+        "{{- raise_exception('unexpected ' + message['role'] + ' message: a system message comes first, then "
+        "user and assistant turns') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}"
+    )
 
 
 # --- curation, instruction rating, rewriting, judging -----------------------------------------

@@ -341,6 +341,9 @@ class VllmSpec(Model):
         return options
 
 
+ApiKind = Literal["chat", "completions"]
+
+
 class InferenceSpec(Model):
     engine: Literal["auto", "vllm-server", "vllm", "transformers"] = Field(
         "auto",
@@ -348,6 +351,13 @@ class InferenceSpec(Model):
         "transformers otherwise.",
     )
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL of a running vLLM server (engine vllm-server, local runs).")
+    api: ApiKind = Field(
+        "completions",
+        description="The API of `endpoint`, a server you run: completions (our prompt template is sent as "
+        "is, what the models this run trains expect) or chat (/v1/chat/completions: the prompt goes as one "
+        "user message and the server applies its own chat template; for a chat-tuned model behind a chat-only "
+        "gateway). The servers the operator starts always get completions.",
+    )
     concurrency: int | Literal["auto"] = Field(
         "auto",
         description="Requests in flight per client; auto: the servers' capacity, resources.inference."
@@ -360,7 +370,8 @@ class InferenceSpec(Model):
     max_rejected_fraction: float = Field(
         0.01, ge=0, le=1,
         description="A record the server refuses (HTTP 400, 413 or 422: a prompt over the context length, a "
-        "bad prompt) is dropped and counted (counts.rejected_by_server); the stage fails only when more "
+        "bad prompt) is dropped and counted (counts.rejected_by_server), and so is a prompt that cannot fit "
+        "our own model's context, before it is sent (counts.prompt_too_long); the stage fails only when more "
         "than this share of its records is refused.",
     )
     per_request_seed: bool = Field(
@@ -379,9 +390,6 @@ class InferenceSpec(Model):
     def client_concurrency(self, replicas: int = 1) -> int:
         """Requests a client keeps in flight: the explicit number, or every replica's full batch."""
         return self.concurrency if isinstance(self.concurrency, int) else replicas * self.vllm.max_num_seqs
-
-
-ApiKind = Literal["chat", "completions"]
 
 
 class RewriteSpec(Model):
@@ -575,7 +583,7 @@ class PodResources(Model):
     ephemeral_storage: str | None = Field(None, description="Ephemeral-storage request and limit, also the size "
                                           "limit of the /cache scratch volume (downloaded models, checkpoints). "
                                           "Default: 200Gi for training (a 7B ZeRO-2 checkpoint is ~100 GB), 50Gi "
-                                          "for GPU inference, 10Gi otherwise.")
+                                          "for GPU inference, 50Gi for publish (one model's upload folder), 10Gi otherwise.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
@@ -613,7 +621,7 @@ class InferenceResources(PodResources):
 class Resources(Model):
     training: TrainingResources = Field(default_factory=TrainingResources)
     inference: InferenceResources = Field(default_factory=InferenceResources)
-    cpu: PodResources = Field(default_factory=PodResources, description="prepare and report Jobs, and inference client Jobs.")
+    cpu: PodResources = Field(default_factory=PodResources, description="prepare, report and publish Jobs, and inference client Jobs.")
 
 
 class RetrySpec(Model):
@@ -633,6 +641,51 @@ class HuggingFaceSpec(Model):
         "datasets, given as HF_TOKEN to every pod that reads the hub.")
 
     _name = field_validator("token_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+PublishArtifact = Literal["models", "final-model", "datasets"]
+
+
+class HubPublishSpec(Model):
+    """Where the publish stage pushes the run's models and curated data on a Hugging Face hub."""
+
+    repo_prefix: str = Field(
+        description="OWNER/NAME prefix of the repositories: models go to PREFIX-myx, PREFIX-m0, PREFIX-m1, ..., "
+        "the curated data to PREFIX-curated (a dataset repository).")
+    token_secret: str | None = Field(
+        None, description="Name of a Secret with key HF_TOKEN: a Hugging Face token with write access, given as "
+        "HF_TOKEN to the publish pod only (locally: the HF_TOKEN environment variable or `hf auth login`).")
+    private: bool = Field(True, description="Create the repositories private; publishing into an existing public "
+                          "repository is refused while this is true.")
+    artifacts: list[PublishArtifact] = Field(
+        default_factory=lambda: ["models", "datasets"], min_length=1,
+        description="models: every trained model (Myx, M0..Mk); final-model: the last Mk only; datasets: the "
+        "curated pairs each Mk trained on (Parquet, one config per iteration).")
+    license: str | None = Field(
+        None, description="Licence id for the model cards (e.g. llama2, apache-2.0); null: other (the base "
+        "model's licence applies).")
+    dataset_license: str | None = Field(
+        None, description="Licence id for the dataset card (e.g. odc-by for c4-derived text); null: other (see "
+        "the card's Sources section).")
+    dry_run: bool = Field(False, description="Write the upload folders to the store (publish/OWNER/REPO/) without "
+                          "pushing them.")
+
+    _token = field_validator("token_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+    @field_validator("repo_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        # OWNER/ always: where a push goes never depends on whose token it is. The longest suffix
+        # (-curated) must still give a valid hub id.
+        if "/" not in v or not _HUB_ID.match(v) or not _HUB_ID.match(v + "-curated"):
+            raise ValueError(f"{v!r} is not a Hugging Face repo id prefix OWNER/NAME (letters, digits, '-', '_', "
+                             "'.'; NAME at most 88 characters, so that -curated fits)")
+        return v
+
+
+class PublishSpec(Model):
+    hub: HubPublishSpec | None = Field(None, description="Push models and curated data to a Hugging Face hub "
+                                       "(HF_ENDPOINT picks another hub); null: no publish stage.")
 
 
 class KeyRef(Model):
@@ -724,6 +777,70 @@ class PodTemplate(Model):
         return v
 
 
+# --- experiment trackers --------------------------------------------------------------------
+
+MLFLOW_SCHEMES = ("http://", "https://", "file:", "databricks")
+
+
+class TensorBoardSpec(Model):
+    enabled: bool = Field(True, description="TensorBoard event files in the store, under each stage's "
+                          "tensorboard/ folder: training curves (loss, learning rate, grad norm, tokens/s) and "
+                          "every stage's counts. `tensorboard --logdir` a copy of the run's folder.")
+
+
+class MlflowSpec(Model):
+    tracking_uri: str = Field(
+        description="MLflow tracking server (http(s)://HOST, databricks) or a local file store (file:PATH or "
+        "a path, relative to the run file's folder; local runs only: a pod's disk is lost).")
+    experiment: str | None = Field(None, min_length=1, max_length=500,
+                                   description="Experiment name; null: NAMESPACE/RUN.")
+    credentials_secret: str | None = Field(
+        None, description="Name of a Secret with any of the keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD "
+        "and MLFLOW_TRACKING_TOKEN, given to every pod under those names. Locally, export them.")
+
+    _name = field_validator("credentials_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be an MLflow tracking URI (http(s)://HOST) or a local path")
+        if ":" in v.split("/", 1)[0] and not v.startswith(MLFLOW_SCHEMES):
+            raise ValueError(f"unsupported tracking URI {v!r}: an MLflow server (http://, https://, databricks) "
+                             "or a file store (file:PATH or a local path)")
+        return v
+
+    @property
+    def remote(self) -> bool:
+        """A tracking server, reachable from a pod (a file store is not)."""
+        return self.tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+class WandbSpec(Model):
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[^/\\#?%:]+$",
+                         description="Weights & Biases project (WANDB_PROJECT).")
+    entity: str | None = Field(None, min_length=1, description="Team or user of the project (WANDB_ENTITY); "
+                               "null: the API key's default entity.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: log to the W&B server; offline: write each stage's run folder to the store "
+        "under STAGE/wandb/, for `wandb sync` later (no network, no key).")
+    base_url: str | None = Field(None, pattern=r"^https?://",
+                                 description="A self-hosted W&B server (WANDB_BASE_URL); null: wandb.ai.")
+    credentials_secret: str | None = Field(
+        None, description="Name of a Secret with key WANDB_API_KEY, given to every pod under that name. Locally, "
+        "export it (or `wandb login`).")
+
+    _name = field_validator("credentials_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+class TrackingSpec(Model):
+    """Where training curves and stage counts go besides the store (docs/tracking.md)."""
+
+    tensorboard: TensorBoardSpec = Field(default_factory=TensorBoardSpec)
+    mlflow: MlflowSpec | None = Field(None, description="Log every stage as an MLflow run; null: off.")
+    wandb: WandbSpec | None = Field(None, description="Log every stage as a Weights & Biases run; null: off.")
+
+
 # --- the resource ---------------------------------------------------------------------------
 
 
@@ -740,11 +857,16 @@ class BacktranslationRunSpec(Model):
     system_prompts: SystemPrompts = Field(default_factory=SystemPrompts)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers: TensorBoard event files in the store "
+        "(on by default), MLflow and Weights & Biases (off unless set).")
     storage: StorageSpec = Field(default_factory=StorageSpec)
     resources: Resources = Field(default_factory=Resources)
     retries: RetrySpec = Field(default_factory=RetrySpec)
     suspend: bool = Field(False, description="Stop running children and keep finished artifacts; false continues.")
     huggingface: HuggingFaceSpec = Field(default_factory=HuggingFaceSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec, description="Where the publish stage pushes the "
+                                 "trained models and curated datasets.")
     pod_template: PodTemplate = Field(
         default_factory=PodTemplate, description="What every pod of the run gets besides what the operator sets: "
         "service account, environment, image pull secrets, labels and annotations.")

@@ -88,3 +88,16 @@ def chromium() -> str:
         pytest.skip("no Chromium on PATH (and HUMPBACK_CHROMIUM unset): `bash scripts/browser_env.sh` installs "
                     "Debian's chromium where apt-get may run as root; elsewhere install chromium yourself")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run only when asked: `-m slow` (or an -m expression naming it) or HUMPBACK_SLOW_TESTS=1.
+    They check what faster tests already cover, against heavier real parts; `make test` stays short."""
+    import os
+
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("HUMPBACK_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or HUMPBACK_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

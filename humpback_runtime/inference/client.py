@@ -16,7 +16,7 @@ Used by the augment, rewrite, curate and evaluate stages against a vLLM server::
         stats = await run_completions(client, records, build, handle, store=store,
                                       prefix="ns/run/augment-m0", checkpoint_every=1000)
     # stats: completed, skipped_done, dropped, retries, seconds, records_per_second, prompt_tokens,
-    #        completion_tokens, shards_written, rejected_by_server, rejected_examples -> the stage manifest
+    #        completion_tokens, shards_written, rejected_by_server, prompt_too_long, rejected_examples
 
 `CompletionsClient.complete(prompt, **params)` POSTs `{"model", "prompt", **params}` to
 `{base_url}/completions` and returns `choices[0]` (`text`, `logprobs`, `finish_reason`, ...) with
@@ -55,8 +55,11 @@ checkpoints to the store:
 - A record the server refuses for what it is (HTTP 400, 413 or 422: a prompt longer than the
   context, a bad prompt) is dropped, never retried: `{id_field: id, "rejected": "HTTP 400: <the
   server's message>"}` goes to the dropped shards and `rejected_by_server` counts it (the first
-  ones in `rejected_examples`). Only when more than `max_rejected` records (earlier attempts
-  included) are refused does the run fail: then it is the requests, not the records.
+  ones in `rejected_examples`). A prompt that `check_prompt` says cannot fit (the engine knows the
+  model's context and tokenizer) is dropped the same way without being sent, marked
+  `"before_sending": true` and counted as `prompt_too_long`. Only when more than `max_rejected`
+  records (earlier attempts, and both kinds, included) are refused does the run fail: then it is
+  the requests, not the records.
 - A record that still fails after its retries fails the run: the other requests are cancelled,
   what already finished is flushed to a last shard, then `CompletionError` (naming the record id,
   the URL and the last status or error) is raised. The same flush happens on any other error or
@@ -345,14 +348,19 @@ def _scan(store: Store, prefix: str, id_field: str, done: set) -> int:
 
 
 def rejected_records(store: Store, prefix: str, examples: int = _REJECTED_EXAMPLES) -> dict[str, Any]:
-    """The records under `prefix` that the server refused, over every attempt: {"count", "examples"}."""
-    count, kept = 0, []
+    """The records under `prefix` refused over every attempt: {"count", "examples", "before_sending"}.
+
+    `count` holds both kinds: refused by the server, and dropped before sending because the prompt
+    could not fit the context (`before_sending` of them).
+    """
+    count, before_sending, kept = 0, 0, []
     for record in iter_shard_records(store, list_shards(store, _join(prefix, DROPPED_FOLDER))):
         if isinstance(record, dict) and record.get("rejected"):
             count += 1
+            before_sending += bool(record.get("before_sending"))
             if len(kept) < examples:
                 kept.append({"id": record.get("id"), "reason": record["rejected"]})
-    return {"count": count, "examples": kept}
+    return {"count": count, "examples": kept, "before_sending": before_sending}
 
 
 def _records_with_keys(store: Store, keys: list[str]) -> Iterator[tuple[str, Any]]:
@@ -431,12 +439,15 @@ async def run_completions(
     total: int | None = None,
     desc: str = "completions",
     max_rejected: int | None = None,
+    check_prompt: Callable[[str, dict], str | None] | None = None,
 ) -> dict[str, Any]:
     """Complete every record not already under `prefix`, checkpointing shards; returns the stats.
 
     `build(record)` gives `(prompt, params)`; `handle(record, choice)` the output record, or None to
     drop it. `total` (the number of input records, if known) sizes the progress bar. `max_rejected`:
-    how many records the server may refuse (HTTP 400/413/422) before the run fails; None: no limit.
+    how many records may be refused (by the server: HTTP 400/413/422, or by `check_prompt`) before
+    the run fails; None: no limit. `check_prompt(prompt, params)` gives the reason a prompt cannot be
+    sent (longer than the context), or None.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected an integer >= 1, got {checkpoint_every!r}")
@@ -451,7 +462,7 @@ async def run_completions(
     from humpback_runtime import progress
 
     stats = {"completed": 0, "skipped_done": 0, "dropped": 0, "prompt_tokens": 0, "completion_tokens": 0,
-             "rejected_by_server": 0}
+             "rejected_by_server": 0, "prompt_too_long": 0}
     rejected_before = rejected_records(store, prefix, examples=0)["count"] if max_rejected is not None else 0
     rejected_examples: list[dict] = []
     retries_before = client.retries
@@ -479,32 +490,44 @@ async def run_completions(
 
     pending = todo()  # one iterator shared by the workers; next() never awaits, so no two run it at once
 
+    async def refuse(rid: Hashable, reason: str, error: CompletionError | None) -> None:
+        """Drop a record refused for what it is, with the reason; fail past `max_rejected`."""
+        if error is None:
+            checkpoints.dropped.append({id_field: rid, "rejected": reason, "before_sending": True})
+            stats["prompt_too_long"] += 1
+        else:
+            checkpoints.dropped.append({id_field: rid, "rejected": reason})
+            stats["rejected_by_server"] += 1
+        if len(rejected_examples) < _REJECTED_EXAMPLES:
+            rejected_examples.append({"id": rid, "reason": reason})
+            log.warning("Record %r dropped: %s", rid, reason)
+        n_rejected = rejected_before + stats["rejected_by_server"] + stats["prompt_too_long"]
+        if max_rejected is not None and n_rejected > max_rejected:
+            raise CompletionError(
+                f"{n_rejected} records were refused, more than the {max_rejected} allowed "
+                f"(inference.maxRejectedFraction); the last, {rid!r}: {reason}",
+                url=error.url if error else None, status=error.status if error else None) from error
+        bar.update(1)
+        await checkpoints.maybe_flush()
+
     async def worker() -> None:
         for rid, record in pending:
             try:
                 prompt, params = build(record)
+                too_long = check_prompt(prompt, params) if check_prompt is not None else None
             except Exception as e:
                 e.add_note(f"while building the request for record {rid!r}")
                 raise
+            if too_long:
+                await refuse(rid, too_long, None)  # the server would refuse it: never send it
+                continue
             try:
                 choice = await client.complete(prompt, **params)
             except CompletionError as e:
                 if e.status not in REJECT_STATUSES:
                     raise e.for_record(rid) from e
                 # The server refuses this record, not requests of this kind: drop it with the reason.
-                checkpoints.dropped.append({id_field: rid, "rejected": e.reason})
-                stats["rejected_by_server"] += 1
-                if len(rejected_examples) < _REJECTED_EXAMPLES:
-                    rejected_examples.append({"id": rid, "reason": e.reason})
-                    log.warning("Server refused record %r (dropped): %s", rid, e.reason)
-                n_rejected = rejected_before + stats["rejected_by_server"]
-                if max_rejected is not None and n_rejected > max_rejected:
-                    raise CompletionError(
-                        f"the server refused {n_rejected} records, more than the {max_rejected} allowed "
-                        f"(inference.maxRejectedFraction); the last, {rid!r}: {e.reason}",
-                        url=e.url, status=e.status) from e
-                bar.update(1)
-                await checkpoints.maybe_flush()
+                await refuse(rid, e.reason, e)
                 continue
             usage = choice.get("usage") or {}
             stats["prompt_tokens"] += usage.get("prompt_tokens") or 0
@@ -565,6 +588,7 @@ async def run_completions(
         "completion_tokens": stats["completion_tokens"],
         "shards_written": checkpoints.shards_written,
         "rejected_by_server": stats["rejected_by_server"],
+        "prompt_too_long": stats["prompt_too_long"],
         "rejected_examples": rejected_examples,
     }
     log.info("Completed %d records under %s (%d dropped, %d already done, %d retries) in %.1fs, %.1f records/s",

@@ -28,7 +28,12 @@ does both with the same checkpointed, exactly-once output shards and hands `hand
   completions API's `choices[0].logprobs.top_logprobs[0]`, which `prompts.score_from_top_logprobs`
   reads. Scoring is greedy with `max_tokens=1`: one forward pass per prompt.
 - Both return `run_completions`' stats (completed, skipped_done, dropped, retries, seconds,
-  records_per_second, prompt_tokens, completion_tokens, shards_written) plus `engine`.
+  records_per_second, prompt_tokens, completion_tokens, shards_written, rejected_by_server,
+  prompt_too_long) plus `engine`.
+- An engine with a `prompt_limit` (set by `engine_for` for our own models, whose tokenizer is at
+  hand) drops a prompt that cannot fit the context before sending it, with the reason; the server
+  (or an external endpoint without one) refuses it with HTTP 400 otherwise. Both count against
+  `max_rejected` alike.
 
 Every engine runs through `inference.client.run_completions`, so the shard bookkeeping exists once:
 outputs under `PREFIX/part-NNNNN.jsonl` every `checkpoint_every` records, dropped ids under
@@ -64,7 +69,7 @@ from humpback_runtime.inference.client import ClientSettings, CompletionError, C
 if TYPE_CHECKING:
     from humpback_runtime.storage import Store
 
-__all__ = ["Engine", "GenerationResult", "Sampling", "VLLMServerEngine", "record_seed"]
+__all__ = ["Engine", "GenerationResult", "PromptLimit", "Sampling", "VLLMServerEngine", "record_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +140,39 @@ def _first_top_logprobs(choice: dict) -> dict[str, float]:
     return dict(items)
 
 
+@dataclass(frozen=True)
+class PromptLimit:
+    """The model's context and a token counter: a prompt that cannot fit is dropped before sending.
+
+    `count_tokens(prompt)` counts as the server does (special tokens such as BOS included). A
+    prompt needs room for itself and its `max_tokens`, as vLLM checks. Counting is skipped when the
+    prompt's UTF-8 size already fits: no tokenizer here makes more tokens than bytes, plus a few
+    special ones, so short prompts (nearly all) cost nothing.
+    """
+
+    context: int  # tokens: the server's --max-model-len, else the model's max_position_embeddings
+    count_tokens: Callable[[str], int]
+    source: str = "the model's context"  # where `context` comes from, for the message
+    _SPECIAL_MARGIN = 8  # BOS, a SentencePiece word-start piece, ...
+
+    def check(self, prompt: str, max_tokens: int) -> str | None:
+        """Why `prompt` cannot be sent, or None."""
+        if len(prompt.encode()) + self._SPECIAL_MARGIN + max_tokens <= self.context:
+            return None
+        n = self.count_tokens(prompt)
+        if n + max_tokens <= self.context:
+            return None
+        return (f"prompt too long for the context: {n} prompt tokens + {max_tokens} max_tokens > "
+                f"{self.context} ({self.source}); not sent")
+
+
 class Engine(ABC):
     """Generate text or score the next token for many records, checkpointed and exactly once."""
 
     name: str = "engine"
     per_request_seed: bool = True  # in-process engines always seed each record's sampling
+    # Set where the model's tokenizer is at hand (our own models); None: the server decides.
+    prompt_limit: PromptLimit | None = None
 
     def generate(
         self,
@@ -207,11 +240,16 @@ class Engine(ABC):
                          checkpoint_every=checkpoint_every, total=total, desc=desc, max_rejected=max_rejected)
 
     def _run(self, records: Iterable[dict], build, on_choice, **options: Any) -> dict[str, Any]:
+        limit = self.prompt_limit
+
+        def check_prompt(prompt: str, params: dict) -> str | None:
+            return limit.check(prompt, int(params.get("max_tokens") or 1)) if limit is not None else None
+
         async def main() -> dict[str, Any]:
             async with self._open_client() as client:
                 # in-process clients note the end of the input (their last batch is partial)
                 todo = client.watch(records) if hasattr(client, "watch") else records
-                return await run_completions(client, todo, build, on_choice, **options)
+                return await run_completions(client, todo, build, on_choice, check_prompt=check_prompt, **options)
 
         stats = asyncio.run(main())
         return {**stats, "engine": self.name}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import InputsMissing, StageError
-from humpback_runtime.inference.engines import Engine, VLLMServerEngine
+from humpback_runtime.inference.engines import Engine, PromptLimit, VLLMServerEngine
 from humpback_runtime.inference.local import TransformersEngine, VLLMEngine, vllm_available
 from humpback_runtime.pod_contract import (
     ENDPOINT_ENV,
@@ -85,13 +85,22 @@ def _cache_key(ctx: RunContext, train_stage: str, prefix: str) -> str:
 
 
 def engine_for(ctx: RunContext, train_stage: str) -> Engine:
+    """The engine for the model of `train_stage`, which drops prompts too long for the model's context
+    before sending them (our own model: its tokenizer is at hand)."""
+    engine = _engine_for(ctx, train_stage)
+    engine.prompt_limit = _prompt_limit(ctx, train_stage, engine)
+    return engine
+
+
+def _engine_for(ctx: RunContext, train_stage: str) -> Engine:
     """The engine for the model of `train_stage`: the operator's vLLM server when one is announced."""
     spec = ctx.run.spec.inference
     per_model = _endpoints_by_stage()
     # The key of a server the operator started for this model (None for a user's own endpoint).
     server_key = os.environ.get(server_api_key_env(train_stage)) or None
     if train_stage in per_model:
-        server = spec.model_copy(update={"engine": "vllm-server"})  # the operator started it for us
+        # The operator started it for us: our model, our template, the completions API.
+        server = spec.model_copy(update={"engine": "vllm-server", "api": "completions"})
         return make_engine(server, train_stage, endpoint=per_model[train_stage], api_key=server_key,
                            replicas=ctx.run.spec.resources.inference.replicas)
     endpoint = os.environ.get(ENDPOINT_ENV) or spec.endpoint
@@ -145,6 +154,39 @@ def local_tokenizer_dir(ctx: RunContext, train_stage: str) -> Path:
     return cache
 
 
+def _prompt_limit(ctx: RunContext, train_stage: str, engine: Engine) -> PromptLimit | None:
+    """`train_stage`'s context (the server's maxModelLen, else the model's max_position_embeddings) and
+    its tokenizer, loaded on the first prompt long enough to need counting; None when unknown."""
+    model_dir = getattr(engine, "model_dir", None)
+    if model_dir is None:
+        try:
+            model_dir = local_tokenizer_dir(ctx, train_stage)  # tokenizer files only
+        except InputsMissing:
+            return None  # a user's endpoint serving a model this store does not hold
+    configured = ctx.run.spec.inference.vllm.max_model_len  # vLLM's, served or in process
+    if configured is not None and not isinstance(engine, TransformersEngine):
+        context, source = configured, "inference.vllm.maxModelLen"
+    else:
+        try:
+            context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            context = None
+        if not isinstance(context, int) or context < 1:
+            return None
+        source = f"max_position_embeddings of {train_stage}'s model"
+    tokenizer = None
+
+    def count_tokens(prompt: str) -> int:
+        nonlocal tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return len(tokenizer(prompt).input_ids)  # BOS included, as the server counts
+
+    return PromptLimit(context=context, count_tokens=count_tokens, source=source)
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("HUMPBACK_CACHE", Path.home() / ".cache" / "humpback"))
 
@@ -176,7 +218,8 @@ def make_engine(spec: InferenceSpec, model: str | Path, *, endpoint: str | None 
             raise ValueError("inference.endpoint: engine 'vllm-server' needs the server's API root "
                              "(http://HOST:PORT/v1), got none")
         engine: Engine = VLLMServerEngine(endpoint, str(model), api_key=api_key, concurrency=spec.client_concurrency(replicas),
-                                          max_retries=spec.max_retries, per_request_seed=spec.per_request_seed)
+                                          max_retries=spec.max_retries, per_request_seed=spec.per_request_seed,
+                                          api=spec.api)
     elif kind == "vllm":
         engine = VLLMEngine(model, batch_size=spec.checkpoint_every, **spec.vllm.llm_options())
     elif kind == "transformers":

@@ -63,8 +63,10 @@ def summarize(ctx: RunContext, prefix: str) -> dict[str, Any]:
         else:
             kept += 1
     rejected = rejected_records(ctx.store, prefix)
-    if rejected["count"]:
-        reasons["rejected_by_server"] = rejected["count"]
+    if rejected["count"] - rejected["before_sending"]:
+        reasons["rejected_by_server"] = rejected["count"] - rejected["before_sending"]
+    if rejected["before_sending"]:
+        reasons["prompt_too_long"] = rejected["before_sending"]
     return {"keys": keys, "kept": kept, "dropped": dict(sorted(reasons.items())), "rejected": rejected}
 
 
@@ -78,14 +80,26 @@ def check_inference(ctx: RunContext, stage: Stage, family: str, summary: dict[st
     if floor is not None:
         check_yield(stage.name, n_in, summary["kept"], floor, setting, cause)
     warnings = [cause] if cause and n_in and summary["kept"] / n_in < 0.5 else []
-    if summary["rejected"]["count"]:
-        warnings.append(f"{summary['rejected']['count']} refused by the server")
-    return yield_record(n_in, summary["kept"], warnings)
+    return yield_record(n_in, summary["kept"], warnings + refusal_warnings(summary["rejected"]))
+
+
+def refusal_warnings(rejected: dict[str, Any]) -> list[str]:
+    by_server = rejected["count"] - rejected["before_sending"]
+    return ([f"{by_server} refused by the server"] if by_server else []) + (
+        [f"{rejected['before_sending']} prompts too long for the model's context (not sent)"]
+        if rejected["before_sending"] else [])
+
+
+def refusal_counts(rejected: dict[str, Any]) -> dict[str, int]:
+    """The manifest's counts of refused records: by the server, and too long to send."""
+    return {"rejected_by_server": rejected["count"] - rejected["before_sending"],
+            "prompt_too_long": rejected["before_sending"]}
 
 
 def drop_counts(summary: dict[str, Any]) -> dict[str, int]:
-    dropped = {f"dropped_{k}": v for k, v in summary["dropped"].items() if k != "rejected_by_server"}
-    return {**dropped, "rejected_by_server": summary["rejected"]["count"]}
+    refused = refusal_counts(summary["rejected"])
+    dropped = {f"dropped_{k}": v for k, v in summary["dropped"].items() if k not in refused}
+    return {**dropped, **refused}
 
 
 def run_augment(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:

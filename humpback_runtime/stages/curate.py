@@ -36,7 +36,7 @@ from humpback_runtime import prompts
 from humpback_runtime.context import RunContext
 from humpback_runtime.inference.engines import GenerationResult, Sampling
 from humpback_runtime.plan import Stage, selection_id, selection_settings
-from humpback_runtime.stages.augment import candidate_records
+from humpback_runtime.stages.augment import candidate_records, refusal_counts
 from humpback_runtime.storage import (ShardWriter, iter_shard_records, list_shards, output_shards, read_success,
                                       write_success)
 
@@ -113,7 +113,7 @@ def run_curate(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
                     "selection": {"id": chosen["id"], "prefix": chosen["prefix"], "count": chosen["selected"]}},
         **summary,
         "selected": chosen["selected"],
-        "counts": {"candidates": len(pairs), "scored": summary["scored"], "rejected_by_server": rejected["count"]},
+        "counts": {"candidates": len(pairs), "scored": summary["scored"], **refusal_counts(rejected)},
         "rejectedExamples": rejected["examples"],
         "yield": chosen["yield"],
         "inference": stats,

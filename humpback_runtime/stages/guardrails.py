@@ -30,10 +30,13 @@ CAUSES = {
                  "train the backward model longer (training.backward.steps)"),
         "empty": ("instructions are empty", "train the backward model longer (training.backward.steps)"),
         "rejected_by_server": ("prompts were refused by the server", "check the server's --max-model-len"),
+        "prompt_too_long": ("segments do not fit the model's context",
+                            "lower corpus.maxChars or raise inference.vllm.maxModelLen"),
     },
     "rewrite": {
         "empty": ("rewrites are empty", "check the rewriter (curation.rewrite)"),
         "rejected_by_server": ("prompts were refused by the server", "check the server's --max-model-len"),
+        "prompt_too_long": ("pairs do not fit the model's context", "raise inference.vllm.maxModelLen"),
     },
 }
 
@@ -65,12 +68,13 @@ def check_yield(stage: str, n_in: int, n_out: int, floor: float, setting: str, c
 
 
 def check_rejected(stage: str, rejected: dict[str, Any], n_in: int, max_fraction: float) -> None:
-    """Fail the stage when the server refused more than `inference.maxRejectedFraction` of its records."""
+    """Fail the stage when more than `inference.maxRejectedFraction` of its records were refused: by the
+    server, or before sending as too long for the model's context."""
     count = rejected.get("count", 0)
     if n_in and count / n_in > max_fraction:
         first = (rejected.get("examples") or [{}])[0]
         raise StageError(
-            f"{stage}: the server refused {count} of {n_in} records ({count / n_in:.1%}), more than "
+            f"{stage}: {count} of {n_in} records were refused ({count / n_in:.1%}), more than "
             f"inference.maxRejectedFraction ({max_fraction:g}); e.g. record {first.get('id')!r}: {first.get('reason')}"
         )
 

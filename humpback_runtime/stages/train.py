@@ -58,7 +58,16 @@ def training_examples(ctx: RunContext, stage: Stage) -> tuple[list, dict[str, in
     return examples, {"seed": len(seed), **counts}
 
 
+def lineage(ctx: RunContext, stage: Stage, counts: dict[str, Any]) -> dict[str, Any]:
+    """The model card's lineage of a training stage (also part of its resume key): run, stage,
+    role, base model, fingerprint, data counts and the fingerprints of its inputs."""
+    return {"run": ctx.run_prefix, "stage": stage.name, "role": stage.role,
+            "baseModel": ctx.run.spec.base_model, "fingerprint": stage.fingerprint, "data": counts,
+            "inputs": {d: ctx.plan[d].fingerprint for d in stage.deps}}
+
+
 def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime import tracking
     from humpback_runtime.training import TrainRequest, train
 
     from humpback_runtime.spec import looks_local
@@ -70,13 +79,12 @@ def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
                          "directory, hub id or s3:// URI is expected; the demo's is built by "
                          "`humpback tiny-model .cache/tiny-llama`)")
     examples, counts = training_examples(ctx, stage)
-    card = {"run": ctx.run_prefix, "stage": stage.name, "role": stage.role,
-            "baseModel": spec.base_model, "fingerprint": stage.fingerprint, "data": counts,
-            "inputs": {d: ctx.plan[d].fingerprint for d in stage.deps}}
+    card = lineage(ctx, stage, counts)
     try:
         metrics = train(TrainRequest(base_model=base, examples=examples, settings=getattr(spec.training, stage.role),
                                      store=ctx.store, prefix=prefix, card=card, s3_endpoint=spec.storage.s3.endpoint,
-                                     s3_region=spec.storage.s3.region))
+                                     s3_region=spec.storage.s3.region,
+                                     callbacks=tracking.trainer_callbacks()))
     except TrainingError as e:  # a setting or the data is at fault: the message says which
         raise StageError(f"{stage.name}: {e}") from e
     from humpback_runtime.stages.guardrails import yield_record

@@ -104,7 +104,8 @@ class TrainRequest:
     ``s3_endpoint`` / ``s3_region`` as in the run's ``storage.s3``). ``examples``: built by the caller
     with :mod:`humpback_runtime.prompts`. Outputs go to ``store`` under ``prefix``. ``card``: lineage
     for the model card and the resume key (run, stage, role, base model, data counts, fingerprint).
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects (run after the checkpoint upload).
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (run after the checkpoint upload and
+    the tokens/s logging; a stage passes its trackers' here, :func:`humpback_runtime.tracking.trainer_callbacks`).
     ``work_dir``: local scratch space; by default a folder under the system temp directory derived
     from the output location, the same for every process of one node. ``keep_checkpoints``: leave
     the last two checkpoints in the store after the model is complete (by default they are deleted

@@ -194,6 +194,16 @@ def tokenize_all(tokenizer: Any, examples: list[TrainingExample], max_len: int) 
     return out
 
 
+def check_training_yield(data: Tokenized, n_train: int, max_seq_length: int, min_yield: float) -> None:
+    """Fail when fewer than `min_yield` of the training examples survive tokenisation (the rest are
+    dropped because their kept part, the instruction and the template, alone fills maxSeqLength)."""
+    if not data.features or len(data.features) / n_train < min_yield:
+        raise TrainingError(
+            f"{data.dropped} of {n_train} examples were dropped because their kept part (the instruction and "
+            f"the template) alone fills maxSeqLength ({max_seq_length} tokens), leaving "
+            f"{len(data.features)}, below minYield ({min_yield:g}): raise maxSeqLength")
+
+
 
 def resolve_attention(choice: str, *, cuda: bool, bf16: bool, flash_installed: bool, packing: bool = False) -> str:
     """The ``attn_implementation`` to load the model with: ``auto`` is FlashAttention-2 where it can

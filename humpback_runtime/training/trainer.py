@@ -28,9 +28,9 @@ from humpback_runtime.training.varlen import VARLEN, register_varlen
 from humpback_runtime.training.lora import add_lora, qlora_config, save_merged
 from humpback_runtime.training.distributed import (DIST_TIMEOUT_S, GRAD_ACCUM_FILTER, barrier, broadcast,
                                                    disable_cpu_shm_op, env_int)
-from humpback_runtime.training.recipe import (IGNORE_INDEX, MAX_GRAD_NORM, check_fits, deepspeed_config,
-                                              learning_rate_factor, mfu, peak_bf16_flops, resolve_attention,
-                                              resolve_bf16, tokenize_all)
+from humpback_runtime.training.recipe import (IGNORE_INDEX, MAX_GRAD_NORM, check_fits, check_training_yield,
+                                              deepspeed_config, learning_rate_factor, mfu, peak_bf16_flops,
+                                              resolve_attention, resolve_bf16, tokenize_all)
 
 if TYPE_CHECKING:
     from humpback_runtime.training import TrainRequest
@@ -404,6 +404,8 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         save_strategy="steps",
         save_steps=settings.checkpoint_every,
         save_total_limit=None,  # the callback prunes, after uploading
+        # The trackers' callbacks come in request.callbacks (tracking.trainer_callbacks), after
+        # ThroughputLog, so that they log tokens/s too, and into the runs the stage opened.
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -449,11 +451,7 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     train_examples, eval_examples = split_eval(examples, settings.eval_fraction, settings.seed)
     data = tokenize_all(tokenizer, train_examples, settings.max_seq_length)
     eval_data = tokenize_all(tokenizer, eval_examples, settings.max_seq_length) if eval_examples else None
-    if not data.features or len(data.features) / len(train_examples) < settings.min_yield:
-        raise TrainingError(
-            f"{data.dropped} of {len(train_examples)} examples were dropped because their kept part (the instruction and "
-            f"the template) alone fills maxSeqLength ({settings.max_seq_length} tokens), leaving "
-            f"{len(data.features)}, below minYield ({settings.min_yield:g}): raise maxSeqLength")
+    check_training_yield(data, len(train_examples), settings.max_seq_length, settings.min_yield)
     if data.dropped and is_main:
         log.warning("Dropped %d of %d examples whose prompt fills maxSeqLength (%d tokens)",
                     data.dropped, n_in, settings.max_seq_length)

@@ -45,11 +45,13 @@ from humpback_runtime.pod_contract import (
     ENDPOINT_ENV,
     ENDPOINTS_ENV,
     JUDGE_API_KEY_ENV,
+    MLFLOW_CREDENTIAL_ENVS,
     MODEL_DIR,
     REWRITE_API_KEY_ENV,
     SERVED_MODEL_ENV,
     server_api_key_env,
     STAGE_METRICS_PORT_ENV,
+    WANDB_API_KEY_ENV,
 )
 from humpback_runtime.errors import EXIT_INPUTS_MISSING, EXIT_INVALID
 from humpback_runtime.spec import BacktranslationRun, PodResources, duration_seconds, dump_run
@@ -61,7 +63,7 @@ CACHE_DIR = "/cache"  # HUMPBACK_CACHE: models downloaded from S3 for in-process
 IN_PROCESS_ENGINES = ("transformers", "vllm")
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 ANNOTATION_GENERATED_KEY = "humpback.dev/generated-key"  # on a Secret: the operator fills this key at creation
-HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret
+HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret and spec.publish.hub.tokenSecret
 S3_COMPATIBLE_REGION = "us-east-1"  # signing region of an S3-compatible endpoint that names none
 
 POD_SECURITY_CONTEXT = {
@@ -94,6 +96,7 @@ EPHEMERAL_TRAINING = "200Gi"  # the base model and local checkpoints: a 7B ZeRO-
 EPHEMERAL_GPU = "50Gi"  # an in-process engine's model download
 EPHEMERAL_SERVER = "20Gi"  # vLLM streams the weights from S3; compile caches and logs only
 EPHEMERAL_CPU = "10Gi"
+EPHEMERAL_PUBLISH = "50Gi"  # the publish Job holds one model's upload folder: a 7B bf16 model is ~14 GB
 
 # Job podFailurePolicy: a disrupted pod (drain, preemption, spot loss: the DisruptionTarget
 # condition) does not count against backoffLimit, the Job makes a new pod; a pod that exits with
@@ -132,6 +135,10 @@ def cluster_problems(run: BacktranslationRun, config: OperatorConfig | None = No
     uri = run.spec.storage.uri
     if not uri.startswith("s3://"):
         problems.append(f"spec.storage.uri: a cluster run needs s3:// storage (pods share nothing else), got {uri}")
+    mlflow = run.spec.tracking.mlflow
+    if mlflow is not None and not mlflow.remote:
+        problems.append(f"spec.tracking.mlflow.trackingUri: a cluster run needs an MLflow server (http(s)://, "
+                        f"databricks); the file store {mlflow.tracking_uri} would stay in a pod and be lost")
     return problems
 
 
@@ -205,7 +212,8 @@ def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, atte
         primary = _job(run, stage, attempt, config, owner, "client", resources.cpu, gpus=0,
                        deadline=resources.inference.timeout)
     else:
-        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0, deadline=resources.cpu.timeout)
+        primary = _job(run, stage, attempt, config, owner, "job", resources.cpu, gpus=0, deadline=resources.cpu.timeout,
+                       ephemeral=EPHEMERAL_PUBLISH if stage.family == "publish" else None)
     return StageChildren(servers=servers, primary=primary)
 
 
@@ -325,7 +333,10 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
         {"name": "HUMPBACK_CACHE", "value": CACHE_DIR},
         *_s3_env(run),
     ]
-    if spec.huggingface.token_secret:  # gated models and datasets on the hub
+    hub = spec.publish.hub
+    if stage.family == "publish" and hub and hub.token_secret:  # the write token: the publish pod only
+        env.append(_secret_env(HF_TOKEN_ENV, hub.token_secret, HF_TOKEN_ENV))
+    elif spec.huggingface.token_secret:  # gated models and datasets on the hub
         env.append(_secret_env(HF_TOKEN_ENV, spec.huggingface.token_secret, HF_TOKEN_ENV))
     judge = spec.evaluation.judge
     if stage.family == "evaluate" and judge and judge.api_key_secret:
@@ -333,6 +344,18 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
     rewrite = spec.curation.rewrite
     if stage.family == "rewrite" and rewrite.api_key_secret:
         env.append(_secret_env(REWRITE_API_KEY_ENV, rewrite.api_key_secret, API_KEY_SECRET_KEY))
+    return env + _tracking_env(run)
+
+
+def _tracking_env(run: BacktranslationRun) -> list[dict]:
+    """Every stage logs to the run's trackers: their credentials by Secret reference, named as the
+    trackers' own clients read them."""
+    mlflow, wandb = run.spec.tracking.mlflow, run.spec.tracking.wandb
+    env = []
+    if mlflow is not None and mlflow.credentials_secret:  # user/password or token: each key optional
+        env += [_secret_env(key, mlflow.credentials_secret, key, optional=True) for key in MLFLOW_CREDENTIAL_ENVS]
+    if wandb is not None and wandb.credentials_secret:
+        env.append(_secret_env(WANDB_API_KEY_ENV, wandb.credentials_secret, WANDB_API_KEY_ENV))
     return env
 
 
@@ -461,12 +484,13 @@ def _training(run: BacktranslationRun, stage: Stage, attempt: int, config: Opera
 
 
 def _job(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig, owner: dict | None,
-         component: str, res: PodResources, *, gpus: int, deadline: str, extra_env: list[dict] | None = None) -> dict:
+         component: str, res: PodResources, *, gpus: int, deadline: str, extra_env: list[dict] | None = None,
+         ephemeral: str | None = None) -> dict:
     """A batch/v1 Job running the stage once. backoffLimit 0: a failure ends the attempt, and the
     operator's retry is a new Job (its pods and logs stay beside the failed one's); a disruption
     is no failure (podFailurePolicy); `deadline` bounds the attempt (activeDeadlineSeconds)."""
     labels = child_labels(run, stage.name, component, attempt=str(attempt))
-    resources = _resources(res, gpus, EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU)
+    resources = _resources(res, gpus, ephemeral or (EPHEMERAL_GPU if gpus > 0 else EPHEMERAL_CPU))
     volumes, mounts = _volumes(gpus, resources["limits"]["ephemeral-storage"])
     command = ["humpback", *_stage_args(stage)]
     container = _with_metrics_port(

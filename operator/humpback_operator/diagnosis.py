@@ -15,6 +15,10 @@ What a real cluster says, and where:
   `FailedCreatePod` on a PyTorchJob (the training operator), and on a Deployment the
   ReplicaFailure condition the Deployment controller copies from its ReplicaSet.
 - Disrupted: the pod condition DisruptionTarget (eviction, preemption, node drain or loss).
+- InputsDamaged: a container terminated with the runtime's exit code 6, or with a termination
+  message starting "InputsDamaged:" (what a training pod says: torchrun exits 1 whatever the
+  worker's code): an input differs from its producer's manifest, which the pod withdrew; the
+  producer must run again, then the stage.
 - Queued: Kueue holds a workload by suspending its Job (spec.suspend) or PyTorchJob
   (runPolicy.suspend, condition Suspended), or by a scheduling gate on its pods; that is waiting
   in line, not a problem, and does not count against pendingTimeout.
@@ -25,6 +29,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from humpback_runtime.errors import EXIT_INPUTS_DAMAGED, InputsDamaged
+
+INPUTS_DAMAGED = InputsDamaged.__name__
 
 # What keeps a pod from starting: counted against the stage kind's pendingTimeout.
 PENDING_REASONS = ("Unschedulable", "FailedCreate", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
@@ -68,6 +76,11 @@ def pod_problem(pod: Mapping[str, Any]) -> Problem | None:
     for c in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         for state_key in ("state", "lastState"):
             terminated = (c.get(state_key) or {}).get("terminated") or {}
+            said = terminated.get("message") or ""
+            if terminated.get("exitCode") == EXIT_INPUTS_DAMAGED or said.startswith(f"{INPUTS_DAMAGED}:"):
+                said = said.removeprefix(f"{INPUTS_DAMAGED}:").strip()
+                return Problem(INPUTS_DAMAGED, f"pod {name}: " + (said or "an input differs from its producer's "
+                               "manifest, which was withdrawn"))
             if terminated.get("reason") == "OOMKilled":
                 return Problem("OOMKilled", f"container {c.get('name')} of pod {name} ran out of memory "
                                f"(exit code {terminated.get('exitCode', 137)}): raise the stage's memory")
@@ -88,7 +101,7 @@ def diagnose(child: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
     child), most telling first: a disruption or OOM kill over a pending pod; None if nothing is."""
     pods = list(pods)
     problems = [p for p in (pod_problem(pod) for pod in pods) if p is not None]
-    for wanted in ("Disrupted", "OOMKilled", "CrashLoopBackOff"):
+    for wanted in ("InputsDamaged", "Disrupted", "OOMKilled", "CrashLoopBackOff"):
         for problem in problems:
             if problem.reason == wanted:
                 return problem

@@ -331,9 +331,15 @@ def _in_flight(stage: Stage, old: Mapping[str, Any] | None, old_status: Mapping[
     return dataclasses.replace(stage, fingerprint=old["fingerprint"])
 
 
+def _uncounted(st: Mapping[str, Any]) -> int:
+    """Attempts that do not count against retries.limit: disrupted ones, those that found an input
+    damaged, and those of an earlier run of the stage (before a consumer sent it back)."""
+    return sum(int(st.get(key) or 0) for key in ("disruptions", "inputRechecks", "attemptsBefore"))
+
+
 def _counted(st: Mapping[str, Any]) -> int:
-    """Attempts that count against retries.limit: disrupted ones do not."""
-    return int(st.get("attempt") or 0) - int(st.get("disruptions") or 0)
+    """Attempts that count against retries.limit."""
+    return int(st.get("attempt") or 0) - _uncounted(st)
 
 
 def _failed_for_good(st: Mapping[str, Any], limit: int) -> bool:
@@ -402,8 +408,8 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
                       + (f" ({outputs.get('count')} records)" if isinstance(outputs, dict) and outputs.get("count") is not None else ""))
             d.events.append(Event("Normal", "StageSkipped", f"Stage {stage.name} is already done in the store: skipped"))
             return st
-        attempt = 1
-        st.update(phase="Running", attempt=1, startTime=_now_str(now), message="starting")
+        attempt = int(st.get("attemptsBefore") or 0) + 1  # run again after a consumer found it damaged
+        st.update(phase="Running", attempt=attempt, startTime=_now_str(now), message="starting")
         st.pop("completionTime", None)
         st.pop("nextAttemptTime", None)
 
@@ -425,6 +431,9 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             delete_servers()
             return st
         if outcome == "Failed":
+            if (problem is not None and problem.reason == "InputsDamaged"
+                    and int(st.get("inputRechecks") or 0) < MAX_INPUT_RECHECKS):
+                return _inputs_damaged(d, st, stage, attempt, problem, states, plan)
             if problem is not None and problem.reason == "Disrupted" and existing["kind"] != "Job":
                 # A Job ignores disruptions itself (podFailurePolicy); a training job fails: start it again.
                 return _attempt_disrupted(d, st, stage, attempt, problem)
@@ -544,12 +553,40 @@ def _attempt_disrupted(d: Decision, st: dict, stage: Stage, attempt: int, proble
     st.update(phase="Running", attempt=attempt + 1, disruptions=int(st.get("disruptions") or 0) + 1,
               reason="Disrupted", message=f"attempt {attempt} was disrupted ({problem.message}); attempt "
               f"{attempt + 1} starts now and the disrupted one does not count as a retry")
-    for key in ("nextAttemptTime", "pendingSince"):
-        st.pop(key, None)
     d.events.append(Event("Warning", "StageDisrupted", f"Attempt {attempt} of stage {stage.name} was disrupted: "
                           f"{problem.message}; starting attempt {attempt + 1} (not counted as a retry)"))
+    return _next_attempt_now(d, st)
+
+
+def _next_attempt_now(d: Decision, st: dict) -> dict:
+    """The next attempt starts at the next reconcile, with no retry backoff and a fresh pending clock."""
+    for key in ("nextAttemptTime", "pendingSince"):
+        st.pop(key, None)
     d.requeue_after = min(d.requeue_after, 0.5)
     return st
+
+
+# A stage whose inputs arrive damaged again and again fails (counted) after this many re-checks.
+MAX_INPUT_RECHECKS = 2
+
+
+def _inputs_damaged(d: Decision, st: dict, stage: Stage, attempt: int, problem: Problem,
+                    states: dict[str, dict[str, Any]], plan: Plan) -> dict:
+    """The attempt found an input that differs from its producer's manifest and withdrew that
+    manifest (the runtime's exit code 6). The producers are looked up in the store again, so the
+    damaged one runs again (an intact one is skipped), and then a new attempt of this stage starts;
+    none of it counts against retries.limit."""
+    for dep in stage.deps:
+        old = states[dep]
+        states[dep] = {"name": dep, "phase": "Pending", "attempt": 0, "fingerprint": plan[dep].fingerprint,
+                       "attemptsBefore": max(int(old.get("attempt") or 0), int(old.get("attemptsBefore") or 0)),
+                       "message": f"checking the store again: {stage.name} found an output of it damaged"}
+    st.update(phase="Pending", attempt=attempt + 1, inputRechecks=int(st.get("inputRechecks") or 0) + 1,
+              reason="InputsDamaged", message=f"attempt {attempt} found an input damaged ({problem.message}); "
+              f"{', '.join(stage.deps)} checked again, then attempt {attempt + 1} (not counted as a retry)")
+    d.events.append(Event("Warning", "InputsDamaged", f"Attempt {attempt} of stage {stage.name} found an input "
+                          f"damaged: {problem.message}; re-checking {', '.join(stage.deps)} in the store"))
+    return _next_attempt_now(d, st)
 
 
 def _attempt_failed(d: Decision, st: dict, stage: Stage, attempt: int, message: str, limit: int,
@@ -564,7 +601,7 @@ def _attempt_failed(d: Decision, st: dict, stage: Stage, attempt: int, message: 
         if reason == "InvalidInput":
             message += "; the runtime rejected the stage's input or settings: not retried"
         st.update(phase="Failed", completionTime=_now_str(now),
-                  message=f"attempt {attempt} of {limit + 1 + int(st.get('disruptions') or 0)} failed: {message}")
+                  message=f"attempt {attempt} of {limit + 1 + _uncounted(st)} failed: {message}")
         st.pop("nextAttemptTime", None)
         d.events.append(Event("Warning", "StageFailed",
                               f"Stage {stage.name} failed after {attempt} attempt(s): {message}"))
@@ -574,7 +611,7 @@ def _attempt_failed(d: Decision, st: dict, stage: Stage, attempt: int, message: 
     retry_at = now + timedelta(seconds=delay)
     st.update(phase="Running", attempt=attempt + 1, nextAttemptTime=_now_str(retry_at),
               message=f"attempt {attempt} failed: {message}; attempt {attempt + 1} of "
-              f"{limit + 1 + int(st.get('disruptions') or 0)} in {delay}s")
+              f"{limit + 1 + _uncounted(st)} in {delay}s")
     d.events.append(Event("Warning", "StageRetrying",
                           f"Attempt {attempt} of stage {stage.name} failed: {message}; retrying in {delay}s"))
     if rebuild_servers:  # a server that never became ready is rebuilt for the next attempt

@@ -247,9 +247,14 @@ def test_a_stage_refuses_a_damaged_input_naming_it_and_withdraws_its_manifest(tm
         (key,) = shards(ctx, "prepare-corpus")
         path = ctx.store.local_path(key)
         path.write_text("".join(path.read_text().splitlines(keepends=True)[:-10]))
-        result = humpback("stage", "augment", "--spec", spec)
-    assert result.returncode == 1
+        termination_log = tmp_path / "termination-log"  # what the kubelet reads in a pod
+        termination_log.touch()
+        result = humpback("stage", "augment", "--spec", spec, env={"HUMPBACK_TERMINATION_LOG": str(termination_log)})
+    assert result.returncode == 6  # EXIT_INPUTS_DAMAGED
     assert f"stage augment cannot read the outputs of prepare-corpus: {path}:" in result.stderr
+    # The operator reads this (torchrun would turn the exit code into 1) and runs prepare-corpus again.
+    assert termination_log.read_text().startswith(f"InputsDamaged: stage augment cannot read the outputs of "
+                                                  f"prepare-corpus: {path}:")
     assert ctx.manifest("prepare-corpus") is None  # withdrawn: every executor runs prepare-corpus again
     assert not shards(ctx, "augment")
 
@@ -263,7 +268,7 @@ def test_a_changed_byte_of_the_same_size_is_caught_while_reading(tmp_path):
         at = data.index(b'"text": "') + 9
         path.write_bytes(data[:at] + (b"X" if data[at:at + 1] != b"X" else b"Y") + data[at + 1:])
         result = humpback("stage", "augment", "--spec", spec)
-    assert result.returncode == 1
+    assert result.returncode == 6  # EXIT_INPUTS_DAMAGED
     assert f"{path}: sha256" in result.stderr and "the manifest of the stage that wrote it says" in result.stderr
     assert ctx.manifest("prepare-corpus") is None
 

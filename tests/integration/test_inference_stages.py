@@ -294,8 +294,43 @@ def test_an_http_400_for_one_record_drops_it_and_the_stage_goes_on(tmp_path, tin
         run_stage(strict, "prepare-seed")
         run_stage(strict, "prepare-corpus")
         stand_in_for_training(strict, tiny_model, "train-myx")
-        with pytest.raises(Exception, match=r"refused 1 records, more than the 0 allowed"):
+        with pytest.raises(Exception, match=r"1 records were refused, more than the 0 allowed"):
             run_stage(strict, "augment")
+
+
+def test_a_segment_too_long_for_the_models_context_is_dropped_before_sending(tmp_path, tiny_model):
+    """Our own model's tokenizer is at hand: a prompt that cannot fit the server's maxModelLen is never
+    sent (the server would answer 400), but dropped, counted and named; the stage goes on."""
+    from humpback_testing.openai_stub import StubServer
+
+    sent: list[str] = []
+    with StubServer(text=lambda prompt: sent.append(prompt) or "What is this text about?") as stub:
+        ctx = stub_ctx(tmp_path, tiny_model, stub)
+        data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
+        data["spec"]["inference"].update(maxRejectedFraction=0.9, vllm={"maxModelLen": 400})
+        ctx = RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
+        run_stage(ctx, "prepare-seed")
+        run_stage(ctx, "prepare-corpus")
+        segments = list(ctx.records("prepare-corpus"))
+        stand_in_for_training(ctx, tiny_model, "train-myx")
+        manifest = run_stage(ctx, "augment")
+    from transformers import AutoTokenizer
+
+    from humpback_runtime import prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lengths = {s["id"]: len(tokenizer(prompts.backward_prompt(s["text"])).input_ids) for s in segments}
+    too_long = {i for i, n in lengths.items() if n + 12 > 400}  # augmentation.maxTokens is 12
+    assert 0 < len(too_long) < len(segments)
+    assert len(sent) == len(segments) - len(too_long)  # not one of them reached the server
+    assert manifest["counts"]["prompt_too_long"] == len(too_long)
+    assert manifest["counts"]["rejected_by_server"] == 0
+    assert manifest["counts"]["segments"] == len(segments)
+    example = manifest["rejectedExamples"][0]
+    assert example["id"] in too_long
+    assert example["reason"] == (f"prompt too long for the context: {lengths[example['id']]} prompt tokens + 12 "
+                                 f"max_tokens > 400 (inference.vllm.maxModelLen); not sent")
+    assert f"{len(too_long)} prompts too long for the model's context (not sent)" in manifest["yield"]["warnings"]
 
 
 def test_augment_under_its_yield_floor_fails_with_the_likely_cause(tmp_path, tiny_model):

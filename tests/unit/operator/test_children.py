@@ -42,6 +42,7 @@ from humpback_operator.names import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_MODEL,
+    LABEL_STAGE,
     PRIORITY_CLASS_LABEL,
     QUEUE_LABEL,
 )
@@ -293,6 +294,60 @@ def test_a_hugging_face_token_reaches_every_runtime_pod_by_reference():
                 "secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
     assert all("HF_TOKEN" not in env_of(container_of(o)) for o in render_run(make_run(), CONFIG)
                if o["kind"] in ("Job", "PyTorchJob"))
+
+
+def test_tracker_credentials_reach_every_runtime_pod_by_reference_under_the_trackers_names():
+    run = make_run(tracking={"mlflow": {"trackingUri": "https://mlflow.corp", "credentialsSecret": "mlflow-creds"},
+                             "wandb": {"project": "humpback", "credentialsSecret": "wandb-key"}})
+    runtime = [o for o in render_run(run, CONFIG) if o["kind"] in ("Job", "PyTorchJob")]
+    assert {o["kind"] for o in runtime} == {"Job", "PyTorchJob"}  # every stage logs its counts
+    for obj in runtime:
+        for template in pod_templates(obj):
+            env = env_of(template["spec"]["containers"][0])
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+                # user and password, or a token: each key of the Secret may be absent
+                assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {
+                    "name": "mlflow-creds", "key": key, "optional": True}}}
+            assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+                "name": "wandb-key", "key": "WANDB_API_KEY"}}}
+    # Without the Secrets (credentials from elsewhere, or no trackers) no such variable is set.
+    for run in (make_run(), make_run(tracking={"mlflow": {"trackingUri": "https://mlflow.corp"},
+                                               "wandb": {"project": "humpback"}})):
+        for obj in render_run(run, CONFIG):
+            if obj["kind"] in ("Job", "PyTorchJob"):
+                assert not {"MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY"} & set(env_of(container_of(obj)))
+
+
+def test_an_mlflow_file_store_is_a_cluster_problem_naming_the_field():
+    assert cluster_problems(make_run(tracking={"mlflow": {"trackingUri": "https://mlflow.corp"}})) == []
+    (problem,) = cluster_problems(make_run(tracking={"mlflow": {"trackingUri": "file:./mlruns"}}))
+    assert problem.startswith("spec.tracking.mlflow.trackingUri: a cluster run needs an MLflow server")
+
+
+def test_the_publish_job_gets_the_write_token_by_reference_and_no_other_pod_does():
+    run = make_run(huggingface={"tokenSecret": "hf-read"},
+                   publish={"hub": {"repoPrefix": "me/demo", "tokenSecret": "hf-write"}})
+    objects = render_run(run, CONFIG)
+    publish = [o for o in objects if o["metadata"]["labels"].get(LABEL_STAGE) == "publish"]
+    assert [o["kind"] for o in publish] == ["Job"]
+    container = container_of(publish[0])
+    assert container["command"][-4:] == ["stage", "publish", "--spec", "env:HUMPBACK_RUN_SPEC"]
+    names = [e["name"] for e in container["env"]]
+    assert names.count("HF_TOKEN") == 1  # the write token replaces the read token there
+    # Room for one model's upload folder on the /cache volume (a 7B model is ~14 GB).
+    assert container["resources"]["limits"]["ephemeral-storage"] == "50Gi"
+    assert {"name": "HUMPBACK_CACHE", "value": "/cache"} in container["env"]
+    assert env_of(container)["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "hf-write", "key": "HF_TOKEN"}}}
+    for obj in objects:
+        if obj["kind"] in ("Job", "PyTorchJob") and obj is not publish[0]:
+            for template in pod_templates(obj):
+                assert env_of(template["spec"]["containers"][0])["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] \
+                    == "hf-read"
+    # Without a publish token the publish pod pushes with nothing but the read token (or none).
+    bare = make_run(publish={"hub": {"repoPrefix": "me/demo", "dryRun": True}})
+    job = next(o for o in render_run(bare, CONFIG) if o["metadata"]["labels"].get(LABEL_STAGE) == "publish")
+    assert "HF_TOKEN" not in env_of(container_of(job))
 
 
 def test_the_pod_template_reaches_every_pod_and_a_named_service_account_gets_its_token():

@@ -127,7 +127,8 @@ RUNS = {
         "cpu": {"cpu": "500m", "memory": "2Gi", "nodeSelector": {"pool": "cpu"}}}),
     "rewrite-in-process": lambda: make_run(inference={"engine": "vllm"}, curation={
         "iterations": 1, "rewrite": {"enabled": True, "endpoint": "http://x/v1", "model": "m", "apiKeySecret": "rk"}}),
-    "credentials": lambda: make_run(huggingface={"tokenSecret": "hf"}, podTemplate={
+    "credentials": lambda: make_run(huggingface={"tokenSecret": "hf"},
+                                    publish={"hub": {"repoPrefix": "me/demo", "tokenSecret": "hf-write"}}, podTemplate={
         "serviceAccountName": "irsa-runner", "imagePullSecrets": [{"name": "registry"}],
         "env": [{"name": "HF_HUB_OFFLINE", "value": "0"},
                 {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key", "optional": True}}}],

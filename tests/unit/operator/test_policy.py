@@ -40,7 +40,13 @@ def accepted(d) -> dict:
     ({"storage": {"uri": "s3://b/r", "s3": {"credentialsSecret": "prod-db"}}},
      "policy.secretLabel: spec.storage.s3.credentialsSecret: Secret prod-db is not labelled"),
     ({"huggingface": {"tokenSecret": "missing"}}, "policy.secretLabel: spec.huggingface.tokenSecret: Secret missing does not exist"),
+    ({"publish": {"hub": {"repoPrefix": "me/demo", "tokenSecret": "prod-db"}}},
+     "policy.secretLabel: spec.publish.hub.tokenSecret: Secret prod-db is not labelled"),
     ({"podTemplate": {"envFrom": [{"secretRef": {"name": "prod-db"}}]}}, "spec.podTemplate.envFrom[0].secretRef"),
+    ({"tracking": {"mlflow": {"trackingUri": "https://mlflow.corp", "credentialsSecret": "prod-db"}}},
+     "policy.secretLabel: spec.tracking.mlflow.credentialsSecret: Secret prod-db is not labelled"),
+    ({"tracking": {"wandb": {"project": "p", "credentialsSecret": "missing"}}},
+     "policy.secretLabel: spec.tracking.wandb.credentialsSecret: Secret missing does not exist"),
 ])
 def test_a_run_breaking_the_policy_is_refused_naming_the_rule_and_creates_nothing(spec, rule):
     labels = {"prod-db": {"app": "db"}, "missing": None}
@@ -79,11 +85,12 @@ def test_default_images_and_the_operators_service_account_are_always_allowed():
 def test_every_secret_reference_is_listed():
     run = run_from_body(body(
         storage={"uri": "s3://b/r", "s3": {"credentialsSecret": "a"}}, huggingface={"tokenSecret": "b"},
+        publish={"hub": {"repoPrefix": "me/demo", "tokenSecret": "g"}},
         evaluation={"enabled": True, "judge": {"endpoint": "https://j/v1", "model": "j", "apiKeySecret": "c"}},
         podTemplate={"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "d", "key": "k"}}},
                              {"name": "Y", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}}],
                      "envFrom": [{"secretRef": {"name": "e"}}], "imagePullSecrets": [{"name": "f"}]}))
-    assert [name for _, name in referenced_secrets(run)] == ["a", "b", "c", "d", "e", "f"]
+    assert [name for _, name in referenced_secrets(run)] == ["a", "b", "g", "c", "d", "e", "f"]
 
 
 def test_the_policy_is_read_from_the_environment_and_a_bad_one_names_the_variable():

@@ -498,3 +498,60 @@ def test_a_server_past_its_progress_deadline_while_kueue_gates_its_pods_is_not_f
     cluster.pods.clear()  # admitted, and then it really missed its deadline
     cluster.step()
     assert name in cluster.deleted
+
+
+def test_a_pod_that_found_an_input_damaged_sends_its_producer_back_without_counting_a_retry():
+    """The pod withdrew prepare-corpus's manifest (a truncated shard) and said so in its termination
+    message: the operator looks both producers up again (the intact train-myx is skipped), runs
+    prepare-corpus again, then augment, none of it counted against retries.limit."""
+    held = {"augment": True}
+
+    def policy(obj):
+        return "hold" if obj["metadata"]["labels"]["humpback.dev/stage"] == "augment" and held["augment"] else "succeed"
+
+    body = tiny_body(**{"retries.limit": 0})
+    cluster = Cluster(body, policy=policy)
+    job = started(cluster, "augment")
+    plan = build_plan(parse_run({k: v for k, v in body.items() if k != "status"}))
+    intact = {"train-myx": {"fingerprint": plan["train-myx"].fingerprint}}
+    said = ("InputsDamaged: stage augment cannot read the outputs of prepare-corpus: s3://bucket/runs/ml/tiny-cpu/"
+            "prepare-corpus/part-00000.jsonl: 1200 bytes, the manifest says 1400")
+    cluster.pods.append(pod_of(job, phase="Failed", containerStatuses=[
+        {"name": "stage", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": said}}}]))
+    conditions_true(job, "Failed")
+    held["augment"] = False
+    cluster.step(store=intact)
+    stage = cluster.stage("augment")
+    assert (stage["phase"], stage["reason"], stage["attempt"], stage["inputRechecks"]) == ("Pending", "InputsDamaged", 2, 1)
+    assert "1200 bytes, the manifest says 1400" in stage["message"]
+    assert cluster.stage("prepare-corpus")["phase"] == "Pending"
+    assert ("Warning", "InputsDamaged") in [(t, r) for t, r, _ in cluster.events]
+
+    cluster.run_until(phase_is("Succeeded"), store=intact)
+    corpus_jobs = sorted(n for n in cluster.created if n.startswith("tiny-cpu-prepare-corpus-"))
+    assert len(corpus_jobs) == 2  # ran again, as attempt 2 of its own (a new Job)
+    assert cluster.stage("prepare-corpus")["attempt"] == 2
+    assert cluster.stage("train-myx")["phase"] == "Skipped"  # its manifest was intact
+    assert cluster.stage("augment")["phase"] == "Succeeded" and cluster.stage("augment")["attempt"] == 2
+
+
+def test_an_input_damaged_again_and_again_fails_the_stage():
+    cluster = Cluster(tiny_body(**{"retries.limit": 0}),
+                      policy=lambda obj: "hold" if obj["kind"] == "PyTorchJob" else "succeed")
+    started(cluster, "train-myx")
+
+    def attempt_child(n):
+        return next((o for k, o in cluster.objects.items() if k[0] == "PyTorchJob"
+                     and o["metadata"]["labels"]["humpback.dev/attempt"] == str(n)), None)
+
+    for attempt in (1, 2, 3):
+        cluster.run_until(lambda c: attempt_child(attempt) is not None)
+        child = attempt_child(attempt)
+        cluster.pods.append(pod_of(child, phase="Failed", containerStatuses=[
+            {"name": "pytorch", "state": {"terminated": {"exitCode": 6, "reason": "Error"}}}]))
+        conditions_true(child, "Failed")
+        cluster.step()
+        if attempt < 3:
+            assert cluster.stage("train-myx")["reason"] == "InputsDamaged"
+    stage = cluster.stage("train-myx")
+    assert stage["phase"] == "Failed" and stage["inputRechecks"] == 2 and stage["attempt"] == 3

@@ -400,3 +400,42 @@ def test_a_client_uses_the_generated_key_of_the_operators_server(monkeypatch):
     monkeypatch.setenv("HUMPBACK_ENDPOINT", "http://s:8000/v1")
     monkeypatch.setenv("HUMPBACK_SERVER_API_KEY_MYX", "kx")
     assert engine_for(ctx, "train-myx").settings.api_key == "kx"
+
+
+def test_a_users_own_endpoint_may_speak_the_chat_api_the_operators_servers_never(monkeypatch, tmp_path):
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.inference.models import engine_for
+    from humpback_runtime.spec import parse_run
+
+    def ctx_with(**inference):
+        run = parse_run({"apiVersion": "humpback.dev/v1alpha1", "kind": "BacktranslationRun", "metadata": {"name": "r"},
+                         "spec": {"baseModel": "m", "seed": {"source": "s.jsonl"}, "corpus": {"source": "c.jsonl"},
+                                  "inference": inference}})
+        return RunContext.create(run, str(tmp_path / "runs"))
+
+    assert engine_for(ctx_with(endpoint="http://mine:8000/v1"), "train-m0").settings.api == "completions"
+    chat = ctx_with(endpoint="http://mine:8000/v1", api="chat")
+    assert engine_for(chat, "train-m0").settings.api == "chat"
+    monkeypatch.setenv("HUMPBACK_ENDPOINTS", '{"train-m0": "http://s0:8000/v1"}')  # the operator's server
+    assert engine_for(chat, "train-m0").settings.api == "completions"
+
+
+# --- prompts too long for the context (issue 10) -----------------------------------------------------
+
+def test_prompt_limit_counts_only_prompts_that_may_not_fit_and_names_the_figures():
+    from humpback_runtime.inference.engines import PromptLimit
+
+    counted: list[str] = []
+
+    def count(prompt: str) -> int:
+        counted.append(prompt)
+        return len(prompt.split()) + 1  # a word a token, plus BOS
+
+    limit = PromptLimit(context=100, count_tokens=count, source="inference.vllm.maxModelLen")
+    assert limit.check("short prompt", max_tokens=16) is None
+    assert counted == []  # 12 bytes + 16 cannot pass 100 tokens: no tokenizer call
+    assert limit.check("x " * 60, max_tokens=16) is None  # 120 bytes, but 61 + 16 tokens fit
+    reason = limit.check("word " * 90, max_tokens=16)
+    assert reason == ("prompt too long for the context: 91 prompt tokens + 16 max_tokens > 100 "
+                      "(inference.vllm.maxModelLen); not sent")
+    assert len(counted) == 2

@@ -420,7 +420,7 @@ def test_module_docstring_example_shape_matches_the_stats(store):
         stats = asyncio.run(_run(stub.url, store, _records(2)))
     assert set(stats) == {"completed", "skipped_done", "dropped", "retries", "seconds", "records_per_second",
                           "prompt_tokens", "completion_tokens", "shards_written", "rejected_by_server",
-                          "rejected_examples"}
+                          "prompt_too_long", "rejected_examples"}
     json.dumps(stats)  # goes into the manifest as is
 
 
@@ -441,7 +441,7 @@ def test_a_record_the_server_refuses_is_dropped_with_its_reason_and_the_run_goes
     assert stats["rejected_by_server"] == 1 and stats["completed"] == 19
     assert stats["rejected_examples"] == [{"id": "r7", "reason": f"HTTP {status}: stub failure (HTTP {status})"}]
     assert sorted(_ids(store)) == sorted(f"r{i}" for i in range(20) if i != 7)
-    assert rejected_records(store, PREFIX) == {"count": 1, "examples": stats["rejected_examples"]}
+    assert rejected_records(store, PREFIX) == {"count": 1, "examples": stats["rejected_examples"], "before_sending": 0}
     # Exactly once: a rerun asks for nothing, not even the refused record.
     with StubServer(fail_on="document 7", status_on_fail=status) as stub:
         again = asyncio.run(main(stub.url))
@@ -455,5 +455,35 @@ def test_more_refusals_than_allowed_fail_the_run(store):
                                          checkpoint_every=5, max_rejected=1)
 
     with StubServer(fail_on="document 1", status_on_fail=400) as stub:  # document 1, 10..19: 11 refused
-        with pytest.raises(CompletionError, match=r"refused 2 records, more than the 1 allowed"):
+        with pytest.raises(CompletionError, match=r"2 records were refused, more than the 1 allowed"):
             asyncio.run(main(stub.url))
+
+
+def test_a_prompt_that_cannot_fit_is_dropped_before_sending_and_counts_as_refused(tmp_path):
+    """check_prompt (the engine's context limit) drops a record without a request; refusals of both
+    kinds share max_rejected."""
+    from humpback_runtime.inference.client import rejected_records
+
+    def check(prompt: str, params: dict) -> str | None:
+        return "prompt too long for the context" if "document 3" in prompt or "document 11" in prompt else None
+
+    async def main(stub_url, store, max_rejected):
+        async with CompletionsClient(_settings(stub_url, concurrency=1)) as client:
+            return await run_completions(client, _records(20), build, handle, store=store, prefix=PREFIX,
+                                         checkpoint_every=5, max_rejected=max_rejected, check_prompt=check)
+
+    store = open_store(str(tmp_path / "a"))
+    seen: list[str] = []
+    with StubServer(text=lambda prompt: seen.append(prompt) or "ok", fail_on="document 7", status_on_fail=400) as stub:
+        stats = asyncio.run(main(stub.url, store, max_rejected=3))
+        assert stub.stats.requests == 18  # the two long prompts were never sent
+    assert seen and not any("document 3" in p or "document 11" in p for p in seen)
+    assert stats["prompt_too_long"] == 2 and stats["rejected_by_server"] == 1 and stats["completed"] == 17
+    refused = rejected_records(store, PREFIX)
+    assert refused["count"] == 3 and refused["before_sending"] == 2
+    assert {"id": "r3", "reason": "prompt too long for the context"} in refused["examples"]
+
+    # Two too long plus one refused by the server are more than the 2 allowed: the run fails.
+    with StubServer(fail_on="document 7", status_on_fail=400) as stub:
+        with pytest.raises(CompletionError, match=r"3 records were refused, more than the 2 allowed"):
+            asyncio.run(main(stub.url, open_store(str(tmp_path / "b")), max_rejected=2))

@@ -237,6 +237,24 @@ def test_the_forward_model_keeps_the_instruction_and_cuts_the_response(tokenizer
     data = tokenize_all(tokenizer, [ex], 96)
     assert data.dropped == 0 and data.truncated == 1 and data.prompt_cut == 0
     assert tokenizer.decode(data.features[0]["input_ids"]).startswith(tokenizer.bos_token + ex.prompt)
+def test_training_under_its_yield_floor_fails_naming_the_counts_and_the_setting(tokenizer, pairs) -> None:
+    """A forward model drops an example only when its instruction and template alone fill the window."""
+    from humpback_runtime.errors import TrainingError
+    from humpback_runtime.training.recipe import check_training_yield, tokenize_all
+
+    long_instruction = " ".join(p["response"] for p in pairs[:6])
+    examples = [prompts.forward_example(long_instruction, "Fine.", SYSTEM)] * 3 + [
+        prompts.forward_example("Write about whales.", "Whales are large.", SYSTEM)]
+    data = tokenize_all(tokenizer, examples, 96)
+    assert (data.dropped, len(data.features)) == (3, 1)
+    check_training_yield(data, len(examples), 96, 0.25)  # 1 of 4 meets a floor of 0.25
+    with pytest.raises(TrainingError) as err:
+        check_training_yield(data, len(examples), 96, 0.5)
+    assert str(err.value) == ("3 of 4 examples were dropped because their kept part (the instruction and the "
+                              "template) alone fills maxSeqLength (96 tokens), leaving 1, below minYield (0.5): "
+                              "raise maxSeqLength")
+
+
 def test_dropout_goes_on_every_dropout_field_the_config_has():
     transformers = pytest.importorskip("transformers")
     from humpback_runtime.training.trainer import apply_dropout
