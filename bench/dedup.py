@@ -29,14 +29,16 @@ only within a planted family), with the prefix filter of all-pairs similarity jo
 al. 2007): two sets at Jaccard >= t share a shingle among the first |S| - ceil(t|S|) + 1 of each
 in one global order (rarest shingles first), and each candidate found that way is compared exactly.
 
-Methods, each timed over the whole stage loop on one core: read the corpus JSONL with
-`iter_source_records`, filter (boilerplate, length window, exact dedup, then near-dup), write the
-kept segments with `ShardWriter` to a LocalStore, as prepare-corpus does. Only the near-dup step
-differs:
+Methods: each runs the prepare-corpus stage itself, `run_prepare_corpus` (what `humpback stage
+prepare-corpus` runs: read the corpus JSONL, filter (boilerplate, length window, exact dedup, then
+near-dup, in batches), write the kept segments as shards to a local store), in a fresh process on
+one core, timed over that call. Only the near-dup step differs:
 
 - exact only: the baseline, near-dup off (what the rest of the stage costs);
-- humpback: `CorpusFilter` with the default spec (MinHash 64, LSH banded for recall, each
-  candidate verified by exact shingle Jaccard); "humpback-128" and so on set dedup.numPerm;
+- humpback: the default spec (MinHash 64, LSH banded for recall, each candidate verified by exact
+  shingle Jaccard); "humpback-128" and so on set dedup.numPerm; "humpback@REV" runs the
+  humpback_runtime of git revision REV (`git archive`), e.g. humpback@main for before/after;
+- datasketch and rensa take the place of `NearDuplicateIndex` in that stage:
 - datasketch: `MinHash(num_perm=128, hashfunc=xxh32).update_batch(shingles)` and
   `MinHashLSH(threshold, num_perm=128)` (its own banding, 9x13 at 0.8): a document with any
   LSH result is a duplicate, otherwise it is inserted (the library's documented use);
