@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import aiohttp  # noqa: E402
 
 from humpback_runtime.inference.client import ClientSettings, CompletionsClient, run_completions  # noqa: E402
 from humpback_runtime.storage import list_shards, open_store  # noqa: E402
+from stub_process import start_stub  # noqa: E402  (bench/stub_process.py)
 
 GOAL = 2000.0
 
@@ -43,16 +43,6 @@ def _proc_cpu(pid: int) -> float:
     """User + system CPU seconds of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_stub_process(text: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "humpback_testing.openai_stub", "--port", "0", "--text", text],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise RuntimeError(f"the stub did not start: {line!r}")
-    return proc, line.split()[-1]
 
 
 def records(n: int, prompt_chars: int) -> list[dict]:
@@ -108,7 +98,7 @@ def main() -> None:
 
     text = ("an instruction that asks for the document " * (args.text_chars // 42 + 1))[:args.text_chars]
     recs = records(args.records, args.prompt_chars)
-    stub, url = start_stub_process(text)
+    stub, url = start_stub(text)
     rows = []
     try:
         asyncio.run(warm_up(url))

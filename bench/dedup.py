@@ -29,14 +29,16 @@ only within a planted family), with the prefix filter of all-pairs similarity jo
 al. 2007): two sets at Jaccard >= t share a shingle among the first |S| - ceil(t|S|) + 1 of each
 in one global order (rarest shingles first), and each candidate found that way is compared exactly.
 
-Methods, each timed over the whole stage loop on one core: read the corpus JSONL with
-`iter_source_records`, filter (boilerplate, length window, exact dedup, then near-dup), write the
-kept segments with `ShardWriter` to a LocalStore, as prepare-corpus does. Only the near-dup step
-differs:
+Methods: each runs the prepare-corpus stage itself, `run_prepare_corpus` (what `humpback stage
+prepare-corpus` runs: read the corpus JSONL, filter (boilerplate, length window, exact dedup, then
+near-dup, in batches), write the kept segments as shards to a local store), in a fresh process on
+one core, timed over that call. Only the near-dup step differs:
 
 - exact only: the baseline, near-dup off (what the rest of the stage costs);
-- humpback: `CorpusFilter` with the default spec (MinHash 64, LSH banded for recall, each
-  candidate verified by exact shingle Jaccard); "humpback-128" and so on set dedup.numPerm;
+- humpback: the default spec (MinHash 64, LSH banded for recall, each candidate verified by exact
+  shingle Jaccard); "humpback-128" and so on set dedup.numPerm; "humpback@REV" runs the
+  humpback_runtime of git revision REV (`git archive`), e.g. humpback@main for before/after;
+- datasketch and rensa take the place of `NearDuplicateIndex` in that stage:
 - datasketch: `MinHash(num_perm=128, hashfunc=xxh32).update_batch(shingles)` and
   `MinHashLSH(threshold, num_perm=128)` (its own banding, 9x13 at 0.8): a document with any
   LSH result is a duplicate, otherwise it is inserted (the library's documented use);
@@ -60,6 +62,7 @@ import os
 import platform
 import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,12 +72,12 @@ import numpy as np
 import xxhash
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# A child process runs one method with the code of its job's root (this checkout, or an earlier
+# commit's humpback_runtime for "humpback@REV"): that root goes first on the path.
+sys.path.insert(0, json.loads(sys.argv[2])["root"] if sys.argv[1:2] == ["--child"] else str(ROOT))
 
-from humpback_runtime.corpus import CorpusCounts, CorpusFilter, clean_boilerplate, normalise  # noqa: E402
-from humpback_runtime.sources import BadRecords, iter_source_records  # noqa: E402
+from humpback_runtime.corpus import CorpusFilter, clean_boilerplate, normalise  # noqa: E402
 from humpback_runtime.spec import CorpusSpec, DedupSpec  # noqa: E402
-from humpback_runtime.storage import LocalStore, ShardWriter  # noqa: E402
 
 LIBRARY_NUM_PERM = 128  # datasketch's and rensa's usual setting
 NGRAM = 5
@@ -211,12 +214,23 @@ def _shingles(normalised: bytes) -> list[str]:
     return [" ".join(words[i:i + NGRAM]) for i in range(max(len(words) - NGRAM + 1, 1))]
 
 
-class DatasketchIndex:
-    def __init__(self, threshold: float):
+class _LibraryIndex:
+    """A near-dup step in place of prepare-corpus's NearDuplicateIndex (same constructor and calls)."""
+
+    def __init__(self, dedup, counts=None):
+        self.threshold = dedup.threshold
+
+    def seen_many(self, texts: list[bytes]) -> list[bool]:
+        return [self.seen(text) for text in texts]
+
+
+class DatasketchIndex(_LibraryIndex):
+    def __init__(self, dedup, counts=None):
         from datasketch import MinHash, MinHashLSH
 
+        super().__init__(dedup)
         self.minhash = lambda: MinHash(num_perm=LIBRARY_NUM_PERM, hashfunc=xxhash.xxh32_intdigest)
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=LIBRARY_NUM_PERM)
+        self.lsh = MinHashLSH(threshold=self.threshold, num_perm=LIBRARY_NUM_PERM)
         self.n = 0
 
     def seen(self, normalised: bytes) -> bool:
@@ -229,13 +243,13 @@ class DatasketchIndex:
         return False
 
 
-class RensaIndex:
-    def __init__(self, threshold: float):
+class RensaIndex(_LibraryIndex):
+    def __init__(self, dedup, counts=None):
         from rensa import RMinHash, RMinHashLSH
 
+        super().__init__(dedup)
         self.RMinHash = RMinHash
-        self.threshold = threshold
-        self.lsh = RMinHashLSH(threshold=threshold, num_perm=LIBRARY_NUM_PERM, num_bands=16)
+        self.lsh = RMinHashLSH(threshold=self.threshold, num_perm=LIBRARY_NUM_PERM, num_bands=16)
         self.kept: list = []
 
     def seen(self, normalised: bytes) -> bool:
@@ -248,32 +262,63 @@ class RensaIndex:
         return False
 
 
+def code_of(rev: str, tmp: Path) -> Path:
+    """A folder holding the humpback_runtime of git revision `rev` of this checkout."""
+    root = tmp / f"code-{re.sub(r'[^A-Za-z0-9.-]', '-', rev)}"
+    if not root.exists():
+        root.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "humpback_runtime"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
 def run_method(name: str, corpus: Path, store_root: Path, threshold: float) -> dict:
-    # "humpback" runs the default spec; "humpback-128" sets num_perm=128, and so on.
-    dedup = DedupSpec(threshold=threshold)
+    """One method over the corpus: the prepare-corpus stage itself (`run_prepare_corpus`, as
+    `humpback stage prepare-corpus` runs it), in a fresh process, with this checkout's code or,
+    for "humpback@REV", the humpback_runtime of git revision REV."""
+    root = code_of(name.split("@", 1)[1], store_root.parent) if "@" in name else ROOT
+    job = {"name": name, "corpus": str(corpus), "store": str(store_root), "threshold": threshold, "root": str(root)}
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(job: dict) -> None:
+    sys.path.insert(0, job["root"])  # this checkout, or the extracted humpback_runtime of --before
+    import humpback_runtime.corpus as corpus_module
+    from humpback_runtime.context import RunContext
+    from humpback_runtime.spec import parse_run
+    from humpback_runtime.stages.prepare import run_prepare_corpus
+
+    assert corpus_module.__file__.startswith(job["root"]), corpus_module.__file__
+    name, threshold = job["name"], job["threshold"]
+    # "humpback" runs the default spec; "humpback-128" sets numPerm=128, and so on.
+    dedup = {"threshold": threshold}
     if name.startswith("humpback-"):
-        dedup = DedupSpec(threshold=threshold, num_perm=int(name.split("-")[1]))
-    spec = CorpusSpec(source=str(corpus), dedup=dedup)
-    counts = CorpusCounts()
-    flt = CorpusFilter(spec, counts)
+        dedup["numPerm"] = int(name.split("-")[1].split("@")[0])
     if name == "exact only":
-        flt._near = None  # the baseline: everything but the near-dup step
-    elif name == "datasketch":
-        flt._near = DatasketchIndex(threshold)  # the same filter, another near-dup step
-    elif name == "rensa":
-        flt._near = RensaIndex(threshold)
-    bad = BadRecords("fail", label="corpus")
-    kept_ids = []
+        dedup["nearDuplicates"] = False  # the baseline: everything but the near-dup step
+    elif name in ("datasketch", "rensa"):
+        # The same stage with another near-dup step in place of NearDuplicateIndex.
+        corpus_module.NearDuplicateIndex = {"datasketch": DatasketchIndex, "rensa": RensaIndex}[name]
+    run = parse_run({
+        "apiVersion": "humpback.dev/v1alpha1", "kind": "BacktranslationRun", "metadata": {"name": "dedup-bench"},
+        "spec": {"baseModel": "unused", "seed": {"source": job["corpus"]},
+                 "corpus": {"source": job["corpus"], "dedup": dedup},
+                 "storage": {"uri": job["store"]}},
+    })
+    ctx = RunContext.create(run, job["store"], identify_inputs=False)
+    stage = ctx.plan["prepare-corpus"]
+    prefix = ctx.prefix(stage.name)
     gc.collect()
     wall, cpu = time.perf_counter(), time.process_time()
-    with ShardWriter(LocalStore(store_root), f"{re.sub(r'[^a-z0-9-]', '-', name)}/prepare-corpus") as writer:
-        for where, record in iter_source_records(str(corpus), bad=bad):
-            segment = flt.process(where, record.get("text"))
-            if segment is not None:
-                writer.write(segment)
-                kept_ids.append(int(where.rsplit(":", 1)[1]) - 1)
+    manifest = run_prepare_corpus(ctx, stage, prefix)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"counts": counts.as_dict(), "kept": kept_ids, "wall_s": wall, "cpu_s": cpu}
+    kept = [int(json.loads(line)["id"].rsplit(":", 1)[1]) - 1
+            for key in manifest["outputs"]["records"] for line in ctx.store.read_bytes(key).splitlines()]
+    print(json.dumps({"counts": manifest["counts"], "kept": kept, "wall_s": wall, "cpu_s": cpu}))
 
 
 def score(result: dict, n: int, ideal: set[int], sets: list[np.ndarray], docs) -> dict:
@@ -320,7 +365,8 @@ def main() -> None:
     parser.add_argument("--planted", type=float, default=0.25, help="fraction of documents that copy an earlier one")
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--methods", nargs="+", default=["exact only", "humpback", "datasketch", "rensa"],
-                        help='also "humpback-N": humpback with num_perm=N')
+                        help='also "humpback-N": humpback with numPerm=N; "humpback@REV": the code of git revision REV '
+                             '(e.g. humpback@main), for before/after figures in one run')
     parser.add_argument("--data", type=Path, default=ROOT / "examples" / "data" / "c4_sample.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dedup.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -353,10 +399,11 @@ def main() -> None:
         best: dict[str, dict] = {}
         for round_ in range(args.repeat):
             for name in args.methods:
+                store = Path(tmp) / f"store-{round_}-{re.sub(r'[^A-Za-z0-9.-]', '-', name)}"
                 try:
-                    raw = run_method(name, corpus, Path(tmp) / f"store-{round_}", args.threshold)
-                except ImportError as exc:
-                    print(f"{name}: not installed ({exc}); skipped")
+                    raw = run_method(name, corpus, store, args.threshold)
+                except RuntimeError as exc:  # a library not installed, say
+                    print(f"{name}: skipped ({str(exc).strip().splitlines()[-1]})")
                     continue
                 print(f"  round {round_ + 1}: {name} {len(docs) / raw['cpu_s']:,.0f} docs/cpu-s", flush=True)
                 if name not in best or raw["cpu_s"] < best[name]["cpu_s"]:
@@ -367,13 +414,13 @@ def main() -> None:
     for r in results.values():
         # CPU time per document that the near-dup step adds to the rest of the stage.
         r["near_dup_us_per_doc"] = (r["cpu_s"] - base["cpu_s"]) / len(docs) * 1e6 if base else None
-    header = (f"{'method':12} {'removed':>8} {'recall':>7} {'false pos':>9} {'missed':>7} {'docs/cpu-s':>10} "
+    header = (f"{'method':16} {'removed':>8} {'recall':>7} {'false pos':>9} {'missed':>7} {'docs/cpu-s':>10} "
               f"{'docs/s wall':>11} {'near-dup us/doc':>15}")
     print("\n" + header + "\n" + "-" * len(header))
-    print(f"{'ideal':12} {len(ideal):>8,} {1:>7.1%} {0:>9} {0:>7}")
+    print(f"{'ideal':16} {len(ideal):>8,} {1:>7.1%} {0:>9} {0:>7}")
     for name, r in results.items():
         cost = "" if r["near_dup_us_per_doc"] is None or name == "exact only" else f"{r['near_dup_us_per_doc']:,.0f}"
-        print(f"{name:12} {r['removed']:>8,} {r['recall']:>7.1%} {r['false_positives']:>9,} {r['missed']:>7,} "
+        print(f"{name:16} {r['removed']:>8,} {r['recall']:>7.1%} {r['false_positives']:>9,} {r['missed']:>7,} "
               f"{r['docs_per_cpu_s']:>10,.0f} {r['docs_per_wall_s']:>11,.0f} {cost:>15}")
     for name, r in results.items():
         if name != "exact only":
@@ -418,4 +465,7 @@ def _dist_version(name: str) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        _child(json.loads(sys.argv[2]))
+    else:
+        main()

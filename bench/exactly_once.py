@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,19 +41,10 @@ import humpback_runtime.storage as storage  # noqa: E402
 from humpback_runtime.context import RunContext  # noqa: E402
 from humpback_runtime.manifest import Verification, describe_outputs  # noqa: E402
 from humpback_runtime.spec import parse_run  # noqa: E402
+from stub_process import start_stub  # noqa: E402  (bench/stub_process.py)
 
 GOAL = 0.02
 STUB_TEXT = "A clear and helpful answer.\nScore: 4"  # an instruction for augment, a score for curate
-
-
-def start_stub() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "humpback_testing.openai_stub", "--port", "0", "--text", STUB_TEXT],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise RuntimeError(f"the stub did not start: {line!r}")
-    return proc, line.split()[-1]
 
 
 class _NoLease:
@@ -131,8 +121,8 @@ def safeguards(on: bool):
 def demo_run(endpoint: str, concurrency: int) -> dict:
     data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
     spec = data["spec"]
-    spec["seed"]["source"] = str(ROOT / spec["seed"]["source"])
-    spec["corpus"]["source"] = str(ROOT / spec["corpus"]["source"])
+    spec["seed"]["source"] = str(ROOT / "examples" / spec["seed"]["source"])  # relative to the run file
+    spec["corpus"]["source"] = str(ROOT / "examples" / spec["corpus"]["source"])
     spec["curation"]["mode"] = "generate"
     spec["inference"] = {"engine": "vllm-server", "endpoint": endpoint, "concurrency": concurrency,
                          "checkpointEvery": 50}
@@ -223,7 +213,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    stub, endpoint = start_stub()
+    stub, endpoint = start_stub(STUB_TEXT)
     results = {"machine": platform.platform(), "python": platform.python_version(), "records": args.records}
     try:
         demo_once(endpoint, args.concurrency, False)  # warm-up: imports, first connections

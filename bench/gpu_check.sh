@@ -11,7 +11,8 @@
 # this checkout runs from PYTHONPATH. Nothing is downloaded on the GPU machine.
 #
 # 1. Training: bench/train_throughput.py --gpu: a random ~1B Llama (TinyLlama's shape) in bf16,
-#    ZeRO-2, SDPA, gradient checkpointing, the seed pairs' real lengths, padded beside packed;
+#    ZeRO-2, attention auto (FlashAttention-2 where installed, else SDPA; packed rows example by
+#    example), gradient checkpointing, the seed pairs' real lengths, padded beside packed;
 #    prints tokens/s and MFU (goal: >= 45 % packed).
 # 2. Curation: bench/curation_throughput.py --gpu: the in-process transformers engine on the same
 #    model shape, ~1k-token prompts, logprobs vs generate mode in pairs/s (goal >= 3x), and the
@@ -62,10 +63,10 @@ RESULTS=bench/results/gpu_check
 mkdir -p "$RESULTS"
 if [ "$MODE" = gpu ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-  TRAIN_ARGS=(--gpu --model-size "$SIZE" --zero 2 --attention sdpa --steps 30 --warmup 5 --batch 16 --per-device-batch 16)
+  TRAIN_ARGS=(--gpu --model-size "$SIZE" --zero 2 --attention auto --steps 30 --warmup 5 --batch 16 --per-device-batch 16)
   CURATE_ARGS=(--gpu --model-size "$SIZE" --pairs 186 --generate-pairs 64 --batch-size 32 --response-chars 4000)
 else
-  TRAIN_ARGS=(--model-size "$SIZE" --zero 2 --attention sdpa --steps 4 --warmup 1 --batch 4 --per-device-batch 4 --seq-len 512)
+  TRAIN_ARGS=(--model-size "$SIZE" --zero 2 --attention auto --steps 4 --warmup 1 --batch 4 --per-device-batch 4 --seq-len 512)
   CURATE_ARGS=(--model-size "$SIZE" --device cpu --skip-vllm --pairs 8 --max-tokens 8 --batch-size 4 --response-chars 400)
 fi
 start=$(date +%s)

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,19 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 from humpback_runtime.inference.client import ClientSettings, CompletionsClient, run_completions  # noqa: E402
 from humpback_runtime.spec import InferenceSpec  # noqa: E402
 from humpback_runtime.storage import open_store  # noqa: E402
+from stub_process import start_stub  # noqa: E402  (bench/stub_process.py)
 
 GOAL = 0.95
-
-
-def start_stub(capacity: int, seq_delay_s: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "humpback_testing.openai_stub", "--port", "0", "--text",
-                             "a short answer", "--capacity", str(capacity), "--seq-delay-s", str(seq_delay_s)],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise RuntimeError(f"the stub did not start: {line!r}")
-    return proc, line.split()[-1]
 
 
 def stub_stats(url: str) -> dict:
@@ -84,7 +73,7 @@ def main() -> None:
     args = p.parse_args()
     auto = InferenceSpec(vllm={"maxNumSeqs": args.capacity}).client_concurrency(replicas=1)
     cases = [("fixed 64 (old default)", 64), (f"auto ({auto})", auto)]
-    proc, url = start_stub(args.capacity, args.seq_delay_s)
+    proc, url = start_stub("a short answer", "--capacity", str(args.capacity), "--seq-delay-s", str(args.seq_delay_s))
     results = []
     try:
         for label, concurrency in cases:

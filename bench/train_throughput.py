@@ -6,8 +6,11 @@ batches on the seed data's real lengths, and MFU on a GPU.
 
 Every case runs the real entry point (`train()`: HF Trainer, the DeepSpeed config built there, a
 local store, checkpoints off) in this process, one case after the other: for each ZeRO stage of
---zero (default 2), right-padded micro-batches (`packing: false`) beside padding-free packed ones
-(`packing: true`). The data are the shipped seed pairs (examples/data/oasst1_pairs.jsonl) as
+--zero (default 2), right-padded micro-batches (`packing: false`: padded to the longest example of
+the micro-batch, what the trainer does without packing) beside padding-free packed ones
+(`packing: true`), both with `--attention` (default auto, as the trainer: padded batches get SDPA,
+packed ones SDPA example by example, "sdpa_varlen", or FlashAttention-2 where installed on a GPU);
+--dense-packed adds packed batches under plain SDPA (one dense block-diagonal mask over the row). The data are the shipped seed pairs (examples/data/oasst1_pairs.jsonl) as
 forward examples, so the lengths are the real, short, variable ones the seed model trains on
 (--data full-length: c4 text cut to --seq-len tokens, the old figure). tokens/s counts real tokens
 only (the padding is not counted), so the ratio packed / padded is the speed-up on that data.
@@ -163,11 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="maxSeqLength (CPU 1024, GPU 2048)")
     p.add_argument("--data", choices=["seed", "full-length"], default="seed",
                    help="seed: the shipped seed pairs' real lengths; full-length: c4 cut to --seq-len")
-    p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "flash_attention_2", "eager"])
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
+                   help="training.attention (auto, as the trainer: flash_attention_2 where installed on a GPU; "
+                        "else sdpa for padded and sdpa_varlen for packed batches)")
+    p.add_argument("--dense-packed", action="store_true",
+                   help="also run packed batches with plain sdpa (one dense block-diagonal mask over the row)")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--zero", type=int, nargs="+", default=[2], help="ZeRO stages to run (0 = no DeepSpeed)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). On a shared machine 1 thread gives steadier "
+                        "figures: other processes make multi-threaded small ops wait on each other")
     p.add_argument("--out", default=str(ROOT / "bench/results/train_throughput.json"))
     args = p.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # else accelerate resets the count on CPU
+        torch.set_num_threads(args.threads)
 
     gpu = args.gpu
     if gpu and not torch.cuda.is_available():
@@ -199,28 +212,32 @@ def main(argv: list[str] | None = None) -> int:
             examples = full_length_examples(tokenizer, max(batch * 4, 32), seq_len)
         rows = []
         for zero in args.zero:
-            for packing in (False, True):
-                name = ("zero%d" % zero if zero else "no-ds") + ("-packed" if packing else "-padded")
+            cases = [("padded", False, args.attention), ("packed", True, args.attention)]
+            if args.dense_packed:
+                cases.append(("packed-dense", True, "sdpa"))
+            for suffix, packing, attention in cases:
+                name = ("zero%d" % zero if zero else "no-ds") + "-" + suffix
                 row = run_case(name, model_dir, examples, work, zero=zero, steps=steps, batch=batch,
                                per_device=per_device, seq_len=seq_len, checkpointing=checkpointing, warmup=warmup,
-                               precision=precision, packing=packing, attention=args.attention)
+                               precision=precision, packing=packing, attention=attention)
                 row["model"], row["parameters"], row["data"] = size, params, args.data
                 if gpu and row["tokens_per_s_steady"]:
                     row["mfu"] = round(6 * params * row["tokens_per_s_steady"] / (args.peak_tflops * 1e12), 4)
                 rows.append(row)
-            padded, packed = rows[-2]["tokens_per_s_steady"], rows[-1]["tokens_per_s_steady"]
-            if padded and packed:
-                rows[-1]["speedup_over_padded"] = round(packed / padded, 3)
+            padded = rows[-len(cases)]["tokens_per_s_steady"]
+            for row in rows[-len(cases) + 1:]:
+                if padded and row["tokens_per_s_steady"]:
+                    row["speedup_over_padded"] = round(row["tokens_per_s_steady"] / padded, 3)
 
     device = (torch.cuda.get_device_name(0) if gpu
               else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     print(f"\n{device}; model {size} ({params / 1e6:.1f} M parameters), batch {batch} x {seq_len} tokens, "
           f"micro-batch {per_device}, gradient checkpointing {checkpointing}, {steps} steps")
-    header = f"{'case':<16}{'precision':>10}{'tokens/s steady':>17}{'tokens/s run':>14}{'train s':>9}{'x padded':>10}"
+    header = f"{'case':<20}{'attention':>13}{'precision':>10}{'tokens/s steady':>17}{'tokens/s run':>14}{'train s':>9}{'x padded':>10}"
     header += f"{'MFU':>8}{'peak GiB':>10}" if gpu else ""
     print(header)
     for r in rows:
-        line = (f"{r['case']:<16}{r['precision']:>10}{(r['tokens_per_s_steady'] or 0):>17,.0f}"
+        line = (f"{r['case']:<20}{r['attention']:>13}{r['precision']:>10}{(r['tokens_per_s_steady'] or 0):>17,.0f}"
                 f"{r['tokens_per_s_run']:>14,.0f}{r['train_seconds']:>9.1f}{r.get('speedup_over_padded', 1.0):>10.2f}")
         if gpu:
             line += f"{r.get('mfu', 0):>8.1%}{r.get('peak_memory_gib', 0):>10.1f}"

@@ -24,11 +24,14 @@ count in `CorpusCounts` is "removed here", and read == kept + the sum of the rem
 4. length window  on the cleaned text, so a page padded by menus and footers is judged by its
                   content.
 5. exact dup      one 128-bit hash of the normalised text and a set lookup.
-6. near dup       MinHash signature (one vectorised pass over the shingles) and an LSH query
-                  banded for recall, then the exact shingle Jaccard of each candidate, so that a
-                  document leaves only when it really is a near-duplicate; only documents that
-                  passed everything else pay it, and only kept documents enter the index, so the
-                  first occurrence is the one kept.
+6. near dup       MinHash signature and an LSH query banded for recall, then the exact shingle
+                  Jaccard of each candidate, so that a document leaves only when it really is a
+                  near-duplicate; only documents that passed everything else pay it, and only kept
+                  documents enter the index, so the first occurrence is the one kept.
+
+Steps 5 and 6 run on batches of documents (`filter_corpus` takes 256 at a time): normalisation,
+shingle hashes, signatures and band keys in a few numpy passes over the whole batch, then the
+lookups and decisions one document at a time, so the result is that of one document at a time.
 """
 
 from __future__ import annotations
@@ -250,15 +253,68 @@ _NON_WORD = re.compile(r"[\W_]+")
 _ASCII_NON_WORD_TO_SPACE = bytes(c if c >= 0x80 or chr(c).isalnum() else 0x20 for c in range(256))
 
 
+def _non_word_table(first: int, lead_bytes: range) -> np.ndarray:
+    # [lead byte - lead_bytes.start, continuation byte - 0x80]: True where the UTF-8 sequence
+    # (a 2-byte one, or the last two bytes of a 3-byte one with lead byte `first`) is a character
+    # that is not a letter or digit.
+    table = np.zeros((len(lead_bytes), 64), dtype=bool)
+    for i, lead in enumerate(lead_bytes):
+        for j in range(64):
+            seq = bytes([first, lead, 0x80 + j] if first else [lead, 0x80 + j])
+            ch = seq.decode("utf-8", "surrogatepass")
+            table[i, j] = not ch.isalnum()
+    return table
+
+
+# U+0080-U+07FF (2 bytes: Latin-1 punctuation, no-break space, Latin, Greek, Cyrillic, ...) and
+# U+2000-U+2FFF (0xE2 and 2 more bytes: curly quotes, dashes, ellipses, bullets, arrows, ...):
+# web text's usual non-ASCII characters, classified once here.
+_NON_WORD_2 = _non_word_table(0, range(0xC2, 0xE0))
+_NON_WORD_E2 = _non_word_table(0xE2, range(0x80, 0xC0))
+
+
 def normalised_utf8(text: str) -> bytes:
-    """`normalise(text)` in UTF-8 (surrogates passed through), without a regex pass over every
-    character: one byte translation turns ASCII punctuation into spaces, and only the runs of
-    non-ASCII characters meet the regex (for Unicode punctuation and spaces). The same words
-    as `normalise`, in a third to half of the time."""
-    data = text.lower().encode("utf-8", "surrogatepass").translate(_ASCII_NON_WORD_TO_SPACE)
-    if not data.isascii():
-        data = _unicode_non_word_to_space(data)
-    return b" ".join(data.split())
+    """`normalise(text)` in UTF-8 (surrogates passed through)."""
+    return normalised_utf8_many([text])[0]
+
+
+def normalised_utf8_many(texts: list[str]) -> list[bytes]:
+    """`normalise` of each text in UTF-8 (surrogates passed through), without a regex pass over
+    every character and with numpy's per-call overhead once per batch: one byte translation turns
+    ASCII punctuation into spaces, table lookups the usual non-ASCII punctuation (curly quotes,
+    dashes, no-break spaces), and only the remaining non-ASCII characters (CJK, emoji) meet the
+    regex; runs of spaces collapse in one vectorised step. The same words as `normalise`."""
+    encoded = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
+    joined = b"".join(encoded).translate(_ASCII_NON_WORD_TO_SPACE)
+    bounds = np.zeros(len(texts) + 1, dtype=np.intp)
+    np.cumsum([len(e) for e in encoded], out=bounds[1:])
+    data = np.frombuffer(joined, dtype=np.uint8)
+    if not joined.isascii():
+        data = data.copy()
+        lead = np.flatnonzero((data[:-1] >= 0xC2) & (data[:-1] < 0xE0))  # 2-byte sequences
+        lead = lead[_NON_WORD_2[data[lead] - 0xC2, data[lead + 1] - 0x80]]
+        data[lead] = data[lead + 1] = 0x20
+        lead = np.flatnonzero(data[:-2] == 0xE2)  # U+2000-U+2FFF
+        lead = lead[_NON_WORD_E2[data[lead + 1] - 0x80, data[lead + 2] - 0x80]]
+        data[lead] = data[lead + 1] = data[lead + 2] = 0x20
+    # Keep a space only after a non-space in the same text: no leading or repeated spaces.
+    space = data == 0x20
+    after_space = np.empty_like(space)
+    after_space[:1] = True
+    after_space[1:] = space[:-1]
+    after_space[bounds[:-1][bounds[:-1] < len(data)]] = True
+    keep = ~(space & after_space)
+    squeezed = data[keep].tobytes()
+    ends = np.zeros(len(data) + 1, dtype=np.intp)
+    np.cumsum(keep, out=ends[1:])
+    cuts = ends[bounds].tolist()
+    out = []
+    for start, end in zip(cuts, cuts[1:]):
+        norm = squeezed[start:end].rstrip(b" ")  # at most one trailing space
+        if not norm.isascii():  # characters the tables do not cover
+            norm = b" ".join(_unicode_non_word_to_space(norm).split())
+        out.append(norm)
+    return out
 
 
 def _unicode_non_word_to_space(data: bytes) -> bytes:
@@ -289,11 +345,11 @@ def exact_key(normalised: str | bytes) -> int:
     return xxhash.xxh3_128_intdigest(normalised)
 
 
-# MinHash signatures, vectorised over the whole shingle set of a document: no Python call per
-# shingle (datasketch's MinHash.update_batch hashes each shingle in Python; see
-# bench/prepare_corpus.py for the comparison). A shingle is `ngram` consecutive
-# normalised words, i.e. a substring of the normalised text, so every shingle hash comes from
-# one prefix array of a polynomial (Rabin-Karp) hash over the UTF-8 bytes, mod 2^64:
+# MinHash signatures, vectorised over the shingles of a whole batch of documents: no Python call
+# per shingle (datasketch's MinHash.update_batch hashes each shingle in Python; see
+# bench/prepare_corpus.py for the comparison), and numpy's per-call overhead once per batch.
+# A shingle is `ngram` consecutive normalised words, i.e. a substring of the normalised text, so
+# every shingle hash comes from one prefix array of a polynomial (Rabin-Karp) hash over the UTF-8 bytes, mod 2^64:
 #     H(s, e) = (S[e] - S[s]) * P^-s,   S[i] = sum_{j<i} byte_j * P^j
 # (P is odd, so P^-1 exists mod 2^64 and the same substring hashes the same at any offset).
 # The 64-bit value is folded to 32 bits, then each permutation is datasketch's "affine32"
@@ -333,69 +389,109 @@ def shingle_hash32(shingle: bytes) -> int:
     return (h ^ (h >> 32)) & 0xFFFFFFFF
 
 
+def _datasketch_affine32_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # datasketch's MinHash(scheme="affine32", seed=seed) parameters, drawn as it draws them (its
+    # _init_permutations), without importing datasketch (which imports scipy: ~1 s per stage start).
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+# Signatures are computed for many documents at once: per-call numpy overhead (a few microseconds
+# per operation, a dozen operations per document) is paid once per batch, not once per document.
+# The (permutations x shingles) products are made this many shingles at a time (~1 MB of uint32
+# at 64 permutations), so they stay in the CPU cache.
+_SIGNATURE_CHUNK = 4096
+
+
 class MinHasher:
     """MinHash signatures of word n-gram shingles, datasketch-compatible (scheme affine32)."""
 
     def __init__(self, num_perm: int, ngram: int, seed: int = 1):
-        from datasketch import MinHash
-
         self.num_perm = num_perm
         self.ngram = ngram
         self.seed = seed
-        self.template = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
-        a, b = self.template.permutations
-        self._a = np.ascontiguousarray(a, dtype=np.uint32)[:, None]
-        self._b = np.ascontiguousarray(b, dtype=np.uint32)[:, None]
-        self._pow = _powers(_P, 4096)
-        self._pow_inv = _powers(_P_INV, 4096)
+        a, b = _datasketch_affine32_permutations(num_perm, seed)
+        self._a = a[:, None]
+        self._b = b[:, None]
+        self._pow = _powers(_P, 1 << 16)
+        self._pow_inv = _powers(_P_INV, 1 << 16)
 
     def _grow(self, n: int) -> None:
         size = max(n, 2 * len(self._pow))
         self._pow = _powers(_P, size)
         self._pow_inv = _powers(_P_INV, size)
 
-    def shingle_hashes(self, normalised: str | bytes) -> np.ndarray:
-        """32-bit hashes of the word n-grams (the whole text when it has fewer words)."""
-        if isinstance(normalised, str):
-            # surrogatepass throughout: JSON may carry lone surrogates ("\ud83d"), which must not raise.
-            normalised = normalised.encode("utf-8", "surrogatepass")
-        data = np.frombuffer(normalised, dtype=np.uint8)
+    def shingle_hashes_many(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """32-bit hashes of the word n-grams of each normalised UTF-8 text (the whole text when it
+        has fewer words), all in one array: text i's are hashes[offsets[i]:offsets[i + 1]]."""
+        # The texts joined by spaces: one prefix hash over all of them, and shingles are chosen by
+        # word numbers so that none spans two texts.
+        data = np.frombuffer(b" ".join(texts), dtype=np.uint8)
         n = len(data)
         if n + 1 > len(self._pow):
             self._grow(n + 1)
-        prefix = np.zeros(n + 1, dtype=np.uint64)
         spaces = np.flatnonzero(data == 32)
-        starts = np.empty(len(spaces) + 1, dtype=np.intp)
+        starts = np.empty(len(spaces) + 1, dtype=np.intp)  # byte offset of each word's start
         starts[0] = 0
         starts[1:] = spaces + 1
-        ends = np.empty(len(spaces) + 1, dtype=np.intp)
+        ends = np.empty(len(spaces) + 1, dtype=np.intp)  # and of its end
         ends[:-1] = spaces
         ends[-1] = n
-        m = max(len(starts) - self.ngram + 1, 1)
-        s = starts[:m]
-        e = ends[-m:] if len(starts) >= self.ngram else ends[-1:]
+        words = np.fromiter((t.count(b" ") + 1 for t in texts), dtype=np.intp, count=len(texts))
+        first = np.zeros(len(texts), dtype=np.intp)  # each text's first word number
+        np.cumsum(words[:-1], out=first[1:])
+        count = np.maximum(words - self.ngram + 1, 1)  # shingles per text
+        offsets = np.zeros(len(texts) + 1, dtype=np.intp)
+        np.cumsum(count, out=offsets[1:])
+        word = np.arange(offsets[-1]) + np.repeat(first - offsets[:-1], count)  # each shingle's first word
+        last = np.minimum(word + (self.ngram - 1), np.repeat(first + words - 1, count))  # and its last
+        s, e = starts[word], ends[last]
+        prefix = np.zeros(n + 1, dtype=np.uint64)
         with np.errstate(over="ignore"):
             np.cumsum(data * self._pow[:n], out=prefix[1:])
             h = (prefix[e] - prefix[s]) * self._pow_inv[s]
-        return (h ^ (h >> _U64_32)).astype(np.uint32)
+        return (h ^ (h >> _U64_32)).astype(np.uint32), offsets
+
+    def shingle_hashes(self, normalised: str | bytes) -> np.ndarray:
+        """32-bit hashes of the word n-grams of one normalised text."""
+        if isinstance(normalised, str):
+            # surrogatepass throughout: JSON may carry lone surrogates ("\ud83d"), which must not raise.
+            normalised = normalised.encode("utf-8", "surrogatepass")
+        return self.shingle_hashes_many([normalised])[0]
 
     def use_permutations(self, n: int) -> None:
         """Compute only the first n values of each signature (an LSH that uses no more)."""
         self._a, self._b = self._a[:n], self._b[:n]
 
-    def mixed(self, normalised: str | bytes) -> np.ndarray:
-        """The shingle hashes after fmix32: the permutations' input, and (fmix32 being a bijection)
-        a set with the same sizes and intersections as the shingles' for exact Jaccard."""
-        return _fmix32(self.shingle_hashes(normalised))  # a fresh array: mixing in place is safe
+    def mixed_many(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """`shingle_hashes_many` after fmix32: the permutations' input, and (fmix32 being a
+        bijection) sets with the same sizes and intersections as the shingles' for exact Jaccard."""
+        hashes, offsets = self.shingle_hashes_many(texts)
+        return _fmix32(hashes), offsets  # a fresh array: mixing in place is safe
 
-    def signature_of(self, mixed: np.ndarray) -> np.ndarray:
-        """The MinHash signature of shingle hashes mixed by `mixed`."""
-        # (num_perm, shingles) in uint32: the wraparound is the affine32 scheme's mod 2^32.
-        return (self._a * mixed + self._b).min(axis=1)
+    def signatures_of(self, mixed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """The (texts, num_perm) uint32 MinHash signatures of the texts whose mixed shingle hashes
+        are mixed[offsets[i]:offsets[i + 1]]."""
+        out = np.empty((len(offsets) - 1, len(self._a)), dtype=np.uint32)
+        doc = 0
+        while doc < len(out):
+            # Whole texts, about _SIGNATURE_CHUNK shingles (at least one text).
+            stop = max(int(np.searchsorted(offsets, offsets[doc] + _SIGNATURE_CHUNK, side="right")) - 1, doc + 1)
+            stop = min(stop, len(out))
+            lo = offsets[doc]
+            # (num_perm, shingles) in uint32: the wraparound is the affine32 scheme's mod 2^32.
+            values = self._a * mixed[lo:offsets[stop]] + self._b
+            out[doc:stop] = np.minimum.reduceat(values, offsets[doc:stop] - lo, axis=1).T
+            doc = stop
+        return out
 
     def signature(self, normalised: str | bytes) -> np.ndarray:
         """The (num_perm,) uint32 MinHash signature of a normalised text."""
-        return self.signature_of(self.mixed(normalised))
+        if isinstance(normalised, str):
+            normalised = normalised.encode("utf-8", "surrogatepass")
+        return self.signatures_of(*self.mixed_many([normalised]))[0]
 
 
 # Banding. A pair at Jaccard s shares one band of r rows with probability s^r, so b bands find
@@ -462,10 +558,6 @@ class NearDuplicateIndex:
     def __len__(self) -> int:
         return len(self._shingles)
 
-    def _band_keys(self, sig: np.ndarray) -> list[int]:
-        with np.errstate(over="ignore"):
-            return (sig.reshape(self.bands, self.rows).astype(np.uint64) * self._mult).sum(axis=1).tolist()
-
     def _jaccard(self, shingles: np.ndarray, doc: int) -> float:
         other = _distinct(self._shingles[doc])
         common = len(np.intersect1d(shingles, other, assume_unique=True))
@@ -473,8 +565,21 @@ class NearDuplicateIndex:
 
     def seen(self, normalised: str | bytes) -> bool:
         """True if a near-duplicate was added before; otherwise add this document and say False."""
-        hashes = self.hasher.mixed(normalised)
-        keys = self._band_keys(self.hasher.signature_of(hashes))
+        if isinstance(normalised, str):
+            normalised = normalised.encode("utf-8", "surrogatepass")
+        return self.seen_many([normalised])[0]
+
+    def seen_many(self, texts: list[bytes]) -> list[bool]:
+        """`seen` of each normalised UTF-8 text in turn (a text is checked against the earlier ones
+        of the batch too); the signatures and band keys of the whole batch are computed at once."""
+        mixed, offsets = self.hasher.mixed_many(texts)
+        sigs = self.hasher.signatures_of(mixed, offsets).reshape(len(texts), self.bands, self.rows)
+        with np.errstate(over="ignore"):
+            keys = (sigs.astype(np.uint64) * self._mult).sum(axis=2).tolist()
+        bounds = offsets.tolist()
+        return [self._seen(mixed[bounds[i]:bounds[i + 1]], keys[i]) for i in range(len(texts))]
+
+    def _seen(self, hashes: np.ndarray, keys: list[int]) -> bool:
         shingles = None  # the distinct hashes, computed only if there is a candidate
         checked: set[int] = set()
         hits = [table.get(key) for table, key in zip(self._tables, keys)]
@@ -492,7 +597,10 @@ class NearDuplicateIndex:
                     return True
                 self.counts.lsh_rejected += 1
         doc = len(self._shingles)
-        self._shingles.append(hashes)  # as they come: made distinct only when a candidate needs it
+        # As they come (made distinct only when a candidate needs it): a view of the batch's array,
+        # which stays in memory with the hashes of the batch's removed documents (~1.1 KB each;
+        # copying every kept document's instead cost ~5 % of the stage's throughput).
+        self._shingles.append(hashes)
         for table, key, hit in zip(self._tables, keys, hits):
             if hit is None:
                 table[key] = doc  # the common case: a band no kept document has
@@ -517,6 +625,39 @@ class CorpusFilter:
 
     def process(self, doc_id: str, text: Any) -> dict[str, str] | None:
         """The cleaned segment {"id", "text"}, or None when a filter removed it (and counted it)."""
+        return self.process_many([(doc_id, text)])[0]
+
+    def process_many(self, docs: list[tuple[str, Any]]) -> list[dict[str, str] | None]:
+        """`process` of each (id, text) in turn; normalisation and the near-duplicate step run once
+        for the batch (a document is still checked against the earlier ones of its batch)."""
+        c = self.counts
+        out = [self._filter(doc_id, text) for doc_id, text in docs]
+        if self._exact is not None or self._near is not None:
+            passed = [i for i, segment in enumerate(out) if segment is not None]
+            norms = normalised_utf8_many([out[i]["text"] for i in passed])
+            pending: list[int] = []  # positions of the segments the near-duplicate step decides on
+            pending_norms: list[bytes] = []
+            for i, norm in zip(passed, norms):
+                if self._exact is not None:
+                    key = exact_key(norm)
+                    if key in self._exact:
+                        c.exact_duplicate += 1
+                        out[i] = None
+                        continue
+                    self._exact.add(key)
+                if self._near is not None and norm:
+                    pending.append(i)
+                    pending_norms.append(norm)
+            if pending:
+                for i, duplicate in zip(pending, self._near.seen_many(pending_norms)):
+                    if duplicate:
+                        c.near_duplicate += 1
+                        out[i] = None
+        c.kept += sum(segment is not None for segment in out)
+        return out
+
+    def _filter(self, doc_id: str, text: Any) -> dict[str, str] | None:
+        # Every filter but deduplication.
         c = self.counts
         c.read += 1
         if not isinstance(text, str):
@@ -539,19 +680,12 @@ class CorpusFilter:
         if len(text) > self.spec.max_chars:
             c.too_long += 1
             return None
-        if self._exact is not None or self._near is not None:
-            norm = normalised_utf8(text)
-            if self._exact is not None:
-                key = exact_key(norm)
-                if key in self._exact:
-                    c.exact_duplicate += 1
-                    return None
-                self._exact.add(key)
-            if self._near is not None and norm and self._near.seen(norm):
-                c.near_duplicate += 1
-                return None
-        c.kept += 1
         return {"id": doc_id, "text": text}
+
+
+# Documents per batch of the dedup steps: enough that numpy's per-call overhead is small beside
+# the work (~270 shingles each), few enough that a stage's progress and memory do not notice.
+_BATCH = 256
 
 
 def filter_corpus(records: Iterable[tuple[str, dict]], spec: CorpusSpec,
@@ -567,14 +701,20 @@ def filter_corpus(records: Iterable[tuple[str, dict]], spec: CorpusSpec,
     counts = flt.counts
     text_field, id_field = spec.text_field, spec.id_field
     used: set[str] = set()
-    for where, record in records:
-        doc_id = where
-        if id_field is not None:
-            value = record.get(id_field)
-            if value is not None:
-                doc_id = str(value)
-        segment = flt.process(doc_id, record.get(text_field))
-        if segment is not None:
+    records = iter(records)
+    while batch := list(islice(records, _BATCH)):
+        docs = []
+        for where, record in batch:
+            doc_id = where
+            if id_field is not None:
+                value = record.get(id_field)
+                if value is not None:
+                    doc_id = str(value)
+            docs.append((doc_id, record.get(text_field)))
+        for segment in flt.process_many(docs):
+            if segment is None:
+                continue
+            doc_id = segment["id"]
             if doc_id in used:
                 n = 2
                 while f"{doc_id}#{n}" in used:

@@ -222,8 +222,10 @@ def build_plan(run: BacktranslationRun, inputs: dict[str, str | None] | None = N
     add("prepare-corpus", "cpu", "prepare-corpus", [], {"corpus": dump(spec.corpus)})
 
     def train(name: str, role: str, deps: list[str], extra: dict[str, Any], iteration: int | None = None) -> None:
-        settings = {"baseModel": spec.base_model, "training": _without(dump(getattr(spec.training, role)), "minYield"),
-                    **extra}
+        training = _without(dump(getattr(spec.training, role)), "minYield")
+        if training.get("strategy") == "deepspeed":
+            del training["strategy"]  # the default (a later field): fingerprints of earlier specs stay the same
+        settings = {"baseModel": spec.base_model, "training": training, **extra}
         add(name, "train", "train", deps, settings, role=role, iteration=iteration)
 
     train("train-myx", "backward", ["prepare-seed"], {})

@@ -27,6 +27,11 @@ def server_api_key_env(train_stage: str) -> str:
 # metrics.stagePods); the pod declares the port as `metrics` for the PodMonitor.
 STAGE_METRICS_PORT_ENV = "HUMPBACK_STAGE_METRICS_PORT"
 
+# Experiment trackers' credentials, read by their own clients from these variables; the keys of
+# spec.tracking.mlflow.credentialsSecret (each optional) and spec.tracking.wandb.credentialsSecret.
+MLFLOW_CREDENTIAL_ENVS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+WANDB_API_KEY_ENV = "WANDB_API_KEY"
+
 # Kubernetes copies this file into the container's `state.terminated.message` (the default
 # terminationMessagePath). A failed stage writes `<error class>: <message>` there, so the operator
 # can tell an input found damaged (InputsDamaged: its producer must run again) from other failures,

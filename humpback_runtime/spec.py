@@ -201,7 +201,13 @@ class TrainingSpec(Model):
         "whose maxExamples >= the data size; larger sets use the last.",
     )
     max_seq_length: int = Field(2048, ge=16, le=MAX_TOKENS)
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    strategy: Literal["deepspeed", "fsdp"] = Field(
+        "deepspeed",
+        description="How the ranks share the training state: deepspeed (ZeRO stage zeroStage; 0 is plain data "
+        "parallelism) or fsdp (PyTorch FSDP2 through accelerate: weights, gradients and optimizer state "
+        "sharded over the ranks, like ZeRO-3; zeroStage does not apply). Master weights stay fp32 either way.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (strategy deepspeed).")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint to the store every N steps.")
@@ -220,7 +226,8 @@ class TrainingSpec(Model):
     attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
         "auto",
         description="Attention kernel: auto picks flash_attention_2 on a CUDA GPU in bf16 where the "
-        "flash-attn package is installed, sdpa otherwise.",
+        "flash-attn package is installed; otherwise sdpa, run example by example within a packed row "
+        "(sdpa_varlen) when packing. sdpa with packing gives SDPA one dense mask over the row.",
     )
     liger: bool = Field(False, description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy); needs the liger-kernel package and a CUDA GPU.")
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights; the exported model has them merged in.")
@@ -244,6 +251,8 @@ class TrainingSpec(Model):
             raise ValueError("stepsBySize must be sorted by strictly increasing maxExamples")
         if self.lora is not None and self.lora.quantize_base and self.zero_stage != 0:
             raise ValueError("lora.quantizeBase (QLoRA) needs zeroStage 0: DeepSpeed ZeRO does not shard 4-bit weights")
+        if self.strategy == "fsdp" and self.lora is not None:
+            raise ValueError("lora needs strategy deepspeed: the merged export of FSDP-sharded adapters is not built")
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("lora does not work with zeroStage 3 (the adapters are merged into the full weights, which ZeRO-3 partitions); use zeroStage 0-2")
         if self.per_device_batch_size > self.batch_size:
@@ -799,6 +808,70 @@ class PodTemplate(Model):
         return v
 
 
+# --- experiment trackers --------------------------------------------------------------------
+
+MLFLOW_SCHEMES = ("http://", "https://", "file:", "databricks")
+
+
+class TensorBoardSpec(Model):
+    enabled: bool = Field(True, description="TensorBoard event files in the store, under each stage's "
+                          "tensorboard/ folder: training curves (loss, learning rate, grad norm, tokens/s) and "
+                          "every stage's counts. `tensorboard --logdir` a copy of the run's folder.")
+
+
+class MlflowSpec(Model):
+    tracking_uri: str = Field(
+        description="MLflow tracking server (http(s)://HOST, databricks) or a local file store (file:PATH or "
+        "a path, relative to the run file's folder; local runs only: a pod's disk is lost).")
+    experiment: str | None = Field(None, min_length=1, max_length=500,
+                                   description="Experiment name; null: NAMESPACE/RUN.")
+    credentials_secret: str | None = Field(
+        None, description="Name of a Secret with any of the keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD "
+        "and MLFLOW_TRACKING_TOKEN, given to every pod under those names. Locally, export them.")
+
+    _name = field_validator("credentials_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be an MLflow tracking URI (http(s)://HOST) or a local path")
+        if ":" in v.split("/", 1)[0] and not v.startswith(MLFLOW_SCHEMES):
+            raise ValueError(f"unsupported tracking URI {v!r}: an MLflow server (http://, https://, databricks) "
+                             "or a file store (file:PATH or a local path)")
+        return v
+
+    @property
+    def remote(self) -> bool:
+        """A tracking server, reachable from a pod (a file store is not)."""
+        return self.tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+class WandbSpec(Model):
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[^/\\#?%:]+$",
+                         description="Weights & Biases project (WANDB_PROJECT).")
+    entity: str | None = Field(None, min_length=1, description="Team or user of the project (WANDB_ENTITY); "
+                               "null: the API key's default entity.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: log to the W&B server; offline: write each stage's run folder to the store "
+        "under STAGE/wandb/, for `wandb sync` later (no network, no key).")
+    base_url: str | None = Field(None, pattern=r"^https?://",
+                                 description="A self-hosted W&B server (WANDB_BASE_URL); null: wandb.ai.")
+    credentials_secret: str | None = Field(
+        None, description="Name of a Secret with key WANDB_API_KEY, given to every pod under that name. Locally, "
+        "export it (or `wandb login`).")
+
+    _name = field_validator("credentials_secret")(classmethod(lambda cls, v: _check_secret_name(v)))
+
+
+class TrackingSpec(Model):
+    """Where training curves and stage counts go besides the store (docs/tracking.md)."""
+
+    tensorboard: TensorBoardSpec = Field(default_factory=TensorBoardSpec)
+    mlflow: MlflowSpec | None = Field(None, description="Log every stage as an MLflow run; null: off.")
+    wandb: WandbSpec | None = Field(None, description="Log every stage as a Weights & Biases run; null: off.")
+
+
 # --- the resource ---------------------------------------------------------------------------
 
 
@@ -815,6 +888,9 @@ class BacktranslationRunSpec(Model):
     system_prompts: SystemPrompts = Field(default_factory=SystemPrompts)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers: TensorBoard event files in the store "
+        "(on by default), MLflow and Weights & Biases (off unless set).")
     storage: StorageSpec = Field(default_factory=StorageSpec)
     resources: Resources = Field(default_factory=Resources)
     retries: RetrySpec = Field(default_factory=RetrySpec)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from humpback_runtime import __version__, metrics, progress
+from humpback_runtime import __version__, metrics, progress, tracking
 from humpback_runtime.context import RunContext
 from humpback_runtime.errors import (EXIT_FAILED, EXIT_INPUTS_MISSING, InputsDamaged, InputsMissing, LeaseLost,
                                      StageError)
@@ -183,9 +183,12 @@ def _run_claimed(ctx: RunContext, stage: Stage, impl: StageImpl, prefix: str, le
     log.info("%s stage %s of run %s (fingerprint %s) writing to %s", "Resumed" if resumed else "Started",
              name, ctx.run.name, stage.fingerprint, store.url(prefix))
     metrics.serve_from_env()
-    with progress.stage_progress(store, prefix, name):
-        result = impl.run(ctx, stage, prefix)
-    seconds = time.perf_counter() - t0
+    with tracking.stage_tracking(ctx.run, stage, store, prefix) as trackers:
+        with progress.stage_progress(store, prefix, name):
+            result = impl.run(ctx, stage, prefix)
+        seconds = time.perf_counter() - t0
+        # The stage's numbers go to its trackers (and event files into the prefix) before the manifest.
+        tracked = trackers.finish(result, seconds)
     store.clear_scratch(prefix)  # a finished stage leaves no `_tmp/`
     t_manifest = time.perf_counter()
     objects = describe_outputs(store, prefix)
@@ -201,6 +204,7 @@ def _run_claimed(ctx: RunContext, stage: Stage, impl: StageImpl, prefix: str, le
         "resumed": resumed,
         **result,
         **({"inputIdentities": {s: ctx.input_identities.get(s) for s in stage.sources}} if stage.sources else {}),
+        **({"tracking": tracked} if tracked else {}),
         "objects": objects,
         "timings": {
             "started": started.isoformat(),

@@ -67,6 +67,7 @@ def lineage(ctx: RunContext, stage: Stage, counts: dict[str, Any]) -> dict[str, 
 
 
 def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
+    from humpback_runtime import tracking
     from humpback_runtime.training import TrainRequest, train
 
     from humpback_runtime.spec import looks_local
@@ -82,7 +83,8 @@ def run_train(ctx: RunContext, stage: Stage, prefix: str) -> dict[str, Any]:
     try:
         metrics = train(TrainRequest(base_model=base, examples=examples, settings=getattr(spec.training, stage.role),
                                      store=ctx.store, prefix=prefix, card=card, s3_endpoint=spec.storage.s3.endpoint,
-                                     s3_region=spec.storage.s3.region))
+                                     s3_region=spec.storage.s3.region,
+                                     callbacks=tracking.trainer_callbacks()))
     except TrainingError as e:  # a setting or the data is at fault: the message says which
         raise StageError(f"{stage.name}: {e}") from e
     from humpback_runtime.stages.guardrails import yield_record

@@ -105,7 +105,8 @@ class TrainRequest:
     ``s3_endpoint`` / ``s3_region`` as in the run's ``storage.s3``). ``examples``: built by the caller
     with :mod:`humpback_runtime.prompts`. Outputs go to ``store`` under ``prefix``. ``card``: lineage
     for the model card and the resume key (run, stage, role, base model, data counts, fingerprint).
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects (run after the checkpoint upload).
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (run after the checkpoint upload and
+    the tokens/s logging; a stage passes its trackers' here, :func:`humpback_runtime.tracking.trainer_callbacks`).
     ``work_dir``: local scratch space; by default a folder under ``$HUMPBACK_WORK_DIR`` or the system temp directory derived
     from the output location, the same for every process of one node. ``keep_checkpoints``: leave
     the last two checkpoints in the store after the model is complete (by default they are deleted
@@ -138,7 +139,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
     set), ``train_loss`` ([step, loss] per step, across attempts), ``tokens_per_second`` (this
     attempt, checkpoint uploads excluded), ``train_seconds``, ``checkpoint_seconds`` (the stalls, summed), ``seconds``
     (this call up to the final upload), ``world_size``, ``precision`` ("bf16"/"fp32"),
-    ``zero_stage``, ``gradient_accumulation_steps``, ``resumed_from`` (step or None),
+    ``strategy``, ``zero_stage`` (None under fsdp), ``gradient_accumulation_steps``, ``resumed_from`` (step or None),
     ``checkpoints`` (steps uploaded by this attempt), ``model_uri``, ``training_key``. They are also
     written to ``{prefix}/train_metrics.json``. Every rank returns them; only rank 0 writes.
     """

@@ -56,6 +56,7 @@ def render_model_card(*, base_model: str, settings: TrainingSpec, card: Mapping[
     if _looks_like_hub_id(base_model):
         meta["base_model"] = base_model
     meta.update(metadata or {})
+    strategy = "FSDP (full shard)" if s.strategy == "fsdp" else f"DeepSpeed ZeRO stage {s.zero_stage or 'off'}"
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=4096).rstrip("\n"),
@@ -111,7 +112,7 @@ def render_model_card(*, base_model: str, settings: TrainingSpec, card: Mapping[
         f"| steps | {metrics['steps']} |",
         f"| max sequence length | {s.max_seq_length} |",
         f"| precision | {metrics['precision']} |",
-        f"| DeepSpeed ZeRO stage | {s.zero_stage or 'off'} |",
+        f"| strategy | {strategy} |",
         f"| gradient checkpointing | {s.gradient_checkpointing} |",
         f"| seed | {s.seed} |",
         "",

@@ -205,11 +205,16 @@ def check_training_yield(data: Tokenized, n_train: int, max_seq_length: int, min
 
 
 
-def resolve_attention(choice: str, *, cuda: bool, bf16: bool, flash_installed: bool) -> str:
+def resolve_attention(choice: str, *, cuda: bool, bf16: bool, flash_installed: bool, packing: bool = False) -> str:
     """The ``attn_implementation`` to load the model with: ``auto`` is FlashAttention-2 where it can
-    run (CUDA, bf16, flash-attn installed), SDPA otherwise; an explicit choice it cannot honour fails."""
+    run (CUDA, bf16, flash-attn installed); otherwise SDPA, example by example within a packed row
+    ("sdpa_varlen", training/varlen.py) when packing, else plain SDPA. An explicit "sdpa" with
+    packing gives SDPA one dense block-diagonal mask over the row. An explicit choice that cannot
+    run fails."""
     if choice == "auto":
-        return "flash_attention_2" if cuda and bf16 and flash_installed else "sdpa"
+        if cuda and bf16 and flash_installed:
+            return "flash_attention_2"
+        return "sdpa_varlen" if packing else "sdpa"
     if choice == "flash_attention_2" and not (cuda and bf16 and flash_installed):
         raise TrainingError("training.attention flash_attention_2 needs a CUDA GPU, bf16 precision and the "
                             "flash-attn package; use auto or sdpa")

@@ -25,6 +25,7 @@ from humpback_runtime.storage import Store, open_store
 from humpback_runtime.training.card import model_card
 from humpback_runtime.training.checkpoints import (COMPLETE, checkpoint_prefix, checkpoint_steps,
                                                    choose_checkpoint, download_prefix, upload_dir)
+from humpback_runtime.training.varlen import VARLEN, register_varlen
 from humpback_runtime.training.lora import add_lora, qlora_config, save_merged
 from humpback_runtime.training.distributed import (DIST_TIMEOUT_S, GRAD_ACCUM_FILTER, barrier, broadcast,
                                                    disable_cpu_shm_op, env_int)
@@ -62,13 +63,14 @@ class _Collator:
 
 def make_collator(packing: bool, pad_id: int, *, cuda: bool, attention: str) -> Any:
     """Padding-free flattening (one row per micro-batch, position ids restarting at every example;
-    transformers turns them into a block-diagonal causal mask, or FlashAttention's varlen boundaries)
-    or right-padding."""
+    transformers turns them into a block-diagonal causal mask for SDPA, and the boundaries go to
+    FlashAttention's varlen kernels or to "sdpa_varlen") or right-padding."""
     if packing:
         from transformers import DataCollatorWithFlattening
 
+        # The example boundaries (cu_seq_lens_*) for the kernels that attend example by example.
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
-                                          return_flash_attn_kwargs=attention == "flash_attention_2")
+                                          return_flash_attn_kwargs=attention in ("flash_attention_2", VARLEN))
     return _Collator(pad_id, 8 if cuda else None)
 
 
@@ -287,6 +289,18 @@ def _checkpointing_args(args_cls: type, enabled: bool) -> dict[str, Any]:
     return {flag: enabled, f"{flag}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def _fsdp_args(settings: TrainingSpec) -> dict[str, Any]:
+    """TrainingArguments for strategy fsdp: FSDP2 (fully_shard) of every decoder layer (accelerate
+    wraps the model's _no_split_modules), resharded after forward (ZeRO-3's memory), a full state
+    dict for save_model (model/ holds ordinary safetensors). Gradient checkpointing is FSDP's own
+    activation checkpointing there. The parameters stay fp32 (the master weights); with bf16 the
+    forward and backward run in bf16 (accelerate's mixed-precision policy)."""
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+                            "state_dict_type": "FULL_STATE_DICT",
+                            "activation_checkpointing": settings.gradient_checkpointing}}
+
+
 def _resolve_base_model(request: TrainRequest, cache_root: Path, is_local_main: bool) -> str:
     """A local directory for s3:// base models (downloaded once per node); other refs unchanged."""
     ref = request.base_model
@@ -352,13 +366,17 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     cuda = torch.cuda.is_available()
     bf16 = resolve_bf16(settings.precision, cuda)
     world_size = env_int("WORLD_SIZE", 1)
-    if settings.zero_stage and not cuda:
+    fsdp = settings.strategy == "fsdp"
+    zero = 0 if fsdp else settings.zero_stage  # the DeepSpeed ZeRO stage in use
+    if zero and not cuda:
         disable_cpu_shm_op()
-    if settings.zero_stage:
+    if zero:
         logging.getLogger("accelerate.accelerator").addFilter(GRAD_ACCUM_FILTER)  # idempotent
-    ds_config = deepspeed_config(settings, world_size=world_size, bf16=bf16, gpu=cuda)
-    attention = resolve_attention(settings.attention, cuda=cuda, bf16=bf16,
+    ds_config = None if fsdp else deepspeed_config(settings, world_size=world_size, bf16=bf16, gpu=cuda)
+    attention = resolve_attention(settings.attention, cuda=cuda, bf16=bf16, packing=settings.packing,
                                   flash_installed=importlib.util.find_spec("flash_attn") is not None)
+    if attention == VARLEN:
+        register_varlen()
     liger = settings.liger and cuda
     if settings.liger and importlib.util.find_spec("liger_kernel") is None:
         raise TrainingError("training.liger is true but the liger-kernel package is not installed")
@@ -381,7 +399,7 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         optim="adamw_torch",
         bf16=bf16,
         fp16=False,
-        **_checkpointing_args(TrainingArguments, settings.gradient_checkpointing),
+        **(_fsdp_args(settings) if fsdp else _checkpointing_args(TrainingArguments, settings.gradient_checkpointing)),
         deepspeed=ds_config,
         seed=settings.seed,
         data_seed=settings.seed,
@@ -389,6 +407,8 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         save_strategy="steps",
         save_steps=settings.checkpoint_every,
         save_total_limit=None,  # the callback prunes, after uploading
+        # The trackers' callbacks come in request.callbacks (tracking.trainer_callbacks), after
+        # ThroughputLog, so that they log tokens/s too, and into the runs the stage opened.
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -417,7 +437,7 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
                  request.base_model, store.url(f"{prefix}/model"), n_in, max_steps, settings.batch_size,
                  settings.per_device_batch_size, world_size, grad_accum, settings.learning_rate,
                  settings.final_learning_rate, settings.weight_decay, "bf16" if bf16 else "fp32",
-                 settings.zero_stage or "off",
+                 "FSDP" if fsdp else (zero or "off"),
                  settings.gradient_checkpointing, settings.max_seq_length)
     if is_local_main:
         shutil.rmtree(work, ignore_errors=True)  # leftovers of an earlier attempt on this node
@@ -442,7 +462,8 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
     # Resume: rank 0 decides from the store, every node fetches the checkpoint before training.
     choice = None
     if is_main:
-        choice = choose_checkpoint(store, prefix, key, world_size, settings.zero_stage)
+        # FSDP's checkpoint is sharded by rank, as ZeRO's: only the same world size can resume it.
+        choice = choose_checkpoint(store, prefix, key, world_size, 3 if fsdp else zero)
     resume_step, stale = broadcast(choice)
     resume_dir = out_dir / f"checkpoint-{resume_step}" if resume_step is not None else None
     if resume_dir is not None and is_local_main:
@@ -481,7 +502,7 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         model = add_lora(model, settings.lora, settings.gradient_checkpointing)
     if cuda and not load_kwargs:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        check_fits(n_params, zero_stage=settings.zero_stage, world_size=world_size,
+        check_fits(n_params, zero_stage=3 if fsdp else zero, world_size=world_size,
                    gpu_bytes=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
                    bf16=dtype == torch.bfloat16, trainable_params=trainable)
     if is_main:
@@ -560,7 +581,8 @@ def run_training(request: TrainRequest, prefix: str, examples: list[TrainingExam
         "checkpoint_stalls": uploader.stalls,
         "world_size": world_size,
         "precision": "bf16" if bf16 else "fp32",
-        "zero_stage": settings.zero_stage,
+        "strategy": settings.strategy,
+        "zero_stage": None if fsdp else zero,
         "batch_size": settings.batch_size,
         "dropout": {"p": settings.dropout, "fields": dropout_fields},
         "gradient_accumulation_steps": grad_accum,

@@ -46,12 +46,14 @@ from humpback_runtime.pod_contract import (
     ENDPOINT_ENV,
     ENDPOINTS_ENV,
     JUDGE_API_KEY_ENV,
+    MLFLOW_CREDENTIAL_ENVS,
     MODEL_DIR,
     REWRITE_API_KEY_ENV,
     SERVED_MODEL_ENV,
     WORK_DIR_ENV,
     server_api_key_env,
     STAGE_METRICS_PORT_ENV,
+    WANDB_API_KEY_ENV,
 )
 from humpback_runtime.errors import EXIT_INPUTS_MISSING, EXIT_INVALID
 from humpback_runtime.spec import (
@@ -144,6 +146,10 @@ def cluster_problems(run: BacktranslationRun, config: OperatorConfig | None = No
     uri = run.spec.storage.uri
     if not uri.startswith("s3://"):
         problems.append(f"spec.storage.uri: a cluster run needs s3:// storage (pods share nothing else), got {uri}")
+    mlflow = run.spec.tracking.mlflow
+    if mlflow is not None and not mlflow.remote:
+        problems.append(f"spec.tracking.mlflow.trackingUri: a cluster run needs an MLflow server (http(s)://, "
+                        f"databricks); the file store {mlflow.tracking_uri} would stay in a pod and be lost")
     return problems
 
 
@@ -349,6 +355,18 @@ def _runtime_env(run: BacktranslationRun, stage: Stage) -> list[dict]:
     rewrite = spec.curation.rewrite
     if stage.family == "rewrite" and rewrite.api_key_secret:
         env.append(_secret_env(REWRITE_API_KEY_ENV, rewrite.api_key_secret, API_KEY_SECRET_KEY))
+    return env + _tracking_env(run)
+
+
+def _tracking_env(run: BacktranslationRun) -> list[dict]:
+    """Every stage logs to the run's trackers: their credentials by Secret reference, named as the
+    trackers' own clients read them."""
+    mlflow, wandb = run.spec.tracking.mlflow, run.spec.tracking.wandb
+    env = []
+    if mlflow is not None and mlflow.credentials_secret:  # user/password or token: each key optional
+        env += [_secret_env(key, mlflow.credentials_secret, key, optional=True) for key in MLFLOW_CREDENTIAL_ENVS]
+    if wandb is not None and wandb.credentials_secret:
+        env.append(_secret_env(WANDB_API_KEY_ENV, wandb.credentials_secret, WANDB_API_KEY_ENV))
     return env
 
 

@@ -9,7 +9,7 @@ read. The policy limits each (docs/security.md):
   (`spec.podTemplate.serviceAccountName`); the operator's own default is always allowed.
   Empty: a run may name none.
 - `policy.secretLabel`: a `key=value` label every Secret a run references must carry (credentials,
-  API keys, the Hugging Face token, env, envFrom, image pull secrets). Empty: any Secret.
+  API keys, the Hugging Face token, tracker credentials, env, envFrom, image pull secrets). Empty: any Secret.
 
 Pure: `violations()` takes the labels of the referenced Secrets, read by the caller.
 """
@@ -33,6 +33,8 @@ def referenced_secrets(run: BacktranslationRun) -> list[tuple[str, str]]:
         ("spec.publish.hub.tokenSecret", spec.publish.hub.token_secret if spec.publish.hub else None),
         ("spec.curation.rewrite.apiKeySecret", spec.curation.rewrite.api_key_secret),
         ("spec.evaluation.judge.apiKeySecret", spec.evaluation.judge.api_key_secret if spec.evaluation.judge else None),
+        ("spec.tracking.mlflow.credentialsSecret", spec.tracking.mlflow.credentials_secret if spec.tracking.mlflow else None),
+        ("spec.tracking.wandb.credentialsSecret", spec.tracking.wandb.credentials_secret if spec.tracking.wandb else None),
     ]
     pod = spec.pod_template
     for i, env in enumerate(pod.env):

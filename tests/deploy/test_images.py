@@ -439,11 +439,13 @@ def test_runtime_image():
         import pyproject_requirements
     finally:
         sys.path.pop(0)
-    reqs = pyproject_requirements.requirements(str(ROOT / "pyproject.toml"), ["train", "s3", "hub", "metrics"])
+    reqs = pyproject_requirements.requirements(str(ROOT / "pyproject.toml"), ["train", "s3", "hub", "metrics", "tracking"])
     assert torch_pin in reqs and any(r.startswith("deepspeed") for r in reqs) and any(r.startswith("boto3") for r in reqs)
     # Stage pods serve Prometheus metrics when the operator declares a port (metrics.stagePods).
     assert any(r.startswith("prometheus-client") for r in reqs)
-    assert "pyproject_requirements.py /src/pyproject.toml train s3 hub metrics" in (IMAGES / "runtime" / "Dockerfile").read_text()
+    # Stage pods log to the trackers a run names (spec.tracking): TensorBoard files, MLflow, W&B.
+    assert {"tensorboard", "mlflow-skinny", "wandb"} <= {re.split(r"[<>=!~ ;\[]", r, 1)[0] for r in reqs}
+    assert "pyproject_requirements.py /src/pyproject.toml train s3 hub metrics tracking" in (IMAGES / "runtime" / "Dockerfile").read_text()
     assert len(reqs) == len(set(reqs))
     with pytest.raises(SystemExit, match="no extra"):
         pyproject_requirements.requirements(str(ROOT / "pyproject.toml"), ["no-such-extra"])

@@ -28,7 +28,7 @@ def test_gpu_check_runs_its_cpu_smoke_mode(tmp_path) -> None:
     assert "gpu_check (cpu, tiny)" in proc.stdout
     train = json.loads((tmp_path / "train_throughput.json").read_text())["cpu"]["cases"]
     assert [(c["case"], c["packing"], c["attention"]) for c in train] == [
-        ("zero2-padded", False, "sdpa"), ("zero2-packed", True, "sdpa")]
+        ("zero2-padded", False, "sdpa"), ("zero2-packed", True, "sdpa_varlen")]
     assert all(c["tokens_per_s_run"] > 0 for c in train) and "speedup_over_padded" in train[1]
     curation = json.loads((tmp_path / "curation_throughput.json").read_text())
     rows = curation["rows"]

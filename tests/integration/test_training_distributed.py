@@ -17,28 +17,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from humpback_runtime import prompts  # noqa: E402
-from humpback_runtime.spec import SystemPrompts, TrainingSpec  # noqa: E402
+from humpback_runtime.spec import TrainingSpec  # noqa: E402
 from humpback_runtime.storage import LocalStore  # noqa: E402
-from humpback_runtime.tiny_model import build_tiny_model  # noqa: E402
 from humpback_runtime.training import COMPLETE, TrainRequest, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SYSTEM = prompts.seed_system(SystemPrompts())
 CARD = {"run": "default/tiny", "stage": "train-m0", "role": "seed", "fingerprint": "f-123",
         "data": {"seed pairs": 32}}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def examples() -> list[prompts.TrainingExample]:
-    with open(ROOT / "examples" / "data" / "oasst1_pairs.jsonl", encoding="utf-8") as fh:
-        pairs = [json.loads(line) for _, line in zip(range(32), fh)]
-    return [prompts.forward_example(p["instruction"], p["response"], SYSTEM) for p in pairs]
 
 
 def _settings(**changes) -> TrainingSpec:
@@ -230,8 +215,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_zero2_over_gloo(tiny_model, tmp_path) -> None:
-    """The command a PyTorchJob pod runs: `torchrun -m humpback_runtime stage train-m0 --spec ...`."""
+def _train_m0_under_torchrun(tiny_model: Path, tmp_path: Path, training: dict):
+    """The command a PyTorchJob pod runs, `torchrun -m humpback_runtime stage train-m0 --spec ...`,
+    with two processes over gloo and `training` as spec.training.seed; (context, process, the
+    store writes as (rank, operation, key))."""
     import yaml
 
     from humpback_runtime.context import RunContext
@@ -241,15 +228,12 @@ def test_torchrun_two_processes_zero2_over_gloo(tiny_model, tmp_path) -> None:
     data = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
     data["spec"]["baseModel"] = str(tiny_model)
     data["spec"]["seed"].update(source=str(ROOT / "examples" / "data" / "oasst1_sample.jsonl"), maxExamples=32)
-    data["spec"]["training"]["seed"] = {"steps": 4, "batchSize": 4, "perDeviceBatchSize": 1, "maxSeqLength": 128,
-                                        "checkpointEvery": 2, "zeroStage": 2, "gradientCheckpointing": False}
+    data["spec"]["training"]["seed"] = training
     data["spec"]["storage"]["uri"] = str(tmp_path / "store")
     spec = tmp_path / "run.yaml"
     spec.write_text(yaml.safe_dump(data))
     ctx = RunContext.create(load_run(spec))
     run_stage(ctx, "prepare-seed")
-    store = LocalStore(tmp_path / "store")
-    prefix = ctx.prefix("train-m0")
 
     hooks = tmp_path / "hooks"
     hooks.mkdir()
@@ -266,6 +250,17 @@ def test_torchrun_two_processes_zero2_over_gloo(tiny_model, tmp_path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
+    records = [line.split(" ", 2) for line in writes.read_text().splitlines()]
+    assert records, "the write trace is empty: sitecustomize was not loaded"
+    return ctx, proc, records
+
+
+def test_torchrun_two_processes_zero2_over_gloo(tiny_model, tmp_path) -> None:
+    ctx, proc, records = _train_m0_under_torchrun(tiny_model, tmp_path, {
+        "steps": 4, "batchSize": 4, "perDeviceBatchSize": 1, "maxSeqLength": 128, "checkpointEvery": 2,
+        "zeroStage": 2, "gradientCheckpointing": False})
+    store = LocalStore(tmp_path / "store")
+    prefix = ctx.prefix("train-m0")
 
     manifest = ctx.manifest("train-m0")
     assert manifest and manifest["fingerprint"] == ctx.plan["train-m0"].fingerprint
@@ -274,8 +269,6 @@ def test_torchrun_two_processes_zero2_over_gloo(tiny_model, tmp_path) -> None:
     assert metrics["gradient_accumulation_steps"] == 2 and metrics["checkpoints"] == [2, 4]
     assert store.exists(f"{prefix}/model/{COMPLETE}")
     assert transformers.AutoModelForCausalLM.from_pretrained(str(store.local_path(f"{prefix}/model")))
-    records = [line.split(" ", 2) for line in writes.read_text().splitlines()]
-    assert records, "the write trace is empty: sitecustomize was not loaded"
     # Both ranks' ZeRO partitions reached the checkpoint (deleted once the model was complete),
     # and only rank 0 wrote to the store.
     uploaded = {key.rsplit("/", 1)[1] for _, _, key in records if f"{prefix}/checkpoints/step-4/" in key}
@@ -286,3 +279,24 @@ def test_torchrun_two_processes_zero2_over_gloo(tiny_model, tmp_path) -> None:
     # Only rank 0 logs at INFO.
     assert "INFO humpback_runtime.training: Trained" in proc.stderr
     assert proc.stderr.count("Uploaded checkpoint step 2") == 1
+
+
+def test_torchrun_two_processes_fsdp_over_gloo(tiny_model, tmp_path) -> None:
+    ctx, proc, records = _train_m0_under_torchrun(tiny_model, tmp_path, {
+        "strategy": "fsdp", "steps": 4, "batchSize": 4, "perDeviceBatchSize": 1, "maxSeqLength": 128,
+        "checkpointEvery": 2, "gradientCheckpointing": True, "learningRate": 1e-3, "finalLearningRate": 1e-3})
+    store = LocalStore(tmp_path / "store")
+    prefix = ctx.prefix("train-m0")
+    metrics = ctx.manifest("train-m0")["metrics"]
+    assert (metrics["strategy"], metrics["zero_stage"], metrics["world_size"]) == ("fsdp", None, 2)
+    assert metrics["steps"] == 4 and metrics["checkpoints"] == [2, 4]
+    losses = [loss for _, loss in metrics["train_loss"]]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    # The export is the whole model (FSDP's full state dict gathered from both shards), every
+    # tensor at its full shape, and only rank 0 wrote to the store.
+    trained = transformers.AutoModelForCausalLM.from_pretrained(str(store.local_path(f"{prefix}/model")))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    assert {k: v.shape for k, v in trained.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in trained.state_dict().items())
+    assert {rank for rank, _, _ in records} == {"0"}, sorted({r for r, _, _ in records})
+    assert "FSDP (full shard)" in (store.local_path(f"{prefix}/model") / "README.md").read_text()

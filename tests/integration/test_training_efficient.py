@@ -4,41 +4,24 @@ through `train()` and exports a plain merged model, with an eval split logged.""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from humpback_runtime import prompts  # noqa: E402
-from humpback_runtime.spec import SystemPrompts, TrainingSpec  # noqa: E402
+from humpback_runtime.spec import TrainingSpec  # noqa: E402
 from humpback_runtime.storage import LocalStore  # noqa: E402
-from humpback_runtime.tiny_model import build_tiny_model  # noqa: E402
 from humpback_runtime.training import COMPLETE, IGNORE_INDEX, TrainRequest, train  # noqa: E402
+from humpback_runtime.training.varlen import register_varlen  # noqa: E402
 from humpback_runtime.training.recipe import tokenize_example  # noqa: E402
 from humpback_runtime.training.trainer import make_collator  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-SYSTEM = prompts.seed_system(SystemPrompts())
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def examples() -> list[prompts.TrainingExample]:
-    with open(ROOT / "examples" / "data" / "oasst1_pairs.jsonl", encoding="utf-8") as fh:
-        pairs = [json.loads(line) for _, line in zip(range(12), fh)]
-    return [prompts.forward_example(p["instruction"], p["response"], SYSTEM) for p in pairs]
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen", "eager"])
 def test_packed_loss_equals_the_padded_and_the_per_example_loss(tiny_model, examples, attention) -> None:
+    if attention == "sdpa_varlen":
+        register_varlen()  # SDPA example by example within the packed row
     tok = transformers.AutoTokenizer.from_pretrained(str(tiny_model))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation=attention)
     model.eval()
@@ -83,7 +66,7 @@ def test_lora_trains_and_exports_a_plain_merged_model_with_eval_loss(tiny_model,
                             eval_fraction=0.25, eval_every=2)
     metrics = train(TrainRequest(base_model=str(tiny_model), examples=examples[:8], settings=settings,
                                  store=store, prefix="default/tiny/train-m0"))
-    assert metrics["lora"]["rank"] == 4 and metrics["packing"] and metrics["attention"] == "sdpa"
+    assert metrics["lora"]["rank"] == 4 and metrics["packing"] and metrics["attention"] == "sdpa_varlen"
     assert metrics["examples"] == 6 and metrics["eval_examples"] == 2
     assert [step for step, _ in metrics["eval_loss"]] == [2, 4, 4]  # every evalEvery steps, then the final one
     assert all(loss > 0 for _, loss in metrics["eval_loss"])

@@ -296,6 +296,34 @@ def test_a_hugging_face_token_reaches_every_runtime_pod_by_reference():
                if o["kind"] in ("Job", "PyTorchJob"))
 
 
+def test_tracker_credentials_reach_every_runtime_pod_by_reference_under_the_trackers_names():
+    run = make_run(tracking={"mlflow": {"trackingUri": "https://mlflow.corp", "credentialsSecret": "mlflow-creds"},
+                             "wandb": {"project": "humpback", "credentialsSecret": "wandb-key"}})
+    runtime = [o for o in render_run(run, CONFIG) if o["kind"] in ("Job", "PyTorchJob")]
+    assert {o["kind"] for o in runtime} == {"Job", "PyTorchJob"}  # every stage logs its counts
+    for obj in runtime:
+        for template in pod_templates(obj):
+            env = env_of(template["spec"]["containers"][0])
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+                # user and password, or a token: each key of the Secret may be absent
+                assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {
+                    "name": "mlflow-creds", "key": key, "optional": True}}}
+            assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+                "name": "wandb-key", "key": "WANDB_API_KEY"}}}
+    # Without the Secrets (credentials from elsewhere, or no trackers) no such variable is set.
+    for run in (make_run(), make_run(tracking={"mlflow": {"trackingUri": "https://mlflow.corp"},
+                                               "wandb": {"project": "humpback"}})):
+        for obj in render_run(run, CONFIG):
+            if obj["kind"] in ("Job", "PyTorchJob"):
+                assert not {"MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY"} & set(env_of(container_of(obj)))
+
+
+def test_an_mlflow_file_store_is_a_cluster_problem_naming_the_field():
+    assert cluster_problems(make_run(tracking={"mlflow": {"trackingUri": "https://mlflow.corp"}})) == []
+    (problem,) = cluster_problems(make_run(tracking={"mlflow": {"trackingUri": "file:./mlruns"}}))
+    assert problem.startswith("spec.tracking.mlflow.trackingUri: a cluster run needs an MLflow server")
+
+
 def test_the_publish_job_gets_the_write_token_by_reference_and_no_other_pod_does():
     run = make_run(huggingface={"tokenSecret": "hf-read"},
                    publish={"hub": {"repoPrefix": "me/demo", "tokenSecret": "hf-write"}})

@@ -43,6 +43,10 @@ def accepted(d) -> dict:
     ({"publish": {"hub": {"repoPrefix": "me/demo", "tokenSecret": "prod-db"}}},
      "policy.secretLabel: spec.publish.hub.tokenSecret: Secret prod-db is not labelled"),
     ({"podTemplate": {"envFrom": [{"secretRef": {"name": "prod-db"}}]}}, "spec.podTemplate.envFrom[0].secretRef"),
+    ({"tracking": {"mlflow": {"trackingUri": "https://mlflow.corp", "credentialsSecret": "prod-db"}}},
+     "policy.secretLabel: spec.tracking.mlflow.credentialsSecret: Secret prod-db is not labelled"),
+    ({"tracking": {"wandb": {"project": "p", "credentialsSecret": "missing"}}},
+     "policy.secretLabel: spec.tracking.wandb.credentialsSecret: Secret missing does not exist"),
 ])
 def test_a_run_breaking_the_policy_is_refused_naming_the_rule_and_creates_nothing(spec, rule):
     labels = {"prod-db": {"app": "db"}, "missing": None}

@@ -20,6 +20,7 @@ from humpback_runtime.corpus import (
     lsh_bands,
     normalise,
     normalised_utf8,
+    normalised_utf8_many,
     shingle_hash32,
 )
 from humpback_runtime.spec import CorpusSpec, DedupSpec
@@ -447,3 +448,37 @@ def test_duplicate_ids_are_made_unique_and_counted(in_window):
                              CorpusSpec(source="x", id_field="url", dedup={"nearDuplicates": False}), counts))
     assert [s["id"] for s in out] == ["u", "u#2", "u#3", "u#2#2"]
     assert counts.duplicate_ids_renamed == 3 and counts.kept == 4
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+def test_batches_decide_as_one_document_at_a_time(c4, in_window):
+    # filter_corpus works 256 documents at a time: duplicates within a batch, across batches and
+    # of documents removed by earlier filters are decided as the one-at-a-time filter decides.
+    rows = c4 + [{"text": change_words(t, 3)} for t in in_window[:300]] + [{"text": t.upper()} for t in in_window[::7]]
+    batched, counts = run(spec(), rows)
+    one_counts = CorpusCounts()
+    one = CorpusFilter(spec(), one_counts)
+    single = [s for i, r in enumerate(rows) if (s := one.process(f"c4_sample.jsonl:{i + 1}", r.get("text")))]
+    assert batched == single and counts == one_counts
+    assert counts.near_duplicate > 200 and counts.exact_duplicate > 70  # short texts: 3 words are more
+    pair = [{"text": in_window[0]}, {"text": change_words(in_window[0], 2)}]
+    assert len(run(spec(), pair)[0]) == 1  # both in one batch
+
+
+def test_batch_normalisation_equals_one_text_at_a_time(c4):
+    texts = [r["text"] for r in c4[:300]] + ["", "  ", "—", " lead and trail ", "x\u00a0\u00a0y", "\u201cq\u201d",
+                                              "caf\u00e9 \u6f22\u5b57\u3002", "\ud83d lone", "a_b", "\u2070\u00b2 \u2122"]
+    batch = normalised_utf8_many(texts)
+    assert [b.decode("utf-8", "surrogatepass") for b in batch] == [normalise(t) for t in texts]
+    assert batch[:3] == normalised_utf8_many(texts[:3]) and batch[-5:] == normalised_utf8_many(texts[-5:])
+
+
+def test_the_near_duplicate_step_does_not_import_datasketch():
+    # datasketch imports scipy (about a second per stage start); its permutations are drawn here.
+    code = ("import sys\nfrom humpback_runtime.corpus import filter_corpus\nfrom humpback_runtime.spec import CorpusSpec\n"
+            "list(filter_corpus([('a', {'text': 'word ' * 200 + '. end. end. end.'})], CorpusSpec(source='x')))\n"
+            "print(sorted(m for m in ('datasketch', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

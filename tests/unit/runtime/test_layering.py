@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[3] / "humpback_runtime"
 LAYERS: list[set[str]] = [
     {"errors", "pod_contract", "layout", "processes", "__init__"},
     {"spec", "prompts", "metrics"},
-    {"plan", "crd", "storage", "sources", "lease", "manifest", "progress"},
+    {"plan", "crd", "storage", "sources", "lease", "manifest", "progress", "tracking"},
     {"context", "seed", "corpus", "tiny_model", "report", "inference.client", "evaluation", "status", "publishing"},
     {"inference.engines", "inference.local", "training.recipe", "training.distributed", "training.checkpoints", "training.lora",
-     "training.card", "training.trainer", "training.__init__", "inference.__init__"},
+     "training.card", "training.varlen", "training.trainer", "training.__init__", "inference.__init__"},
     {"inference.models"},
     {"stages.__init__", "stages.prepare", "stages.train", "stages.augment", "stages.rewrite", "stages.curate",
      "stages.evaluate", "stages.report", "stages.guardrails", "stages.publish"},

@@ -203,3 +203,13 @@ def test_until_needs_only_the_upstream_stages_and_force_takes_the_downstream():
     assert forced_stages(plan, ["train-myx"], None) == {"train-myx", "augment", "curate-1", "train-m1", "curate-2",
                                                         "train-m2", "report"}
     assert forced_stages(plan, None, "train-m0") == set(plan.names()[plan.names().index("train-m0"):])
+
+
+def test_training_strategy_fingerprints_only_when_not_the_default():
+    # strategy came after runs existed: the default leaves their fingerprints as they were.
+    before = {s.name: s.fingerprint for s in build_plan(run_with()).stages}
+    explicit = {s.name: s.fingerprint for s in build_plan(run_with(training={"seed": {"strategy": "deepspeed"}})).stages}
+    fsdp = {s.name: s.fingerprint for s in build_plan(run_with(training={"seed": {"strategy": "fsdp"}})).stages}
+    assert explicit == before
+    assert fsdp["train-m0"] != before["train-m0"] and fsdp["train-myx"] == before["train-myx"]
+    assert "strategy" not in build_plan(run_with())["train-m0"].settings["training"]

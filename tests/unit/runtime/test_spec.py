@@ -227,3 +227,12 @@ def test_small_training_sets_get_the_papers_batch_8_rows():
     assert (resolved.batch_size, resolved.steps, resolved.per_device_batch_size) == (8, 600, 8)
     fixed = TrainingSpec(steps=7, batchSize=16).for_size(100)  # fixed steps: the rows do not apply
     assert (fixed.batch_size, fixed.steps) == (16, 7)
+
+
+def test_training_strategy_is_validated_naming_the_field():
+    assert parse_run(minimal(training={"forward": {"strategy": "fsdp"}})).spec.training.forward.strategy == "fsdp"
+    assert parse_run(minimal()).spec.training.forward.strategy == "deepspeed"
+    errors = errors_of(minimal(training={"forward": {"strategy": "megatron"}}))
+    assert any("training.forward.strategy" in e and "fsdp" in e for e in errors), errors
+    errors = errors_of(minimal(training={"seed": {"strategy": "fsdp", "lora": {"rank": 8}}}))
+    assert any("training.seed" in e and "lora needs strategy deepspeed" in e for e in errors), errors

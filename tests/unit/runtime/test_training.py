@@ -285,17 +285,21 @@ def test_zero0_refuses_a_7b_model_on_an_80gb_gpu_with_the_arithmetic() -> None:
                trainable_params=40_000_000)
 
 
-@pytest.mark.parametrize("choice, cuda, bf16, flash, expected", [
-    ("auto", True, True, True, "flash_attention_2"),
-    ("auto", True, True, False, "sdpa"),
-    ("auto", False, False, True, "sdpa"),
-    ("sdpa", True, True, True, "sdpa"),
-    ("eager", False, False, False, "eager"),
+@pytest.mark.parametrize("choice, cuda, bf16, flash, packing, expected", [
+    ("auto", True, True, True, True, "flash_attention_2"),
+    ("auto", True, True, False, False, "sdpa"),
+    ("auto", False, False, True, False, "sdpa"),
+    # Packed rows without FlashAttention: SDPA example by example, not one dense mask over the row.
+    ("auto", False, False, False, True, "sdpa_varlen"),
+    ("auto", True, True, False, True, "sdpa_varlen"),
+    ("sdpa", False, False, False, True, "sdpa"),
+    ("sdpa", True, True, True, False, "sdpa"),
+    ("eager", False, False, False, False, "eager"),
 ])
-def test_attention_resolution(choice, cuda, bf16, flash, expected) -> None:
+def test_attention_resolution(choice, cuda, bf16, flash, packing, expected) -> None:
     from humpback_runtime.training.recipe import resolve_attention
 
-    assert resolve_attention(choice, cuda=cuda, bf16=bf16, flash_installed=flash) == expected
+    assert resolve_attention(choice, cuda=cuda, bf16=bf16, flash_installed=flash, packing=packing) == expected
 
 
 def test_flash_attention_without_a_gpu_is_an_error_naming_the_field() -> None:
