@@ -160,7 +160,7 @@ def test_a_child_deleted_during_a_watch_gap_is_noticed(cluster, start_operator, 
                       if j["metadata"]["uid"] != job["metadata"]["uid"]], 60, "the Job created again",
              explain(cluster, "tiny", op))
     wait_for(lambda: len([n for n in standins.seen["Job"] if n == job["metadata"]["name"]]) == 2, 30,
-             "the stand-ins saw the new Job")
+             "the stand-ins saw the new Job", lambda: f"{standins.seen} {standins.errors}")
 
 
 def scrape(port: int) -> dict[str, float]:
