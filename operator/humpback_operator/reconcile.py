@@ -470,6 +470,11 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             delete_servers()
             return st
         if outcome == "Failed":
+            wait = _settling(existing, problem, now)
+            if wait:  # the pods' last status may still be on its way: decide with it
+                d.requeue_after = min(d.requeue_after, wait)
+                st.update(phase="Running", child=_ref(primary))
+                return st
             if (problem is not None and problem.reason == "InputsDamaged"
                     and int(st.get("inputRechecks") or 0) < MAX_INPUT_RECHECKS):
                 return _inputs_damaged(d, st, stage, attempt, problem, states, plan)
@@ -581,6 +586,26 @@ def _watch(d: Decision, st: dict, stage: Stage, attempt: int, problem: Problem |
         return True
     d.requeue_after = min(d.requeue_after, max(left, 0.5))
     return False
+
+
+# A child's failure and its pods' last status (OOMKilled, an input found damaged) come by different
+# watches, in either order: a failure without a known cause is decided only after this long.
+FAILURE_SETTLE_SECONDS = 3.0
+
+
+def _settling(child: Mapping[str, Any], problem: Problem | None, now: datetime) -> float:
+    """Seconds to wait before deciding a failure whose cause the pods have not told yet; 0: decide now."""
+    if problem is not None:
+        return 0.0
+    failed = next((c for c in (child.get("status") or {}).get("conditions") or []
+                   if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    since = _parse_time((failed or {}).get("lastTransitionTime"))
+    if since is None:
+        return 0.0
+    elapsed = (now - since).total_seconds()
+    if not -FAILURE_SETTLE_SECONDS < elapsed < FAILURE_SETTLE_SECONDS:  # decided, or clocks far apart
+        return 0.0
+    return min(FAILURE_SETTLE_SECONDS, FAILURE_SETTLE_SECONDS - elapsed) + 0.1
 
 
 def _pending_too_long(run: BacktranslationRun, stage: Stage, problem: Problem | None) -> str:

@@ -600,3 +600,34 @@ def test_an_input_damaged_again_and_again_fails_the_stage():
             assert cluster.stage("train-myx")["reason"] == "InputsDamaged"
     stage = cluster.stage("train-myx")
     assert stage["phase"] == "Failed" and stage["inputRechecks"] == 2 and stage["attempt"] == 3
+
+
+def test_a_failure_waits_a_moment_for_its_pods_to_tell_why():
+    """The Job's Failed condition and its pod's OOMKilled status come by different watches: a
+    failure with no known cause is decided only once the pods had FAILURE_SETTLE_SECONDS to say."""
+    from humpback_operator.reconcile import FAILURE_SETTLE_SECONDS
+
+    def failed_now(cluster, job):
+        job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                         "message": "Job has reached the specified backoff limit",
+                                         "lastTransitionTime": cluster.now.strftime("%Y-%m-%dT%H:%M:%SZ")}]}
+
+    cluster = Cluster(tiny_body(), policy=lambda obj: "hold")
+    job = started(cluster, "prepare-seed")
+    failed_now(cluster, job)
+    d = cluster.step(advance=0)
+    assert cluster.stage("prepare-seed")["attempt"] == 1 and 0 < d.requeue_after <= FAILURE_SETTLE_SECONDS + 0.1
+    cluster.pods.append(pod_of(job, phase="Failed", containerStatuses=[
+        {"name": "stage", "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]))
+    cluster.step(advance=1)
+    stage = cluster.stage("prepare-seed")
+    assert stage["reason"] == "OOMKilled" and stage["attempt"] == 2
+
+    # No pod ever tells: after the wait the failure is decided without a cause.
+    other = Cluster(tiny_body(), policy=lambda obj: "hold")
+    job = started(other, "prepare-seed")
+    failed_now(other, job)
+    other.step(advance=0)
+    assert other.stage("prepare-seed")["attempt"] == 1
+    other.step(advance=FAILURE_SETTLE_SECONDS + 1)
+    assert other.stage("prepare-seed")["attempt"] == 2 and "reason" not in other.stage("prepare-seed")
