@@ -73,13 +73,14 @@ def summarize(ctx: RunContext, prefix: str) -> dict[str, Any]:
 def check_inference(ctx: RunContext, stage: Stage, family: str, summary: dict[str, Any], n_in: int,
                     floor: float | None = None, setting: str = "") -> dict[str, Any]:
     """The manifest's `yield` of an inference stage; fails it on too many refusals or a low yield."""
-    from humpback_runtime.stages.guardrails import check_rejected, check_yield, likely_cause, yield_record
+    from humpback_runtime.stages.guardrails import (LOW_YIELD_WARNING, check_rejected, check_yield, likely_cause,
+                                                    yield_record)
 
     check_rejected(stage.name, summary["rejected"], n_in, ctx.run.spec.inference.max_rejected_fraction)
     cause = likely_cause(family, summary["dropped"], n_in)
     if floor is not None:
         check_yield(stage.name, n_in, summary["kept"], floor, setting, cause)
-    warnings = [cause] if cause and n_in and summary["kept"] / n_in < 0.5 else []
+    warnings = [cause] if cause and n_in and summary["kept"] / n_in < LOW_YIELD_WARNING else []
     return yield_record(n_in, summary["kept"], warnings + refusal_warnings(summary["rejected"]))
 
 

@@ -176,7 +176,7 @@ def selection(ctx: RunContext, curate_stage: str, settings: dict[str, Any], *, w
     storing it (and adds "records"): ranks other than 0 under torchrun. Fails with StageError when
     the yield is under curation.minYield.
     """
-    from humpback_runtime.stages.guardrails import check_yield, yield_record
+    from humpback_runtime.stages.guardrails import LOW_YIELD_WARNING, check_yield, yield_record
 
     store = ctx.store
     scores_fingerprint = ctx.plan[curate_stage].fingerprint
@@ -224,12 +224,14 @@ def selection(ctx: RunContext, curate_stage: str, settings: dict[str, Any], *, w
         warnings.append(f"selectBy expected with threshold {threshold:g} keeps {selected} of {scored} "
                         f"({selected / scored:.1%}): an expected score rarely reaches a high threshold; "
                         "lower curation.threshold (e.g. 4) or use selectBy argmax")
-    for warning in warnings:
-        log.warning("%s selection %s: %s", curate_stage, sid, warning)
     if unscored + low_mass > (scored - unscored - low_mass):
         cause = f"{unscored + low_mass} of {scored} candidates got no usable score"
     else:
         cause = f"{scored - unscored - low_mass - selected} of {scored} scored below {threshold:g}: lower curation.threshold"
+    if scored and selected / scored < LOW_YIELD_WARNING:
+        warnings.append(cause)
+    for warning in warnings:
+        log.warning("%s selection %s: %s", curate_stage, sid, warning)
     check_yield(f"{curate_stage} (selection {sid})", scored, selected, settings.get("minYield", 0.0),
                 "curation.minYield", cause)
     manifest = {

@@ -41,6 +41,11 @@ CAUSES = {
 }
 
 
+# Under this share kept, a stage names the likely cause among its warnings (shown in the run's
+# summary table) even when no floor stops it: a low yield is never only a log line.
+LOW_YIELD_WARNING = 0.5
+
+
 def yield_record(n_in: int, n_out: int, warnings: list[str] | None = None) -> dict[str, Any]:
     """The manifest's `yield` field."""
     return {"in": n_in, "out": n_out, "fraction": round(n_out / n_in, 4) if n_in else None,

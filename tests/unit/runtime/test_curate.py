@@ -67,6 +67,15 @@ def test_a_selection_under_min_yield_fails_with_the_counts(tmp_path):
     assert read_success(ctx.store, f"{ctx.prefix('curate-1')}/selected/threshold-5-argmax-mass-0.5") is None
 
 
+def test_a_low_selection_names_its_cause_among_the_warnings_without_a_floor(tmp_path):
+    ctx = ctx_with_scores(tmp_path, [(3, 3.0, 0.9)] * 9 + [(5, 5.0, 0.9)], threshold=5, minYield=0)
+    chosen = selection(ctx, "curate-1", current(ctx))
+    assert chosen["selected"] == 1
+    assert chosen["yield"]["warnings"] == ["9 of 10 scored below 5: lower curation.threshold"]
+    plenty = ctx_with_scores(tmp_path / "b", [(5, 5.0, 0.9)] * 9 + [(3, 3.0, 0.9)], threshold=5, minYield=0)
+    assert selection(plenty, "curate-1", current(plenty))["warnings"] == []
+
+
 def test_digit_mass_quantiles_go_into_the_manifest(tmp_path):
     ctx = ctx_with_scores(tmp_path, [(5, 4.0, m / 100) for m in range(1, 101)])
     summary = score_summary(ctx, ctx.prefix("curate-1"), "logprobs")
