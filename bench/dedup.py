@@ -58,8 +58,6 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import random
 import re
 import subprocess
@@ -78,6 +76,7 @@ sys.path.insert(0, json.loads(sys.argv[2])["root"] if sys.argv[1:2] == ["--child
 
 from humpback_runtime.corpus import CorpusFilter, clean_boilerplate, normalise  # noqa: E402
 from humpback_runtime.spec import CorpusSpec, DedupSpec  # noqa: E402
+from machine import machine  # noqa: E402  (bench/machine.py)
 
 LIBRARY_NUM_PERM = 128  # datasketch's and rensa's usual setting
 NGRAM = 5
@@ -349,16 +348,6 @@ def score(result: dict, n: int, ideal: set[int], sets: list[np.ndarray], docs) -
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=100_000)
@@ -442,8 +431,7 @@ def main() -> None:
         "threshold": args.threshold,
         "repeat": args.repeat,
         "ideal_removed": len(ideal),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "datasketch": datasketch.__version__, "rensa": rensa_version},
+        "machine": machine(numpy=np.__version__, datasketch=datasketch.__version__, rensa=rensa_version),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager

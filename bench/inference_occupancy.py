@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import platform
-import sys
 import tempfile
 import time
 import urllib.request

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
 import resource
 import string
@@ -40,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from humpback_runtime.corpus import CorpusCounts, MinHasher, filter_corpus, normalise  # noqa: E402
 from humpback_runtime.spec import CorpusSpec, DedupSpec  # noqa: E402
+from machine import machine  # noqa: E402  (bench/machine.py)
 
 COUNT_KEYS = ("kept", "missing_text", "too_short", "too_long", "boilerplate", "exact_duplicate",
               "near_duplicate", "boilerplate_lines_removed")
@@ -140,16 +139,6 @@ def signature_bench(texts: list[str], num_perm: int = 128, ngram: int = 5) -> di
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=100_000)
@@ -203,8 +192,7 @@ def main() -> None:
         "base_documents": len(texts),
         "base_documents_passing": len(passing),
         "processes": 1,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": numpy.__version__, "datasketch": datasketch.__version__},
+        "machine": machine(numpy=numpy.__version__, datasketch=datasketch.__version__),
         "runs": runs,
         "signature_us_per_doc": sig,
         "peak_rss_mib": round(max_rss_mib),
