@@ -239,11 +239,14 @@ def test_evaluate_runs_mt_bench_in_two_turns_and_exports_alpaca_eval(tmp_path, t
 
 # --- score once, select many; bad records; yield floors (issues 10 and 13) --------------------------
 
-def stub_ctx(tmp_path, tiny_model, stub, **curation):
-    """make_ctx, with the inference stages asking the stub server (engine vllm-server)."""
+def stub_ctx(tmp_path, tiny_model, stub, spec=None, **curation):
+    """make_ctx, with the inference stages asking the stub server (engine vllm-server); `spec` maps a
+    section of the spec to the settings to change in it."""
     ctx = make_ctx(tmp_path, tiny_model, **curation)
     data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
     data["spec"]["inference"].update(engine="vllm-server", endpoint=stub.url, perRequestSeed=False)
+    for section, settings in (spec or {}).items():
+        data["spec"][section].update(settings)
     return RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
 
 
@@ -275,10 +278,7 @@ def test_an_http_400_for_one_record_drops_it_and_the_stage_goes_on(tmp_path, tin
     from humpback_testing.openai_stub import StubServer
 
     with StubServer(text="What is this text about?", fail_on="Beginners BBQ", status_on_fail=400) as stub:
-        ctx = stub_ctx(tmp_path, tiny_model, stub)
-        data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
-        data["spec"]["inference"]["maxRejectedFraction"] = 0.05
-        ctx = RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
+        ctx = stub_ctx(tmp_path, tiny_model, stub, spec={"inference": {"maxRejectedFraction": 0.05}})
         run_stage(ctx, "prepare-seed")
         segments = run_stage(ctx, "prepare-corpus")["outputs"]["count"]
         stand_in_for_training(ctx, tiny_model, "train-myx")
@@ -305,10 +305,8 @@ def test_a_segment_too_long_for_the_models_context_is_dropped_before_sending(tmp
 
     sent: list[str] = []
     with StubServer(text=lambda prompt: sent.append(prompt) or "What is this text about?") as stub:
-        ctx = stub_ctx(tmp_path, tiny_model, stub)
-        data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
-        data["spec"]["inference"].update(maxRejectedFraction=0.9, vllm={"maxModelLen": 400})
-        ctx = RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
+        ctx = stub_ctx(tmp_path, tiny_model, stub,
+                       spec={"inference": {"maxRejectedFraction": 0.9, "vllm": {"maxModelLen": 400}}})
         run_stage(ctx, "prepare-seed")
         run_stage(ctx, "prepare-corpus")
         segments = list(ctx.records("prepare-corpus"))
@@ -338,10 +336,7 @@ def test_augment_under_its_yield_floor_fails_with_the_likely_cause(tmp_path, tin
     from humpback_testing.openai_stub import StubServer
 
     with StubServer(text="word " * 50) as stub:  # every instruction runs into maxTokens (12)
-        ctx = stub_ctx(tmp_path, tiny_model, stub)
-        data = ctx.run.model_dump(mode="json", by_alias=True, exclude={"status"})
-        data["spec"]["augmentation"]["minYield"] = 0.2
-        ctx = RunContext.create(parse_run(data), ctx.storage_uri, identify_inputs=False)
+        ctx = stub_ctx(tmp_path, tiny_model, stub, spec={"augmentation": {"minYield": 0.2}})
         run_stage(ctx, "prepare-seed")
         n = run_stage(ctx, "prepare-corpus")["outputs"]["count"]
         stand_in_for_training(ctx, tiny_model, "train-myx")
