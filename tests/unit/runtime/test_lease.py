@@ -19,13 +19,6 @@ PREFIX = "ns/run/augment"
 KEY = f"{PREFIX}/{LEASE}"
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return open_store(str(tmp_path / "store"))
-    return open_store(f"{request.getfixturevalue('s3_bucket')}/root", endpoint_url=request.getfixturevalue("s3_server"))
-
-
 def test_conditional_writes(store):
     v1 = store.create_exclusive("a/obj.json", b"one")
     assert v1 and store.create_exclusive("a/obj.json", b"two") is None

@@ -17,13 +17,6 @@ from humpback_runtime.storage import (
 PREFIX = "ns/run/prepare-corpus"
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return open_store(str(tmp_path / "store"))
-    return open_store(f"{request.getfixturevalue('s3_bucket')}/root", endpoint_url=request.getfixturevalue("s3_server"))
-
-
 def _stage(store):
     with ShardWriter(store, PREFIX, records_per_shard=3) as writer:
         for i in range(7):
