@@ -152,6 +152,9 @@ def test_a_child_deleted_during_a_watch_gap_is_noticed(cluster, start_operator, 
     op = start_operator(HUMPBACK_SAFETY_NET_SECONDS="2")
     cluster.create_run(tiny_run(s3_bucket, s3_server))
     job = wait_for(lambda: children_named(cluster, "tiny", "jobs", "prepare-seed"), 60, "the Job", explain(cluster, "tiny", op))[0]
+    # The stand-ins poll: they must have seen this Job before it goes, or the new one is their first.
+    wait_for(lambda: job["metadata"]["name"] in standins.seen.get("Job", ()), 30, "the stand-ins saw the Job",
+             lambda: f"{standins.seen} {standins.errors}")
     cluster.emulator.call(lambda handler: handler.hold_watches())
     kubernetes.client.BatchV1Api(kube_api).delete_namespaced_job(job["metadata"]["name"], NAMESPACE)
     cluster.emulator.call(lambda handler: handler.expire_watches())
