@@ -13,6 +13,7 @@ they check nothing.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -62,9 +63,27 @@ def _program(rule: str) -> Any:
     return env.program(env.compile(rule))
 
 
+@functools.lru_cache(maxsize=256)
+def _fields_read(rule: str) -> frozenset[str] | None:
+    """The fields of `self` a rule reads, when it reads `self` only as `self.<field>`; None when it
+    uses `self` whole (`size(self)`, `self.all(...)`)."""
+    fields = set()
+    for match in re.finditer(r"\bself\b", rule):
+        field = re.match(r"\.([A-Za-z_]\w*)(\s*\()?", rule[match.end():])
+        if field is None or field.group(2):
+            return None
+        fields.add(field.group(1))
+    return frozenset(fields)
+
+
 def _holds(rule: str, value: Any, old: Any) -> bool:
     import celpy
 
+    fields = _fields_read(rule)
+    if isinstance(value, dict) and fields is not None:
+        # Only what the rule reads is converted: a root rule on metadata.name need not convert a
+        # run's whole status on every status patch (the emulator's main cost under load).
+        value = {k: v for k, v in value.items() if k in fields}
     activation = {"self": celpy.json_to_cel(value)}
     if old is not None:
         activation["oldSelf"] = celpy.json_to_cel(old)
@@ -81,18 +100,59 @@ def _holds(rule: str, value: Any, old: Any) -> bool:
 def builtin_errors(obj: Mapping[str, Any]) -> list[str]:
     """`obj` (a built-in kind) checked against the newest Kubernetes schemas kubernetes-validate
     ships, strictly; [] for a kind it has no schema for."""
-    validator = _validator(obj.get("apiVersion", ""), obj.get("kind", ""))
-    if validator is None:
+    validators = _validators(obj.get("apiVersion", ""), obj.get("kind", ""))
+    if validators is None:
         return []
-    errors = []
-    for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
-        errors.append(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: Invalid value: {e.message}")
-    return errors
+    return [f"{'.'.join(path) or '<root>'}: Invalid value: {message}" for path, message in _split_errors(*validators, obj)]
+
+
+def schema_errors(validators: tuple[_Validator, _Validator | None], obj: Mapping[str, Any]) -> list[str]:
+    """`obj` (a custom resource, metadata left out) checked against its CRD's schema
+    (`validators`: from `schema_validators`), as the API server phrases it."""
+    return sorted(f"{'.'.join(path) or '<root>'}: {message}" for path, message in _split_errors(*validators, obj))
+
+
+def _split_errors(validator: _Validator, status_validator: _Validator | None, obj: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """Errors of `obj`, its status validated apart: most writes under load are status patches that
+    leave the rest as it was, and each part's errors are kept by its JSON, so an unchanged part is
+    not validated again (resourceVersion, always valid, changes on every write: left out)."""
+    rest = {k: v for k, v in obj.items() if k != "status"}
+    if isinstance(rest.get("metadata"), dict):
+        rest["metadata"] = {k: v for k, v in rest["metadata"].items() if k != "resourceVersion"}
+    errors = list(_errors(validator, json.dumps(rest, sort_keys=True)))
+    if "status" in obj:
+        if status_validator is None:  # a schema without a status: the whole object, as it is
+            errors = list(_errors(validator, json.dumps({**rest, "status": obj["status"]}, sort_keys=True)))
+        else:
+            errors += [(("status", *path), message) for path, message in _errors(status_validator, json.dumps(obj["status"], sort_keys=True))]
+    return sorted(errors)
+
+
+class _Validator:
+    """A jsonschema validator, hashable by identity (the key of the error cache)."""
+
+    def __init__(self, validator: Any) -> None:
+        self.validator = validator
+
+
+@functools.lru_cache(maxsize=4096)
+def _errors(validator: _Validator, document: str) -> tuple[tuple[tuple[str, ...], str], ...]:
+    return tuple((tuple(map(str, e.absolute_path)), e.message) for e in validator.validator.iter_errors(json.loads(document)))
+
+
+def schema_validators(schema: Mapping[str, Any]) -> tuple[_Validator, _Validator | None]:
+    """A CRD's schema (draft-4 JSON Schema) as two validators: the object less its status, and the status."""
+    import jsonschema
+
+    status = (schema.get("properties") or {}).get("status")
+    rest = {**schema, "properties": {k: v for k, v in (schema.get("properties") or {}).items() if k != "status"}}
+    return _Validator(jsonschema.Draft4Validator(rest)), (_Validator(jsonschema.Draft4Validator(status)) if status is not None else None)
 
 
 @functools.lru_cache(maxsize=64)
-def _validator(api_version: str, kind: str) -> Any:
-    """One compiled validator per kind: kubernetes_validate.validate() builds one per call (~50 ms)."""
+def _validators(api_version: str, kind: str) -> tuple[_Validator, _Validator | None] | None:
+    """One compiled validator per kind and one for its status: kubernetes_validate.validate() builds
+    one per call (~50 ms)."""
     try:
         import jsonschema
         from kubernetes_validate import utils
@@ -108,7 +168,12 @@ def _validator(api_version: str, kind: str) -> Any:
         return None
     definitions = utils.schema_contents(f"{directory}/_definitions.json", version)
     registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
-    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+    status = (schema.get("properties") or {}).get("status")
+    if status is not None:  # its $ref is relative to the kind's $id
+        status = {**status, "$id": schema["$id"], "$schema": schema["$schema"]}
+    rest = {**schema, "properties": {k: v for k, v in (schema.get("properties") or {}).items() if k != "status"}}
+    return (_Validator(jsonschema.validators.Draft202012Validator(rest, registry=registry)),
+            _Validator(jsonschema.validators.Draft202012Validator(status, registry=registry)) if status is not None else None)
 
 
 # --- pod admission: PodSecurity and ResourceQuota -------------------------------------------------
