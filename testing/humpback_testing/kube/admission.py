@@ -33,8 +33,20 @@ def cel_errors(schema: Mapping[str, Any], obj: Any, old: Any = _ABSENT) -> list[
     return errors
 
 
+_RULES_UNDER: dict[int, tuple[Mapping[str, Any], bool]] = {}  # id -> (schema node, kept so the id stays its own; answer)
+
+
+def _has_rules(schema: Mapping[str, Any]) -> bool:
+    """Whether `schema` or any schema under it has CEL rules (most of an object's subtrees have none)."""
+    known = _RULES_UNDER.get(id(schema))
+    if known is None or known[0] is not schema:
+        subs = [*(schema.get("properties") or {}).values(), *(s for s in (schema.get("additionalProperties"), schema.get("items")) if isinstance(s, dict))]
+        known = _RULES_UNDER[id(schema)] = (schema, bool(schema.get("x-kubernetes-validations")) or any(_has_rules(sub) for sub in subs))
+    return known[1]
+
+
 def _walk(schema: Mapping[str, Any], value: Any, old: Any, update: bool, path: str, errors: list[str]) -> None:
-    if value is None:
+    if value is None or not _has_rules(schema):
         return
     for rule in schema.get("x-kubernetes-validations") or ():
         uses_old = "oldSelf" in rule["rule"]

@@ -444,7 +444,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if "dryRun" in params:
             return obj
         self._store(route, None, obj)  # sets resourceVersion: kopf resumes watches from it
-        return copy.deepcopy(obj)
+        return obj
 
     def _patch(self, route: Route, request: kmock.Request, params: Mapping[str, str]) -> dict[str, Any]:
         content_type = _header(request, "Content-Type").split(";")[0].strip()
@@ -490,7 +490,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not isinstance(changed, dict):
             raise _api_error(422, "Invalid", "the patched object is not an object")
         if route.subresource == "status":
-            new = copy.deepcopy(old)  # /status changes the status and nothing else
+            # /status changes the status and nothing else. Stored versions are never changed in
+            # place (watch events send them as they are), so the new one may share the old one's parts.
+            new = {**old, "metadata": dict(old["metadata"])}
             if "status" in changed:
                 new["status"] = changed["status"]
             else:
@@ -525,7 +527,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self._store(route, new, None)  # the last finalizer is gone: the object goes
             return new
         self._store(route, old, new)
-        return copy.deepcopy(new)
+        return new
 
     def _delete(self, route: Route, params: Mapping[str, str] = {}) -> dict[str, Any]:
         old = self._get(route)
