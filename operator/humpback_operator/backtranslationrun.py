@@ -157,11 +157,26 @@ def _active(body: kopf.Body, **_: Any) -> bool:
     return not _finished_and_unchanged(body.get("status") or {}, body.get("metadata", {}).get("generation"))
 
 
+class RunEssenceStorage(kopf.AnnotationsDiffBaseStorage):
+    """Kopf's diff base in annotations, built for less. Kopf builds the "essence" of every object
+    it watches by deep-copying the whole body and then dropping the status; only a run's essence is
+    ever compared (the children have index handlers only), and a run's status is most of its body.
+    So: children get an empty essence, a run's is built without its status. Under load (100 runs)
+    that copying was a third of the operator's CPU."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        if body.get("apiVersion") != f"{GROUP}/{VERSION}":
+            return kopf.BodyEssence()  # a child: no handler of ours compares its essence
+        if extra_fields:  # a handler that follows status fields (none of ours does): kopf's own way
+            return super().build(body=body, extra_fields=extra_fields)
+        return super().build(body=kopf.Body({k: v for k, v in body.items() if k != "status"}))
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The CRD's status schema has no `kopf` field: Kopf's bookkeeping goes into annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = RunEssenceStorage(prefix=GROUP)
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Events are posted explicitly (reconcile.Event); log lines become Events only from warnings up.
     settings.posting.level = logging.WARNING
