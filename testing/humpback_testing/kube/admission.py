@@ -76,29 +76,47 @@ def _program(rule: str) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _fields_read(rule: str) -> frozenset[str] | None:
-    """The fields of `self` a rule reads, when it reads `self` only as `self.<field>`; None when it
-    uses `self` whole (`size(self)`, `self.all(...)`)."""
-    fields = set()
+def _paths_read(rule: str) -> tuple[tuple[str, ...], ...] | None:
+    """The paths under `self` a rule reads (`self.metadata.name.size()` reads metadata.name), when
+    it reads `self` only through field paths; None when it uses `self` whole (`size(self)`,
+    `self.all(...)`)."""
+    paths = []
     for match in re.finditer(r"\bself\b", rule):
-        field = re.match(r"\.([A-Za-z_]\w*)(\s*\()?", rule[match.end():])
-        if field is None or field.group(2):
+        chain = re.match(r"((?:\.[A-Za-z_]\w*)+)(\s*\()?", rule[match.end():])
+        if chain is None:
             return None
-        fields.add(field.group(1))
-    return frozenset(fields)
+        names = tuple(chain.group(1).lstrip(".").split("."))
+        if chain.group(2):  # the last name is a method called on the path before it
+            names = names[:-1]
+        if not names:
+            return None
+        paths.append(names)
+    return tuple(paths)
+
+
+def _only(value: Any, paths: list[tuple[str, ...]]) -> Any:
+    """`value` with just the given paths (a path that ends here keeps the whole subtree)."""
+    if not isinstance(value, dict) or any(not p for p in paths):
+        return value
+    return {key: _only(value[key], [p[1:] for p in paths if p[0] == key]) for key in dict.fromkeys(p[0] for p in paths) if key in value}
 
 
 def _holds(rule: str, value: Any, old: Any) -> bool:
+    paths = _paths_read(rule)
+    if paths is not None:
+        # Only what the rule reads counts: a root rule on metadata.name need not see (or convert)
+        # a run's whole status on every status patch; the same input then gives the cached answer.
+        value = _only(value, list(paths))
+    return _evaluate(rule, json.dumps(value, sort_keys=True), None if old is None else json.dumps(old, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _evaluate(rule: str, value: str, old: str | None) -> bool:
     import celpy
 
-    fields = _fields_read(rule)
-    if isinstance(value, dict) and fields is not None:
-        # Only what the rule reads is converted: a root rule on metadata.name need not convert a
-        # run's whole status on every status patch (the emulator's main cost under load).
-        value = {k: v for k, v in value.items() if k in fields}
-    activation = {"self": celpy.json_to_cel(value)}
+    activation = {"self": celpy.json_to_cel(json.loads(value))}
     if old is not None:
-        activation["oldSelf"] = celpy.json_to_cel(old)
+        activation["oldSelf"] = celpy.json_to_cel(json.loads(old))
     try:
         result = _program(rule).evaluate(activation)
     except Exception:  # noqa: BLE001 -- a rule that cannot be evaluated on this value fails, as in the API server
@@ -126,28 +144,62 @@ def schema_errors(validators: tuple[_Validator, _Validator | None], obj: Mapping
 
 def _split_errors(validator: _Validator, status_validator: _Validator | None, obj: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
     """Errors of `obj`, its status validated apart: most writes under load are status patches that
-    leave the rest as it was, and each part's errors are kept by its JSON, so an unchanged part is
+    leave the rest as it was, and answers are kept by the JSON validated, so an unchanged part is
     not validated again (resourceVersion, always valid, changes on every write: left out)."""
     rest = {k: v for k, v in obj.items() if k != "status"}
     if isinstance(rest.get("metadata"), dict):
         rest["metadata"] = {k: v for k, v in rest["metadata"].items() if k != "resourceVersion"}
-    errors = list(_errors(validator, json.dumps(rest, sort_keys=True)))
+    if "status" in obj and status_validator is None:  # a schema without a status: the whole object, as it is
+        return sorted(validator.errors({**rest, "status": obj["status"]}))
+    errors = validator.errors(rest)
     if "status" in obj:
-        if status_validator is None:  # a schema without a status: the whole object, as it is
-            errors = list(_errors(validator, json.dumps({**rest, "status": obj["status"]}, sort_keys=True)))
-        else:
-            errors += [(("status", *path), message) for path, message in _errors(status_validator, json.dumps(obj["status"], sort_keys=True))]
+        errors += [(("status", *path), message) for path, message in status_validator.errors(obj["status"])]
     return sorted(errors)
 
 
 class _Validator:
-    """A jsonschema validator, hashable by identity (the key of the error cache)."""
+    """A jsonschema validator whose answers are kept by the JSON it validated."""
 
     def __init__(self, validator: Any) -> None:
         self.validator = validator
 
+    def errors(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
+        return list(_errors(self, json.dumps(value, sort_keys=True)))
 
-@functools.lru_cache(maxsize=4096)
+
+class _TreeValidator(_Validator):
+    """For a draft-4 schema without references: an object's declared properties and an array's
+    items, `depth` levels down, are validated on their own and their answers kept, so a status patch
+    that changes one stage of a run validates that stage again, not the whole status."""
+
+    def __init__(self, schema: Mapping[str, Any], depth: int) -> None:
+        import jsonschema
+
+        super().__init__(jsonschema.Draft4Validator(schema))
+        properties, items = schema.get("properties"), schema.get("items")
+        self.parts = {k: _TreeValidator(v, depth - 1) for k, v in (properties or {}).items()} if depth > 0 else {}
+        self.item = _TreeValidator(items, depth - 1) if depth > 0 and isinstance(items, dict) else None
+        self.shallow = None  # the node's own keywords (type, required, ...), its parts accepting anything
+        if self.parts or self.item is not None:
+            shallow = {**schema, **({"properties": {k: {} for k in self.parts}} if self.parts else {}),
+                       **({"items": {}} if self.item is not None else {})}
+            self.shallow = jsonschema.Draft4Validator(shallow)
+
+    def errors(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
+        if self.shallow is None:
+            return super().errors(value)
+        errors = [(tuple(map(str, e.absolute_path)), e.message) for e in self.shallow.iter_errors(value)]
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if key in self.parts:
+                    errors += [((key, *path), message) for path, message in self.parts[key].errors(child)]
+        elif isinstance(value, list) and self.item is not None:
+            for i, child in enumerate(value):
+                errors += [((str(i), *path), message) for path, message in self.item.errors(child)]
+        return errors
+
+
+@functools.lru_cache(maxsize=8192)
 def _errors(validator: _Validator, document: str) -> tuple[tuple[tuple[str, ...], str], ...]:
     return tuple((tuple(map(str, e.absolute_path)), e.message) for e in validator.validator.iter_errors(json.loads(document)))
 
@@ -158,7 +210,7 @@ def schema_validators(schema: Mapping[str, Any]) -> tuple[_Validator, _Validator
 
     status = (schema.get("properties") or {}).get("status")
     rest = {**schema, "properties": {k: v for k, v in (schema.get("properties") or {}).items() if k != "status"}}
-    return _Validator(jsonschema.Draft4Validator(rest)), (_Validator(jsonschema.Draft4Validator(status)) if status is not None else None)
+    return _Validator(jsonschema.Draft4Validator(rest)), (_TreeValidator(status, depth=3) if status is not None else None)
 
 
 @functools.lru_cache(maxsize=64)
