@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import logging
 import os
 import secrets
@@ -303,7 +302,8 @@ def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, 
     """Kopf's live view of the run, when it is known to include our last status patch (so a
     decision never rests on a status older than what we wrote); while Kopf still shows the body
     that patch was decided on, the patch's answer (nothing else changed the run in between); None
-    means: read it from the API."""
+    means: read it from the API. A snapshot without copying: Kopf swaps in each new body whole
+    (its live view is replaced, never changed in place), and no decision changes the body it reads."""
     if live is None:
         return None
     own = op.own_versions.get((namespace, name))
@@ -312,9 +312,9 @@ def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, 
         based_on, patched = op.patched.get((namespace, name), (None, None))
         if patched is None or version is None or version != based_on:
             return None
-        return copy.deepcopy(patched)
+        return patched
     op.patched.pop((namespace, name), None)  # Kopf has caught up: the copy is not needed any more
-    return copy.deepcopy(dict(live))
+    return dict(live)
 
 
 async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logger: logging.Logger) -> None:

@@ -61,11 +61,13 @@ class Cluster:
         """One reconcile: decide (reading the store when asked), apply, let controllers act."""
         self.now += timedelta(seconds=advance)
         store = dict(store or {})
+        before = copy.deepcopy(self.body)
         d = decide(self.body, self.children(), store, self.now, CONFIG, self.pods, self.warnings)
         if d.needs_store:
             store.update({s: None for s in d.needs_store if s not in store})
             d = decide(self.body, self.children(), store, self.now, CONFIG, self.pods, self.warnings)
         assert not d.needs_store
+        assert self.body == before  # the operator hands decide() Kopf's live body, uncopied
         for obj in d.update:
             self.objects[(obj["kind"], obj["metadata"]["name"])]["data"] = obj["data"]
         for ref in d.delete:
