@@ -55,18 +55,18 @@ def broken(status: dict, path: tuple, value: object) -> dict:
 @pytest.mark.parametrize("path,value", [((), None), *BREAKAGES])
 def test_a_status_validated_part_by_part_gets_the_errors_of_a_whole_validation(path, value):
     schema = run_schema()
-    validators = admission.schema_validators(schema)
+    validator = admission.schema_validator(schema)
     body = {"apiVersion": "humpback.dev/v1alpha1", "kind": "BacktranslationRun",
             "spec": {"baseModel": "m", "corpus": {"source": "c.jsonl"}, "seed": {"source": "s.jsonl"}}, "status": broken(copy.deepcopy(STATUS), path, value) if path else STATUS}
     expected = whole_errors(schema, body)
     assert (expected == []) == (path == ())  # each breakage is one the schema refuses
-    assert admission.schema_errors(validators, body) == expected
-    assert admission.schema_errors(validators, body) == expected  # and the kept answer is the same
+    assert admission.schema_errors(validator, body) == expected
+    assert admission.schema_errors(validator, body) == expected  # and the kept answer is the same
 
 
 def test_random_statuses_part_by_part_and_whole_agree():
     schema = run_schema()
-    validators = admission.schema_validators(schema)
+    validator = admission.schema_validator(schema)
     rng = random.Random(7)
     for _ in range(200):
         status = copy.deepcopy(STATUS)
@@ -76,7 +76,7 @@ def test_random_statuses_part_by_part_and_whole_agree():
             except (KeyError, IndexError, TypeError):  # an earlier breakage removed the path
                 pass
         body = {"spec": {"baseModel": "m", "corpus": {"source": "c.jsonl"}, "seed": {"source": "s.jsonl"}}, "status": status}
-        assert admission.schema_errors(validators, body) == whole_errors(schema, body)
+        assert admission.schema_errors(validator, body) == whole_errors(schema, body)
 
 
 def test_a_job_status_validated_apart_gets_the_errors_of_a_whole_validation():
@@ -104,3 +104,58 @@ def test_a_job_status_validated_apart_gets_the_errors_of_a_whole_validation():
 def test_a_cel_rule_given_only_the_fields_it_reads_answers_as_on_the_whole_value(rule, value, holds):
     assert admission._holds(rule, value, None) is holds
     assert admission._holds(rule, value, None) is holds  # the kept answer
+
+
+def whole_builtin_errors(obj: dict) -> list[str]:
+    """kubernetes-validate's own way: the kind's schema, its references resolved as they come."""
+    from kubernetes_validate import utils
+    from referencing import Registry, Resource
+
+    version = utils.latest_version()
+    directory = f"kubernetes-json-schema/v{version}-local-strict"
+    group, _, api = obj["apiVersion"].rpartition("/")
+    schema = utils.schema_contents(f"{directory}/{obj['kind'].lower()}-{group.split('.')[0] + '-' if group else ''}{api}.json", version)
+    registry = Resource.from_contents(utils.schema_contents(f"{directory}/_definitions.json", version)) @ (
+        Resource.from_contents(schema) @ Registry())
+    validator = jsonschema.validators.Draft202012Validator(schema, registry=registry)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: Invalid value: {e.message}" for e in validator.iter_errors(obj))
+
+
+def rendered_children() -> list[dict]:
+    from humpback_operator.children import render_run
+    from humpback_operator.config import OperatorConfig
+    from humpback_runtime.spec import parse_run
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "llama2-7b-paper.yaml"
+    return [o for o in render_run(parse_run(yaml.safe_load(example.read_text())), OperatorConfig())
+            if o["kind"] in ("Job", "Deployment", "Service", "ConfigMap")]
+
+
+CHILD_BREAKAGES = [  # (path, value) for a Job's or Deployment's template, at every depth
+    (("spec", "template", "spec", "containers", 0, "resources", "limits"), "lots"),
+    (("spec", "template", "spec", "containers", 0, "env", 0, "valueFrom"), {"bogus": 1}),
+    (("spec", "template", "spec", "containers", 0, "image"), 5),
+    (("spec", "template", "spec", "volumes"), [{"name": "v", "emptyDir": {"sizeLimit": []}}]),
+    (("spec", "template", "metadata", "labels"), {"a": 1}),
+    (("spec", "unknownField"), True),
+    (("metadata", "annotations"), "no"),
+    (("status",), {"active": "x", "bogus": 1}),
+]
+
+
+def test_built_in_children_validated_part_by_part_get_the_errors_of_a_whole_validation():
+    children = rendered_children()
+    assert {o["kind"] for o in children} >= {"Job", "Deployment", "Service"}
+    for obj in children:
+        assert admission.builtin_errors(obj) == whole_builtin_errors(obj) == []  # (both sorted by path)
+        for path, value in CHILD_BREAKAGES:
+            if obj["kind"] not in ("Job", "Deployment") and path[0] == "spec":
+                continue
+            changed = copy.deepcopy(obj)
+            try:
+                broken(changed, path, value)
+            except (KeyError, IndexError):  # this child has no such part (no env, no volumes)
+                continue
+            expected = whole_builtin_errors(changed)
+            assert expected, (obj["kind"], path)
+            assert sorted(admission.builtin_errors(changed)) == expected, (obj["kind"], path)

@@ -12,10 +12,11 @@ they check nothing.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _ABSENT = object()
@@ -130,93 +131,83 @@ def _evaluate(rule: str, value: str, old: str | None) -> bool:
 def builtin_errors(obj: Mapping[str, Any]) -> list[str]:
     """`obj` (a built-in kind) checked against the newest Kubernetes schemas kubernetes-validate
     ships, strictly; [] for a kind it has no schema for."""
-    validators = _validators(obj.get("apiVersion", ""), obj.get("kind", ""))
-    if validators is None:
+    validator = _builtin_validator(obj.get("apiVersion", ""), obj.get("kind", ""))
+    if validator is None:
         return []
-    return [f"{'.'.join(path) or '<root>'}: Invalid value: {message}" for path, message in _split_errors(*validators, obj)]
+    return [f"{'.'.join(path) or '<root>'}: Invalid value: {message}" for path, message in sorted(validator.errors(obj))]
 
 
-def schema_errors(validators: tuple[_Validator, _Validator | None], obj: Mapping[str, Any]) -> list[str]:
+def schema_errors(validator: _Validator, obj: Mapping[str, Any]) -> list[str]:
     """`obj` (a custom resource, metadata left out) checked against its CRD's schema
-    (`validators`: from `schema_validators`), as the API server phrases it."""
-    return sorted(f"{'.'.join(path) or '<root>'}: {message}" for path, message in _split_errors(*validators, obj))
+    (`validator`: from `schema_validator`), as the API server phrases it."""
+    return sorted(f"{'.'.join(path) or '<root>'}: {message}" for path, message in validator.errors(obj))
 
 
-def _split_errors(validator: _Validator, status_validator: _Validator | None, obj: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
-    """Errors of `obj`, its status validated apart: most writes under load are status patches that
-    leave the rest as it was, and answers are kept by the JSON validated, so an unchanged part is
-    not validated again (resourceVersion, always valid, changes on every write: left out)."""
-    rest = {k: v for k, v in obj.items() if k != "status"}
-    if isinstance(rest.get("metadata"), dict):
-        rest["metadata"] = {k: v for k, v in rest["metadata"].items() if k != "resourceVersion"}
-    if "status" in obj and status_validator is None:  # a schema without a status: the whole object, as it is
-        return sorted(validator.errors({**rest, "status": obj["status"]}))
-    errors = validator.errors(rest)
-    if "status" in obj:
-        errors += [(("status", *path), message) for path, message in status_validator.errors(obj["status"])]
-    return sorted(errors)
+Errors = tuple[tuple[tuple[str, ...], str], ...]  # (path, message) pairs
+_KNOWN: collections.OrderedDict[tuple[int, str], Errors] = collections.OrderedDict()  # (validator, JSON): errors
+_KNOWN_LIMIT = 16384
 
 
 class _Validator:
-    """A jsonschema validator whose answers are kept by the JSON it validated."""
+    """A jsonschema validator whose answers are kept by the JSON it validated. Under load most
+    writes change a little of an object (a status patch that changes one stage of a run, a Job that
+    differs from the last one in its names): with `depth` > 0, an object's declared properties and
+    an array's items are validators of their own, `depth` levels down, so that only what changed
+    is validated again. (The schema must have no references: `_inline` them first.)"""
 
-    def __init__(self, validator: Any) -> None:
-        self.validator = validator
-
-    def errors(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
-        return list(_errors(self, json.dumps(value, sort_keys=True)))
-
-
-class _TreeValidator(_Validator):
-    """For a draft-4 schema without references: an object's declared properties and an array's
-    items, `depth` levels down, are validated on their own and their answers kept, so a status patch
-    that changes one stage of a run validates that stage again, not the whole status."""
-
-    def __init__(self, schema: Mapping[str, Any], depth: int) -> None:
-        import jsonschema
-
-        super().__init__(jsonschema.Draft4Validator(schema))
-        properties, items = schema.get("properties"), schema.get("items")
-        self.parts = {k: _TreeValidator(v, depth - 1) for k, v in (properties or {}).items()} if depth > 0 else {}
-        self.item = _TreeValidator(items, depth - 1) if depth > 0 and isinstance(items, dict) else None
+    def __init__(self, schema: Mapping[str, Any], depth: int, make: Callable[[Mapping[str, Any]], Any]) -> None:
+        self.validator, self.depth, self.make = make(schema), depth, make
+        self.schemas = dict(schema.get("properties") or {}) if depth > 0 else {}
+        items = schema.get("items") if depth > 0 else None
+        self.item_schema = items if isinstance(items, dict) else None
+        self.parts: dict[str, _Validator] = {}  # built when first needed: most properties never appear
+        self.item: _Validator | None = None
         self.shallow = None  # the node's own keywords (type, required, ...), its parts accepting anything
-        if self.parts or self.item is not None:
-            shallow = {**schema, **({"properties": {k: {} for k in self.parts}} if self.parts else {}),
-                       **({"items": {}} if self.item is not None else {})}
-            self.shallow = jsonschema.Draft4Validator(shallow)
+        if self.schemas or self.item_schema is not None:
+            self.shallow = make({**schema, **({"properties": {k: {} for k in self.schemas}} if self.schemas else {}),
+                                 **({"items": {}} if self.item_schema is not None else {})})
 
     def errors(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
+        key = (id(self), json.dumps(value, sort_keys=True))  # validators live as long as the process
+        known = _KNOWN.get(key)
+        if known is None:
+            known = _KNOWN[key] = tuple(self._validate(value))
+            if len(_KNOWN) > _KNOWN_LIMIT:
+                _KNOWN.popitem(last=False)
+        else:
+            _KNOWN.move_to_end(key)
+        return list(known)
+
+    def _validate(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
         if self.shallow is None:
-            return super().errors(value)
+            return [(tuple(map(str, e.absolute_path)), e.message) for e in self.validator.iter_errors(value)]
         errors = [(tuple(map(str, e.absolute_path)), e.message) for e in self.shallow.iter_errors(value)]
         if isinstance(value, dict):
             for key, child in value.items():
-                if key in self.parts:
+                if key in self.schemas:
+                    if key not in self.parts:
+                        self.parts[key] = _Validator(self.schemas[key], self.depth - 1, self.make)
                     errors += [((key, *path), message) for path, message in self.parts[key].errors(child)]
-        elif isinstance(value, list) and self.item is not None:
+        elif isinstance(value, list) and self.item_schema is not None:
+            if self.item is None:
+                self.item = _Validator(self.item_schema, self.depth - 1, self.make)
             for i, child in enumerate(value):
                 errors += [((str(i), *path), message) for path, message in self.item.errors(child)]
         return errors
 
 
-@functools.lru_cache(maxsize=8192)
-def _errors(validator: _Validator, document: str) -> tuple[tuple[tuple[str, ...], str], ...]:
-    return tuple((tuple(map(str, e.absolute_path)), e.message) for e in validator.validator.iter_errors(json.loads(document)))
-
-
-def schema_validators(schema: Mapping[str, Any]) -> tuple[_Validator, _Validator | None]:
-    """A CRD's schema (draft-4 JSON Schema) as two validators: the object less its status, and the status."""
+def schema_validator(schema: Mapping[str, Any]) -> _Validator:
+    """A CRD's schema (draft-4 JSON Schema, no references) as a validator: a run's status is
+    validated stage by stage."""
     import jsonschema
 
-    status = (schema.get("properties") or {}).get("status")
-    rest = {**schema, "properties": {k: v for k, v in (schema.get("properties") or {}).items() if k != "status"}}
-    return _Validator(jsonschema.Draft4Validator(rest)), (_TreeValidator(status, depth=3) if status is not None else None)
+    return _Validator(schema, depth=4, make=jsonschema.Draft4Validator)
 
 
 @functools.lru_cache(maxsize=64)
-def _validators(api_version: str, kind: str) -> tuple[_Validator, _Validator | None] | None:
-    """One compiled validator per kind and one for its status: kubernetes_validate.validate() builds
-    one per call (~50 ms)."""
+def _builtin_validator(api_version: str, kind: str) -> _Validator | None:
+    """One validator per kind (kubernetes_validate.validate() builds one per call: ~50 ms), its
+    definitions inlined so that the parts of an object (down to a container) are validated apart."""
     try:
         import jsonschema
         from kubernetes_validate import utils
@@ -232,12 +223,26 @@ def _validators(api_version: str, kind: str) -> tuple[_Validator, _Validator | N
         return None
     definitions = utils.schema_contents(f"{directory}/_definitions.json", version)
     registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
-    status = (schema.get("properties") or {}).get("status")
-    if status is not None:  # its $ref is relative to the kind's $id
-        status = {**status, "$id": schema["$id"], "$schema": schema["$schema"]}
-    rest = {**schema, "properties": {k: v for k, v in (schema.get("properties") or {}).items() if k != "status"}}
-    return (_Validator(jsonschema.validators.Draft202012Validator(rest, registry=registry)),
-            _Validator(jsonschema.validators.Draft202012Validator(status, registry=registry)) if status is not None else None)
+    inlined = _inline(schema, definitions, frozenset())
+    return _Validator(inlined, depth=6, make=lambda s: jsonschema.validators.Draft202012Validator(s, registry=registry))
+
+
+def _inline(node: Any, definitions: Mapping[str, Any], expanding: frozenset[str]) -> Any:
+    """`node` with each `$ref` to a definition replaced by the definition itself; a definition that
+    contains itself (none of the kinds validated here) keeps an absolute `$ref` where it recurs."""
+    if isinstance(node, list):
+        return [_inline(item, definitions, expanding) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if not isinstance(ref, str) or "#/$defs/" not in ref:
+        return {key: _inline(value, definitions, expanding) for key, value in node.items()}
+    name = ref.split("#/$defs/", 1)[1]
+    if name in expanding:
+        return {**node, "$ref": f"{definitions['$id']}#/$defs/{name}"}
+    target = _inline(definitions["$defs"][name], definitions, expanding | {name})
+    siblings = {key: _inline(value, definitions, expanding) for key, value in node.items() if key not in ("$ref", "description")}
+    return {"allOf": [target], **siblings} if siblings else target
 
 
 # --- pod admission: PodSecurity and ResourceQuota -------------------------------------------------

@@ -115,9 +115,9 @@ class ResourceType:
         return kmock.resource(self.group, self.version, self.plural)
 
     @functools.cached_property
-    def validators(self) -> tuple[Any, Any]:
-        """The CRD's schema as draft-4 JSON Schema validators (its CEL rules apart: `admission.cel_errors`)."""
-        return admission.schema_validators(_to_jsonschema({k: v for k, v in (self.schema or {}).items() if k != "x-kubernetes-validations"}))
+    def validator(self) -> Any:
+        """The CRD's schema as a draft-4 JSON Schema validator (its CEL rules apart: `admission.cel_errors`)."""
+        return admission.schema_validator(_to_jsonschema({k: v for k, v in (self.schema or {}).items() if k != "x-kubernetes-validations"}))
 
     @property
     def has_status(self) -> bool:
@@ -568,7 +568,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         except ImportError:  # the dev extra has it; without it the emulator only prunes
             return pruned
         body = {k: v for k, v in pruned.items() if k != "metadata"}
-        errors = admission.schema_errors(route.rtype.validators, body)
+        errors = admission.schema_errors(route.rtype.validator, body)
         if errors:
             raise _api_error(422, "Invalid", f"{name} is invalid: " + "; ".join(errors), name=obj["metadata"].get("name"),
                              group=route.rtype.group, kind=route.rtype.kind)
