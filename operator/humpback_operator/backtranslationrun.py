@@ -180,6 +180,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Events are posted explicitly (reconcile.Event); log lines become Events only from warnings up.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
+    child_events.filter_on_the_server(settings)
     # API calls run in Kube's own pool; store reads (and anything else in threads) in the default
     # one, made larger: the default (cores + 4) would queue the reads of many runs.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))

@@ -117,6 +117,20 @@ async def humpback_child_events(body, namespace, memo, **_):
                                 "lastTimestamp": body.get("lastTimestamp") or body.get("eventTime")}}
 
 
+def filter_on_the_server(settings: kopf.OperatorSettings) -> None:
+    """The API server sends only what the indexes keep: children (labelled with their run) and
+    Warning Events. Kopf filters `labels=` and `when=` itself, after it has received, parsed and
+    remembered each object; on a shared cluster that is every Pod and Event of every namespace
+    watched (and an operator's own Normal Events, most Events under load, came back to it)."""
+    kinds = [("batch", "v1", "jobs"), ("apps", "v1", "deployments"), ("v1", "services"), ("v1", "configmaps"),
+             ("v1", "pods"), (_pytorchjob.group, _pytorchjob.version, _pytorchjob.plural)]
+    if trainjobs_enabled():
+        kinds.append((_trainjob.group, _trainjob.version, _trainjob.plural))
+    for kind in kinds:
+        settings.watching.label_selectors[kind] = LABEL_RUN
+    settings.watching.field_selectors["v1", "events"] = "type=Warning"
+
+
 # A deleted child leaves its index without a call to the index function, so without a wake-up:
 # the reconciler looks again within seconds whenever it waits for a deletion (reconcile.py).
 

@@ -53,6 +53,11 @@ def test_pods_refused_by_a_quota_are_surfaced_as_failed_create(
              "FailedCreate in the stage status", explain(cluster, "tiny", op))
     stage = cluster.stage("tiny", "prepare-seed")
     assert "exceeded quota: tight" in stage["message"] and stage.get("pendingSince")
+    # The operator asked the API server for Warning Events only, and for labelled children only.
+    reads = [r for r in cluster.emulator.requests_since(0) if r.verb in ("list", "watch") and "kopf" in r.user_agent]
+    selectors = {(r.resource, r.params.get("labelSelector"), r.params.get("fieldSelector")) for r in reads
+                 if r.resource in ("events", "pods", "jobs")}
+    assert selectors == {("events", None, "type=Warning"), ("pods", "humpback.dev/run", None), ("jobs", "humpback.dev/run", None)}
 
 
 def test_oom_killed_and_image_pull_backoff_are_named(cluster, start_operator, make_standins, s3_bucket, s3_server):

@@ -152,6 +152,7 @@ class RequestRecord:
     namespace: str | None
     name: str | None
     user_agent: str
+    params: dict[str, str] = dataclasses.field(default_factory=dict)  # the query (labelSelector, watch, ...)
 
     @property
     def key(self) -> str:
@@ -1210,7 +1211,7 @@ def _record(handler: KubeEmulator, request: kmock.Request) -> RequestRecord:
             "POST": "create", "PUT": "update", "PATCH": "patch",
             "DELETE": "delete" if route.name else "deletecollection"}.get(method, method.lower())
     return RequestRecord(verb, method, request.url.path, resource, route.namespace if route else None,
-                         route.name if route else None, _header(request, "User-Agent"))
+                         route.name if route else None, _header(request, "User-Agent"), dict(request.params))
 
 
 def write_kubeconfig(path: Path | str, url: str, namespace: str = "default") -> Path:
