@@ -84,3 +84,24 @@ def test_a_childs_index_entry_wakes_its_runs_daemon():
 def test_every_index_the_reconciler_reads_is_a_handler_of_child_events():
     for name in child_events.INDEX_NAMES:
         assert callable(getattr(child_events, name, None)), f"child_events.INDEX_NAMES names {name}, which is no handler"
+
+
+def test_a_reconcile_reads_kopfs_body_or_its_own_last_patch_or_asks_the_api():
+    from humpback_operator.backtranslationrun import _current_body
+
+    op = make_operator()
+    live = kopf.Body({"metadata": {"name": "r", "namespace": "ml", "resourceVersion": "5"},
+                      "spec": {"a": 1}, "status": {"phase": "Pending"}})
+    assert _current_body(op, live, "ml", "r") == dict(live)  # no patch of ours yet: Kopf's body
+    # Our patch (decided on version 5) made version 6; Kopf still shows 5: its body, our status.
+    op.own_versions[("ml", "r")] = "6"
+    op.patched[("ml", "r")] = ("5", "6", {"phase": "Running"})
+    body = _current_body(op, live, "ml", "r")
+    assert body == {"metadata": {"name": "r", "namespace": "ml", "resourceVersion": "6"},
+                    "spec": {"a": 1}, "status": {"phase": "Running"}}
+    assert live["status"] == {"phase": "Pending"} and live["metadata"]["resourceVersion"] == "5"  # Kopf's is untouched
+    # Someone else changed the run meanwhile (version 7, not ours): ask the API.
+    assert _current_body(op, kopf.Body({**live, "metadata": {**live["metadata"], "resourceVersion": "7"}}), "ml", "r") is None
+    # Kopf caught up with our version: its body, and the kept status is dropped.
+    caught_up = kopf.Body({**live, "metadata": {**live["metadata"], "resourceVersion": "6"}, "status": {"phase": "Running"}})
+    assert _current_body(op, caught_up, "ml", "r") == dict(caught_up) and ("ml", "r") not in op.patched
