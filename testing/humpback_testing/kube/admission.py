@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -146,6 +147,7 @@ def schema_errors(validator: _Validator, obj: Mapping[str, Any]) -> list[str]:
 Errors = tuple[tuple[tuple[str, ...], str], ...]  # (path, message) pairs
 _KNOWN: collections.OrderedDict[tuple[int, str], Errors] = collections.OrderedDict()  # (validator, JSON): errors
 _KNOWN_LIMIT = 16384
+_SERIALS = itertools.count()  # a validator's key in _KNOWN (an id() could be reused once a CRD's validator goes)
 
 
 class _Validator:
@@ -157,6 +159,7 @@ class _Validator:
 
     def __init__(self, schema: Mapping[str, Any], depth: int, make: Callable[[Mapping[str, Any]], Any]) -> None:
         self.validator, self.depth, self.make = make(schema), depth, make
+        self.serial = next(_SERIALS)
         self.schemas = dict(schema.get("properties") or {}) if depth > 0 else {}
         items = schema.get("items") if depth > 0 else None
         self.item_schema = items if isinstance(items, dict) else None
@@ -168,7 +171,7 @@ class _Validator:
                                  **({"items": {}} if self.item_schema is not None else {})})
 
     def errors(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
-        key = (id(self), json.dumps(value, sort_keys=True))  # validators live as long as the process
+        key = (self.serial, json.dumps(value, sort_keys=True))
         known = _KNOWN.get(key)
         if known is None:
             known = _KNOWN[key] = tuple(self._validate(value))
