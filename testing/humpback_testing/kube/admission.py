@@ -158,17 +158,15 @@ class _Validator:
     is validated again. (The schema must have no references: `_inline` them first.)"""
 
     def __init__(self, schema: Mapping[str, Any], depth: int, make: Callable[[Mapping[str, Any]], Any]) -> None:
-        self.validator, self.depth, self.make = make(schema), depth, make
-        self.serial = next(_SERIALS)
+        self.depth, self.make, self.serial = depth, make, next(_SERIALS)
         self.schemas = dict(schema.get("properties") or {}) if depth > 0 else {}
         items = schema.get("items") if depth > 0 else None
         self.item_schema = items if isinstance(items, dict) else None
         self.parts: dict[str, _Validator] = {}  # built when first needed: most properties never appear
         self.item: _Validator | None = None
-        self.shallow = None  # the node's own keywords (type, required, ...), its parts accepting anything
-        if self.schemas or self.item_schema is not None:
-            self.shallow = make({**schema, **({"properties": {k: {} for k in self.schemas}} if self.schemas else {}),
-                                 **({"items": {}} if self.item_schema is not None else {})})
+        # The node's own keywords (type, required, ...), its parts (validated apart) accepting anything.
+        self.validator = make({**schema, **({"properties": {k: {} for k in self.schemas}} if self.schemas else {}),
+                               **({"items": {}} if self.item_schema is not None else {})})
 
     def errors(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
         key = (self.serial, json.dumps(value, sort_keys=True))
@@ -182,9 +180,7 @@ class _Validator:
         return list(known)
 
     def _validate(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
-        if self.shallow is None:
-            return [(tuple(map(str, e.absolute_path)), e.message) for e in self.validator.iter_errors(value)]
-        errors = [(tuple(map(str, e.absolute_path)), e.message) for e in self.shallow.iter_errors(value)]
+        errors = [(tuple(map(str, e.absolute_path)), e.message) for e in self.validator.iter_errors(value)]
         if isinstance(value, dict):
             for key, child in value.items():
                 if key in self.schemas:
