@@ -228,6 +228,16 @@ def build_stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, atte
     return StageChildren(servers=servers, primary=primary)
 
 
+def stage_primary_ref(run: BacktranslationRun, stage: Stage, attempt: int, config: OperatorConfig) -> dict[str, str]:
+    """apiVersion, kind and name of the primary that `build_stage_children` makes, without building
+    it: a decision looks up every running stage's child, and only starting one needs it built."""
+    name = stage_child_name(run.name, stage, attempt)
+    if stage.kind == "train":
+        backend = get_backend(training_backend(run, config))
+        return {"apiVersion": backend.api_version, "kind": backend.kind, "name": name}
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": name}
+
+
 def render_run(run: BacktranslationRun, config: OperatorConfig) -> list[dict]:
     """Every object of the run at attempt 1, in plan order, without ownerReferences (the run has no
     uid before it is applied)."""

@@ -13,7 +13,6 @@ restarted operator just decides again.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -33,6 +32,7 @@ from humpback_operator.backends import backend_of_kind
 from humpback_operator.children import (
     build_spec_configmap,
     build_stage_children,
+    stage_primary_ref,
     cluster_problems,
     job_outcome,
     owner_reference,
@@ -183,7 +183,7 @@ def decide(
     old_status = dict(body.get("status") or {})
     generation = body.get("metadata", {}).get("generation")
     try:
-        run, plan = _run_and_plan(body)
+        run, plan = run_and_plan(body)
         problems = cluster_problems(run, config)
     except SpecError as e:
         problems = e.errors
@@ -276,7 +276,7 @@ def progress_status(snap: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run_and_plan(body: Mapping[str, Any]) -> tuple[BacktranslationRun, Plan]:
+def run_and_plan(body: Mapping[str, Any]) -> tuple[BacktranslationRun, Plan]:
     """The run parsed and planned, once per spec: both depend only on the spec, the run's identity
     and the code versions, and were most of a decision's CPU (bench/operator_scale.py). Raises
     SpecError for an invalid spec. The plan is a copy: decide() replaces its stages."""
@@ -310,7 +310,8 @@ def _spec_configmap(run: BacktranslationRun, body: Mapping[str, Any], owner: dic
         if len(_configmaps) >= 1024:
             _configmaps.clear()
         _configmaps[key] = build_spec_configmap(run, owner)
-    return copy.deepcopy(_configmaps[key])
+    cached = _configmaps[key]  # shared: a caller that changes the top level or metadata changes its own copy
+    return {**cached, "metadata": dict(cached["metadata"])}
 
 
 def _finished_and_unchanged(old: Mapping[str, Any], generation: Any) -> bool:
@@ -452,28 +453,28 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
         st.pop("completionTime", None)
         st.pop("nextAttemptTime", None)
 
-    built = build_stage_children(run, plan, stage, attempt, config, owner)
-    primary = built.primary
-    existing = kids.get(primary["kind"], primary["metadata"]["name"])
+    # What the attempt's child is called: building the children is for starting them.
+    primary = stage_primary_ref(run, stage, attempt, config)
+    existing = kids.get(primary["kind"], primary["name"])
 
     if existing is not None and not _is_terminating(existing):
         outcome, message = _outcome(existing, config)
         pods = kids.pods_of(stage.name, attempt=str(attempt))
-        problem = diagnose(existing, pods, kids.events_of(primary["metadata"]["name"]))
+        problem = diagnose(existing, pods, kids.events_of(primary["name"]))
         if outcome == "Succeeded":
             st.update(phase="Succeeded", completionTime=_now_str(now), outputs=[stage_uri(run, stage.name) + "/"],
                       message=f"attempt {attempt} succeeded")
             for key in ("nextAttemptTime", "reason", "pendingSince"):
                 st.pop(key, None)
             d.events.append(Event("Normal", "StageSucceeded",
-                                  f"Stage {stage.name} succeeded ({primary['kind']} {primary['metadata']['name']})"))
+                                  f"Stage {stage.name} succeeded ({primary['kind']} {primary['name']})"))
             delete_servers()
             return st
         if outcome == "Failed":
             wait = _settling(existing, problem, now)
             if wait:  # the pods' last status may still be on its way: decide with it
                 d.requeue_after = min(d.requeue_after, wait)
-                st.update(phase="Running", child=_ref(primary))
+                st.update(phase="Running", child=primary)
                 return st
             if (problem is not None and problem.reason == "InputsDamaged"
                     and int(st.get("inputRechecks") or 0) < MAX_INPUT_RECHECKS):
@@ -488,7 +489,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             permanent = existing["kind"] == "Job" and message.startswith("PodFailurePolicy")
             return _attempt_failed(d, st, stage, attempt, message, limit, run, now, delete_servers,
                                    rebuild_servers=False, reason="InvalidInput" if permanent else reason)
-        st.update(phase="Running", child=_ref(primary))
+        st.update(phase="Running", child=primary)
         if _watch(d, st, stage, attempt, problem, run, now):
             d.delete.append(Delete(existing["apiVersion"], existing["kind"], existing["metadata"]["name"]))
             return _attempt_failed(d, st, stage, attempt, _pending_too_long(run, stage, problem), limit, run, now,
@@ -502,8 +503,10 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
         return st
     if existing is not None:  # same name still being deleted (suspend, then resume at once)
         d.requeue_after = min(d.requeue_after, 2.0)
-        st["message"] = f"waiting for the old {primary['kind']} {primary['metadata']['name']} to be deleted"
+        st["message"] = f"waiting for the old {primary['kind']} {primary['name']} to be deleted"
         return st
+
+    built = build_stage_children(run, plan, stage, attempt, config, owner)
 
     waiting: list[str] = []
     server_problem: Problem | None = None
@@ -545,17 +548,17 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
             st["message"] = f"attempt {attempt}: waiting for vLLM server {', '.join(waiting)} to become available"
         return st
 
-    d.create.append(primary)
+    d.create.append(built.primary)
     for key in ("nextAttemptTime", "reason", "pendingSince"):
         st.pop(key, None)
     if stage.fingerprint_version:  # the attempt's record, as on its child's annotation
         st["fingerprintVersion"] = stage.fingerprint_version
-    st.update(phase="Running", child=_ref(primary), message=f"attempt {attempt} running")
+    st.update(phase="Running", child=primary, message=f"attempt {attempt} running")
     if attempt == 1 or st.get("startTime") is None:
         st["startTime"] = st.get("startTime") or _now_str(now)
     d.events.append(Event("Normal", "StageStarted",
-                          f"Created {primary['kind']} {primary['metadata']['name']} for stage {stage.name} (attempt {attempt})",
-                          child=primary["metadata"]["name"]))
+                          f"Created {primary['kind']} {primary['name']} for stage {stage.name} (attempt {attempt})",
+                          child=primary["name"]))
     return st
 
 

@@ -12,12 +12,10 @@ they check nothing.
 
 from __future__ import annotations
 
-import collections
 import functools
-import itertools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 _ABSENT = object()
@@ -144,69 +142,40 @@ def schema_errors(validator: _Validator, obj: Mapping[str, Any]) -> list[str]:
     return sorted(f"{'.'.join(path) or '<root>'}: {message}" for path, message in validator.errors(obj))
 
 
-Errors = tuple[tuple[tuple[str, ...], str], ...]  # (path, message) pairs
-_KNOWN: collections.OrderedDict[tuple[int, str], Errors] = collections.OrderedDict()  # (validator, JSON): errors
-_KNOWN_LIMIT = 16384
-_SERIALS = itertools.count()  # a validator's key in _KNOWN (an id() could be reused once a CRD's validator goes)
-
-
 class _Validator:
-    """A jsonschema validator whose answers are kept by the JSON it validated. Under load most
-    writes change a little of an object (a status patch that changes one stage of a run, a Job that
-    differs from the last one in its names): with `depth` > 0, an object's declared properties and
-    an array's items are validators of their own, `depth` levels down, so that only what changed
-    is validated again. (The schema must have no references: `_inline` them first.)"""
+    """A schema checked in two steps: jsonschema-rs (compiled, in Rust) says whether an object is
+    valid, and only for one that is not does jsonschema (Python) list the errors, in its wording.
+    Under load nearly every write is valid, and the Python validation of a run's status or a Job was
+    the emulator's largest cost. Without jsonschema-rs, jsonschema alone answers (the same answers:
+    both implement the drafts; formats are not checked, as jsonschema does by default)."""
 
-    def __init__(self, schema: Mapping[str, Any], depth: int, make: Callable[[Mapping[str, Any]], Any]) -> None:
-        self.depth, self.make, self.serial = depth, make, next(_SERIALS)
-        self.schemas = dict(schema.get("properties") or {}) if depth > 0 else {}
-        items = schema.get("items") if depth > 0 else None
-        self.item_schema = items if isinstance(items, dict) else None
-        self.parts: dict[str, _Validator] = {}  # built when first needed: most properties never appear
-        self.item: _Validator | None = None
-        # The node's own keywords (type, required, ...), its parts (validated apart) accepting anything.
-        self.validator = make({**schema, **({"properties": {k: {} for k in self.schemas}} if self.schemas else {}),
-                               **({"items": {}} if self.item_schema is not None else {})})
+    def __init__(self, slow: Any, fast: Any | None) -> None:
+        self.slow, self.fast = slow, fast
 
     def errors(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
-        key = (self.serial, json.dumps(value, sort_keys=True))
-        known = _KNOWN.get(key)
-        if known is None:
-            known = _KNOWN[key] = tuple(self._validate(value))
-            if len(_KNOWN) > _KNOWN_LIMIT:
-                _KNOWN.popitem(last=False)
-        else:
-            _KNOWN.move_to_end(key)
-        return list(known)
+        if self.fast is not None and self.fast.is_valid(value):
+            return []
+        return [(tuple(map(str, e.absolute_path)), e.message) for e in self.slow.iter_errors(value)]
 
-    def _validate(self, value: Any) -> list[tuple[tuple[str, ...], str]]:
-        errors = [(tuple(map(str, e.absolute_path)), e.message) for e in self.validator.iter_errors(value)]
-        if isinstance(value, dict):
-            for key, child in value.items():
-                if key in self.schemas:
-                    if key not in self.parts:
-                        self.parts[key] = _Validator(self.schemas[key], self.depth - 1, self.make)
-                    errors += [((key, *path), message) for path, message in self.parts[key].errors(child)]
-        elif isinstance(value, list) and self.item_schema is not None:
-            if self.item is None:
-                self.item = _Validator(self.item_schema, self.depth - 1, self.make)
-            for i, child in enumerate(value):
-                errors += [((str(i), *path), message) for path, message in self.item.errors(child)]
-        return errors
+
+def _compiled(draft: str, schema: Mapping[str, Any], **options: Any) -> Any | None:
+    try:
+        import jsonschema_rs
+    except ImportError:
+        return None
+    return getattr(jsonschema_rs, f"{draft}Validator")(schema, validate_formats=False, **options)
 
 
 def schema_validator(schema: Mapping[str, Any]) -> _Validator:
-    """A CRD's schema (draft-4 JSON Schema, no references) as a validator: a run's status is
-    validated stage by stage."""
+    """A CRD's schema (draft-4 JSON Schema, no references) as a validator."""
     import jsonschema
 
-    return _Validator(schema, depth=4, make=jsonschema.Draft4Validator)
+    return _Validator(jsonschema.Draft4Validator(schema), _compiled("Draft4", schema))
 
 
 @functools.lru_cache(maxsize=64)
 def _builtin_validator(api_version: str, kind: str) -> _Validator | None:
-    """One validator per kind (kubernetes_validate.validate() builds one per call: ~50 ms), its
-    definitions inlined so that the parts of an object (down to a container) are validated apart."""
+    """One validator per kind (kubernetes_validate.validate() builds one per call: ~50 ms)."""
     try:
         import jsonschema
         from kubernetes_validate import utils
@@ -222,8 +191,15 @@ def _builtin_validator(api_version: str, kind: str) -> _Validator | None:
         return None
     definitions = utils.schema_contents(f"{directory}/_definitions.json", version)
     registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
-    inlined = _inline(schema, definitions, frozenset())
-    return _Validator(inlined, depth=6, make=lambda s: jsonschema.validators.Draft202012Validator(s, registry=registry))
+    slow = jsonschema.validators.Draft202012Validator(schema, registry=registry)
+    try:
+        import jsonschema_rs
+    except ImportError:
+        return _Validator(slow, None)
+    # Definitions inlined: the compiled validator then needs only the definitions that recur.
+    fast = _compiled("Draft202012", _inline(schema, definitions, frozenset()),
+                     registry=jsonschema_rs.Registry([(definitions["$id"], definitions)]))
+    return _Validator(slow, fast)
 
 
 def _inline(node: Any, definitions: Mapping[str, Any], expanding: frozenset[str]) -> Any:

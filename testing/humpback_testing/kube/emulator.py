@@ -387,8 +387,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._rv += 1
         if new is None:
             assert old is not None
-            gone = copy.deepcopy(old)
-            gone["metadata"]["resourceVersion"] = str(self._rv)
+            gone = {**old, "metadata": {**old["metadata"], "resourceVersion": str(self._rv)}}
             self.objects[key].delete()
             self._emit(route.rtype, "DELETED", old, gone)
             self._collect_garbage(old["metadata"].get("uid", ""))
@@ -408,8 +407,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _create(self, route: Route, body: Any, params: Mapping[str, str] = {}) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise _api_error(400, "BadRequest", "the body of a create must be an object")
-        obj = copy.deepcopy(body)
-        meta = obj.setdefault("metadata", {})
+        if not isinstance(body.get("metadata") or {}, dict):
+            raise _api_error(400, "BadRequest", "the metadata of the object must be an object")
+        # Only the top level and the metadata are changed here; the rest is stored as sent (the body
+        # is the request's own, and stored versions are never changed in place).
+        obj = {**body, "metadata": dict(body.get("metadata") or {})}
+        meta = obj["metadata"]
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(secrets.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
         if not meta.get("name"):
@@ -487,7 +490,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if expected_rv and expected_rv != old["metadata"]["resourceVersion"]:  # optimistic concurrency
             raise _api_error(409, "Conflict", f'Operation cannot be fulfilled on {route.rtype.qualified()} "{route.name}": '
                              "the object has been modified; please apply your changes to the latest version and try again")
-        changed = change(copy.deepcopy(old))
+        changed = change(old)  # the patch functions build a new object; `old` stays as it was
         if not isinstance(changed, dict):
             raise _api_error(422, "Invalid", "the patched object is not an object")
         if route.subresource == "status":
@@ -502,11 +505,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
             new = changed
             status = new.pop("status", None)  # (new is changed: keep the status before it goes)
             if route.rtype.has_status and "status" in old:
-                new["status"] = copy.deepcopy(old["status"])  # the main resource never changes the status
+                new["status"] = old["status"]  # the main resource never changes the status
             elif not route.rtype.has_status and status is not None:
                 new["status"] = status  # without a status subresource, the main resource writes it
             # Server-owned metadata stays as it was, whatever the client sent.
-            meta = new.setdefault("metadata", {})
+            if not isinstance(new.get("metadata") or {}, dict):
+                raise _api_error(400, "BadRequest", "the metadata of the object must be an object")
+            meta = new["metadata"] = dict(new.get("metadata") or {})  # may be the old version's: not in place
             for field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
                           "name", "namespace", "resourceVersion"):
                 meta.pop(field, None)
@@ -537,11 +542,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return old  # already being deleted: waits for its finalizers
-            new = copy.deepcopy(old)
-            new["metadata"]["deletionTimestamp"] = _now()
-            new["metadata"]["deletionGracePeriodSeconds"] = 0
+            new = {**old, "metadata": {**old["metadata"], "deletionTimestamp": _now(), "deletionGracePeriodSeconds": 0}}
             self._store(route, old, new)
-            return copy.deepcopy(new)
+            return new
         self._store(route, old, None)
         return old
 
@@ -844,9 +847,10 @@ def _spec_of(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: dicts merge, null deletes, anything else replaces."""
+    """RFC 7386 JSON merge patch: dicts merge, null deletes, anything else replaces. A new object:
+    `target` is not changed; parts of it and of `patch` (a request's own body) are shared."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return patch
     result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:

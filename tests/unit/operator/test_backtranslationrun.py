@@ -105,3 +105,34 @@ def test_a_reconcile_reads_kopfs_body_or_its_own_last_patch_or_asks_the_api():
     # Kopf caught up with our version: its body, and the kept status is dropped.
     caught_up = kopf.Body({**live, "metadata": {**live["metadata"], "resourceVersion": "6"}, "status": {"phase": "Running"}})
     assert _current_body(op, caught_up, "ml", "r") == dict(caught_up) and ("ml", "r") not in op.patched
+
+
+def _run_body() -> kopf.Body:
+    return kopf.Body({
+        "apiVersion": "humpback.dev/v1alpha1", "kind": "BacktranslationRun",
+        "metadata": {"name": "demo", "namespace": "team-a", "uid": "u1", "resourceVersion": "7", "generation": 2,
+                     "labels": {"team": "nlp"},
+                     "annotations": {"humpback.dev/last-handled-configuration": "{}", "humpback.dev/run_deleted": "{}",
+                                     "kubectl.kubernetes.io/last-applied-configuration": "{}", "note": "kept"}},
+        "spec": {"baseModel": "org/model", "retries": {"limit": 2}},
+        "status": {"phase": "Running", "stages": [{"name": "prepare-seed", "phase": "Running"}]},
+    })
+
+
+def test_a_runs_essence_and_its_clearing_are_kopfs_without_the_copies():
+    # The diff base decides whether a spec changed: it must stay exactly Kopf's, only cheaper to build.
+    from humpback_operator.backtranslationrun import RunEssenceStorage, RunProgressStorage
+
+    body = _run_body()
+    ours = RunProgressStorage(prefix="humpback.dev").clear(essence=RunEssenceStorage(prefix="humpback.dev").build(body=body))
+    kopfs = kopf.AnnotationsProgressStorage(prefix="humpback.dev").clear(
+        essence=kopf.AnnotationsDiffBaseStorage(prefix="humpback.dev").build(body=body))
+    assert ours == kopfs and "status" not in ours and ours["metadata"]["annotations"] == {"note": "kept"}
+    # Clearing changes nothing it was given (an essence parsed from the annotation is cleared too).
+    given = {"spec": {"a": 1}, "metadata": {"annotations": {"humpback.dev/x": "1", "note": "kept"}}}
+    cleared = RunProgressStorage(prefix="humpback.dev").clear(essence=given)
+    assert given == {"spec": {"a": 1}, "metadata": {"annotations": {"humpback.dev/x": "1", "note": "kept"}}}
+    assert cleared == {"spec": {"a": 1}, "metadata": {"annotations": {"note": "kept"}}}
+    # A child's essence is empty: only the runs' essences are ever compared.
+    child = kopf.Body({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": {"a": 1}})
+    assert RunEssenceStorage(prefix="humpback.dev").build(body=child) == {}

@@ -31,6 +31,7 @@ from humpback_operator.children import (
     render_yaml,
     served_models,
     server_state,
+    stage_primary_ref,
 )
 from humpback_operator.config import (
     DEFAULT_RUNTIME_IMAGE,
@@ -594,6 +595,24 @@ def test_every_child_carries_the_owner_reference_and_the_stage_fingerprint():
             assert obj["metadata"]["ownerReferences"] == [owner]
             assert obj["metadata"]["namespace"] == "team-a"
             assert obj["metadata"]["annotations"][ANNOTATION_FINGERPRINT] == stage.fingerprint
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_the_primary_ref_names_the_child_that_would_be_built(example, backend):
+    # Decisions look children up by this ref and build them only to start them: a ref that differs
+    # from the built child would start a second one, or never see the first one finish.
+    run = load_run(REPO / "examples" / f"{example}.yaml")
+    config = OperatorConfig(training_backend=backend, trainjobs=True)
+    plan = build_plan(run)
+    kinds = set()
+    for stage in plan.stages:
+        for attempt in (1, 3):
+            primary = build_stage_children(run, plan, stage, attempt, config).primary
+            ref = stage_primary_ref(run, stage, attempt, config)
+            assert ref == {"apiVersion": primary["apiVersion"], "kind": primary["kind"], "name": primary["metadata"]["name"]}
+            kinds.add(ref["kind"])
+    assert kinds == {"Job", "TrainJob" if backend == "trainjob" else "PyTorchJob"}
 
 
 def test_the_kueue_queue_label_goes_on_top_level_children_only():
