@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -297,15 +298,15 @@ def _planned(key: str) -> tuple[BacktranslationRun, Plan]:
     return run, build_plan(run)
 
 
-_configmaps: dict[str, dict] = {}
+_configmaps: dict[bytes, dict] = {}  # by a digest of what it is built from: one per active run
 
 
 def _spec_configmap(run: BacktranslationRun, body: Mapping[str, Any], owner: dict) -> dict:
     """The spec ConfigMap, built once per spec: YAML-dumping it on every reconcile of every run was
     the operator's largest CPU cost under load (bench/operator_scale.py)."""
     meta = body.get("metadata", {})
-    key = json.dumps([meta.get("namespace"), meta.get("name"), meta.get("uid"), meta.get("labels"), body.get("spec")],
-                     sort_keys=True, default=str)
+    key = hashlib.sha256(json.dumps([meta.get("namespace"), meta.get("name"), meta.get("uid"), meta.get("labels"),
+                                     body.get("spec")], sort_keys=True, default=str).encode()).digest()
     if key not in _configmaps:
         if len(_configmaps) >= 1024:
             _configmaps.clear()

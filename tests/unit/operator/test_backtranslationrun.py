@@ -94,8 +94,7 @@ def test_a_reconcile_reads_kopfs_body_or_its_own_last_patch_or_asks_the_api():
                       "spec": {"a": 1}, "status": {"phase": "Pending"}})
     assert _current_body(op, live, "ml", "r") == dict(live)  # no patch of ours yet: Kopf's body
     # Our patch (decided on version 5) made version 6; Kopf still shows 5: its body, our status.
-    op.own_versions[("ml", "r")] = "6"
-    op.patched[("ml", "r")] = ("5", "6", {"phase": "Running"})
+    op.remember_patch("ml", "r", "5", {"metadata": {"name": "r", "resourceVersion": "6"}, "status": {"phase": "Running"}})
     body = _current_body(op, live, "ml", "r")
     assert body == {"metadata": {"name": "r", "namespace": "ml", "resourceVersion": "6"},
                     "spec": {"a": 1}, "status": {"phase": "Running"}}
@@ -136,3 +135,37 @@ def test_a_runs_essence_and_its_clearing_are_kopfs_without_the_copies():
     # A child's essence is empty: only the runs' essences are ever compared.
     child = kopf.Body({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": {"a": 1}})
     assert RunEssenceStorage(prefix="humpback.dev").build(body=child) == {}
+
+
+def test_index_entries_share_their_strings_and_not_the_objects_they_were_made_from():
+    import json
+
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "r-s-a1", "namespace": "ml", "uid": "u1", "labels": {LABEL_RUN: "r", "other": "x"},
+                        "annotations": {"humpback.dev/fingerprint": "f1", "kubectl.kubernetes.io/x": "dropped"}},
+           "spec": {"template": {}},
+           "status": {"conditions": [{"type": "Complete", "status": "True", "reason": "Done"}], "succeeded": 1}}
+    # Two children parsed from JSON, as the watch gives them: equal strings, distinct objects.
+    a, b = (child_events.snapshot(json.loads(json.dumps(job))) for _ in range(2))
+    assert a == b == {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "r-s-a1", "namespace": "ml", "uid": "u1", "labels": {LABEL_RUN: "r", "other": "x"},
+                     "annotations": {"humpback.dev/fingerprint": "f1"}, "deletionTimestamp": None},
+        "status": {"conditions": [{"type": "Complete", "status": "True", "reason": "Done"}], "succeeded": 1}}
+    assert a["status"]["conditions"][0]["reason"] is b["status"]["conditions"][0]["reason"]
+    assert next(iter(a["metadata"]["labels"])) is next(iter(b["metadata"]["labels"]))
+    # A copy: what the body becomes later does not change the index entry.
+    body = json.loads(json.dumps(job))
+    entry = child_events.snapshot(body)
+    body["status"]["conditions"][0]["status"] = "False"
+    body["metadata"]["labels"]["other"] = "y"
+    assert entry["status"]["conditions"][0]["status"] == "True" and entry["metadata"]["labels"]["other"] == "x"
+
+
+def test_a_recent_create_is_remembered_as_its_index_entry():
+    op = make_operator()
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "ml", "labels": {LABEL_RUN: "r"}},
+           "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+    op.note("ml", "r", "Job", "j", job)
+    (kept,) = [obj for _when, obj in op.recent[("ml", "r")].values()]
+    assert kept == child_events.snapshot(job) and "spec" not in kept
