@@ -375,6 +375,7 @@ def main() -> int:
         time.sleep(args.idle_seconds)
         idle_cpu_per_minute = (cpu_seconds(op.pid) - idle_from) * 60 / args.idle_seconds
         idle_rss = current_rss_mb(op.pid)
+        peak = peak_rss_mb(op.pid)  # the high-water mark of the whole run, the idle minutes after it included
         harness_cpu = cpu_seconds(os.getpid())
         requests = [r for r in emulator.requests_since(mark) if BENCH_AGENT not in r.user_agent
                     and STANDINS_USER_AGENT not in r.user_agent]

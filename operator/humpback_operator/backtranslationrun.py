@@ -14,6 +14,7 @@ its children, so a restarted operator picks up where the last one stopped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -55,6 +56,9 @@ RECENT_SECONDS = 30.0
 SAFETY_NET_SECONDS = float(os.environ.get("HUMPBACK_SAFETY_NET_SECONDS", "300"))
 
 
+RUN_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+
+
 class Operator:
     """What the handlers share: API access, settings, the store probe, and per run (keyed by
     (namespace, run)) what this operator process remembers of it."""
@@ -76,8 +80,13 @@ class Operator:
         # a child's end to the next). Only the status is kept, as JSON text (a third of its size
         # parsed: ~15 MB at 1,000 runs while Kopf lags): Kopf keeps the rest.
         self.patched: dict[tuple[str, str], tuple[str | None, str, str]] = {}
-        # The run's phase after its last reconcile, for the `humpback_runs` gauge.
+        # The run's phase after its last reconcile, and how many runs are in each, for the
+        # `humpback_runs` gauge (counted as phases change: a sum over all runs per reconcile grew
+        # with the number of runs).
         self.phases: dict[tuple[str, str], str] = {}
+        self.phase_counts = collections.Counter({phase: 0 for phase in RUN_PHASES})
+        for phase in RUN_PHASES:  # every phase shows, at 0 until a run is in it
+            metrics.RUNS.labels(phase).set(0)
         # Set when the run or one of its children changes: wakes the run's daemon.
         self.wakeups: dict[tuple[str, str], asyncio.Event] = {}
         # When each run's children were last listed from the API (the safety net), and what the
@@ -92,9 +101,22 @@ class Operator:
 
     def forget(self, namespace: str, run: str) -> None:
         """Drop all that is remembered of a deleted run."""
-        for per_run in (self.recent, self.own_versions, self.patched, self.phases, self.wakeups, self.listed,
+        self.set_phase(namespace, run, None)
+        for per_run in (self.recent, self.own_versions, self.patched, self.wakeups, self.listed,
                         self.ghosts, self.progress):
             per_run.pop((namespace, run), None)
+
+    def set_phase(self, namespace: str, run: str, phase: str | None) -> None:
+        """The run's phase after a reconcile (None: the run is gone), counted for `humpback_runs`."""
+        old = self.phases.pop((namespace, run), None) if phase is None else self.phases.get((namespace, run))
+        if phase is not None:
+            self.phases[(namespace, run)] = phase
+        if old == phase:
+            return
+        for changed, by in ((old, -1), (phase, 1)):
+            if changed is not None:
+                self.phase_counts[changed] += by
+                metrics.RUNS.labels(changed).set(self.phase_counts[changed])
 
     def rest(self, namespace: str, run: str) -> None:
         """Drop what only a running daemon needs (a finished run keeps nothing large in memory)."""
@@ -303,9 +325,7 @@ async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mappi
                           progress=progress)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-    op.phases[(namespace, name)] = decision.status.get("phase", "Pending")
-    for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
-        metrics.RUNS.labels(phase).set(sum(1 for p in op.phases.values() if p == phase))
+    op.set_phase(namespace, name, decision.status.get("phase", "Pending"))
     return decision.requeue_after
 
 

@@ -169,3 +169,21 @@ def test_a_recent_create_is_remembered_as_its_index_entry():
     op.note("ml", "r", "Job", "j", job)
     (kept,) = [obj for _when, obj in op.recent[("ml", "r")].values()]
     assert kept == child_events.snapshot(job) and "spec" not in kept
+
+
+def test_the_runs_gauge_counts_phases_as_they_change_and_forgets_deleted_runs():
+    from humpback_operator import metrics
+
+    def gauge() -> dict[str, float]:
+        return {phase: metrics.RUNS.labels(phase)._value.get() for phase in ("Pending", "Running", "Succeeded")}
+
+    op = make_operator()
+    assert gauge() == {"Pending": 0, "Running": 0, "Succeeded": 0}
+    op.set_phase("ml", "a", "Running")
+    op.set_phase("ml", "b", "Running")
+    op.set_phase("ml", "a", "Running")  # unchanged: counted once
+    assert gauge() == {"Pending": 0, "Running": 2, "Succeeded": 0}
+    op.set_phase("ml", "a", "Succeeded")
+    assert gauge() == {"Pending": 0, "Running": 1, "Succeeded": 1}
+    op.forget("ml", "b")
+    assert gauge() == {"Pending": 0, "Running": 0, "Succeeded": 1} and ("ml", "b") not in op.phases
