@@ -295,12 +295,22 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="cProfile the operator into bench/results/operator_scale/")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/operator_scale.json")
     p.add_argument("--idle-seconds", type=float, default=60, help="after the last run finished, measure this long")
+    p.add_argument("--pin", action="store_true",
+                   help="the operator on a core of its own and everything else (the emulated API server, the "
+                        "controllers, moto) on the others, as on a cluster whose API server runs elsewhere")
     p.add_argument("--finished", action="store_true",
                    help="only the idle cost: N runs that finished before the operator starts (status as decide() "
                         "writes it), then the operator's CPU and RSS while it follows them")
     args = p.parse_args()
 
     load_before = os.getloadavg()  # the machine may be shared: say how busy it was
+    operator_cores: set[int] | None = None
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            p.error("--pin needs two cores or more")
+        operator_cores = {cores[0]}
+        os.sched_setaffinity(0, set(cores[1:]))  # this process (the emulator) and all it starts but the operator
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3
 
@@ -341,7 +351,8 @@ def main() -> int:
         profile = ["-m", "cProfile", "-o", str(work / "operator.prof")] if args.profile else []
         op = subprocess.Popen([sys.executable, *profile, str(Path(sys.executable).parent / "kopf"), "run", "-m", "humpback_operator.backtranslationrun",
                                "--standalone", "--all-namespaces", "--quiet"], env=env, cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, operator_cores)) if operator_cores else None)
         time.sleep(3)
         mark = emulator.request_count()
         custom = kubernetes.client.CustomObjectsApi(api)
@@ -391,6 +402,7 @@ def main() -> int:
     result = {
         "runs": args.runs,
         "children": "light (inference in-process)" if args.light else "full (vLLM servers)",
+        "pinned": f"operator on core {sorted(operator_cores)}, the rest on {sorted(os.sched_getaffinity(0))}" if operator_cores else None,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "phases": dict(counts),
