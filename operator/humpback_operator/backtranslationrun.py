@@ -129,9 +129,9 @@ class Operator:
 
     def remember_patch(self, namespace: str, run: str, based_on: str | None, patched: Mapping[str, Any]) -> None:
         """Our status patch of the run, decided on version `based_on`, made `patched` (the answer)."""
-        self.own_versions[(namespace, run)] = patched["metadata"].get("resourceVersion")
-        self.patched[(namespace, run)] = (based_on, patched["metadata"].get("resourceVersion"),
-                                          json.dumps(patched.get("status") or {}))
+        version = (patched.get("metadata") or {}).get("resourceVersion")
+        self.own_versions[(namespace, run)] = version
+        self.patched[(namespace, run)] = (based_on, version, json.dumps(patched.get("status") or {}))
 
     def children(self, indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict]:
         """The indexes' view, corrected by our own writes they have not caught up with: a reconcile

@@ -33,11 +33,11 @@ from humpback_operator.backends import backend_of_kind
 from humpback_operator.children import (
     build_spec_configmap,
     build_stage_children,
-    stage_primary_ref,
     cluster_problems,
     job_outcome,
     owner_reference,
     server_state,
+    stage_primary_ref,
     stage_uri,
 )
 from humpback_operator.config import OperatorConfig
