@@ -378,9 +378,14 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
     existed: set[str] = set()
     for obj in decision.update:
         await op.kube.replace_data(obj)
-    for ref in dict.fromkeys(decision.delete):  # a stale server may be listed twice (stale, and stage over)
+    # All at once: a finished stage's server is four objects, and the next stage's child (created
+    # below, after them: a server may be deleted and made again under its name) waited for each.
+    refs = list(dict.fromkeys(decision.delete))  # a stale server may be listed twice (stale, and stage over)
+    for ref in refs:
         op.note(namespace, name, ref.kind, ref.name, None)
-        if await op.kube.delete(ref.api_version, ref.kind, namespace, ref.name):
+    deleted = await asyncio.gather(*(op.kube.delete(ref.api_version, ref.kind, namespace, ref.name) for ref in refs))
+    for ref, done in zip(refs, deleted, strict=True):
+        if done:
             logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
     for obj in decision.create:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import logging
 from pathlib import Path
 
 import kopf
@@ -187,3 +188,38 @@ def test_the_runs_gauge_counts_phases_as_they_change_and_forgets_deleted_runs():
     assert gauge() == {"Pending": 0, "Running": 1, "Succeeded": 1}
     op.forget("ml", "b")
     assert gauge() == {"Pending": 0, "Running": 0, "Succeeded": 1} and ("ml", "b") not in op.phases
+
+
+def test_a_finished_servers_objects_are_deleted_at_once_and_before_the_next_child_is_created():
+    # The next stage's child waited for four delete round trips, one after the other.
+    from humpback_operator.backtranslationrun import apply
+    from humpback_operator.reconcile import Decision, Delete
+
+    calls: list[str] = []
+
+    class Kube:
+        def __init__(self) -> None:
+            self.waiting = 0
+            self.all_in = asyncio.Event()
+
+        async def delete(self, api_version, kind, namespace, name):
+            calls.append(f"delete {kind}")
+            self.waiting += 1
+            if self.waiting == 4:
+                self.all_in.set()
+            await self.all_in.wait()  # returns only once all four deletes are under way
+            return True
+
+        async def create(self, obj):
+            calls.append(f"create {obj['kind']}")
+            return True
+
+    op = Operator(kube=Kube(), config=OperatorConfig())
+    body = {"metadata": {"name": "r", "namespace": "ml", "resourceVersion": "1"}, "status": {}}
+    server = [Delete("apps/v1", "Deployment", "s"), Delete("v1", "Service", "s"), Delete("v1", "Secret", "s"),
+              Delete("networking.k8s.io/v1", "NetworkPolicy", "s"), Delete("apps/v1", "Deployment", "s")]
+    decision = Decision(create=[{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "ml"}}],
+                        delete=server)
+    asyncio.run(asyncio.wait_for(apply(op, body, decision, logging.getLogger("test")), 5))
+    assert sorted(calls[:4]) == ["delete Deployment", "delete NetworkPolicy", "delete Secret", "delete Service"]
+    assert calls[4:] == ["create Job"]  # the Deployment listed twice is deleted once
