@@ -378,7 +378,6 @@ def main() -> int:
             time.sleep(2)
         wall = time.monotonic() - started
         counts = phases()
-        peak = peak_rss_mb(op.pid)
         operator_cpu = cpu_seconds(op.pid)
         reconcile = scrape(metrics_port)
         time.sleep(5)  # the last status patches and Events, the daemons of finished runs stopping

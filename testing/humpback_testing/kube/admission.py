@@ -158,11 +158,14 @@ class _Validator:
         return [(tuple(map(str, e.absolute_path)), e.message) for e in self.slow.iter_errors(value)]
 
 
-def _compiled(draft: str, schema: Mapping[str, Any], **options: Any) -> Any | None:
+def _compiled(draft: str, schema: Mapping[str, Any], definitions: Mapping[str, Any] | None = None) -> Any | None:
+    """jsonschema-rs's validator of `schema` (None without jsonschema-rs); `definitions`: the
+    document its remaining `$ref`s point into."""
     try:
         import jsonschema_rs
     except ImportError:
         return None
+    options = {"registry": jsonschema_rs.Registry([(definitions["$id"], definitions)])} if definitions else {}
     return getattr(jsonschema_rs, f"{draft}Validator")(schema, validate_formats=False, **options)
 
 
@@ -192,14 +195,8 @@ def _builtin_validator(api_version: str, kind: str) -> _Validator | None:
     definitions = utils.schema_contents(f"{directory}/_definitions.json", version)
     registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
     slow = jsonschema.validators.Draft202012Validator(schema, registry=registry)
-    try:
-        import jsonschema_rs
-    except ImportError:
-        return _Validator(slow, None)
     # Definitions inlined: the compiled validator then needs only the definitions that recur.
-    fast = _compiled("Draft202012", _inline(schema, definitions, frozenset()),
-                     registry=jsonschema_rs.Registry([(definitions["$id"], definitions)]))
-    return _Validator(slow, fast)
+    return _Validator(slow, _compiled("Draft202012", _inline(schema, definitions, frozenset()), definitions))
 
 
 def _inline(node: Any, definitions: Mapping[str, Any], expanding: frozenset[str]) -> Any:

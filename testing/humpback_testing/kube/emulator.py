@@ -407,11 +407,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _create(self, route: Route, body: Any, params: Mapping[str, str] = {}) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise _api_error(400, "BadRequest", "the body of a create must be an object")
-        if not isinstance(body.get("metadata") or {}, dict):
-            raise _api_error(400, "BadRequest", "the metadata of the object must be an object")
-        # Only the top level and the metadata are changed here; the rest is stored as sent (the body
-        # is the request's own, and stored versions are never changed in place).
-        obj = {**body, "metadata": dict(body.get("metadata") or {})}
+        obj = _with_own_metadata(body)
         meta = obj["metadata"]
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(secrets.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
@@ -502,16 +498,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             else:
                 new.pop("status", None)
         else:
-            new = changed
-            status = new.pop("status", None)  # (new is changed: keep the status before it goes)
+            new = _with_own_metadata(changed)  # its metadata may be the old version's
+            status = new.pop("status", None)  # what the client sent (written below without a status subresource)
             if route.rtype.has_status and "status" in old:
                 new["status"] = old["status"]  # the main resource never changes the status
             elif not route.rtype.has_status and status is not None:
                 new["status"] = status  # without a status subresource, the main resource writes it
             # Server-owned metadata stays as it was, whatever the client sent.
-            if not isinstance(new.get("metadata") or {}, dict):
-                raise _api_error(400, "BadRequest", "the metadata of the object must be an object")
-            meta = new["metadata"] = dict(new.get("metadata") or {})  # may be the old version's: not in place
+            meta = new["metadata"]
             for field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
                           "name", "namespace", "resourceVersion"):
                 meta.pop(field, None)
@@ -844,6 +838,16 @@ def _crd_status(crd: Mapping[str, Any]) -> dict[str, Any]:
 
 def _spec_of(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in obj.items() if key not in ("metadata", "status", "apiVersion", "kind")}
+
+
+def _with_own_metadata(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """`obj` with its top level and metadata copied, the only parts a write changes: the rest is
+    stored as sent (a request's own body) or shared with the old version (stored versions are never
+    changed in place)."""
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise _api_error(400, "BadRequest", "the metadata of the object must be an object")
+    return {**obj, "metadata": dict(meta)}
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
