@@ -30,6 +30,7 @@ import kopf
 from humpback_runtime.spec import GROUP, PLURAL, VERSION, SpecError
 
 from humpback_operator import child_events, metrics, policy
+from humpback_operator.backends import BACKENDS
 from humpback_operator.children import ANNOTATION_GENERATED_KEY
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
@@ -123,9 +124,21 @@ class Operator:
         for per_run in (self.recent, self.patched, self.listed, self.ghosts, self.progress):
             per_run.pop((namespace, run), None)
 
-    def note(self, namespace: str, run: str, kind: str, name: str, obj: Mapping[str, Any] | None) -> None:
+    def note(self, namespace: str, run: str, kind: str, name: str, obj: Mapping[str, Any] | None) -> Any:
+        """Remember our create (`obj`) or delete (None) of a child; returns what was noted before."""
         kept = None if obj is None else child_events.snapshot(obj)
-        self.recent.setdefault((namespace, run), {})[(kind, name)] = (time.monotonic(), kept)
+        per_run = self.recent.setdefault((namespace, run), {})
+        before = per_run.get((kind, name))
+        per_run[(kind, name)] = (time.monotonic(), kept)
+        return before
+
+    def unnote(self, namespace: str, run: str, kind: str, name: str, before: Any) -> None:
+        """Take back a note made in advance of a write that did not happen (`before`: note's answer)."""
+        per_run = self.recent.setdefault((namespace, run), {})
+        if before is None:
+            per_run.pop((kind, name), None)
+        else:
+            per_run[(kind, name)] = before
 
     def remember_patch(self, namespace: str, run: str, based_on: str | None, patched: Mapping[str, Any]) -> None:
         """Our status patch of the run, decided on version `based_on`, made `patched` (the answer)."""
@@ -236,8 +249,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
     child_events.filter_on_the_server(settings)
-    # API calls run in Kube's own pool; store reads (and anything else in threads) in the default
-    # one, made larger: the default (cores + 4) would queue the reads of many runs.
+    # API calls go out on Kube's own connections; store reads (and anything else in threads) run in
+    # the default thread pool, made larger: the default (cores + 4) would queue the reads of many runs.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
     # Replicas (`kopf run --peering=NAME`): the highest priority acts, the others wait; equal
     # priorities would freeze all of them, so each process draws its own unless one is given.
@@ -250,6 +263,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         for namespace in namespaces:
             await op.kube.ensure_peering(settings.peering.name, namespace)
     metrics.serve_from_env()
+
+
+@kopf.on.cleanup()
+async def close_connections(memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = getattr(memo, "operator", None)
+    if op is not None:
+        await op.kube.close()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -387,20 +407,31 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
     for ref, done in zip(refs, deleted, strict=True):
         if done:
             logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
-    for obj in decision.create:
-        try:
-            created = await op.kube.create(with_generated_key(obj))
-            op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj)
-            if created:
-                metrics.CHILDREN_CREATED.labels(obj["kind"]).inc()
-                logger.info("Created %s %s for run %s", obj["kind"], obj["metadata"]["name"], name)
+    # Concurrently, in two rounds: what the workloads refer to (the spec ConfigMap, a server's key
+    # Secret, NetworkPolicy and Service), then the workloads; one after the other, each create
+    # waited its turn among every other run's calls (the API connections are shared).
+    for tier in (_supporting(decision.create), _workloads(decision.create)):
+        # Noted first: the watch may show a child before its create returns (child_events).
+        before = [op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj) for obj in tier]
+        outcomes = await asyncio.gather(*(op.kube.create(with_generated_key(obj)) for obj in tier),
+                                        return_exceptions=True)
+        for obj, outcome, noted in zip(tier, outcomes, before, strict=True):
+            kind, child = obj["kind"], obj["metadata"]["name"]
+            if isinstance(outcome, BaseException):
+                op.unnote(namespace, name, kind, child, noted)
+            if isinstance(outcome, ApiError):
+                # Kept in status and as an Event; the next reconcile tries again.
+                message = f"could not create {kind} {child}: {outcome}"
+                errors.append(message)
+                kopf.event(body, type="Warning", reason="CreateFailed", message=message)
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome:
+                metrics.CHILDREN_CREATED.labels(kind).inc()
+                logger.info("Created %s %s for run %s", kind, child, name)
             else:
-                existed.add(obj["metadata"]["name"])
-        except ApiError as e:
-            # Kept in status and as an Event; the next reconcile tries again.
-            message = f"could not create {obj['kind']} {obj['metadata']['name']}: {e}"
-            errors.append(message)
-            kopf.event(body, type="Warning", reason="CreateFailed", message=message)
+                existed.add(child)
     status = dict(decision.status)
     if errors:
         status["message"] = "; ".join(errors)
@@ -417,6 +448,17 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
             continue
         metrics.EVENTS.labels(event.reason).inc()
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+WORKLOAD_KINDS = ("Deployment", "Job", *(b.kind for b in (cls() for cls in BACKENDS.values())))
+
+
+def _workloads(objs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [o for o in objs if o["kind"] in WORKLOAD_KINDS]
+
+
+def _supporting(objs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [o for o in objs if o["kind"] not in WORKLOAD_KINDS]
 
 
 def with_generated_key(obj: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -59,8 +59,24 @@ def _compact(value: Any) -> Any:
 
 def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo) -> dict:
     run = labels[LABEL_RUN]
-    memo.operator.wakeup(namespace or "", run).set()
+    if not _echo_of_own_create(memo.operator, namespace or "", run, body):
+        memo.operator.wakeup(namespace or "", run).set()
     return {(namespace, run): snapshot(body)}
+
+
+# Kinds whose first sign of life after a create is their status (set by their controller).
+_STATUS_KINDS = ("Job", "Deployment", "PyTorchJob", "TrainJob")
+
+
+def _echo_of_own_create(op: Any, namespace: str, run: str, body: Mapping[str, Any]) -> bool:
+    """The watch showing a workload the operator has just created, as it created it (no status
+    yet): the decision that created it knew all of that, so it wakes nobody (under load, a
+    reconcile per create that changed nothing)."""
+    meta = body.get("metadata") or {}
+    if body.get("kind") not in _STATUS_KINDS or body.get("status") or meta.get("deletionTimestamp"):
+        return False
+    ours = op.recent.get((namespace, run), {}).get((body.get("kind"), meta.get("name")))
+    return ours is not None and ours[1] is not None
 
 
 _RUN_LABEL = {LABEL_RUN: kopf.PRESENT}

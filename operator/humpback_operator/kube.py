@@ -1,19 +1,25 @@
 """The few Kubernetes API calls the operator makes: get a run, patch its status, create and delete
 children. Kopf does the watching; these are the writes.
 
-The official `kubernetes` client does authentication (kubeconfig, in-cluster service account
-tokens and their rotation, TLS); its calls block, so they run in threads.
+The official `kubernetes` client reads the configuration (kubeconfig or the in-cluster service
+account, TLS, client certificates, a proxy) and keeps the bearer token fresh (rotated service
+account tokens, exec plugins); the requests themselves go out through aiohttp on the operator's
+event loop, as Kopf's own do. Under load (100 runs, bench/operator_scale.py) the blocking client in
+threads was the operator's largest CPU cost: its serialisation layers, urllib3, and the hand-offs
+between threads and the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import json
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
 
 from humpback_runtime.spec import GROUP, PLURAL, VERSION
 
@@ -78,51 +84,73 @@ def resource_path(api_version: str, kind: str, namespace: str, name: str | None 
     return path
 
 
-# API calls block (the kubernetes client), so they run in threads: in a pool of their own, so
-# that slow store reads (store_probe.py) can never hold up creates, deletes and status patches.
-API_WORKERS = 8
-# (connect, read) seconds of one API call: a request the server never answers must not hold one of
-# those threads for good (with all of them stuck, no run would be reconciled again).
+# At most this many API requests at once, on connections of their own: store reads
+# (store_probe.py, threads) can never hold up creates, deletes and status patches, nor these them.
+API_CONNECTIONS = 8
+# (connect, read) seconds of one API call: a request the server never answers must not hold a
+# connection for good (with all of them stuck, no run would be reconciled again).
 API_TIMEOUT = (5.0, 60.0)
 
 
 class Kube:
-    def __init__(self, api_client: Any | None = None, workers: int = API_WORKERS,
+    def __init__(self, api_client: Any | None = None, connections: int = API_CONNECTIONS,
                  timeout: tuple[float, float] = API_TIMEOUT):
         if api_client is None:
             api_client = _default_api_client()
-        self.api = api_client
-        self.timeout = timeout
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
+        self.api = api_client  # a kubernetes.client.ApiClient: its configuration and user agent
+        self.connections = connections
+        self.timeout = aiohttp.ClientTimeout(sock_connect=timeout[0], sock_read=timeout[1])
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
-    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-              query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
+    def _session_here(self) -> aiohttp.ClientSession:
+        """The session of the running event loop (made on first use: a session belongs to a loop)."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            cfg = self.api.configuration
+            connector = aiohttp.TCPConnector(limit=self.connections, ssl=_ssl_context(cfg))
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+            self._session_loop = loop
+        return self._session
 
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    def _headers(self, content_type: str, accept: str) -> dict[str, str]:
+        headers = {**self.api.default_headers, "Content-Type": content_type, "Accept": accept}
+        for auth in self.api.configuration.auth_settings().values():  # refreshes an expiring token
+            headers[auth["key"]] = auth["value"]
+        return headers
+
+    async def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                   query: list[tuple[str, str]] | None = None, accept: str = "application/json",
+                   answer: bool = True) -> Any:
+        """The request's answer, parsed (None when `answer` is False: a create or delete whose echo of
+        the object nobody reads). Raises ApiError for an error status or no answer."""
+        cfg = self.api.configuration
+        url = cfg.host + path + (f"?{urlencode(query)}" if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        extra: dict[str, Any] = {}
+        if cfg.proxy and not _bypasses_proxy(cfg):
+            extra["proxy"] = cfg.proxy
+        if cfg.tls_server_name:
+            extra["server_hostname"] = cfg.tls_server_name
         try:
-            data = self.api.call_api(
-                path, method, query_params=query or [], body=body,
-                header_params={"Content-Type": content_type, "Accept": accept},
-                auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
-                _request_timeout=self.timeout,
-            )
-        except HTTPError as e:  # no answer in time, connection refused or reset: try again later
+            async with self._session_here().request(method, url, data=data, headers=self._headers(content_type, accept),
+                                                    **extra) as response:
+                raw = await response.read()
+                status, reason = response.status, response.reason or ""
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # no answer in time, refused, reset: later
             raise ApiError(0, type(e).__name__, f"{method} {path}: {e}") from None
-        except ApiException as e:
-            message = e.body or ""
+        if status >= 400:
+            message = raw.decode(errors="replace")
             try:
                 message = json.loads(message).get("message", message)
             except (ValueError, AttributeError):
                 pass
-            raise ApiError(e.status or 0, e.reason or "", str(message)) from None
-        raw = data.data
-        return json.loads(raw) if raw else None
-
-    async def call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                   query: list[tuple[str, str]] | None = None, accept: str = "application/json") -> Any:
-        return await asyncio.get_running_loop().run_in_executor(
-            self.pool, functools.partial(self._call, method, path, body, content_type, query, accept))
+            raise ApiError(status, reason, str(message))
+        return json.loads(raw) if raw and answer else None
 
     async def get_run(self, namespace: str, name: str) -> dict | None:
         try:
@@ -169,7 +197,7 @@ class Kube:
         meta = obj["metadata"]
         path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"])
         try:
-            await self.call("POST", path, obj)
+            await self.call("POST", path, obj, answer=False)
         except ApiError as e:
             if e.status != 409:
                 raise
@@ -208,12 +236,34 @@ class Kube:
         """Delete in the background (dependents go with the garbage collector); False if gone already."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         try:
-            await self.call("DELETE", resource_path(api_version, kind, namespace, name), body)
+            await self.call("DELETE", resource_path(api_version, kind, namespace, name), body, answer=False)
         except ApiError as e:
             if e.status == 404:
                 return False
             raise
         return True
+
+
+def _ssl_context(cfg: Any) -> ssl.SSLContext | bool:
+    """TLS as the kubernetes client's own pool would do it: the configured CA, client certificate,
+    and hostname check."""
+    if not cfg.host.startswith("https"):
+        return False
+    context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+    if not cfg.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif cfg.assert_hostname is False:
+        context.check_hostname = False
+    if cfg.cert_file:
+        context.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return context
+
+
+def _bypasses_proxy(cfg: Any) -> bool:
+    from requests.utils import should_bypass_proxies
+
+    return should_bypass_proxies(cfg.host, no_proxy=cfg.no_proxy or "")
 
 
 def _default_api_client() -> Any:

@@ -82,6 +82,74 @@ def test_a_childs_index_entry_wakes_its_runs_daemon():
     assert [c["metadata"]["name"] for c in child_events.children_of(indexes, "ml", "r")] == ["r-train-m0-abc123-a1"]
 
 
+def test_the_watch_echo_of_our_own_create_wakes_nobody_and_its_status_does():
+    # Under load every create came back as a wake-up and a reconcile that changed nothing.
+    op = make_operator()
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "r-prepare-seed-abc123-a1", "namespace": "ml", "labels": {LABEL_RUN: "r"}}}
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "r-augment-abc123-myx", "namespace": "ml", "labels": {LABEL_RUN: "r"}}}
+
+    def index(body: dict, handler=child_events.humpback_jobs) -> bool:
+        op.wakeup("ml", "r").clear()
+        labels = body["metadata"]["labels"]
+        asyncio.run(handler(body=body, namespace="ml", labels=labels, memo=kopf.Memo(operator=op)))
+        return op.wakeup("ml", "r").is_set()
+
+    assert index(job)  # not created by this operator (another replica, before a restart): news
+    op.note("ml", "r", "Job", job["metadata"]["name"], job)
+    op.note("ml", "r", "Service", service["metadata"]["name"], service)
+    assert not index({**job, "metadata": {**job["metadata"], "uid": "u1"}, "status": {}})
+    assert index({**job, "status": {"conditions": [{"type": "Complete", "status": "True"}]}})
+    assert index({**job, "metadata": {**job["metadata"], "deletionTimestamp": "2026-11-29T00:00:00Z"}})
+    assert index(service, child_events.humpback_services)  # a kind whose status is not its news: as before
+
+
+def test_a_decisions_creates_go_out_together_what_workloads_refer_to_first(monkeypatch):
+    # One after the other, each create waited its turn behind every other run's API calls.
+    from humpback_operator.backtranslationrun import apply
+    from humpback_operator.kube import ApiError
+    from humpback_operator.reconcile import Decision
+
+    calls: list[str] = []
+    events: list[dict] = []
+    monkeypatch.setattr(kopf, "event", lambda body, **kwargs: events.append(kwargs))
+
+    class Kube:
+        def __init__(self) -> None:
+            self.in_flight: set[str] = set()
+            self.together = asyncio.Event()
+
+        async def create(self, obj):
+            kind = obj["kind"]
+            calls.append(kind)
+            self.in_flight.add(kind)
+            if self.in_flight >= {"Secret", "Service", "NetworkPolicy"}:
+                self.together.set()
+            if kind in ("Secret", "Service", "NetworkPolicy"):
+                await self.together.wait()  # returns only once the three are under way
+            if kind == "NetworkPolicy":
+                raise ApiError(403, "Forbidden", "networkpolicies is forbidden")
+            return True
+
+        async def patch_run_status(self, namespace, name, status):
+            return {"metadata": {"resourceVersion": "2"}, "status": status}
+
+    def obj(kind: str, name: str) -> dict:
+        return {"apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": "ml"}}
+
+    op = Operator(kube=Kube(), config=OperatorConfig())
+    body = {"metadata": {"name": "r", "namespace": "ml", "resourceVersion": "1"}, "status": {}}
+    decision = Decision(create=[obj("Secret", "s"), obj("NetworkPolicy", "s"), obj("Deployment", "s"), obj("Service", "s")],
+                        status={"phase": "Running"})
+    asyncio.run(asyncio.wait_for(apply(op, body, decision, logging.getLogger("test")), 5))
+    assert sorted(calls[:3]) == ["NetworkPolicy", "Secret", "Service"] and calls[3:] == ["Deployment"]
+    remembered = op.recent[("ml", "r")]
+    assert set(remembered) == {("Secret", "s"), ("Service", "s"), ("Deployment", "s")}  # not the refused one
+    assert op.patched[("ml", "r")][2].startswith('{"phase": "Running", "message": "could not create NetworkPolicy s')
+    assert [e["reason"] for e in events] == ["CreateFailed"]
+
+
 def test_every_index_the_reconciler_reads_is_a_handler_of_child_events():
     for name in child_events.INDEX_NAMES:
         assert callable(getattr(child_events, name, None)), f"child_events.INDEX_NAMES names {name}, which is no handler"

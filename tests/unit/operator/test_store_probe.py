@@ -11,7 +11,6 @@ import logging
 import socket
 import threading
 import time
-import types
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +19,7 @@ pytest.importorskip("boto3")
 
 from humpback_operator import store_probe  # noqa: E402
 from humpback_operator.config import AllowedStore, OperatorConfig, parse_allowed_stores  # noqa: E402
-from humpback_operator.kube import API_WORKERS, Kube  # noqa: E402
+from humpback_operator.kube import API_CONNECTIONS, Kube  # noqa: E402
 from humpback_operator.store_probe import PROBE_THREADS, StoreProbe  # noqa: E402
 
 LOG = logging.getLogger("test")
@@ -185,34 +184,75 @@ def test_progress_is_read_only_from_allowed_stores(capture):
     assert [r["path"] for r in requests] == ["/ml-runs/x/team-a/r1/train-m0/_PROGRESS.json"]
 
 
-class _Api:
-    """The kubernetes ApiClient's call_api, answering at once or (a path ending in /hang) when released."""
+class _ApiServer(http.server.BaseHTTPRequestHandler):
+    """An API server on loopback answering at once or (a path ending in /hang) when released;
+    it counts the requests it holds at once."""
 
-    def __init__(self):
-        self.release = threading.Event()
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real API server
+    release: threading.Event
+    lock: threading.Lock
+    held: list[int]  # [now, most]
 
-    def call_api(self, path, method, **_):
-        if path.endswith("/hang"):
-            self.release.wait(20)
-        return types.SimpleNamespace(data=b'{"ok": true}')
+    def _answer(self) -> None:
+        with self.lock:
+            self.held[0] += 1
+            self.held[1] = max(self.held)
+        try:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.endswith("/hang"):
+                self.release.wait(20)
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        finally:
+            with self.lock:
+                self.held[0] -= 1
+
+    do_GET = do_PATCH = _answer
+
+    def log_message(self, *args) -> None:
+        pass
 
 
-def test_api_calls_and_store_reads_have_bounded_pools_that_cannot_starve_each_other(silent, capture):
+@pytest.fixture
+def api_server() -> Iterator[tuple[str, type[_ApiServer]]]:
+    handler = type("Api", (_ApiServer,), {"release": threading.Event(), "lock": threading.Lock(), "held": [0, 0]})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    handler.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _kube(host: str, **kwargs) -> Kube:
+    import kubernetes
+
+    configuration = kubernetes.client.Configuration()
+    configuration.host = host
+    return Kube(api_client=kubernetes.client.ApiClient(configuration), **kwargs)
+
+
+def test_api_calls_and_store_reads_are_bounded_apart_and_cannot_starve_each_other(silent, capture, api_server):
     url, _ = capture
+    api_url, api = api_server
     config = OperatorConfig(probe_allowed_stores=(AllowedStore("slow", silent), AllowedStore("fast", url)))
-    api = _Api()
 
     def threads(prefix: str) -> int:
         return sum(1 for t in threading.enumerate() if t.name.startswith(prefix))
 
     async def go():
-        kube = Kube(api_client=api)
+        kube = _kube(api_url)
         probe_ = StoreProbe(config, timeout=2)
         try:
-            # Every API thread stuck (a slow API server): store reads go on.
-            hung = [asyncio.create_task(kube.call("GET", f"/x/{i}/hang")) for i in range(3 * API_WORKERS)]
-            await asyncio.sleep(0.2)
-            api_threads = threads("kube-api")
+            # Every API connection held (a slow API server): store reads go on.
+            hung = [asyncio.create_task(kube.call("GET", f"/x/{i}/hang")) for i in range(3 * API_CONNECTIONS)]
+            await asyncio.sleep(0.5)
+            held = api.held[1]
             read = await asyncio.wait_for(probe_.read(run_body("s3://fast/x", url), ["a"], LOG), timeout=30)
             api.release.set()
             await asyncio.gather(*hung)
@@ -225,32 +265,27 @@ def test_api_calls_and_store_reads_have_bounded_pools_that_cannot_starve_each_ot
             answer = await asyncio.wait_for(kube.call("PATCH", "/runs/r1/status", {}), timeout=5)
             api_seconds = time.monotonic() - started
             await asyncio.gather(*stuck)
-            return api_threads, read, probe_threads, answer, api_seconds
+            return held, read, probe_threads, answer, api_seconds
         finally:
             probe_.close()
-            kube.pool.shutdown(wait=False)
+            await kube.close()
 
-    api_threads, read, probe_threads, answer, api_seconds = asyncio.run(go())
-    assert api_threads == API_WORKERS and read["a"]["outputs"]["count"] == 99
+    held, read, probe_threads, answer, api_seconds = asyncio.run(go())
+    assert held == API_CONNECTIONS and read["a"]["outputs"]["count"] == 99
     assert probe_threads == PROBE_THREADS and answer == {"ok": True} and api_seconds < 1.0
 
 
-def test_an_api_call_the_server_never_answers_times_out_and_frees_its_thread(silent):
-    import kubernetes
-
+def test_an_api_call_the_server_never_answers_times_out_and_frees_its_connection(silent):
     from humpback_operator.kube import ApiError
 
-    configuration = kubernetes.client.Configuration()
-    configuration.host = silent
-    kube = Kube(api_client=kubernetes.client.ApiClient(configuration), timeout=(1.0, 1.0))
-
     async def go():
+        kube = _kube(silent, timeout=(1.0, 1.0))
         started = time.monotonic()
-        with pytest.raises(ApiError, match="ReadTimeoutError"):
-            await asyncio.wait_for(kube.call("GET", "/apis/humpback.dev/v1alpha1/namespaces/a/backtranslationruns/r"), 20)
+        try:
+            with pytest.raises(ApiError, match="TimeoutError"):
+                await asyncio.wait_for(kube.call("GET", "/apis/humpback.dev/v1alpha1/namespaces/a/backtranslationruns/r"), 20)
+        finally:
+            await kube.close()
         return time.monotonic() - started
 
-    try:
-        assert asyncio.run(go()) < 10  # before: no timeout, the thread waited for ever
-    finally:
-        kube.pool.shutdown(wait=False)
+    assert asyncio.run(go()) < 10  # before: no timeout, the call waited for ever
