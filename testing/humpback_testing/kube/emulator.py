@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import re
 import secrets
@@ -526,7 +527,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         new_meta = new["metadata"]
         if new_meta.get("deletionTimestamp") and set(new_meta.get("finalizers") or ()) - set(old["metadata"].get("finalizers") or ()):
             raise _api_error(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted")
-        new = self._admit(route, new, params)
+        new = self._admit(route, new, params, old)
         if new == old:
             return old  # a no-op writes nothing: no new resourceVersion, no watch event
         if route.rtype.has_generation and _spec_of(new) != _spec_of(old):
@@ -553,9 +554,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._store(route, old, None)
         return old
 
-    def _admit(self, route: Route, obj: dict[str, Any], params: Mapping[str, str]) -> dict[str, Any]:
+    def _admit(self, route: Route, obj: dict[str, Any], params: Mapping[str, str],
+               old: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """A custom resource as the API server stores it: unknown fields pruned (an error with
-        fieldValidation=Strict, which kubectl sends), then checked against the CRD's schema."""
+        fieldValidation=Strict, which kubectl sends), then checked against the CRD's schema. `old`,
+        for an update: the stored version, whose parts this write did not change (the same objects,
+        shared) were pruned when they were stored."""
         if route.rtype.kind == "Secret" and "stringData" in obj:  # the API server folds stringData into data
             obj["data"] = {**(obj.get("data") or {}), **{k: base64.b64encode(str(v).encode()).decode()
                                                           for k, v in (obj.pop("stringData") or {}).items()}}
@@ -567,7 +571,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 self._refuse_invalid(route, obj, admission.builtin_errors(obj))
             return obj
         unknown: list[str] = []
-        pruned = _prune(obj, schema, "", unknown, root=True)
+        stored = {id(part): part for key, part in (old or {}).items() if key != "metadata"}
+        pruned = _prune(obj, schema, "", unknown, root=True, stored=stored)
         name = f'{route.rtype.kind}.{route.rtype.group} "{obj["metadata"].get("name")}"'
         if unknown and params.get("fieldValidation") == "Strict":
             raise _api_error(400, "BadRequest", f"{route.rtype.kind} in version \"{route.rtype.version}\" cannot be handled as a "
@@ -717,10 +722,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._log.append((self._rv, rtype, kind, old, new))
         if self._held is not None:
             return
+        lines: dict[str, bytes] = {}  # each event serialised once, whatever the number of watchers
         for watcher in self._watchers:
             event = self._event_for(watcher, rtype, kind, old, new)
             if event is not None:
-                watcher.queue.put_nowait(event)
+                line = lines.get(event["type"])
+                if line is None:
+                    line = lines[event["type"]] = json.dumps(event).encode() + b"\n"
+                watcher.queue.put_nowait(line)
 
     def _event_for(self, watcher: _Watcher, rtype: ResourceType, kind: str, old: dict | None, new: dict) -> dict | None:
         """The event this watcher gets for a change, if any: an object that moves into (out of) its
@@ -936,8 +945,10 @@ def _strategic_merge_list(field: str, target: list[Any], patch: list[Any]) -> li
     return result
 
 
-def _prune(obj: Any, schema: Mapping[str, Any], path: str, unknown: list[str], *, root: bool = False) -> Any:
-    """Structural pruning: fields the schema does not declare are dropped (and listed in `unknown`)."""
+def _prune(obj: Any, schema: Mapping[str, Any], path: str, unknown: list[str], *, root: bool = False,
+           stored: Mapping[int, Any] | None = None) -> Any:
+    """Structural pruning: fields the schema does not declare are dropped (and listed in `unknown`).
+    `stored`: top-level parts (by id) of the stored version, pruned already: kept as they are."""
     if isinstance(obj, dict):
         if schema.get("x-kubernetes-preserve-unknown-fields"):
             return obj
@@ -946,6 +957,9 @@ def _prune(obj: Any, schema: Mapping[str, Any], path: str, unknown: list[str], *
         for key, value in obj.items():
             if root and key in ("apiVersion", "kind", "metadata"):
                 result[key] = value  # ObjectMeta is the API server's own business
+                continue
+            if stored and stored.get(id(value)) is value:
+                result[key] = value  # unchanged by this write (a status patch leaves the spec)
                 continue
             sub = props.get(key) if props else extra if isinstance(extra, dict) else None
             if sub is None and not (extra is True):
