@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 DEBOUNCE_SECONDS = 0.1
 
 
+# How long Kopf keeps an idle object's worker (see `configure`).
+WORKER_IDLE_SECONDS = 1.0
+
 ENV_PEERING_PRIORITY = "HUMPBACK_PEERING_PRIORITY"
 ENV_PEERING_LIFETIME = "HUMPBACK_PEERING_LIFETIME"
 ENV_PEERING_NAMESPACES = "HUMPBACK_PEERING_NAMESPACES"  # watching some namespaces: where the KopfPeerings go
@@ -248,6 +251,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Events are posted explicitly (reconcile.Event); log lines become Events only from warnings up.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
+    # Kopf keeps a worker per object for this long after its last event (default 5 s), holding
+    # that event's whole body: with 1,000 runs' children changing, tens of MB held for nothing.
+    settings.batching.idle_timeout = WORKER_IDLE_SECONDS
     child_events.filter_on_the_server(settings)
     # API calls go out on Kube's own connections; store reads (and anything else in threads) run in
     # the default thread pool, made larger: the default (cores + 4) would queue the reads of many runs.

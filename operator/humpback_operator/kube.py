@@ -102,6 +102,7 @@ class Kube:
         self.timeout = aiohttp.ClientTimeout(sock_connect=timeout[0], sock_read=timeout[1])
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._turns: asyncio.Semaphore | None = None
 
     def _session_here(self) -> aiohttp.ClientSession:
         """The session of the running event loop (made on first use: a session belongs to a loop)."""
@@ -111,6 +112,7 @@ class Kube:
             connector = aiohttp.TCPConnector(limit=self.connections, ssl=_ssl_context(cfg))
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
             self._session_loop = loop
+            self._turns = asyncio.Semaphore(self.connections)
         return self._session
 
     async def close(self) -> None:
@@ -128,21 +130,25 @@ class Kube:
                    answer: bool = True) -> Any:
         """The request's answer, parsed (None when `answer` is False: a create or delete whose echo of
         the object nobody reads). Raises ApiError for an error status or no answer."""
-        cfg = self.api.configuration
-        url = cfg.host + path + (f"?{urlencode(query)}" if query else "")
-        data = None if body is None else json.dumps(body).encode()
-        extra: dict[str, Any] = {}
-        if cfg.proxy and not _bypasses_proxy(cfg):
-            extra["proxy"] = cfg.proxy
-        if cfg.tls_server_name:
-            extra["server_hostname"] = cfg.tls_server_name
-        try:
-            async with self._session_here().request(method, url, data=data, headers=self._headers(content_type, accept),
-                                                    **extra) as response:
-                raw = await response.read()
-                status, reason = response.status, response.reason or ""
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # no answer in time, refused, reset: later
-            raise ApiError(0, type(e).__name__, f"{method} {path}: {e}") from None
+        session = self._session_here()
+        # A call waits for its turn before its body is serialised: under load (1,000 runs) the
+        # calls waiting for a connection held ~20 MB of request bodies.
+        async with self._turns:
+            cfg = self.api.configuration
+            url = cfg.host + path + (f"?{urlencode(query)}" if query else "")
+            data = None if body is None else json.dumps(body).encode()
+            extra: dict[str, Any] = {}
+            if cfg.proxy and not _bypasses_proxy(cfg):
+                extra["proxy"] = cfg.proxy
+            if cfg.tls_server_name:
+                extra["server_hostname"] = cfg.tls_server_name
+            try:
+                async with session.request(method, url, data=data, headers=self._headers(content_type, accept),
+                                           **extra) as response:
+                    raw = await response.read()
+                    status, reason = response.status, response.reason or ""
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # no answer in time, refused, reset: later
+                raise ApiError(0, type(e).__name__, f"{method} {path}: {e}") from None
         if status >= 400:
             message = raw.decode(errors="replace")
             try:
