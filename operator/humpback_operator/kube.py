@@ -131,8 +131,8 @@ class Kube:
         """The request's answer, parsed (None when `answer` is False: a create or delete whose echo of
         the object nobody reads). Raises ApiError for an error status or no answer."""
         session = self._session_here()
-        # A call waits for its turn before its body is serialised: under load (1,000 runs) the
-        # calls waiting for a connection held ~20 MB of request bodies.
+        # A call waits for its turn before it serialises its body: calls queued under load hold
+        # only the objects their decisions hold anyway.
         async with self._turns:
             cfg = self.api.configuration
             url = cfg.host + path + (f"?{urlencode(query)}" if query else "")

@@ -172,6 +172,7 @@ def decide(
     *,
     secret_labels: Mapping[str, Mapping[str, str] | None] | None = None,
     progress: Mapping[str, Mapping[str, Any]] | None = None,
+    spec_text: str | None = None,
 ) -> Decision:
     """The decision for one run. `store` maps stage name -> its `_SUCCESS.json` (None: not done)
     for the stages the caller has read; a stage missing from it is reported in `needs_store`.
@@ -179,12 +180,13 @@ def decide(
     `secret_labels`: labels of the Secrets the run references (None: no such Secret), when the
     policy checks them (`policy.needs_secret_labels`). `progress` maps running stages to their
     `_PROGRESS.json` as last read (see PROGRESS_SECONDS); a stage missing from it keeps the progress its
-    status already shows."""
+    status already shows. `spec_text`: `spec_json(body)`, when the caller has made it already."""
     d = Decision()
+    spec_text = spec_text if spec_text is not None else spec_json(body)
     old_status = dict(body.get("status") or {})
     generation = body.get("metadata", {}).get("generation")
     try:
-        run, plan = run_and_plan(body)
+        run, plan = run_and_plan(body, spec_text)
         problems = cluster_problems(run, config)
     except SpecError as e:
         problems = e.errors
@@ -210,7 +212,7 @@ def decide(
     plan.stages = [_in_flight(stage, old_stages.get(stage.name), old_status, generation, run.name, kids)
                    for stage in plan.stages]
 
-    configmap = _spec_configmap(run, body, owner)
+    configmap = _spec_configmap(run, body, owner, spec_text)
     existing_cm = kids.get("ConfigMap", configmap["metadata"]["name"])
     if existing_cm is None:
         d.create.append(configmap)
@@ -277,22 +279,31 @@ def progress_status(snap: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_and_plan(body: Mapping[str, Any]) -> tuple[BacktranslationRun, Plan]:
+def spec_json(body: Mapping[str, Any]) -> str:
+    """The run's spec as canonical JSON: the part of the cache keys below that is costly to make, so
+    a reconcile makes it once (for `secret_labels` and both rounds of `decide`)."""
+    return json.dumps(body.get("spec"), sort_keys=True, default=str)
+
+
+def run_and_plan(body: Mapping[str, Any], spec_text: str | None = None) -> tuple[BacktranslationRun, Plan]:
     """The run parsed and planned, once per spec: both depend only on the spec, the run's identity
     and the code versions, and were most of a decision's CPU (bench/operator_scale.py). Raises
-    SpecError for an invalid spec. The plan is a copy: decide() replaces its stages."""
+    SpecError for an invalid spec. The plan is a copy: decide() replaces its stages. `spec_text`:
+    `spec_json(body)`, when the caller has it."""
     meta = body.get("metadata", {})
-    key = json.dumps([body.get("apiVersion"), body.get("kind"), meta.get("namespace"), meta.get("name"),
-                      meta.get("labels"), body.get("spec"), plan_module.STAGE_CODE_VERSIONS,
-                      plan_module.FINGERPRINT_ALGORITHM, TEMPLATE_VERSION], sort_keys=True, default=str)
-    run, plan = _planned(key)
+    head = json.dumps([body.get("apiVersion"), body.get("kind"), meta.get("namespace"), meta.get("name"),
+                       meta.get("labels"), plan_module.STAGE_CODE_VERSIONS, plan_module.FINGERPRINT_ALGORITHM,
+                       TEMPLATE_VERSION], sort_keys=True, default=str)
+    run, plan = _planned(head + "\n" + (spec_text if spec_text is not None else spec_json(body)))
     return run, Plan(plan.run_name, plan.namespace, list(plan.stages))
 
 
 # ~60 KB each (the parsed spec and its plan): 256 keep the operator's memory bounded at 1,000 runs.
 @functools.lru_cache(maxsize=256)
 def _planned(key: str) -> tuple[BacktranslationRun, Plan]:
-    api_version, kind, namespace, name, labels, spec, *_versions = json.loads(key)
+    head, spec_text = key.split("\n", 1)  # compact JSON has no line breaks of its own
+    api_version, kind, namespace, name, labels, *_versions = json.loads(head)
+    spec = json.loads(spec_text)
     meta = {k: v for k, v in (("namespace", namespace), ("name", name), ("labels", labels)) if v is not None}
     run = run_from_body({"apiVersion": api_version, "kind": kind, "spec": spec, "metadata": meta})
     return run, build_plan(run)
@@ -301,12 +312,13 @@ def _planned(key: str) -> tuple[BacktranslationRun, Plan]:
 _configmaps: dict[bytes, dict] = {}  # by a digest of what it is built from: one per active run
 
 
-def _spec_configmap(run: BacktranslationRun, body: Mapping[str, Any], owner: dict) -> dict:
+def _spec_configmap(run: BacktranslationRun, body: Mapping[str, Any], owner: dict, spec_text: str) -> dict:
     """The spec ConfigMap, built once per spec: YAML-dumping it on every reconcile of every run was
     the operator's largest CPU cost under load (bench/operator_scale.py)."""
     meta = body.get("metadata", {})
-    key = hashlib.sha256(json.dumps([meta.get("namespace"), meta.get("name"), meta.get("uid"), meta.get("labels"),
-                                     body.get("spec")], sort_keys=True, default=str).encode()).digest()
+    identity = json.dumps([meta.get("namespace"), meta.get("name"), meta.get("uid"), meta.get("labels")],
+                          sort_keys=True, default=str)
+    key = hashlib.sha256(f"{identity}\n{spec_text}".encode()).digest()
     if key not in _configmaps:
         if len(_configmaps) >= 1024:
             _configmaps.clear()

@@ -352,6 +352,18 @@ def test_the_emulator_serves_only_the_crds_it_is_given_and_names_nothing_of_hump
         assert name not in source, name
 
 
+def test_a_reaction_defined_after_requests_served_without_one_takes_precedence_from_then_on(kube_emulator):
+    # Until a test defines a reaction, object requests skip KMock's parsing (only reactions read it).
+    import kmock
+
+    mark = kube_emulator.request_count()
+    assert http(kube_emulator, "POST", JOBS_PATH, job("before"))[0] == 201
+    kube_emulator.handler["post", kmock.resource("batch/v1/jobs")][:1] << 500 << {"kind": "Status", "code": 500}
+    assert http(kube_emulator, "POST", JOBS_PATH, job("j"))[0] == 500  # the first create from now fails ...
+    assert http(kube_emulator, "POST", JOBS_PATH, job("j"))[0] == 201  # ... the retry goes through
+    assert [(r.verb, r.resource) for r in kube_emulator.requests_since(mark)] == [("create", "jobs")] * 3
+
+
 def test_kmock_reactions_of_a_test_take_precedence(kube_emulator):
     import kmock
 

@@ -251,8 +251,12 @@ def test_api_calls_and_store_reads_are_bounded_apart_and_cannot_starve_each_othe
         try:
             # Every API connection held (a slow API server): store reads go on.
             hung = [asyncio.create_task(kube.call("GET", f"/x/{i}/hang")) for i in range(3 * API_CONNECTIONS)]
-            await asyncio.sleep(0.5)
-            held = api.held[1]
+            for _ in range(100):  # until the server holds as many as it ever will (a loaded machine is slow)
+                await asyncio.sleep(0.1)
+                if api.held[0] >= API_CONNECTIONS:
+                    break
+            await asyncio.sleep(0.3)
+            held = api.held[1]  # the most at once
             read = await asyncio.wait_for(probe_.read(run_body("s3://fast/x", url), ["a"], LOG), timeout=30)
             api.release.set()
             await asyncio.gather(*hung)
@@ -272,7 +276,7 @@ def test_api_calls_and_store_reads_are_bounded_apart_and_cannot_starve_each_othe
 
     held, read, probe_threads, answer, api_seconds = asyncio.run(go())
     assert held == API_CONNECTIONS and read["a"]["outputs"]["count"] == 99
-    assert probe_threads == PROBE_THREADS and answer == {"ok": True} and api_seconds < 1.0
+    assert probe_threads == PROBE_THREADS and answer == {"ok": True} and api_seconds < 1.5  # stuck reads: 2 s
 
 
 def test_an_api_call_the_server_never_answers_times_out_and_frees_its_connection(silent):
