@@ -305,7 +305,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return await self._handle(request)
             except kmock_rendering.StreamingError as e:  # as KMock: the stream's headers went out already
                 raw_response = e.args[0]
-                raise e.__cause__ or e
+                if e.__cause__ is None:
+                    raise
+                raise e.__cause__ from None
         except Exception as e:  # as KMock: errors go to the client, and to the test's context
             if not self._errors:
                 raise
