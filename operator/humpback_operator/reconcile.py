@@ -32,7 +32,6 @@ from humpback_operator import names, policy
 from humpback_operator.backends import backend_of_kind
 from humpback_operator.children import (
     build_spec_configmap,
-    StageChildren,
     build_stage_children,
     cluster_problems,
     job_outcome,
@@ -328,28 +327,6 @@ def _spec_configmap(run: BacktranslationRun, body: Mapping[str, Any], owner: dic
     return {**cached, "metadata": dict(cached["metadata"])}
 
 
-# A stage's children per attempt, by what they are built from: a stage waiting for its servers
-# built all of them on every reconcile. Bounded; a hit is only taken for the same parsed run and
-# config objects (run_and_plan's cache keeps one per spec).
-_built_children: dict[tuple, tuple[BacktranslationRun, OperatorConfig, StageChildren]] = {}
-
-
-def _stage_children(run: BacktranslationRun, plan: Plan, stage: Stage, attempt: int, config: OperatorConfig,
-                    owner: Mapping[str, Any]) -> StageChildren:
-    """`build_stage_children`, built once per attempt; each caller gets its own top level and
-    metadata of every object (what callers change), the rest shared."""
-    key = (id(run), id(config), stage.name, stage.fingerprint, stage.fingerprint_version, attempt,
-           owner.get("uid"), owner.get("name"))
-    hit = _built_children.get(key)
-    if hit is None or hit[0] is not run or hit[1] is not config:
-        if len(_built_children) >= 256:
-            _built_children.clear()
-        hit = _built_children[key] = (run, config, build_stage_children(run, plan, stage, attempt, config, owner))
-    built = hit[2]
-    own = lambda obj: {**obj, "metadata": dict(obj["metadata"])}  # noqa: E731
-    return StageChildren(servers=[own(o) for o in built.servers], primary=own(built.primary))
-
-
 def _finished_and_unchanged(old: Mapping[str, Any], generation: Any) -> bool:
     return (old.get("phase") in ("Succeeded", "Failed")
             and old.get("observedGeneration") == generation
@@ -542,7 +519,7 @@ def _stage_state(d: Decision, run: BacktranslationRun, plan: Plan, stage: Stage,
         st["message"] = f"waiting for the old {primary['kind']} {primary['name']} to be deleted"
         return st
 
-    built = _stage_children(run, plan, stage, attempt, config, owner)
+    built = build_stage_children(run, plan, stage, attempt, config, owner)
 
     waiting: list[str] = []
     server_problem: Problem | None = None

@@ -633,28 +633,3 @@ def test_a_failure_waits_a_moment_for_its_pods_to_tell_why():
     assert other.stage("prepare-seed")["attempt"] == 1
     other.step(advance=FAILURE_SETTLE_SECONDS + 1)
     assert other.stage("prepare-seed")["attempt"] == 2 and "reason" not in other.stage("prepare-seed")
-
-
-def test_a_stages_children_are_built_once_per_attempt_and_each_caller_may_change_its_own(monkeypatch):
-    # A stage waiting for its vLLM servers built all its children again on every reconcile.
-    from humpback_operator import reconcile
-    from humpback_operator.children import build_stage_children, owner_reference
-
-    body, config = tiny_body(), OperatorConfig()
-    run, plan = reconcile.run_and_plan(body)
-    stage = next(s for s in plan.stages if s.name == "curate-1")  # a client and its server
-    owner = owner_reference(body)
-    builds: list[int] = []
-    monkeypatch.setattr(reconcile, "build_stage_children", lambda *a: builds.append(a[3]) or build_stage_children(*a))
-    first = reconcile._stage_children(run, plan, stage, 1, config, owner)
-    fresh = build_stage_children(run, plan, stage, 1, config, owner)
-    assert first == fresh and first.servers
-    first.primary["metadata"]["name"] = "changed"  # what apply() and tests change: the top and metadata
-    first.servers[0]["status"] = {}
-    again = reconcile._stage_children(run, plan, stage, 1, config, owner)
-    assert again == fresh and builds == [1]
-    assert reconcile._stage_children(run, plan, stage, 2, config, owner).primary["metadata"]["name"] != fresh.primary["metadata"]["name"]
-    other_run, other_plan = reconcile.run_and_plan(tiny_body(**{"curation.maxTokens": 99}))
-    other = reconcile._stage_children(other_run, other_plan, next(s for s in other_plan.stages if s.name == "curate-1"),
-                                      1, config, owner)
-    assert builds == [1, 2, 1] and other != fresh
