@@ -190,6 +190,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._closing = False
         self._floor_rv = -1  # watches resuming from this or before get 410 Gone (`expire_watches`)
         self._held: list[Any] | None = None  # events not sent while watches are held (`hold_watches`)
+        self._written: tuple[Any, bytes] = (None, b"")  # the last object written, and its JSON
         self._payload_order: tuple[tuple[int, ...], list[Any]] = ((), [])
         self._dependents: dict[str, set[tuple[Any, str | None, str]]] = {}  # owner uid -> keys (garbage collection)
         self._idle_bus: kmock.Bus[Any] = kmock.Bus()
@@ -408,14 +409,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             obj = self._get(route)
             return kmock.Response(status=200, payload=self._table(route.rtype, [obj]) if _wants_table(request) else obj)
         if method == "POST" and route.name is None:
-            return kmock.Response(status=201, payload=self._create(route, _body(request), params))
+            return self._answer(201, self._create(route, _body(request), params))
         if method == "PATCH" and route.name is not None:
-            return kmock.Response(status=200, payload=self._patch(route, request, params))
+            return self._answer(200, self._patch(route, request, params))
         if method == "PUT" and route.name is not None:
             body = _body(request)
             if not isinstance(body, dict):
                 raise _api_error(400, "BadRequest", "the body of a PUT must be an object")
-            return kmock.Response(status=200, payload=self._update(route, lambda old: body, body, params))
+            return self._answer(200, self._update(route, lambda old: body, body, params))
         if method == "DELETE" and route.name is not None:
             return kmock.Response(status=200, payload=self._delete(route, params))
         if method == "DELETE":
@@ -423,6 +424,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
                        for o in self._select(route, params)]
             return kmock.Response(status=200, payload=self._list(route.rtype, deleted))
         raise _api_error(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    def _answer(self, status: int, obj: Any) -> kmock.Response:
+        """The answer to a write: the object as its watch event had it serialised, if it is that one."""
+        written, text = self._written
+        if obj is written:
+            return kmock.Response(status=status, headers={"Content-Type": "application/json"}, payload=text)
+        return kmock.Response(status=status, payload=obj)
 
     # --- storage ---------------------------------------------------------------------------------
 
@@ -769,16 +777,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _emit(self, rtype: ResourceType, kind: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
         self._log.append((self._rv, rtype, kind, old, new))
+        # Serialised once: for every watcher's event and for the answer to the write (`_answer`).
+        text = json.dumps(new).encode()
+        self._written = (new, text)
         if self._held is not None:
             return
-        lines: dict[str, bytes] = {}  # each event serialised once, whatever the number of watchers
         for watcher in self._watchers:
             event = self._event_for(watcher, rtype, kind, old, new)
-            if event is not None:
-                line = lines.get(event["type"])
-                if line is None:
-                    line = lines[event["type"]] = json.dumps(event).encode() + b"\n"
-                watcher.queue.put_nowait(line)
+            if event is not None:  # as json.dumps(event) writes it
+                watcher.queue.put_nowait(b'{"type": "' + event["type"].encode() + b'", "object": ' + text + b"}\n")
 
     def _event_for(self, watcher: _Watcher, rtype: ResourceType, kind: str, old: dict | None, new: dict) -> dict | None:
         """The event this watcher gets for a change, if any: an object that moves into (out of) its
