@@ -30,8 +30,7 @@ import kopf
 from humpback_runtime.spec import GROUP, PLURAL, VERSION, SpecError
 
 from humpback_operator import child_events, metrics, policy
-from humpback_operator.backends import BACKENDS
-from humpback_operator.children import ANNOTATION_GENERATED_KEY
+from humpback_operator.children import ANNOTATION_GENERATED_KEY, WORKLOAD_KINDS
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
 from humpback_operator.reconcile import (
@@ -424,7 +423,9 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
     # Concurrently, in two rounds: what the workloads refer to (the spec ConfigMap, a server's key
     # Secret, NetworkPolicy and Service), then the workloads; one after the other, each create
     # waited its turn among every other run's calls (the API connections are shared).
-    for tier in (_supporting(decision.create), _workloads(decision.create)):
+    supporting = [obj for obj in decision.create if obj["kind"] not in WORKLOAD_KINDS]
+    workloads = [obj for obj in decision.create if obj["kind"] in WORKLOAD_KINDS]
+    for tier in (supporting, workloads):
         # Noted first: the watch may show a child before its create returns (child_events).
         before = [op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj) for obj in tier]
         outcomes = await asyncio.gather(*(op.kube.create(with_generated_key(obj)) for obj in tier),
@@ -433,14 +434,13 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
             kind, child = obj["kind"], obj["metadata"]["name"]
             if isinstance(outcome, BaseException):
                 op.unnote(namespace, name, kind, child, noted)
-            if isinstance(outcome, ApiError):
+                if not isinstance(outcome, ApiError):
+                    raise outcome
                 # Kept in status and as an Event; the next reconcile tries again.
                 message = f"could not create {kind} {child}: {outcome}"
                 errors.append(message)
                 kopf.event(body, type="Warning", reason="CreateFailed", message=message)
                 continue
-            if isinstance(outcome, BaseException):
-                raise outcome
             if outcome:
                 metrics.CHILDREN_CREATED.labels(kind).inc()
                 logger.info("Created %s %s for run %s", kind, child, name)
@@ -462,17 +462,6 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
             continue
         metrics.EVENTS.labels(event.reason).inc()
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-
-
-WORKLOAD_KINDS = ("Deployment", "Job", *(b.kind for b in (cls() for cls in BACKENDS.values())))
-
-
-def _workloads(objs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [o for o in objs if o["kind"] in WORKLOAD_KINDS]
-
-
-def _supporting(objs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [o for o in objs if o["kind"] not in WORKLOAD_KINDS]
 
 
 def with_generated_key(obj: Mapping[str, Any]) -> Mapping[str, Any]:

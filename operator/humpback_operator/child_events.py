@@ -17,6 +17,7 @@ import kopf
 from humpback_operator.diagnosis import FAILED_CREATE_EVENTS
 from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
+from humpback_operator.children import WORKLOAD_KINDS
 from humpback_operator.config import trainjobs_enabled
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,16 +65,12 @@ def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, 
     return {(namespace, run): snapshot(body)}
 
 
-# Kinds whose first sign of life after a create is their status (set by their controller).
-_STATUS_KINDS = ("Job", "Deployment", "PyTorchJob", "TrainJob")
-
-
 def _echo_of_own_create(op: Any, namespace: str, run: str, body: Mapping[str, Any]) -> bool:
     """The watch showing a workload the operator has just created, as it created it (no status
-    yet): the decision that created it knew all of that, so it wakes nobody (under load, a
+    yet: its controller writes that, which is news): the decision that created it knew all of that, so it wakes nobody (under load, a
     reconcile per create that changed nothing)."""
     meta = body.get("metadata") or {}
-    if body.get("kind") not in _STATUS_KINDS or body.get("status") or meta.get("deletionTimestamp"):
+    if body.get("kind") not in WORKLOAD_KINDS or body.get("status") or meta.get("deletionTimestamp"):
         return False
     ours = op.recent.get((namespace, run), {}).get((body.get("kind"), meta.get("name")))
     return ours is not None and ours[1] is not None

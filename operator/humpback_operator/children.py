@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from humpback_operator.backends import conditions_outcome, get_backend
+from humpback_operator.backends import BACKENDS, conditions_outcome, get_backend
 from humpback_operator.config import OperatorConfig
 from humpback_operator.names import (
     ANNOTATION_FINGERPRINT,
@@ -75,6 +75,9 @@ CHECKPOINT_DIR = "/checkpoints"  # HUMPBACK_WORK_DIR of a training pod with a ch
 IN_PROCESS_ENGINES = ("transformers", "vllm")
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 ANNOTATION_GENERATED_KEY = "humpback.dev/generated-key"  # on a Secret: the operator fills this key at creation
+# The children that run a stage's pods (a vLLM server's Deployment, a Job, a training kind): made
+# after what they refer to, and their controller writes their status.
+WORKLOAD_KINDS = ("Deployment", "Job", *(backend.kind for backend in BACKENDS.values()))
 HF_TOKEN_ENV = "HF_TOKEN"  # also the key in spec.huggingface.tokenSecret and spec.publish.hub.tokenSecret
 S3_COMPATIBLE_REGION = "us-east-1"  # signing region of an S3-compatible endpoint that names none
 

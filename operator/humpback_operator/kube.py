@@ -103,6 +103,7 @@ class Kube:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._turns: asyncio.Semaphore | None = None
+        self._options: dict[str, Any] = {}  # what every request of the session adds: proxy, TLS server name
 
     def _session_here(self) -> aiohttp.ClientSession:
         """The session of the running event loop (made on first use: a session belongs to a loop)."""
@@ -113,6 +114,11 @@ class Kube:
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
             self._session_loop = loop
             self._turns = asyncio.Semaphore(self.connections)
+            self._options = {}
+            if cfg.proxy and not _bypasses_proxy(cfg):
+                self._options["proxy"] = cfg.proxy
+            if cfg.tls_server_name:
+                self._options["server_hostname"] = cfg.tls_server_name
         return self._session
 
     async def close(self) -> None:
@@ -134,17 +140,11 @@ class Kube:
         # A call waits for its turn before it serialises its body: calls queued under load hold
         # only the objects their decisions hold anyway.
         async with self._turns:
-            cfg = self.api.configuration
-            url = cfg.host + path + (f"?{urlencode(query)}" if query else "")
+            url = self.api.configuration.host + path + (f"?{urlencode(query)}" if query else "")
             data = None if body is None else json.dumps(body).encode()
-            extra: dict[str, Any] = {}
-            if cfg.proxy and not _bypasses_proxy(cfg):
-                extra["proxy"] = cfg.proxy
-            if cfg.tls_server_name:
-                extra["server_hostname"] = cfg.tls_server_name
             try:
                 async with session.request(method, url, data=data, headers=self._headers(content_type, accept),
-                                           **extra) as response:
+                                           **self._options) as response:
                     raw = await response.read()
                     status, reason = response.status, response.reason or ""
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # no answer in time, refused, reset: later

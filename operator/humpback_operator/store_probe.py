@@ -10,8 +10,8 @@ known done": its child starts, finds the stage done itself (with the run's own S
 
 A slow store must not hold up other runs: probes (and the reads of running stages' `_PROGRESS.json`,
 under the same rules) run in their own small thread pool, apart from the Kubernetes API calls
-(kube.py: connections of their own on the event loop), each read has a hard timeout, and an endpoint that keeps failing is skipped for a while
-(circuit breaker).
+(kube.py: connections of their own on the event loop), each read has a hard timeout, and an
+endpoint that keeps failing is skipped for a while (circuit breaker).
 """
 
 from __future__ import annotations
