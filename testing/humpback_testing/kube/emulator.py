@@ -190,7 +190,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._closing = False
         self._floor_rv = -1  # watches resuming from this or before get 410 Gone (`expire_watches`)
         self._held: list[Any] | None = None  # events not sent while watches are held (`hold_watches`)
-        self._written: tuple[Any, bytes] = (None, b"")  # the last object written, and its JSON
+        self._written: tuple[Any, bytes | None] = (None, None)  # the last object written, its JSON once made
         self._payload_order: tuple[tuple[int, ...], list[Any]] = ((), [])
         self._dependents: dict[str, set[tuple[Any, str | None, str]]] = {}  # owner uid -> keys (garbage collection)
         self._idle_bus: kmock.Bus[Any] = kmock.Bus()
@@ -214,14 +214,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if payload._disabled.is_set():
                 continue
             if payload is self._object_endpoints:
-                # The object endpoints, what nearly every request reaches: as KMock would serve
-                # them, without its generic criteria and rendering of a callable (each inspects
-                # the function's signature: a fifth of the emulator's CPU under load).
                 if self._route(request) is None:
                     continue
-                payload._requests.append(request)
-                response: kmock.Response = await self._serve_object(request)
-                return await response(request)
+                return await self._serve_objects(request)
             if self._sees(payload._source, request):
                 try:
                     return await payload(request)
@@ -255,10 +250,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         if _kmock_misparses(raw_request.path):
-            request = kmock.Request(id=len(self._requests), method=raw_request.method, url=raw_request.url,
-                                        params=dict(raw_request.query), headers=dict(raw_request.headers),
-                                        body=await raw_request.read(), raw_request=raw_request)
-            self._requests.append(request)
+            request = await self._unparsed_request(raw_request)
             try:
                 return await kmock.Response(payload=self._serve_object)(request)
             except Exception as exc:
@@ -279,14 +271,21 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _route_alone(self, path: str) -> bool:
         """Whether a request to `path` can only reach the object endpoints: no test reaction is
         defined (nothing comes before them) and the path is an object's."""
-        ordered = [p for p in self._ordered_payloads() if not p._disabled.is_set()]
-        return bool(ordered) and ordered[0] is self._object_endpoints and self._route_path(path) is not None
+        first = next((p for p in self._ordered_payloads() if not p._disabled.is_set()), None)
+        return first is self._object_endpoints and self._route_path(path) is not None
 
-    async def _serve_unparsed(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        """KMock's RawHandler.__call__ for a request only the object endpoints can take, without
-        KMock's parsing of it into Kubernetes terms (resource, action, ...: ~18 % of the emulator's
-        CPU under load), which only a test's reactions read. The request is kept for assertions
-        as KMock keeps it, with its method, URL, query, headers and body."""
+    async def _serve_objects(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """The object endpoints' reaction, what nearly every request reaches, served as KMock would
+        serve it without its generic criteria and rendering of a callable (each inspects the
+        function's signature: a fifth of the emulator's CPU under load)."""
+        self._object_endpoints._requests.append(request)
+        response: kmock.Response = await self._serve_object(request)
+        return await response(request)
+
+    async def _unparsed_request(self, raw_request: aiohttp.web.BaseRequest) -> kmock.Request:
+        """The request as KMock keeps it for assertions (method, URL, query, headers, body and its
+        JSON), without KMock's parsing into Kubernetes terms (resource, action, ...), which only a
+        test's reactions read; added to the request log."""
         body = await raw_request.read()
         data = None
         if body and "json" in raw_request.headers.get("Content-Type", "json"):
@@ -297,13 +296,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
         request = kmock.Request(id=len(self._requests), method=raw_request.method, url=raw_request.url,
                                 params=dict(raw_request.query), headers=dict(raw_request.headers),
                                 body=body, data=data, raw_request=raw_request)
+        self._requests.append(request)
+        return request
+
+    async def _serve_unparsed(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """KMock's RawHandler.__call__ for a request only the object endpoints can take
+        (`_route_alone`), without KMock's parsing of it (~18 % of the emulator's CPU under load)."""
         raw_response: aiohttp.web.StreamResponse | None = None
         try:
             if self.limit is not None and len(self._requests) >= self.limit:
                 raise kmock.KMockError("Too many requests have been served so far.")
-            self._requests.append(request)
+            request = await self._unparsed_request(raw_request)
             try:
-                return await self._handle(request)
+                return await self._serve_objects(request)
             except kmock_rendering.StreamingError as e:  # as KMock: the stream's headers went out already
                 raw_response = e.args[0]
                 if e.__cause__ is None:
@@ -427,9 +432,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _answer(self, status: int, obj: Any) -> kmock.Response:
         """The answer to a write: the object as its watch event had it serialised, if it is that one."""
-        written, text = self._written
-        if obj is written:
-            return kmock.Response(status=status, headers={"Content-Type": "application/json"}, payload=text)
+        if obj is self._written[0]:
+            return kmock.Response(status=status, headers={"Content-Type": "application/json"}, payload=self._written_json())
         return kmock.Response(status=status, payload=obj)
 
     # --- storage ---------------------------------------------------------------------------------
@@ -777,15 +781,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _emit(self, rtype: ResourceType, kind: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
         self._log.append((self._rv, rtype, kind, old, new))
-        # Serialised once: for every watcher's event and for the answer to the write (`_answer`).
-        text = json.dumps(new).encode()
-        self._written = (new, text)
+        self._written = (new, None)
         if self._held is not None:
             return
         for watcher in self._watchers:
             event = self._event_for(watcher, rtype, kind, old, new)
             if event is not None:  # as json.dumps(event) writes it
-                watcher.queue.put_nowait(b'{"type": "' + event["type"].encode() + b'", "object": ' + text + b"}\n")
+                line = b'{"type": "' + event["type"].encode() + b'", "object": ' + self._written_json() + b"}\n"
+                watcher.queue.put_nowait(line)
+
+    def _written_json(self) -> bytes:
+        """The last object written, serialised once: for every watcher's event and for the answer
+        to the write (`_answer`); not at all when neither wants it (a garbage-collected Secret)."""
+        obj, text = self._written
+        if text is None:
+            text = json.dumps(obj).encode()
+            self._written = (obj, text)
+        return text
 
     def _event_for(self, watcher: _Watcher, rtype: ResourceType, kind: str, old: dict | None, new: dict) -> dict | None:
         """The event this watcher gets for a change, if any: an object that moves into (out of) its
