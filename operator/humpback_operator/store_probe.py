@@ -72,6 +72,18 @@ class StoreProbe:
         read = await self._each(body, stages, logger, _read_progress)
         return {stage: snap for stage, snap in read.items() if snap is not None}
 
+    def reads(self, body: Mapping[str, Any], logger: logging.Logger) -> bool:
+        """Whether this run's store is one the probe may read (warns once per store when not)."""
+        storage = (body.get("spec") or {}).get("storage") or {}
+        uri = storage.get("uri", "./runs")
+        endpoint = (storage.get("s3") or {}).get("endpoint")
+        if self.config.probe_allowed(uri, endpoint):
+            return True
+        self._warn_once(f"{uri} {endpoint}", logger, "Not reading the store %s%s with the operator's credentials: "
+                        "it is not in storeProbe.allowedStores; each stage checks it itself",
+                        uri, f" at {endpoint}" if endpoint else "")
+        return False
+
     async def _each(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger,
                     reader: Callable[[str, str | None, str | None, str], dict | None]) -> dict[str, dict | None]:
         meta = body["metadata"]
@@ -81,12 +93,8 @@ class StoreProbe:
         s3 = storage.get("s3") or {}
         endpoint = s3.get("endpoint")
         stages = list(stages)
-        unknown: dict[str, dict | None] = {stage: None for stage in stages}
-        if not self.config.probe_allowed(uri, endpoint):
-            self._warn_once(f"{uri} {endpoint}", logger, "Not reading the store %s%s with the operator's credentials: "
-                            "it is not in storeProbe.allowedStores; each stage checks it itself",
-                            uri, f" at {endpoint}" if endpoint else "")
-            return unknown
+        if not self.reads(body, logger):
+            return {stage: None for stage in stages}
         breaker = self._breakers.setdefault(normalize_endpoint(endpoint), _Breaker())
         loop = asyncio.get_running_loop()
         out: dict[str, dict | None] = {}
