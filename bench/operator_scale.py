@@ -294,6 +294,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--profile", action="store_true", help="cProfile the operator into bench/results/operator_scale/")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/operator_scale.json")
+    p.add_argument("--timeline", type=Path, help="also write each run's creations and completions (time, what, child) here")
     p.add_argument("--idle-seconds", type=float, default=60, help="after the last run finished, measure this long")
     p.add_argument("--pin", action="store_true",
                    help="the operator on a core of its own and everything else (the emulated API server, the "
@@ -426,6 +427,8 @@ def main() -> int:
         "machine": f"{os.cpu_count()} cores",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.timeline:
+        args.timeline.write_text(json.dumps(events))
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     ok = counts.get("Succeeded", 0) == args.runs
