@@ -17,7 +17,7 @@ import kopf
 from humpback_operator.diagnosis import FAILED_CREATE_EVENTS
 from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
-from humpback_operator.children import WORKLOAD_KINDS
+from humpback_operator.children import WORKLOAD_KINDS, data_digests
 from humpback_operator.config import trainjobs_enabled
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     if "suspend" in spec or "suspend" in (spec.get("runPolicy") or {}):  # Kueue holds it (diagnosis.is_queued)
         out["spec"] = {"suspend": spec.get("suspend"), "runPolicy": {"suspend": (spec.get("runPolicy") or {}).get("suspend")}}
     if body.get("kind") == "ConfigMap":
-        out["data"] = dict(body.get("data") or {})
+        out["dataDigests"] = data_digests(body)
     return out
 
 

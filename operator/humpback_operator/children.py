@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -164,19 +165,36 @@ def build_spec_configmap(run: BacktranslationRun, owner: dict | None) -> dict:
     among them) change without changing what a stage does. The fingerprint annotation is a hash
     of the content, so a stale ConfigMap is easy to tell.
     """
-    data = dump_run(run)
-    data["metadata"] = {"name": run.name, "namespace": run.namespace}
-    # Top-level entries dumped one by one read the same as the whole (block style): runs started
-    # from one file share their spec's YAML, and dumping it was the costly part of starting a run.
-    text = "".join(_yaml_entry(json.dumps({key: value})) for key, value in data.items())
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    text = spec_yaml(run)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": object_meta(spec_configmap_name(run.name), run.namespace, child_labels(run, None, "spec"),
-                                {ANNOTATION_FINGERPRINT: digest}, owner),
+                                {ANNOTATION_FINGERPRINT: content_digest(text)}, owner),
         "data": {SPEC_KEY: text},
     }
+
+
+def spec_yaml(run: BacktranslationRun) -> str:
+    """What the spec ConfigMap holds under SPEC_KEY."""
+    data = dump_run(run)
+    data["metadata"] = {"name": run.name, "namespace": run.namespace}
+    # Top-level entries dumped one by one read the same as the whole (block style): runs started
+    # from one file share their spec's YAML, and dumping it was the costly part of starting a run.
+    return "".join(_yaml_entry(json.dumps({key: value})) for key, value in data.items())
+
+
+def content_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def data_digests(configmap: Mapping[str, Any]) -> dict[str, str]:
+    """A ConfigMap's data as a digest per key: what the operator's index keeps of it
+    (`child_events.snapshot`: a run's spec is ~8 KB, ~8 MB at 1,000 runs), and what the
+    reconciler compares with the data it wants."""
+    if "dataDigests" in configmap:
+        return configmap["dataDigests"]
+    return {key: content_digest(value) for key, value in (configmap.get("data") or {}).items()}
 
 
 @functools.lru_cache(maxsize=256)

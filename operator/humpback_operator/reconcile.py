@@ -31,12 +31,16 @@ from humpback_runtime.spec import BacktranslationRun, PodResources, SpecError, d
 from humpback_operator import names, policy
 from humpback_operator.backends import backend_of_kind
 from humpback_operator.children import (
+    SPEC_KEY,
     build_spec_configmap,
     build_stage_children,
     cluster_problems,
+    content_digest,
+    data_digests,
     job_outcome,
     owner_reference,
     server_state,
+    spec_yaml,
     stage_primary_ref,
     stage_uri,
 )
@@ -212,12 +216,9 @@ def decide(
     plan.stages = [_in_flight(stage, old_stages.get(stage.name), old_status, generation, run.name, kids)
                    for stage in plan.stages]
 
-    configmap = _spec_configmap(run, body, owner, spec_text)
-    existing_cm = kids.get("ConfigMap", configmap["metadata"]["name"])
-    if existing_cm is None:
-        d.create.append(configmap)
-    elif existing_cm.get("data") != configmap["data"]:
-        d.update.append(configmap)
+    existing_cm = kids.get("ConfigMap", names.spec_configmap_name(run.name))
+    if existing_cm is None or data_digests(existing_cm) != _spec_digests(run, body, spec_text):
+        (d.create if existing_cm is None else d.update).append(build_spec_configmap(run, owner))
 
     # Children of settings that no longer exist (a spec edit) are replaced: delete the active ones.
     current = {s.name: s.fingerprint for s in plan.stages}
@@ -309,22 +310,20 @@ def _planned(key: str) -> tuple[BacktranslationRun, Plan]:
     return run, build_plan(run)
 
 
-_configmaps: dict[bytes, dict] = {}  # by a digest of what it is built from: one per active run
+_spec_digests_by_key: dict[bytes, dict[str, str]] = {}  # by a digest of the run's name and spec: one per active run
 
 
-def _spec_configmap(run: BacktranslationRun, body: Mapping[str, Any], owner: dict, spec_text: str) -> dict:
-    """The spec ConfigMap, built once per spec: YAML-dumping it on every reconcile of every run was
-    the operator's largest CPU cost under load (bench/operator_scale.py)."""
+def _spec_digests(run: BacktranslationRun, body: Mapping[str, Any], spec_text: str) -> dict[str, str]:
+    """The spec ConfigMap's data as `data_digests` gives it, made once per spec: YAML-dumping the spec
+    on every reconcile of every run was the operator's largest CPU cost under load, and keeping the
+    ConfigMaps themselves ~11 MB at 1,000 runs (bench/operator_scale.py)."""
     meta = body.get("metadata", {})
-    identity = json.dumps([meta.get("namespace"), meta.get("name"), meta.get("uid"), meta.get("labels")],
-                          sort_keys=True, default=str)
-    key = hashlib.sha256(f"{identity}\n{spec_text}".encode()).digest()
-    if key not in _configmaps:
-        if len(_configmaps) >= 1024:
-            _configmaps.clear()
-        _configmaps[key] = build_spec_configmap(run, owner)
-    cached = _configmaps[key]  # shared: a caller that changes the top level or metadata changes its own copy
-    return {**cached, "metadata": dict(cached["metadata"])}
+    key = hashlib.sha256(f"{meta.get('namespace')}/{meta.get('name')}\n{spec_text}".encode()).digest()
+    if key not in _spec_digests_by_key:
+        if len(_spec_digests_by_key) >= 1024:
+            _spec_digests_by_key.clear()
+        _spec_digests_by_key[key] = {SPEC_KEY: content_digest(spec_yaml(run))}
+    return _spec_digests_by_key[key]
 
 
 def _finished_and_unchanged(old: Mapping[str, Any], generation: Any) -> bool:
