@@ -351,3 +351,54 @@ def test_the_operator_freezes_what_startup_made_and_collects_cycles_less_often()
         gc.unfreeze()
         gc.set_threshold(*before)
     assert any(o is made_at_startup for o in gc.get_objects())
+
+
+def test_the_status_patch_goes_out_with_the_workloads_and_a_refused_one_is_reported_after():
+    # The status patch waited for the workloads' creates: a child that finished at once (under load,
+    # or a stage with nothing to do) waited for that round trip before its run moved on.
+    from humpback_operator.backtranslationrun import apply
+    from humpback_operator.kube import ApiError
+    from humpback_operator.reconcile import Decision
+
+    calls: list[str] = []
+    patches: list[dict] = []
+
+    class Kube:
+        def __init__(self) -> None:
+            self.patching = asyncio.Event()
+
+        async def create(self, obj):
+            calls.append(f"create {obj['kind']} {obj['metadata']['name']}")
+            if obj["kind"] == "Job":
+                await self.patching.wait()  # returns only once the status patch is under way
+                if obj["metadata"]["name"] == "refused":
+                    raise ApiError(403, "Forbidden", "exceeded quota: gpu")
+            return True
+
+        async def patch_run_status(self, namespace, name, status):
+            calls.append("patch")
+            patches.append(status)
+            self.patching.set()
+            await asyncio.sleep(0)
+            return {"metadata": {"resourceVersion": str(1 + len(patches))}, "status": status}
+
+    def obj(kind: str, name: str) -> dict:
+        return {"apiVersion": "v1" if kind == "ConfigMap" else "batch/v1", "kind": kind,
+                "metadata": {"name": name, "namespace": "ml"}}
+
+    events: list[dict] = []
+    kopf_event = kopf.event
+    kopf.event = lambda body, **kwargs: events.append(kwargs)
+    try:
+        op = Operator(kube=Kube(), config=OperatorConfig())
+        body = {"metadata": {"name": "r", "namespace": "ml", "resourceVersion": "1"}, "status": {}}
+        decision = Decision(create=[obj("ConfigMap", "spec"), obj("Job", "ok"), obj("Job", "refused")],
+                            status={"phase": "Running"})
+        asyncio.run(asyncio.wait_for(apply(op, body, decision, logging.getLogger("test")), 5))
+    finally:
+        kopf.event = kopf_event
+    assert calls[0] == "create ConfigMap spec" and set(calls[1:4]) == {"create Job ok", "create Job refused", "patch"}
+    assert patches == [{"phase": "Running"},
+                       {"phase": "Running", "message": "could not create Job refused: 403 Forbidden: exceeded quota: gpu"}]
+    assert op.patched[("ml", "r")][:2] == ("2", "3")  # the second patch was decided on the first's answer
+    assert decision.requeue_after <= 30.0 and [e["reason"] for e in events] == ["CreateFailed"]
