@@ -434,100 +434,63 @@ def _current_body(op: Operator, live: Mapping[str, Any] | None, namespace: str, 
 
 
 async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logger: logging.Logger) -> None:
-    """Carry out a decision in as few steps as its order allows, each step's calls all at once: under
-    load each step waits its turn behind every other run's calls (the API connections are shared)."""
     namespace = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
     errors: list[str] = []
     existed: set[str] = set()
     for obj in decision.update:
         await op.kube.replace_data(obj)
+    # All at once: a finished stage's server is four objects, and the next stage's child (created
+    # below, after them: a server may be deleted and made again under its name) waited for each.
     refs = list(dict.fromkeys(decision.delete))  # a stale server may be listed twice (stale, and stage over)
     for ref in refs:
         op.note(namespace, name, ref.kind, ref.name, None)
-    remade = {(obj["kind"], obj["metadata"]["name"]) for obj in decision.create}
+    deleted = await asyncio.gather(*(op.kube.delete(ref.api_version, ref.kind, namespace, ref.name) for ref in refs))
+    for ref, done in zip(refs, deleted, strict=True):
+        if done:
+            logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
+    # Concurrently, in two rounds: what the workloads refer to (the spec ConfigMap, a server's key
+    # Secret, NetworkPolicy and Service), then the workloads; one after the other, each create
+    # waited its turn among every other run's calls (the API connections are shared).
     supporting = [obj for obj in decision.create if obj["kind"] not in WORKLOAD_KINDS]
     workloads = [obj for obj in decision.create if obj["kind"] in WORKLOAD_KINDS]
-    # A child deleted to be made again under its name (a server started anew) goes before its create.
-    await _delete(op, namespace, name, [ref for ref in refs if (ref.kind, ref.name) in remade], logger)
-    # The other deletes (a finished stage's server), with what the workloads refer to: the spec
-    # ConfigMap, a server's key Secret, NetworkPolicy and Service.
-    await asyncio.gather(_delete(op, namespace, name, [ref for ref in refs if (ref.kind, ref.name) not in remade], logger),
-                         _create(op, body, supporting, errors, existed, logger))
-    # Then the workloads, with the status patch: the run's next child, when this one finishes at
-    # once, must not wait for it. A workload that could not be created is reported in a second patch.
-    old_status = body.get("status") or {}
-    status = _with_errors(decision, errors)
-    refused = len(errors)
-    _, patched = await asyncio.gather(
-        _create(op, body, workloads, errors, existed, logger),
-        _patch_status(op, namespace, name, old_status, body["metadata"].get("resourceVersion"), status))
-    if len(errors) > refused:
-        based_on = patched["metadata"].get("resourceVersion") if patched else body["metadata"].get("resourceVersion")
-        await _patch_status(op, namespace, name, status if patched else old_status, based_on,
-                            _with_errors(decision, errors))
+    for tier in (supporting, workloads):
+        # Noted first: the watch may show a child before its create returns (child_events).
+        before = [op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj) for obj in tier]
+        outcomes = await asyncio.gather(*(op.kube.create(with_generated_key(obj)) for obj in tier),
+                                        return_exceptions=True)
+        for obj, outcome, noted in zip(tier, outcomes, before, strict=True):
+            kind, child = obj["kind"], obj["metadata"]["name"]
+            if isinstance(outcome, BaseException):
+                op.unnote(namespace, name, kind, child, noted)
+                if not isinstance(outcome, ApiError):
+                    raise outcome
+                # Kept in status and as an Event; the next reconcile tries again.
+                message = f"could not create {kind} {child}: {outcome}"
+                errors.append(message)
+                kopf.event(body, type="Warning", reason="CreateFailed", message=message)
+                continue
+            if outcome:
+                metrics.CHILDREN_CREATED.labels(kind).inc()
+                logger.info("Created %s %s for run %s", kind, child, name)
+            else:
+                existed.add(child)
+    status = dict(decision.status)
+    if errors:
+        status["message"] = "; ".join(errors)
+        decision.requeue_after = min(decision.requeue_after, 30.0)
+    if _changed(body.get("status") or {}, status):
+        metrics.observe_stages((body.get("status") or {}).get("stages"), status.get("stages"))
+        patched = await op.kube.patch_run_status(namespace, name, status)
+        if patched:
+            op.remember_patch(namespace, name, body["metadata"].get("resourceVersion"), patched)
+        else:
+            op.own_versions[(namespace, name)] = None
     for event in decision.events:
         if event.child in existed:  # not ours to announce: it was there already
             continue
         metrics.EVENTS.labels(event.reason).inc()
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-
-
-async def _delete(op: Operator, namespace: str, name: str, refs: list[Any], logger: logging.Logger) -> None:
-    """All at once: a finished stage's server is four objects."""
-    deleted = await asyncio.gather(*(op.kube.delete(ref.api_version, ref.kind, namespace, ref.name) for ref in refs))
-    for ref, done in zip(refs, deleted, strict=True):
-        if done:
-            logger.info("Deleted %s %s of run %s", ref.kind, ref.name, name)
-
-
-async def _create(op: Operator, body: Mapping[str, Any], objs: list[dict], errors: list[str], existed: set[str],
-                  logger: logging.Logger) -> None:
-    """All at once; a refused create goes into `errors` (and an Event), one that existed as ours
-    into `existed`."""
-    namespace = body["metadata"]["namespace"]
-    name = body["metadata"]["name"]
-    # Noted first: the watch may show a child before its create returns (child_events).
-    before = [op.note(namespace, name, obj["kind"], obj["metadata"]["name"], obj) for obj in objs]
-    outcomes = await asyncio.gather(*(op.kube.create(with_generated_key(obj)) for obj in objs), return_exceptions=True)
-    for obj, outcome, noted in zip(objs, outcomes, before, strict=True):
-        kind, child = obj["kind"], obj["metadata"]["name"]
-        if isinstance(outcome, BaseException):
-            op.unnote(namespace, name, kind, child, noted)
-            if not isinstance(outcome, ApiError):
-                raise outcome
-            # Kept in status and as an Event; the next reconcile tries again.
-            message = f"could not create {kind} {child}: {outcome}"
-            errors.append(message)
-            kopf.event(body, type="Warning", reason="CreateFailed", message=message)
-            continue
-        if outcome:
-            metrics.CHILDREN_CREATED.labels(kind).inc()
-            logger.info("Created %s %s for run %s", kind, child, name)
-        else:
-            existed.add(child)
-
-
-def _with_errors(decision: Decision, errors: list[str]) -> dict[str, Any]:
-    status = dict(decision.status)
-    if errors:
-        status["message"] = "; ".join(errors)
-        decision.requeue_after = min(decision.requeue_after, 30.0)
-    return status
-
-
-async def _patch_status(op: Operator, namespace: str, name: str, old: Mapping[str, Any], based_on: str | None,
-                        status: dict[str, Any]) -> dict | None:
-    """Patch the run's status to `status` unless `old` (version `based_on`) has it already; the answer."""
-    if not _changed(old, status):
-        return None
-    metrics.observe_stages(old.get("stages"), status.get("stages"))
-    patched = await op.kube.patch_run_status(namespace, name, status)
-    if patched:
-        op.remember_patch(namespace, name, based_on, patched)
-    else:
-        op.own_versions[(namespace, name)] = None
-    return patched
 
 
 def with_generated_key(obj: Mapping[str, Any]) -> Mapping[str, Any]:
