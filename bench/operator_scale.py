@@ -116,15 +116,26 @@ class InstantControllers:
 
 
 
+# Creations of one run this close together come from one decision (the operator waits 0.1 s after
+# a wake-up before it decides): the evaluate stage's three servers, train-myx and train-m0.
+SAME_DECISION_SECONDS = 0.05
+
+
 def latencies(events_by_run: dict[str, list[tuple[float, str, str]]]) -> list[float]:
-    """Per run: each completion -> the next creation of that run (the operator's reaction)."""
+    """Per run: each completion -> the next creation of that run (the operator's reaction). A
+    creation right after another of the same run is part of the same reaction, never one of its
+    own (the controllers may record a completion between two creations of one decision)."""
     out = []
     for events in events_by_run.values():
         last_completion = None
+        last_creation = float("-inf")
         for t, what, _ in sorted(events):
             if what == "completed":
                 last_completion = t
-            elif last_completion is not None:
+                continue
+            same_decision = t - last_creation < SAME_DECISION_SECONDS
+            last_creation = t
+            if last_completion is not None and not same_decision:
                 out.append(t - last_completion)
                 last_completion = None  # one reaction per completion
     return out
