@@ -67,8 +67,8 @@ def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, 
 
 def _echo_of_own_create(op: Any, namespace: str, run: str, body: Mapping[str, Any]) -> bool:
     """The watch showing a workload the operator has just created, as it created it (no status
-    yet: its controller writes that, which is news): the decision that created it knew all of that, so it wakes nobody (under load, a
-    reconcile per create that changed nothing)."""
+    yet: its controller writes that, which is news): the decision that created it knew all of
+    that, so it wakes nobody (under load, a reconcile per create that changed nothing)."""
     meta = body.get("metadata") or {}
     if body.get("kind") not in WORKLOAD_KINDS or body.get("status") or meta.get("deletionTimestamp"):
         return False

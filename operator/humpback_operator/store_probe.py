@@ -74,9 +74,8 @@ class StoreProbe:
 
     def reads(self, body: Mapping[str, Any], logger: logging.Logger) -> bool:
         """Whether this run's store is one the probe may read (warns once per store when not)."""
-        storage = (body.get("spec") or {}).get("storage") or {}
-        uri = storage.get("uri", "./runs")
-        endpoint = (storage.get("s3") or {}).get("endpoint")
+        uri, s3 = _storage(body)
+        endpoint = s3.get("endpoint")
         if self.config.probe_allowed(uri, endpoint):
             return True
         self._warn_once(f"{uri} {endpoint}", logger, "Not reading the store %s%s with the operator's credentials: "
@@ -87,10 +86,7 @@ class StoreProbe:
     async def _each(self, body: Mapping[str, Any], stages: Iterable[str], logger: logging.Logger,
                     reader: Callable[[str, str | None, str | None, str], dict | None]) -> dict[str, dict | None]:
         meta = body["metadata"]
-        spec = body.get("spec") or {}
-        storage = spec.get("storage") or {}
-        uri = storage.get("uri", "./runs")
-        s3 = storage.get("s3") or {}
+        uri, s3 = _storage(body)
         endpoint = s3.get("endpoint")
         stages = list(stages)
         if not self.reads(body, logger):
@@ -115,6 +111,12 @@ class StoreProbe:
                                 uri, type(e).__name__ if isinstance(e, asyncio.TimeoutError) else e)
                 out[stage] = None
         return out
+
+
+def _storage(body: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The run's store URI (the spec's default when unset) and its `s3` settings."""
+    storage = (body.get("spec") or {}).get("storage") or {}
+    return storage.get("uri", "./runs"), storage.get("s3") or {}
 
 
 def _read(uri: str, endpoint: str | None, region: str | None, prefix: str) -> dict | None:
