@@ -89,6 +89,9 @@ class Operator:
         # resourceVersion of the run's last status patch by this operator: the watch event it
         # causes carries nothing new, so it need not wake the daemon again.
         self.own_versions: dict[tuple[str, str], str] = {}
+        # The status patch on its way (the generation it was decided on, the status sent): under
+        # load its watch event often comes before its answer, when own_versions does not know it yet.
+        self.patching: dict[tuple[str, str], tuple[Any, dict]] = {}
         # What that patch made of the run (its resourceVersion and status), and the resourceVersion
         # of the body it was decided on: while Kopf still shows that older body, the next reconcile
         # uses it with the patched status instead of asking the API (one GET fewer in the path from
@@ -117,7 +120,7 @@ class Operator:
     def forget(self, namespace: str, run: str) -> None:
         """Drop all that is remembered of a deleted run."""
         self.set_phase(namespace, run, None)
-        for per_run in (self.recent, self.own_versions, self.patched, self.wakeups, self.listed,
+        for per_run in (self.recent, self.own_versions, self.patching, self.patched, self.wakeups, self.listed,
                         self.ghosts, self.progress):
             per_run.pop((namespace, run), None)
 
@@ -153,6 +156,19 @@ class Operator:
             per_run.pop((kind, name), None)
         else:
             per_run[(kind, name)] = before
+
+    def own_echo(self, namespace: str, run: str, body: Mapping[str, Any]) -> bool:
+        """Whether `body` is what our last status patch made of the run (nothing new to decide on):
+        its resourceVersion, or, while the patch's answer is still on its way, the status sent on
+        the generation it was decided on (a spec edit in between is a new generation)."""
+        meta = body.get("metadata") or {}
+        if meta.get("resourceVersion") == self.own_versions.get((namespace, run)):
+            return True
+        generation, status = self.patching.get((namespace, run), (None, None))
+        if status is None or meta.get("generation") != generation:
+            return False
+        current = body.get("status") or {}
+        return all(current.get(key) == value for key, value in status.items())
 
     def remember_patch(self, namespace: str, run: str, based_on: str | None, patched: Mapping[str, Any]) -> None:
         """Our status patch of the run, decided on version `based_on`, made `patched` (the answer)."""
@@ -303,7 +319,7 @@ async def close_connections(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def run_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     op: Operator = memo.operator
-    if body.get("metadata", {}).get("resourceVersion") == op.own_versions.get((namespace, name)):
+    if op.own_echo(namespace, name, body):
         return
     op.wakeup(namespace, name).set()
 
@@ -481,7 +497,11 @@ async def apply(op: Operator, body: Mapping[str, Any], decision: Decision, logge
         decision.requeue_after = min(decision.requeue_after, 30.0)
     if _changed(body.get("status") or {}, status):
         metrics.observe_stages((body.get("status") or {}).get("stages"), status.get("stages"))
-        patched = await op.kube.patch_run_status(namespace, name, status)
+        op.patching[(namespace, name)] = (body["metadata"].get("generation"), status)
+        try:
+            patched = await op.kube.patch_run_status(namespace, name, status)
+        finally:
+            op.patching.pop((namespace, name), None)
         if patched:
             op.remember_patch(namespace, name, body["metadata"].get("resourceVersion"), patched)
         else:

@@ -66,11 +66,12 @@ def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, 
 
 
 def _echo_of_own_create(op: Any, namespace: str, run: str, body: Mapping[str, Any]) -> bool:
-    """The watch showing a workload the operator has just created, as it created it (no status
-    yet: its controller writes that, which is news): the decision that created it knew all of
-    that, so it wakes nobody (under load, a reconcile per create that changed nothing)."""
+    """The watch showing a child the operator has just created, as it created it: the decision
+    that created it knew all of that, so it wakes nobody (under load, a reconcile per create that
+    changed nothing). A workload's status is news (its controller writes it); a Service's or a
+    ConfigMap's is not (the API server's defaults, the load balancer's address)."""
     meta = body.get("metadata") or {}
-    if body.get("kind") not in WORKLOAD_KINDS or body.get("status") or meta.get("deletionTimestamp"):
+    if meta.get("deletionTimestamp") or (body.get("kind") in WORKLOAD_KINDS and body.get("status")):
         return False
     ours = op.recent.get((namespace, run), {}).get((body.get("kind"), meta.get("name")))
     return ours is not None and ours[1] is not None
