@@ -87,10 +87,11 @@ def resource_path(api_version: str, kind: str, namespace: str, name: str | None 
 # At most this many API requests at once, on connections of their own: store reads
 # (store_probe.py, threads) can never hold up creates, deletes and status patches, nor these them.
 # When many runs move at once, a call's round trip is mostly the time the busy event loop takes to
-# get back to its answer: 8 at once left calls queued for their turn (p50 child done -> next child
-# 1.06 s against 0.85 s with 32 in bench/operator_scale.py at 100 runs). Kopf's own client has no
-# limit; an API server takes hundreds of requests at once (--max-requests-inflight).
-API_CONNECTIONS = 32
+# get back to its answer: with 8 at once, calls waited for their turn (bench/operator_scale.py at
+# 100 runs: p50 child done -> next child 1.06 s, 0.85 s with 32). More is not better: the watch
+# streams share the loop, and at 1,000 runs 32 left Kopf's view of the runs so far behind our own
+# writes that reconciles went from 10 to 19 per run; 16 keeps 11.5. (Kopf's own client has no limit.)
+API_CONNECTIONS = 16
 # (connect, read) seconds of one API call: a request the server never answers must not hold a
 # connection for good (with all of them stuck, no run would be reconciled again).
 API_TIMEOUT = (5.0, 60.0)
