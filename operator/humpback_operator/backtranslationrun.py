@@ -120,8 +120,8 @@ class Operator:
     def forget(self, namespace: str, run: str) -> None:
         """Drop all that is remembered of a deleted run."""
         self.set_phase(namespace, run, None)
-        for per_run in (self.recent, self.own_versions, self.patching, self.patched, self.wakeups, self.listed,
-                        self.ghosts, self.progress):
+        for per_run in (self.recent, self.own_versions, self.patching, self.patched, self.wakeups,
+                        self.listed, self.ghosts, self.progress):
             per_run.pop((namespace, run), None)
 
     def set_phase(self, namespace: str, run: str, phase: str | None) -> None:
