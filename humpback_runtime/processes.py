@@ -43,9 +43,13 @@ def _stop(signum: int, frame) -> None:
 
 
 def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP stop this process like Ctrl-C (KeyboardInterrupt), once."""
+    """SIGTERM and SIGHUP stop this process like Ctrl-C (KeyboardInterrupt), once; and so does
+    SIGINT even where it was ignored when the process started (a background job of a script, under
+    nohup or make), in which case Python leaves it ignored: `humpback run` forwards a Ctrl-C to its
+    stage as SIGINT, and an ignored one let the stage run on to its end."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def exit_code(default: int = 130) -> int:
