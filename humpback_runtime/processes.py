@@ -5,6 +5,7 @@ dies), and whether another process of this host is still alive.
 cancellation and a closed terminal send) then stop the stage the way Ctrl-C does, by raising
 KeyboardInterrupt in the main thread, so finished work is flushed, the lease released and
 temporary files removed. Python's default for SIGTERM would end the process without any of that.
+SIGINT gets Ctrl-C's handler back where the process started with it ignored.
 
 `die_with_parent(pid)`: a stage started by `humpback run` gets SIGTERM when the runner dies, even by
 SIGKILL (Linux `prctl(PR_SET_PDEATHSIG)`; elsewhere a thread that watches the parent PID). A stage
