@@ -2,9 +2,10 @@
 
     kopf run -m humpback_operator.backtranslationrun --standalone --all-namespaces
 
-Importing this module registers the operator's handlers: these, and the children's indexes of
-`child_events` (imported below). What the handlers share lives on one `Operator` object, made at
-startup and kept in Kopf's operator-wide memo (each resource's memo is a shallow copy of it).
+Importing this module registers the operator's handlers. Kopf watches the runs; the operator's own
+watches (`child_events.ChildWatches`) keep the children in memory. What the handlers share lives on
+one `Operator` object, made at startup and kept in Kopf's operator-wide memo (each resource's memo
+is a shallow copy of it).
 
 The daemon loops: read the run, decide (`reconcile.decide`), apply, then sleep until a child or
 the run changes, a retry is due, or a minute has passed. All state is in the run's status and in
@@ -47,7 +48,7 @@ from humpback_operator.store_probe import StoreProbe
 log = logging.getLogger(__name__)
 
 # Children change in bursts (a Job's pods, conditions); wait this long after a wake-up so one
-# reconcile sees them all, and so Kopf's index has stored the change that woke us.
+# reconcile sees them all.
 DEBOUNCE_SECONDS = 0.1
 
 
@@ -62,12 +63,13 @@ ENV_PEERING_PRIORITY = "HUMPBACK_PEERING_PRIORITY"
 ENV_PEERING_LIFETIME = "HUMPBACK_PEERING_LIFETIME"
 ENV_PEERING_NAMESPACES = "HUMPBACK_PEERING_NAMESPACES"  # watching some namespaces: where the KopfPeerings go
 
-# How long our own creates and deletes stand in for what Kopf's indexes have not seen yet.
+# How long our own creates and deletes stand in for what the watches have not shown yet.
 RECENT_SECONDS = 30.0
 
-# Every so often a run's reconcile lists its children from the API instead of trusting Kopf's
-# indexes: a child deleted while a watch was down never leaves an index (no DELETED event).
-# Only runs that are not finished have a daemon, so this costs a few lists per active run.
+# Every so often a run's reconcile lists its children from the API instead of trusting the
+# indexes: the watches list again after a gap, but an index that missed a change some other way
+# (a watch stuck without an error) heals too. Only runs that are not finished have a daemon, so
+# this costs a few lists per active run.
 SAFETY_NET_SECONDS = float(os.environ.get("HUMPBACK_SAFETY_NET_SECONDS", "300"))
 
 
@@ -82,6 +84,7 @@ class Operator:
         self.kube = kube or Kube()
         self.config = config or OperatorConfig.from_env()
         self.probe = StoreProbe(self.config)
+        self.watches = child_events.ChildWatches(self, self.kube)
         # Our recent writes: (kind, name) -> (time, what the index will hold of the object created
         # (child_events.snapshot) | None when deleted). Under load the indexes lag by many
         # seconds: whole objects (a Job's pod template) kept meanwhile were ~12 MB at 1,000 runs.
@@ -176,11 +179,11 @@ class Operator:
         self.own_versions[(namespace, run)] = version
         self.patched[(namespace, run)] = (based_on, version, json.dumps(patched.get("status") or {}))
 
-    def children(self, indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict]:
+    def children(self, namespace: str, run: str) -> list[dict]:
         """The indexes' view, corrected by our own writes they have not caught up with: a reconcile
         right after a create must not create again (a 409 and a duplicate Event), nor act on a
         child it has just deleted."""
-        seen = child_events.children_of(indexes, namespace, run)
+        seen = child_events.children_of(self.watches.indexes, namespace, run)
         ghosts = self.ghosts.get((namespace, run))
         if ghosts:
             ghosts &= {_identity(o) for o in seen}  # those gone from the index need no filter
@@ -204,7 +207,7 @@ class Operator:
         return list(by_key.values())
 
 
-    async def safety_net(self, indexes: Mapping[str, Any], namespace: str, run: str) -> None:
+    async def safety_net(self, namespace: str, run: str) -> None:
         """Every SAFETY_NET_SECONDS: list the run's children from the API; what the indexes hold
         and the API does not is a ghost from then on, what the API has and the indexes miss
         stands in as a recent create."""
@@ -214,7 +217,7 @@ class Operator:
             return
         self.listed[key] = now
         listed = await self.kube.list_children(namespace, run)
-        indexed = child_events.children_of(indexes, namespace, run)
+        indexed = child_events.children_of(self.watches.indexes, namespace, run)
         self.ghosts[key] = {_identity(o) for o in indexed} - {_identity(o) for o in listed}
         known = {(o["kind"], o["metadata"]["name"]) for o in indexed}
         for obj in listed:
@@ -234,17 +237,13 @@ def _active(body: kopf.Body, **_: Any) -> bool:
 
 
 class RunEssenceStorage(kopf.AnnotationsDiffBaseStorage):
-    """Kopf's diff base in annotations, built for less. Kopf builds the "essence" of every object
-    it watches by deep-copying the whole body and then dropping the status; only a run's essence is
-    ever compared (the children have index handlers only), and a run's status is most of its body.
-    So: children get an empty essence, a run's is built without its status and shares the body's
-    spec (Kopf replaces a body whole on each event, never in place; the essence is only read, and
+    """Kopf's diff base in annotations, built for less. Kopf builds the "essence" of every run by
+    deep-copying the whole body and then dropping the status, most of a run's body. So a run's is
+    built without its status and shares the body's spec (Kopf replaces a body whole on each event, never in place; the essence is only read, and
     `RunProgressStorage.clear` changes its metadata alone). Under load (100 runs) that copying was
     about a quarter of the operator's CPU."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
-        if body.get("apiVersion") != f"{GROUP}/{VERSION}":
-            return kopf.BodyEssence()  # a child: no handler of ours compares its essence
         if extra_fields:  # a handler that follows status fields (none of ours does): kopf's own way
             return super().build(body=body, extra_fields=extra_fields)
         essence = super().build(body=kopf.Body({k: v for k, v in body.items() if k not in ("status", "spec")}))
@@ -291,7 +290,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Kopf keeps a worker per object for this long after its last event (default 5 s), holding
     # that event's whole body: at 1,000 runs the operator's peak RSS was ~20 MB higher with 5 s.
     settings.batching.idle_timeout = WORKER_IDLE_SECONDS
-    child_events.filter_on_the_server(settings)
     # API calls go out on Kube's own connections; store reads (and anything else in threads) run in
     # the default thread pool, made larger: the default (cores + 4) would queue the reads of many runs.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
@@ -313,6 +311,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 async def close_connections(memo: kopf.Memo, **_: Any) -> None:
     op: Operator | None = getattr(memo, "operator", None)
     if op is not None:
+        await op.watches.stop()
         await op.kube.close()
 
 
@@ -327,16 +326,17 @@ async def run_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Mem
 # Stopped (a finished run), the daemon is told first and leaves on its own within the backoff;
 # only one stuck in an API call is cancelled.
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=2.0, cancellation_timeout=5.0, when=_active)
-async def run_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
-                     memo: kopf.Memo, **kwargs: Any) -> None:
+async def run_daemon(namespace: str, name: str, body: kopf.Body, stopped: kopf.DaemonStopped,
+                     logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
     op: Operator = memo.operator
     wake = op.wakeup(namespace, name)
     metrics.DAEMONS.inc()
     try:
+        await op.watches.ready(namespace)
         while not stopped:
             wake.clear()
             try:
-                delay = await reconcile_once(op, namespace, name, kwargs, logger)
+                delay = await reconcile_once(op, namespace, name, body, logger)
             except ApiError as e:
                 logger.warning("Reconciling run %s/%s failed: %s; trying again in 10s", namespace, name, e)
                 delay = 10.0
@@ -362,19 +362,20 @@ async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: floa
             waiting.cancel()
 
 
-async def reconcile_once(op: Operator, namespace: str, name: str, indexes: Mapping[str, Any],
+async def reconcile_once(op: Operator, namespace: str, name: str, live: Mapping[str, Any] | None,
                          logger: logging.Logger) -> float | None:
-    body = _current_body(op, indexes.get("body"), namespace, name)
+    """One round for the run (`live`: Kopf's view of it); returns when to look again (None: it is gone)."""
+    body = _current_body(op, live, namespace, name)
     if body is None:  # the watch has not shown us our own last status patch yet: ask the API
         body = await op.kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     metrics.RECONCILES.inc()
     started = time.monotonic()
-    await op.safety_net(indexes, namespace, name)
-    children = op.children(indexes, namespace, name)
-    pods = child_events.pods_of(indexes, namespace, name)
-    events = child_events.events_of(indexes, namespace, [c["metadata"]["name"] for c in children])
+    await op.safety_net(namespace, name)
+    children = op.children(namespace, name)
+    pods = child_events.pods_of(op.watches.indexes, namespace, name)
+    events = child_events.events_of(op.watches.indexes, namespace, [c["metadata"]["name"] for c in children])
     now = datetime.now(timezone.utc)
     spec_text = spec_json(body)  # once: the caches of run_and_plan and the spec ConfigMap key on it
     store = _store_unread(op, body, spec_text, logger)
@@ -527,11 +528,12 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def run_deleted(namespace: str, name: str, logger: logging.Logger, memo: kopf.Memo, **kwargs: Any) -> None:
+async def run_deleted(namespace: str, name: str, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
     """Delete the children now (GPUs free at once; ownerReferences are the backstop), then let go."""
     op: Operator = memo.operator
     started = time.monotonic()
-    for obj in child_events.children_of(kwargs, namespace, name):
+    await op.watches.ready(namespace)
+    for obj in child_events.children_of(op.watches.indexes, namespace, name):
         meta = obj["metadata"]
         if meta.get("deletionTimestamp"):
             continue

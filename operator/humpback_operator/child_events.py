@@ -1,24 +1,37 @@
-"""Kopf indexes of every run's children, and wake-ups for the run daemons.
+"""Watches of every run's children, kept in memory, and wake-ups for the run daemons.
 
-Each kind of child the operator creates is watched (only objects labelled `humpback.dev/run`) and
-kept in an in-memory index keyed by (namespace, run), so a daemon reads its run's children without
-an API call. Any change of a child wakes its run's daemon (through the `Operator` object in
-Kopf's memo, `backtranslationrun.py`).
+Each kind of child the operator creates is watched (only objects labelled `humpback.dev/run`, the
+API server filters), as are the children's Pods and the Warning Events of refused pod creates; what
+the reconciler reads of each is kept in an index keyed by (namespace, run), so a daemon reads its
+run's children without an API call. A change of a child wakes its run's daemon (through the
+`Operator` object, `backtranslationrun.py`), except the watch's echo of the operator's own create.
+
+These are the operator's own watches, not Kopf's (Kopf watches the runs): Kopf's machinery per
+event (a worker per object, its batch window, the handler invocation) was a quarter of the
+operator's CPU under load, and it added 0.1 s to every reaction (bench/operator_scale.py). A
+namespace's children are watched from the moment its first run is reconciled (`ChildWatches.ready`),
+one list and watch per kind, resumed from the last resourceVersion and listed anew after a 410
+Gone or a broken stream: a child deleted meanwhile leaves the index then.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
-
-import kopf
 
 from humpback_operator.diagnosis import FAILED_CREATE_EVENTS
 from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
 from humpback_operator.children import WORKLOAD_KINDS, data_digests
 from humpback_operator.config import trainjobs_enabled
+from humpback_operator.kube import ApiError, Kube
+
+log = logging.getLogger(__name__)
+
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the reconciler reads of a child (not the whole object: less memory per child), its
@@ -58,13 +71,6 @@ def _compact(value: Any) -> Any:
     return value
 
 
-def _index(body: Mapping[str, Any], namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo) -> dict:
-    run = labels[LABEL_RUN]
-    if not _echo_of_own_create(memo.operator, namespace or "", run, body):
-        memo.operator.wakeup(namespace or "", run).set()
-    return {(namespace, run): snapshot(body)}
-
-
 def _echo_of_own_create(op: Any, namespace: str, run: str, body: Mapping[str, Any]) -> bool:
     """The watch showing a child the operator has just created, as it created it: the decision
     that created it knew all of that, so it wakes nobody (under load, a reconcile per create that
@@ -77,92 +83,192 @@ def _echo_of_own_create(op: Any, namespace: str, run: str, body: Mapping[str, An
     return ours is not None and ours[1] is not None
 
 
-_RUN_LABEL = {LABEL_RUN: kopf.PRESENT}
-
-# One index per kind: Kopf passes each to handlers as a keyword argument of the same name.
-
-
-@kopf.index("batch", "v1", "jobs", labels=_RUN_LABEL)
-async def humpback_jobs(body, namespace, labels, memo, **_):
-    return _index(body, namespace, labels, memo)
+# After a watch fails (the API unreachable, the kind not served, no RBAC for it): wait this long,
+# doubled each time up to the cap, then list again.
+RETRY_SECONDS = (1.0, 60.0)
 
 
-@kopf.index("apps", "v1", "deployments", labels=_RUN_LABEL)
-async def humpback_deployments(body, namespace, labels, memo, **_):
-    return _index(body, namespace, labels, memo)
+@dataclass(frozen=True)
+class Watched:
+    """One kind the operator watches in each namespace that has runs, and the index it fills."""
+    index: str
+    api_version: str
+    kind: str
+    plural: str
+    label_selector: str | None = LABEL_RUN
+    field_selector: str | None = None
+
+    def path(self, namespace: str) -> str:
+        root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        return f"{root}/namespaces/{namespace}/{self.plural}"
+
+    def query(self) -> list[tuple[str, str]]:
+        return [(key, value) for key, value in (("labelSelector", self.label_selector),
+                                                 ("fieldSelector", self.field_selector)) if value]
+
+    def key(self, body: Mapping[str, Any]) -> str | None:
+        """Which run's entry this object is in (None: kept nowhere)."""
+        return ((body.get("metadata") or {}).get("labels") or {}).get(LABEL_RUN)
+
+    def entry(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return snapshot(body)
 
 
-@kopf.index("", "v1", "services", labels=_RUN_LABEL)
-async def humpback_services(body, namespace, labels, memo, **_):
-    return _index(body, namespace, labels, memo)
+class WatchedEvents(Watched):
+    """Warning Events of refused pod creates (quota, PodSecurity) on a Job or PyTorchJob, which no
+    pod shows. Events carry no labels of ours: they are kept by the name of the object they are
+    about, and a run's are found by its children's names (`events_of`)."""
+
+    def key(self, body: Mapping[str, Any]) -> str | None:
+        if body.get("type") != "Warning" or body.get("reason") not in FAILED_CREATE_EVENTS:
+            return None
+        return (body.get("involvedObject") or {}).get("name") or None
+
+    def entry(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        involved = body.get("involvedObject") or {}
+        return {"involvedObject": {"kind": involved.get("kind"), "name": involved.get("name")},
+                "type": body.get("type"), "reason": body.get("reason"), "message": body.get("message"),
+                "lastTimestamp": body.get("lastTimestamp") or body.get("eventTime")}
 
 
-@kopf.index("", "v1", "configmaps", labels=_RUN_LABEL)
-async def humpback_configmaps(body, namespace, labels, memo, **_):
-    return _index(body, namespace, labels, memo)
+def _watched() -> tuple[Watched, ...]:
+    """What is watched: the kinds of children (TrainJobs only where Kubeflow Trainer v2 is enabled,
+    `config.trainjobs_enabled`, so that an operator without RBAC for them never watches them), the
+    children's Pods (their templates carry the run label: why a stage is not moving), and Warning
+    Events (`fieldSelector=type=Warning`: the operator never receives its own Normal Events)."""
+    training = [get_backend("pytorchjob")] + ([get_backend("trainjob")] if trainjobs_enabled() else [])
+    return (
+        Watched("humpback_jobs", "batch/v1", "Job", "jobs"),
+        Watched("humpback_deployments", "apps/v1", "Deployment", "deployments"),
+        Watched("humpback_services", "v1", "Service", "services"),
+        Watched("humpback_configmaps", "v1", "ConfigMap", "configmaps"),
+        *(Watched(f"humpback_{b.plural}", b.api_version, b.kind, b.plural) for b in training),
+        Watched("humpback_pods", "v1", "Pod", "pods"),
+        WatchedEvents("humpback_child_events", "v1", "Event", "events", label_selector=None, field_selector="type=Warning"),
+    )
 
 
-# The training kinds: PyTorchJobs always; TrainJobs only where Kubeflow Trainer v2 is enabled
-# (config.trainjobs_enabled: HUMPBACK_TRAINJOBS or HUMPBACK_TRAINING_BACKEND=trainjob), so that
-# an operator without RBAC for them never watches them.
-_pytorchjob = get_backend("pytorchjob")
+class ChildWatches:
+    """The indexes, `{index: {(namespace, key): {object name: entry}}}`, and the watches that fill
+    them, per namespace. `op` is the `Operator`: its notes of recent creates and its wake-ups."""
+
+    def __init__(self, op: Any, kube: Kube, watched: tuple[Watched, ...] | None = None):
+        self.op = op
+        self.kube = kube
+        self.watched = watched if watched is not None else _watched()
+        self.indexes: dict[str, dict[tuple[str, str], dict[str, dict]]] = {w.index: {} for w in self.watched}
+        self.tasks: dict[str, list[asyncio.Task]] = {}
+        self.listed: dict[str, asyncio.Event] = {}  # per namespace: set once every kind was listed
+
+    async def ready(self, namespace: str) -> None:
+        """Watch `namespace` (from now on), and wait until every kind in it has been listed: a
+        reconcile must never take a child not seen yet for a child not made yet."""
+        if namespace not in self.tasks:
+            first_lists = [asyncio.Event() for _ in self.watched]
+            self.tasks[namespace] = [asyncio.create_task(self._watch(w, namespace, listed), name=f"watch {w.plural} in {namespace}")
+                                     for w, listed in zip(self.watched, first_lists, strict=True)]
+            done = self.listed[namespace] = asyncio.Event()
+            self.tasks[namespace].append(asyncio.create_task(_all_set(first_lists, done)))
+        await self.listed[namespace].wait()
+
+    async def stop(self) -> None:
+        tasks = [task for per_namespace in self.tasks.values() for task in per_namespace]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    async def _watch(self, watched: Watched, namespace: str, listed: asyncio.Event) -> None:
+        """List, then watch from the list's resourceVersion for as long as the server keeps the
+        stream, then again from the last one; list anew after a 410 Gone or a failure."""
+        retry = RETRY_SECONDS[0]
+        while True:
+            try:
+                version = await self._list(watched, namespace)
+                listed.set()
+                retry = RETRY_SECONDS[0]
+                while version is not None:
+                    version = await self._follow(watched, namespace, version)
+            except Exception as e:  # noqa: BLE001 (a watch that ended would leave its index frozen)
+                # Not served (no such CRD) or not allowed: nothing of that kind can be ours, so the
+                # namespace is ready without it. Anything else (unreachable): the runs wait.
+                if isinstance(e, ApiError) and e.status in (403, 404):
+                    listed.set()
+                # Said once per streak of failures (a kind never served would say it every minute).
+                (log.warning if retry == RETRY_SECONDS[0] else log.debug)(
+                    "Watching %s in %s failed: %s; listing again in %.0fs", watched.plural, namespace,
+                    e if isinstance(e, ApiError) else repr(e), retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_SECONDS[1])
+
+    async def _list(self, watched: Watched, namespace: str) -> str:
+        """List the kind; the namespace's entries become what the list says. Returns its resourceVersion."""
+        listed = await self.kube.call("GET", watched.path(namespace), query=watched.query()) or {}
+        now: dict[tuple[str, str], dict[str, dict]] = {}
+        for item in listed.get("items") or []:
+            item.update(apiVersion=watched.api_version, kind=watched.kind)  # a list's items come without them
+            key = watched.key(item)
+            if key is not None:
+                now.setdefault((namespace, key), {})[item["metadata"]["name"]] = watched.entry(item)
+        index = self.indexes[watched.index]
+        for where in [where for where in index if where[0] == namespace and where not in now]:
+            del index[where]  # deleted while no watch was open (no DELETED event came)
+            self._changed(watched, where, None)
+        for where, entries in now.items():
+            if index.get(where) != entries:
+                index[where] = entries
+                self._changed(watched, where, None)
+        return (listed.get("metadata") or {}).get("resourceVersion") or ""
+
+    async def _follow(self, watched: Watched, namespace: str, version: str) -> str | None:
+        """One watch request from `version`: the resourceVersion to go on from when the server ended
+        it, None when it must be listed again (410 Gone)."""
+        async for event in self.kube.watch(watched.path(namespace), [*watched.query(), ("resourceVersion", version)]):
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                if obj.get("code") == 410:
+                    return None
+                raise ApiError(obj.get("code") or 0, obj.get("reason") or "", obj.get("message") or "")
+            version = (obj.get("metadata") or {}).get("resourceVersion") or version
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                self.apply(watched, namespace, kind, obj)
+        return version
+
+    def apply(self, watched: Watched, namespace: str, kind: str, body: Mapping[str, Any]) -> None:
+        """One watch event: the index takes it, and the run it is about wakes up unless it is the
+        echo of the operator's own create."""
+        key = watched.key(body)
+        if key is None:
+            return
+        where, name = (namespace, key), body["metadata"]["name"]
+        index = self.indexes[watched.index]
+        if kind == "DELETED":
+            entries = index.get(where) or {}
+            if entries.pop(name, None) is None:
+                return
+            if not entries:
+                del index[where]
+        else:
+            index.setdefault(where, {})[name] = watched.entry(body)
+        self._changed(watched, where, None if kind == "DELETED" else body)
+
+    def _changed(self, watched: Watched, where: tuple[str, str], body: Mapping[str, Any] | None) -> None:
+        namespace, key = where
+        if isinstance(watched, WatchedEvents):
+            for (ns, run), wake in list(self.op.wakeups.items()):
+                if ns == namespace and key.startswith(run + "-"):
+                    wake.set()
+        elif body is None or not _echo_of_own_create(self.op, namespace, key, body):
+            self.op.wakeup(namespace, key).set()
 
 
-@kopf.index(_pytorchjob.group, _pytorchjob.version, _pytorchjob.plural, labels=_RUN_LABEL)
-async def humpback_pytorchjobs(body, namespace, labels, memo, **_):
-    return _index(body, namespace, labels, memo)
+async def _all_set(events: list[asyncio.Event], done: asyncio.Event) -> None:
+    for event in events:
+        await event.wait()
+    done.set()
 
 
-async def humpback_trainjobs(body, namespace, labels, memo, **_):
-    return _index(body, namespace, labels, memo)
-
-
-if trainjobs_enabled():
-    _trainjob = get_backend("trainjob")
-    kopf.index(_trainjob.group, _trainjob.version, _trainjob.plural, labels=_RUN_LABEL)(humpback_trainjobs)
-# The pods of the children (their templates carry the run label): why a stage is not moving.
-@kopf.index("", "v1", "pods", labels=_RUN_LABEL)
-async def humpback_pods(body, namespace, labels, memo, **_):
-    return _index(body, namespace, labels, memo)
-
-
-def _refused_create(body: Mapping[str, Any], **_: Any) -> bool:
-    return body.get("type") == "Warning" and body.get("reason") in FAILED_CREATE_EVENTS
-
-
-# Warning Events of refused pod creates (quota, PodSecurity) on a Job or PyTorchJob, which no pod
-# shows: keyed by (namespace, name of the object they are about). Events carry no labels of ours,
-# so the run whose child it is is found by name (child names start with the run's name).
-@kopf.index("", "v1", "events", when=_refused_create)
-async def humpback_child_events(body, namespace, memo, **_):
-    involved = body.get("involvedObject") or {}
-    name = involved.get("name", "")
-    for (ns, run), wake in list(memo.operator.wakeups.items()):
-        if ns == namespace and name.startswith(run + "-"):
-            wake.set()
-    return {(namespace, name): {"involvedObject": {"kind": involved.get("kind"), "name": name},
-                                "type": body.get("type"), "reason": body.get("reason"), "message": body.get("message"),
-                                "lastTimestamp": body.get("lastTimestamp") or body.get("eventTime")}}
-
-
-def filter_on_the_server(settings: kopf.OperatorSettings) -> None:
-    """The API server sends only what the indexes keep: children (labelled with their run) and
-    Warning Events. Kopf filters `labels=` and `when=` itself, after it has received, parsed and
-    remembered each object; on a shared cluster that is every Pod and Event of every namespace
-    watched (and an operator's own Normal Events, most Events under load, came back to it)."""
-    kinds = [("batch", "v1", "jobs"), ("apps", "v1", "deployments"), ("v1", "services"), ("v1", "configmaps"),
-             ("v1", "pods"), (_pytorchjob.group, _pytorchjob.version, _pytorchjob.plural)]
-    if trainjobs_enabled():
-        kinds.append((_trainjob.group, _trainjob.version, _trainjob.plural))
-    for kind in kinds:
-        settings.watching.label_selectors[kind] = LABEL_RUN
-    settings.watching.field_selectors["v1", "events"] = "type=Warning"
-
-
-# A deleted child leaves its index without a call to the index function, so without a wake-up:
-# the reconciler looks again within seconds whenever it waits for a deletion (reconcile.py).
-
-
+# The indexes of children (not of their Pods and Events).
 INDEX_NAMES = ("humpback_jobs", "humpback_deployments", "humpback_services", "humpback_configmaps",
                "humpback_pytorchjobs", "humpback_trainjobs")
 
@@ -172,13 +278,13 @@ def children_of(indexes: Mapping[str, Any], namespace: str, run: str) -> list[di
     for index_name in INDEX_NAMES:
         index = indexes.get(index_name)
         if index is not None and (namespace, run) in index:
-            out.extend(index[(namespace, run)])
+            out.extend(index[(namespace, run)].values())
     return out
 
 
 def pods_of(indexes: Mapping[str, Any], namespace: str, run: str) -> list[dict[str, Any]]:
     index = indexes.get("humpback_pods")
-    return list(index[(namespace, run)]) if index is not None and (namespace, run) in index else []
+    return list(index[(namespace, run)].values()) if index is not None and (namespace, run) in index else []
 
 
 def events_of(indexes: Mapping[str, Any], namespace: str, names: list[str]) -> list[dict[str, Any]]:
@@ -186,4 +292,4 @@ def events_of(indexes: Mapping[str, Any], namespace: str, names: list[str]) -> l
     index = indexes.get("humpback_child_events")
     if index is None:
         return []
-    return [event for name in names if (namespace, name) in index for event in index[(namespace, name)]]
+    return [event for name in names if (namespace, name) in index for event in index[(namespace, name)].values()]

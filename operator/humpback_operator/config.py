@@ -151,7 +151,7 @@ class OperatorConfig:
 
 
 def trainjobs_enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether the operator may create and watch TrainJobs (read at import by the Kopf indexes too)."""
+    """Whether the operator may create and watch TrainJobs (read at import by child_events too: what it watches)."""
     return (environ.get(ENV_TRAINJOBS, "").strip().lower() == "true"
             or environ.get(ENV_TRAINING_BACKEND, "").strip() == "trainjob")
 

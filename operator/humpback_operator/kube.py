@@ -1,5 +1,5 @@
 """The few Kubernetes API calls the operator makes: get a run, patch its status, create and delete
-children. Kopf does the watching; these are the writes.
+children, and watch them (Kopf watches the runs).
 
 The official `kubernetes` client reads the configuration (kubeconfig or the in-cluster service
 account, TLS, client certificates, a proxy) and keeps the bearer token fresh (rotated service
@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -40,6 +40,10 @@ PLURALS: dict[tuple[str, str], str] = {
     **{(f"{b.group}/{b.version}", b.kind): b.plural for b in (cls() for cls in BACKENDS.values())},
 }
 
+
+# How the operator's own requests introduce themselves (Kopf's say "kopf/…"): in the API server's
+# audit log and in its request metrics.
+USER_AGENT = "humpback-operator"
 
 # Asks the API server for an object's metadata only (never a Secret's data).
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
@@ -95,6 +99,9 @@ API_CONNECTIONS = 16
 # (connect, read) seconds of one API call: a request the server never answers must not hold a
 # connection for good (with all of them stuck, no run would be reconciled again).
 API_TIMEOUT = (5.0, 60.0)
+# How long the API server keeps one watch request open (`timeoutSeconds`); the client then asks
+# again from where it was. Below the 5 minutes after which load balancers often cut idle streams.
+WATCH_SECONDS = 270
 
 
 class Kube:
@@ -109,6 +116,8 @@ class Kube:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._turns: asyncio.Semaphore | None = None
         self._options: dict[str, Any] = {}  # what every request of the session adds: proxy, TLS server name
+        self._watch_session: aiohttp.ClientSession | None = None
+        self._watch_session_loop: asyncio.AbstractEventLoop | None = None
 
     def _session_here(self) -> aiohttp.ClientSession:
         """The session of the running event loop (made on first use: a session belongs to a loop)."""
@@ -126,9 +135,41 @@ class Kube:
                 self._options["server_hostname"] = cfg.tls_server_name
         return self._session
 
+    def _watch_session_here(self) -> aiohttp.ClientSession:
+        """Watch streams' own session: a stream holds its connection for minutes, so it never takes
+        one of the API calls' connections (nor waits for one)."""
+        self._session_here()  # the options, and the loop check
+        if self._watch_session is None or self._watch_session.closed or self._watch_session_loop is not self._session_loop:
+            connector = aiohttp.TCPConnector(limit=0, ssl=_ssl_context(self.api.configuration))
+            self._watch_session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
+                sock_connect=self.timeout.sock_connect, sock_read=WATCH_SECONDS + self.timeout.sock_read))
+            self._watch_session_loop = self._session_loop
+        return self._watch_session
+
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        for session in (self._session, self._watch_session):
+            if session is not None and not session.closed:
+                await session.close()
+
+    async def watch(self, path: str, query: list[tuple[str, str]]) -> AsyncIterator[dict]:
+        """The events of one watch request (`?watch=true`) as they come, each parsed; the stream ends
+        when the server ends it (after WATCH_SECONDS). Raises ApiError as `call` does."""
+        query = [*query, ("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(WATCH_SECONDS))]
+        url = self.api.configuration.host + path + f"?{urlencode(query)}"
+        try:
+            async with self._watch_session_here().get(url, headers=self._headers("application/json", "application/json"),
+                                                      **self._options) as response:
+                if response.status >= 400:
+                    raise _api_error(response.status, response.reason or "", await response.read())
+                pending = b""
+                # By chunks, not lines: aiohttp refuses a line longer than its buffer, and an object can be.
+                async for chunk in response.content.iter_any():
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield json.loads(line)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise ApiError(0, type(e).__name__, f"watch {path}: {e}") from None
 
     def _headers(self, content_type: str, accept: str) -> dict[str, str]:
         headers = {**self.api.default_headers, "Content-Type": content_type, "Accept": accept}
@@ -155,12 +196,7 @@ class Kube:
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # no answer in time, refused, reset: later
                 raise ApiError(0, type(e).__name__, f"{method} {path}: {e}") from None
         if status >= 400:
-            message = raw.decode(errors="replace")
-            try:
-                message = json.loads(message).get("message", message)
-            except (ValueError, AttributeError):
-                pass
-            raise ApiError(status, reason, str(message))
+            raise _api_error(status, reason, raw)
         return json.loads(raw) if raw and answer else None
 
     async def get_run(self, namespace: str, name: str) -> dict | None:
@@ -255,6 +291,15 @@ class Kube:
         return True
 
 
+def _api_error(status: int, reason: str, raw: bytes) -> ApiError:
+    message = raw.decode(errors="replace")
+    try:
+        message = json.loads(message).get("message", message)
+    except (ValueError, AttributeError):
+        pass
+    return ApiError(status, reason, str(message))
+
+
 def _ssl_context(cfg: Any) -> ssl.SSLContext | bool:
     """TLS as the kubernetes client's own pool would do it: the configured CA, client certificate,
     and hostname check."""
@@ -285,4 +330,6 @@ def _default_api_client() -> Any:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
+    api = client.ApiClient(configuration)
+    api.user_agent = USER_AGENT
+    return api

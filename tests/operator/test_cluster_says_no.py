@@ -10,6 +10,7 @@ import urllib.request
 
 import kubernetes
 
+from humpback_operator.kube import USER_AGENT
 from humpback_testing.standins import stage_policy
 from test_operator import NAMESPACE, cluster, explain, free_port, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures)
 
@@ -54,7 +55,8 @@ def test_pods_refused_by_a_quota_are_surfaced_as_failed_create(
     stage = cluster.stage("tiny", "prepare-seed")
     assert "exceeded quota: tight" in stage["message"] and stage.get("pendingSince")
     # The operator asked the API server for Warning Events only, and for labelled children only.
-    reads = [r for r in cluster.emulator.requests_since(0) if r.verb in ("list", "watch") and "kopf" in r.user_agent]
+    reads = [r for r in cluster.emulator.requests_since(0)
+             if r.verb in ("list", "watch") and r.user_agent.startswith(("kopf", USER_AGENT))]
     selectors = {(r.resource, r.params.get("labelSelector"), r.params.get("fieldSelector")) for r in reads
                  if r.resource in ("events", "pods", "jobs")}
     assert selectors == {("events", None, "type=Warning"), ("pods", "humpback.dev/run", None), ("jobs", "humpback.dev/run", None)}

@@ -1,5 +1,5 @@
-"""The Kopf handler modules (`backtranslationrun`, `child_events`) without a cluster: what they
-remember lives on the `Operator` object, never at module level; a child's index entry wakes its
+"""The operator's modules (`backtranslationrun`, `child_events`) without a cluster: what they
+remember lives on the `Operator` object, never at module level; a child's watch event wakes its
 run. `tests/operator/` runs them under `kopf run` against an emulated API."""
 
 from __future__ import annotations
@@ -64,22 +64,40 @@ def test_operators_share_nothing_and_forget_all_of_a_deleted_run():
         assert ("ml", "a") not in per_run and ("ml", "b") in per_run
 
 
-def test_a_childs_index_entry_wakes_its_runs_daemon():
+def watched(op: Operator, index: str) -> child_events.Watched:
+    return next(w for w in op.watches.watched if w.index == index)
+
+
+def test_a_childs_watch_event_fills_the_index_and_wakes_its_runs_daemon():
     op = make_operator()
     body = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": {"name": "r-train-m0-abc123-a1", "namespace": "ml", "labels": {LABEL_RUN: "r"}},
             "status": {"conditions": [{"type": "Running", "status": "True"}]}}
-
-    async def index() -> dict:
-        labels = body["metadata"]["labels"]
-        return await child_events.humpback_pytorchjobs(body=body, namespace="ml", labels=labels, memo=kopf.Memo(operator=op))
-
-    entry = asyncio.run(index())
+    op.watches.apply(watched(op, "humpback_pytorchjobs"), "ml", "MODIFIED", body)
     assert op.wakeup("ml", "r").is_set()
     assert not op.wakeup("ml", "other").is_set()
-    # Kopf keeps the entry under the handler's name; the reconciler reads it back from there.
-    indexes = {"humpback_pytorchjobs": {key: [value] for key, value in entry.items()}}
-    assert [c["metadata"]["name"] for c in child_events.children_of(indexes, "ml", "r")] == ["r-train-m0-abc123-a1"]
+    assert [c["metadata"]["name"] for c in child_events.children_of(op.watches.indexes, "ml", "r")] == ["r-train-m0-abc123-a1"]
+    # Its deletion takes it out and wakes the run too (Kopf's indexes woke nobody for a deletion).
+    op.wakeup("ml", "r").clear()
+    op.watches.apply(watched(op, "humpback_pytorchjobs"), "ml", "DELETED", body)
+    assert op.wakeup("ml", "r").is_set() and child_events.children_of(op.watches.indexes, "ml", "r") == []
+    # An object without the run label (the server filters; a label taken off) is kept nowhere.
+    op.watches.apply(watched(op, "humpback_jobs"), "ml", "ADDED", {"metadata": {"name": "x", "labels": {}}})
+    assert op.watches.indexes["humpback_jobs"] == {}
+
+
+def test_a_refused_pod_create_event_is_kept_by_its_objects_name_and_wakes_that_run():
+    op = make_operator()
+    op.wakeup("ml", "r"), op.wakeup("ml", "other")
+    event = {"metadata": {"name": "r-prepare-seed-abc123-a1.17", "namespace": "ml"}, "type": "Warning",
+             "reason": "FailedCreate", "message": "exceeded quota",
+             "involvedObject": {"kind": "Job", "name": "r-prepare-seed-abc123-a1"}}
+    events = watched(op, "humpback_child_events")
+    op.watches.apply(events, "ml", "ADDED", event)
+    assert op.wakeup("ml", "r").is_set() and not op.wakeup("ml", "other").is_set()
+    assert [e["message"] for e in child_events.events_of(op.watches.indexes, "ml", ["r-prepare-seed-abc123-a1"])] == ["exceeded quota"]
+    op.watches.apply(events, "ml", "ADDED", {**event, "metadata": {"name": "n2"}, "reason": "BackOff"})  # not a refused create
+    assert len(op.watches.indexes["humpback_child_events"][("ml", "r-prepare-seed-abc123-a1")]) == 1
 
 
 def test_the_watch_echo_of_our_own_create_wakes_nobody_and_its_status_does():
@@ -90,14 +108,13 @@ def test_the_watch_echo_of_our_own_create_wakes_nobody_and_its_status_does():
     service = {"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": "r-augment-abc123-myx", "namespace": "ml", "labels": {LABEL_RUN: "r"}}}
 
-    def index(body: dict, handler=child_events.humpback_jobs) -> bool:
+    def index(body: dict, index_name: str = "humpback_jobs") -> bool:
         op.wakeup("ml", "r").clear()
-        labels = body["metadata"]["labels"]
-        asyncio.run(handler(body=body, namespace="ml", labels=labels, memo=kopf.Memo(operator=op)))
+        op.watches.apply(watched(op, index_name), "ml", "MODIFIED", body)
         return op.wakeup("ml", "r").is_set()
 
     assert index(job)  # not created by this operator (another replica, before a restart): news
-    assert index(service, child_events.humpback_services)
+    assert index(service, "humpback_services")
     op.note("ml", "r", "Job", job["metadata"]["name"], job)
     op.note("ml", "r", "Service", service["metadata"]["name"], service)
     assert not index({**job, "metadata": {**job["metadata"], "uid": "u1"}, "status": {}})
@@ -105,9 +122,9 @@ def test_the_watch_echo_of_our_own_create_wakes_nobody_and_its_status_does():
     assert index({**job, "metadata": {**job["metadata"], "deletionTimestamp": "2026-11-29T00:00:00Z"}})
     # A Service's status is the API server's default (no controller reports progress in it): its
     # echo wakes nobody either (six reconciles per run for nothing under load), its deletion does.
-    assert not index({**service, "status": {"loadBalancer": {}}}, child_events.humpback_services)
+    assert not index({**service, "status": {"loadBalancer": {}}}, "humpback_services")
     assert index({**service, "metadata": {**service["metadata"], "deletionTimestamp": "2026-11-29T00:00:00Z"}},
-                 child_events.humpback_services)
+                 "humpback_services")
 
 
 def test_the_echo_of_a_status_patch_whose_answer_is_on_its_way_wakes_nobody(monkeypatch):
@@ -189,9 +206,12 @@ def test_a_decisions_creates_go_out_together_what_workloads_refer_to_first(monke
     assert [e["reason"] for e in events] == ["CreateFailed"]
 
 
-def test_every_index_the_reconciler_reads_is_a_handler_of_child_events():
-    for name in child_events.INDEX_NAMES:
-        assert callable(getattr(child_events, name, None)), f"child_events.INDEX_NAMES names {name}, which is no handler"
+def test_every_index_the_reconciler_reads_is_filled_by_a_watch(monkeypatch):
+    monkeypatch.setenv("HUMPBACK_TRAINJOBS", "true")
+    filled = {w.index for w in child_events._watched()}
+    assert {*child_events.INDEX_NAMES, "humpback_pods", "humpback_child_events"} == filled
+    monkeypatch.delenv("HUMPBACK_TRAINJOBS")  # an operator without RBAC for TrainJobs never watches them
+    assert "humpback_trainjobs" not in {w.index for w in child_events._watched()}
 
 
 def test_a_reconcile_reads_kopfs_body_or_its_own_last_patch_or_asks_the_api():
@@ -240,9 +260,6 @@ def test_a_runs_essence_and_its_clearing_are_kopfs_without_the_copies():
     cleared = RunProgressStorage(prefix="humpback.dev").clear(essence=given)
     assert given == {"spec": {"a": 1}, "metadata": {"annotations": {"humpback.dev/x": "1", "note": "kept"}}}
     assert cleared == {"spec": {"a": 1}, "metadata": {"annotations": {"note": "kept"}}}
-    # A child's essence is empty: only the runs' essences are ever compared.
-    child = kopf.Body({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": {"a": 1}})
-    assert RunEssenceStorage(prefix="humpback.dev").build(body=child) == {}
 
 
 def test_index_entries_share_their_strings_and_not_the_objects_they_were_made_from():
@@ -366,11 +383,11 @@ def test_a_store_the_probe_may_not_read_costs_no_second_decision(monkeypatch):
     warnings: list[str] = []
     logger = logging.getLogger("test-store-unread")
     monkeypatch.setattr(logger, "warning", lambda message, *args: warnings.append(message % args))
-    asyncio.run(backtranslationrun.reconcile_once(op, "ml", "r", {"body": kopf.Body(doc)}, logger))
+    asyncio.run(backtranslationrun.reconcile_once(op, "ml", "r", kopf.Body(doc), logger))
     assert len(decisions) == 1
     assert any(name.startswith("r-prepare-seed-") for name in created)  # the first stages start all the same
     assert [w for w in warnings if w.startswith("Not reading the store")]  # and the admin is told why, once
-    asyncio.run(backtranslationrun.reconcile_once(op, "ml", "r", {"body": kopf.Body(doc)}, logger))
+    asyncio.run(backtranslationrun.reconcile_once(op, "ml", "r", kopf.Body(doc), logger))
     assert len([w for w in warnings if w.startswith("Not reading the store")]) == 1
 
 
