@@ -32,7 +32,7 @@ import kopf
 from humpback_runtime.spec import GROUP, PLURAL, VERSION, SpecError
 
 from humpback_operator import child_events, metrics, policy
-from humpback_operator.children import ANNOTATION_GENERATED_KEY, WORKLOAD_KINDS
+from humpback_operator.children import ANNOTATION_GENERATED_KEY, WORKLOAD_KINDS, shared_claims
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import ApiError, Kube
 from humpback_operator.reconcile import (
@@ -216,7 +216,7 @@ class Operator:
         if now - self.listed.setdefault(key, now) < SAFETY_NET_SECONDS:
             return
         self.listed[key] = now
-        listed = await self.kube.list_children(namespace, run)
+        listed = await self.kube.list_children(namespace, run, self.watches.child_kinds())
         indexed = child_events.children_of(self.watches.indexes, namespace, run)
         self.ghosts[key] = {_identity(o) for o in indexed} - {_identity(o) for o in listed}
         known = {(o["kind"], o["metadata"]["name"]) for o in indexed}
@@ -380,15 +380,16 @@ async def reconcile_once(op: Operator, namespace: str, name: str, live: Mapping[
     spec_text = spec_json(body)  # once: the caches of run_and_plan and the spec ConfigMap key on it
     store = _store_unread(op, body, spec_text, logger)
     secret_labels_ = await secret_labels(op, body, spec_text)
+    claim_modes = await shared_claim_modes(op, body, spec_text)
     progress = await _stage_progress(op, body, logger)
     decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_,
-                      progress=progress, spec_text=spec_text)
+                      claim_modes=claim_modes, progress=progress, spec_text=spec_text)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
         decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_,
-                          progress=progress, spec_text=spec_text)
+                          claim_modes=claim_modes, progress=progress, spec_text=spec_text)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     op.set_phase(namespace, name, decision.status.get("phase", "Pending"))
@@ -416,6 +417,16 @@ async def secret_labels(op: Operator, body: Mapping[str, Any], spec_text: str | 
         return {}
     namespace = body["metadata"]["namespace"]
     return {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
+
+
+async def shared_claim_modes(op: Operator, body: Mapping[str, Any], spec_text: str | None = None) -> dict[str, list[str] | None]:
+    """Access modes of the claims the run's training pods share across nodes (most runs: none, no read)."""
+    try:
+        run, _plan = run_and_plan(body, spec_text)
+    except SpecError:
+        return {}
+    namespace = body["metadata"]["namespace"]
+    return {name: await op.kube.claim_access_modes(namespace, name) for name in shared_claims(run)}
 
 
 async def _stage_progress(op: Operator, body: Mapping[str, Any], logger: logging.Logger) -> dict[str, dict]:

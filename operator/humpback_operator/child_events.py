@@ -171,6 +171,10 @@ class ChildWatches:
             self.tasks[namespace].append(asyncio.create_task(_all_set(first_lists, done)))
         await self.listed[namespace].wait()
 
+    def child_kinds(self) -> list[tuple[str, str]]:
+        """(apiVersion, kind) of the children in the indexes (not their Pods and Events)."""
+        return [(w.api_version, w.kind) for w in self.watched if w.index in INDEX_NAMES]
+
     async def stop(self) -> None:
         tasks = [task for per_namespace in self.tasks.values() for task in per_namespace]
         for task in tasks:

@@ -158,6 +158,29 @@ def cluster_problems(run: BacktranslationRun, config: OperatorConfig | None = No
     return problems
 
 
+def shared_claims(run: BacktranslationRun) -> list[str]:
+    """Existing claims the run's training pods mount on more than one node (a `checkpointVolume`'s
+    `claimName` with `nodes` > 1): each must be ReadWriteMany, which only the claim itself says."""
+    res = run.spec.resources.training
+    volume = res.checkpoint_volume
+    return [volume.claim_name] if volume is not None and volume.claim_name and res.nodes > 1 else []
+
+
+def claim_problems(run: BacktranslationRun, access_modes: Mapping[str, list[str] | None]) -> list[str]:
+    """`shared_claims` whose access modes (read by the caller; None: no such claim) do not let
+    several nodes mount them. On a cluster, the pods of the second node would wait for good
+    (Multi-Attach error) while the first trains. A claim not there yet is no problem here: the
+    pods wait for it, Unschedulable, and the stage says so."""
+    problems = []
+    for name in shared_claims(run):
+        modes = access_modes.get(name)
+        if modes is not None and "ReadWriteMany" not in modes:
+            problems.append(f"spec.resources.training.checkpointVolume.claimName: PersistentVolumeClaim {name} is "
+                            f"{', '.join(modes) or 'without access modes'}, but the pods of nodes: "
+                            f"{run.spec.resources.training.nodes} mount it on as many nodes: it must be ReadWriteMany")
+    return problems
+
+
 def build_spec_configmap(run: BacktranslationRun, owner: dict | None) -> dict:
     """ConfigMap `<run>-spec` with the run's spec (defaults filled in) under key run.yaml.
 

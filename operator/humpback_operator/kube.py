@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -218,6 +218,16 @@ class Kube:
             raise
         return dict((obj or {}).get("metadata", {}).get("labels") or {})
 
+    async def claim_access_modes(self, namespace: str, name: str) -> list[str] | None:
+        """The access modes of a PersistentVolumeClaim (None: no such claim)."""
+        try:
+            obj = await self.call("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}")
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        return list(((obj or {}).get("spec") or {}).get("accessModes") or [])
+
     async def ensure_peering(self, name: str, namespace: str | None) -> bool:
         """Create Kopf's peering object (ClusterKopfPeering; KopfPeering in `namespace`) unless it
         exists; True if created. The CRDs come with the chart; the object cannot (Helm cannot
@@ -263,13 +273,13 @@ class Kube:
         await self.call("PATCH", resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
                         patch, "application/merge-patch+json")
 
-    async def list_children(self, namespace: str, run: str) -> list[dict]:
-        """Every child of `run` as the API server has it now (each kind the operator creates)."""
+    async def list_children(self, namespace: str, run: str, kinds: Iterable[tuple[str, str]]) -> list[dict]:
+        """The children of `run` of these kinds ((apiVersion, kind) pairs) as the API server has them
+        now. Only kinds the operator may list: its RBAC lets it create and delete a server's Secret
+        and NetworkPolicy, not list them."""
         selector = [("labelSelector", f"{LABEL_RUN}={run}")]
         out: list[dict] = []
-        for (api_version, kind), _plural in PLURALS.items():
-            if kind == "BacktranslationRun":
-                continue
+        for api_version, kind in kinds:
             try:
                 listed = await self.call("GET", resource_path(api_version, kind, namespace), query=selector)
             except ApiError as e:

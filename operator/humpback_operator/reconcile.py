@@ -34,6 +34,7 @@ from humpback_operator.children import (
     SPEC_KEY,
     build_spec_configmap,
     build_stage_children,
+    claim_problems,
     cluster_problems,
     content_digest,
     data_digests,
@@ -175,6 +176,7 @@ def decide(
     events: list[Mapping[str, Any]] = (),
     *,
     secret_labels: Mapping[str, Mapping[str, str] | None] | None = None,
+    claim_modes: Mapping[str, list[str] | None] | None = None,
     progress: Mapping[str, Mapping[str, Any]] | None = None,
     spec_text: str | None = None,
 ) -> Decision:
@@ -182,7 +184,8 @@ def decide(
     for the stages the caller has read; a stage missing from it is reported in `needs_store`.
     `pods` are the pods of the run's children, `events` the Warning Events on its children.
     `secret_labels`: labels of the Secrets the run references (None: no such Secret), when the
-    policy checks them (`policy.needs_secret_labels`). `progress` maps running stages to their
+    policy checks them (`policy.needs_secret_labels`). `claim_modes`: access modes of the claims
+    the training pods share across nodes (`children.shared_claims`; None: no such claim). `progress` maps running stages to their
     `_PROGRESS.json` as last read (see PROGRESS_SECONDS); a stage missing from it keeps the progress its
     status already shows. `spec_text`: `spec_json(body)`, when the caller has made it already."""
     d = Decision()
@@ -191,7 +194,7 @@ def decide(
     generation = body.get("metadata", {}).get("generation")
     try:
         run, plan = run_and_plan(body, spec_text)
-        problems = cluster_problems(run, config)
+        problems = cluster_problems(run, config) + claim_problems(run, claim_modes or {})
     except SpecError as e:
         problems = e.errors
         run = None

@@ -326,6 +326,7 @@ EXPECTED_RUN_RULES = """
 - {apiGroups: ["", events.k8s.io], resources: [events], verbs: [create, patch]}
 - {apiGroups: [""], resources: [secrets], verbs: [get, create, delete]}
 - {apiGroups: [networking.k8s.io], resources: [networkpolicies], verbs: [get, create, delete]}
+- {apiGroups: [""], resources: [persistentvolumeclaims], verbs: [get]}
 - {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
 - {apiGroups: [""], resources: [events], verbs: [list, watch]}
 """

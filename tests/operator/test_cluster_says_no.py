@@ -9,10 +9,11 @@ import time
 import urllib.request
 
 import kubernetes
+import yaml
 
 from humpback_operator.kube import USER_AGENT
 from humpback_testing.standins import stage_policy
-from test_operator import NAMESPACE, cluster, explain, free_port, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures)
+from test_operator import NAMESPACE, REPO_ROOT, cluster, explain, free_port, start_operator, tiny_run, wait_for  # noqa: F401  (fixtures)
 
 
 def stage_of(cluster, run: str, stage: str):
@@ -60,6 +61,22 @@ def test_pods_refused_by_a_quota_are_surfaced_as_failed_create(
     selectors = {(r.resource, r.params.get("labelSelector"), r.params.get("fieldSelector")) for r in reads
                  if r.resource in ("events", "pods", "jobs")}
     assert selectors == {("events", None, "type=Warning"), ("pods", "humpback.dev/run", None), ("jobs", "humpback.dev/run", None)}
+
+
+def test_a_checkpoint_claim_shared_across_nodes_that_is_not_read_write_many_refuses_the_run(
+        cluster, start_operator, make_standins, s3_bucket, s3_server):
+    cluster.core.create_namespaced_persistent_volume_claim(NAMESPACE, {
+        "metadata": {"name": "ckpt"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    standins = make_standins()
+    op = start_operator()
+    doc = tiny_run(s3_bucket, s3_server)
+    doc["spec"].setdefault("resources", {}).setdefault("training", {}).update(nodes=2, checkpointVolume={"claimName": "ckpt"})
+    cluster.create_run(doc)
+    wait_for(cluster.phase_is("tiny", "Failed"), 30, "phase Failed", explain(cluster, "tiny", op))
+    accepted = next(c for c in cluster.status("tiny")["conditions"] if c["type"] == "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
+    assert "PersistentVolumeClaim ckpt is ReadWriteOnce" in accepted["message"] and "ReadWriteMany" in accepted["message"]
+    assert not any(standins.seen.values()) and cluster.children("tiny", "jobs") == []
 
 
 def test_oom_killed_and_image_pull_backoff_are_named(cluster, start_operator, make_standins, s3_bucket, s3_server):
@@ -215,6 +232,29 @@ def test_a_finished_runs_daemon_stops_and_a_spec_edit_brings_it_back(
     assert cluster.stage("good", "prepare-seed")["phase"] == "Succeeded"
     wait_for(lambda: scrape(port).get("humpback_run_daemons") == 0, 30, "no daemon once it is done", op.tail)
     assert "is cancelled" not in op.log.read_text()  # each daemon left when told, none had to be cancelled
+    # The emulator has no RBAC: what the operator asked of it (the safety net's lists included:
+    # once a second here) must be what its rules allow on a cluster that has.
+    assert requests_its_rbac_forbids(cluster) == []
+
+
+RBAC = (REPO_ROOT / "manifests" / "rbac" / "role.yaml", REPO_ROOT / "manifests" / "rbac" / "cluster_role.yaml")
+
+
+def requests_its_rbac_forbids(cluster) -> list[str]:
+    """The operator's requests (Kopf's and its own) that its RBAC rules (the kustomize manifests,
+    which tests/deploy checks against the chart) do not allow."""
+    rules = [rule for path in RBAC for doc in yaml.safe_load_all(path.read_text())
+             if doc["kind"] in ("ClusterRole", "Role") for rule in doc["rules"]]
+    forbidden = set()
+    for r in cluster.emulator.requests_since(0):
+        if not r.user_agent.startswith(("kopf", USER_AGENT)) or not r.resource:  # discovery is for everyone
+            continue
+        parts = r.path.split("/")
+        group = "" if parts[1] == "api" else parts[2]
+        if not any(group in rule["apiGroups"] and r.resource in rule["resources"] and r.verb in rule["verbs"]
+                   for rule in rules):
+            forbidden.add(f"{r.verb} {group or 'core'}/{r.resource}")
+    return sorted(forbidden)
 
 
 UPGRADE = '''

@@ -133,6 +133,11 @@ name.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create, delete]
+# A checkpointVolume's existing claim, mounted by training pods on several nodes: its access modes
+# are read to refuse a run whose claim is not ReadWriteMany. Read only.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
 {{- if gt (int .Values.replicaCount) 1 }}
 # Kopf peering between the replicas, in each watched namespace (created at start-up).
 - apiGroups: [kopf.dev]

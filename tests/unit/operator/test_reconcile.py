@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from humpback_operator import children
 from humpback_operator.config import OperatorConfig
-from humpback_operator.reconcile import decide
+from humpback_operator.reconcile import decide, run_and_plan
 from humpback_runtime.plan import build_plan
 from humpback_runtime.spec import parse_run
 
@@ -660,3 +661,23 @@ def test_the_spec_configmap_is_compared_by_digest_and_an_edited_one_is_put_back(
     [put_back] = configmap_writes(others + [child_events.snapshot(edited)])
     assert put_back["data"] == created["data"]
     assert [o["metadata"]["name"] for o in configmap_writes(others)] == [name]  # gone: made again
+
+
+def test_a_claim_shared_by_training_pods_on_several_nodes_must_be_read_write_many():
+    # On a cluster the second node's pods would wait for good (Multi-Attach error) while the first trains.
+    body = tiny_body(**{"resources.training.nodes": 2, "resources.training.checkpointVolume": {"claimName": "ckpt"}})
+
+    def accepted(modes) -> dict:
+        d = decide(body, [], {}, T0, CONFIG, claim_modes=modes)
+        return next(c for c in d.status["conditions"] if c["type"] == "Accepted")
+
+    refused = accepted({"ckpt": ["ReadWriteOnce"]})
+    assert refused["status"] == "False" and refused["reason"] == "InvalidSpec"
+    assert "spec.resources.training.checkpointVolume.claimName: PersistentVolumeClaim ckpt is ReadWriteOnce" in refused["message"]
+    assert "ReadWriteMany" in refused["message"]
+    assert accepted({"ckpt": ["ReadWriteOnce", "ReadWriteMany"]})["status"] == "True"
+    assert accepted({"ckpt": None})["status"] == "True"  # not there yet: the pods wait for it, Unschedulable
+    # One node: the claim's modes are never asked for (any mode serves the pods of one node).
+    one_node = tiny_body(**{"resources.training.checkpointVolume": {"claimName": "ckpt"}})
+    assert children.shared_claims(run_and_plan(one_node)[0]) == []
+    assert children.shared_claims(run_and_plan(body)[0]) == ["ckpt"]
