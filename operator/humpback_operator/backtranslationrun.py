@@ -239,8 +239,9 @@ def _active(body: kopf.Body, **_: Any) -> bool:
 class RunEssenceStorage(kopf.AnnotationsDiffBaseStorage):
     """Kopf's diff base in annotations, built for less. Kopf builds the "essence" of every run by
     deep-copying the whole body and then dropping the status, most of a run's body. So a run's is
-    built without its status and shares the body's spec (Kopf replaces a body whole on each event, never in place; the essence is only read, and
-    `RunProgressStorage.clear` changes its metadata alone). Under load (100 runs) that copying was
+    built without its status and shares the body's spec (Kopf replaces a body whole on each event,
+    never in place; the essence is only read, and `RunProgressStorage.clear` changes its metadata
+    alone). Under load (100 runs) that copying was
     about a quarter of the operator's CPU."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
@@ -419,7 +420,8 @@ async def secret_labels(op: Operator, body: Mapping[str, Any], spec_text: str | 
     return {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
 
 
-async def shared_claim_modes(op: Operator, body: Mapping[str, Any], spec_text: str | None = None) -> dict[str, list[str] | None]:
+async def shared_claim_modes(op: Operator, body: Mapping[str, Any],
+                             spec_text: str | None = None) -> dict[str, list[str] | None]:
     """Access modes of the claims the run's training pods share across nodes (most runs: none, no read)."""
     try:
         run, _plan = run_and_plan(body, spec_text)

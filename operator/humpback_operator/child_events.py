@@ -144,7 +144,8 @@ def _watched() -> tuple[Watched, ...]:
         Watched("humpback_configmaps", "v1", "ConfigMap", "configmaps"),
         *(Watched(f"humpback_{b.plural}", b.api_version, b.kind, b.plural) for b in training),
         Watched("humpback_pods", "v1", "Pod", "pods"),
-        WatchedEvents("humpback_child_events", "v1", "Event", "events", label_selector=None, field_selector="type=Warning"),
+        WatchedEvents("humpback_child_events", "v1", "Event", "events", label_selector=None,
+                      field_selector="type=Warning"),
     )
 
 
@@ -165,8 +166,9 @@ class ChildWatches:
         reconcile must never take a child not seen yet for a child not made yet."""
         if namespace not in self.tasks:
             first_lists = [asyncio.Event() for _ in self.watched]
-            self.tasks[namespace] = [asyncio.create_task(self._watch(w, namespace, listed), name=f"watch {w.plural} in {namespace}")
-                                     for w, listed in zip(self.watched, first_lists, strict=True)]
+            self.tasks[namespace] = [
+                asyncio.create_task(self._watch(w, namespace, listed), name=f"watch {w.plural} in {namespace}")
+                for w, listed in zip(self.watched, first_lists, strict=True)]
             done = self.listed[namespace] = asyncio.Event()
             self.tasks[namespace].append(asyncio.create_task(_all_set(first_lists, done)))
         await self.listed[namespace].wait()

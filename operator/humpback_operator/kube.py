@@ -139,7 +139,8 @@ class Kube:
         """Watch streams' own session: a stream holds its connection for minutes, so it never takes
         one of the API calls' connections (nor waits for one)."""
         self._session_here()  # the options, and the loop check
-        if self._watch_session is None or self._watch_session.closed or self._watch_session_loop is not self._session_loop:
+        if (self._watch_session is None or self._watch_session.closed
+                or self._watch_session_loop is not self._session_loop):
             connector = aiohttp.TCPConnector(limit=0, ssl=_ssl_context(self.api.configuration))
             self._watch_session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
                 sock_connect=self.timeout.sock_connect, sock_read=WATCH_SECONDS + self.timeout.sock_read))
@@ -157,8 +158,8 @@ class Kube:
         query = [*query, ("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(WATCH_SECONDS))]
         url = self.api.configuration.host + path + f"?{urlencode(query)}"
         try:
-            async with self._watch_session_here().get(url, headers=self._headers("application/json", "application/json"),
-                                                      **self._options) as response:
+            headers = self._headers("application/json", "application/json")
+            async with self._watch_session_here().get(url, headers=headers, **self._options) as response:
                 if response.status >= 400:
                     raise _api_error(response.status, response.reason or "", await response.read())
                 pending = b""

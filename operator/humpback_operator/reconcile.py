@@ -185,9 +185,10 @@ def decide(
     `pods` are the pods of the run's children, `events` the Warning Events on its children.
     `secret_labels`: labels of the Secrets the run references (None: no such Secret), when the
     policy checks them (`policy.needs_secret_labels`). `claim_modes`: access modes of the claims
-    the training pods share across nodes (`children.shared_claims`; None: no such claim). `progress` maps running stages to their
-    `_PROGRESS.json` as last read (see PROGRESS_SECONDS); a stage missing from it keeps the progress its
-    status already shows. `spec_text`: `spec_json(body)`, when the caller has made it already."""
+    the training pods share across nodes (`children.shared_claims`; None: no such claim).
+    `progress` maps running stages to their `_PROGRESS.json` as last read (see PROGRESS_SECONDS);
+    a stage missing from it keeps the progress its status already shows. `spec_text`:
+    `spec_json(body)`, when the caller has made it already."""
     d = Decision()
     spec_text = spec_text if spec_text is not None else spec_json(body)
     old_status = dict(body.get("status") or {})
