@@ -300,6 +300,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.peering.lifetime = int(os.environ.get(ENV_PEERING_LIFETIME) or settings.peering.lifetime)
     # Kopf watches nothing before the startup handlers are done, so every handler finds it.
     memo.operator = op = Operator()
+    # `kopf run --all-namespaces`: the children are watched across the cluster too (one stream per kind).
+    op.watches.clusterwide = settings.peering.clusterwide
     tune_garbage_collector()
     if not settings.peering.standalone and settings.peering.name:
         namespaces = [None] if settings.peering.clusterwide else os.environ.get(ENV_PEERING_NAMESPACES, "").split()

@@ -9,9 +9,11 @@ run's children without an API call. A change of a child wakes its run's daemon (
 These are the operator's own watches, not Kopf's (Kopf watches the runs): Kopf's machinery per
 event (a worker per object, its batch window, the handler invocation) was a quarter of the
 operator's CPU under load, and it added 0.1 s to every reaction (bench/operator_scale.py). A
-namespace's children are watched from the moment its first run is reconciled (`ChildWatches.ready`),
-one list and watch per kind, resumed from the last resourceVersion and listed anew after a 410
-Gone or a broken stream: a child deleted meanwhile leaves the index then.
+namespace's children are watched from the moment its first run is reconciled (`ChildWatches.ready`):
+an operator of all namespaces (`kopf run --all-namespaces`) watches each kind across the cluster,
+as Kopf did, one of some namespaces watches it in each of them. One list and watch per kind and
+scope, resumed from the last resourceVersion and listed anew after a 410 Gone or a broken stream:
+a child deleted meanwhile leaves the index then.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ RETRY_SECONDS = (1.0, 60.0)
 
 @dataclass(frozen=True)
 class Watched:
-    """One kind the operator watches in each namespace that has runs, and the index it fills."""
+    """One kind the operator watches (in one namespace, or in all: None), and the index it fills."""
     index: str
     api_version: str
     kind: str
@@ -98,9 +100,9 @@ class Watched:
     label_selector: str | None = LABEL_RUN
     field_selector: str | None = None
 
-    def path(self, namespace: str) -> str:
+    def path(self, namespace: str | None) -> str:
         root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        return f"{root}/namespaces/{namespace}/{self.plural}"
+        return f"{root}/{self.plural}" if namespace is None else f"{root}/namespaces/{namespace}/{self.plural}"
 
     def query(self) -> list[tuple[str, str]]:
         return [(key, value) for key, value in (("labelSelector", self.label_selector),
@@ -151,27 +153,30 @@ def _watched() -> tuple[Watched, ...]:
 
 class ChildWatches:
     """The indexes, `{index: {(namespace, key): {object name: entry}}}`, and the watches that fill
-    them, per namespace. `op` is the `Operator`: its notes of recent creates and its wake-ups."""
+    them: across the cluster (`clusterwide`), else per namespace. `op` is the `Operator`: its notes
+    of recent creates and its wake-ups."""
 
-    def __init__(self, op: Any, kube: Kube, watched: tuple[Watched, ...] | None = None):
+    def __init__(self, op: Any, kube: Kube, watched: tuple[Watched, ...] | None = None, clusterwide: bool = False):
         self.op = op
         self.kube = kube
         self.watched = watched if watched is not None else _watched()
+        self.clusterwide = clusterwide
         self.indexes: dict[str, dict[tuple[str, str], dict[str, dict]]] = {w.index: {} for w in self.watched}
-        self.tasks: dict[str, list[asyncio.Task]] = {}
-        self.listed: dict[str, asyncio.Event] = {}  # per namespace: set once every kind was listed
+        self.tasks: dict[str | None, list[asyncio.Task]] = {}  # per scope: a namespace, or None (all)
+        self.listed: dict[str | None, asyncio.Event] = {}  # per scope: set once every kind was listed
 
     async def ready(self, namespace: str) -> None:
         """Watch `namespace` (from now on), and wait until every kind in it has been listed: a
         reconcile must never take a child not seen yet for a child not made yet."""
-        if namespace not in self.tasks:
+        scope = None if self.clusterwide else namespace
+        if scope not in self.tasks:
             first_lists = [asyncio.Event() for _ in self.watched]
-            self.tasks[namespace] = [
-                asyncio.create_task(self._watch(w, namespace, listed), name=f"watch {w.plural} in {namespace}")
+            self.tasks[scope] = [
+                asyncio.create_task(self._watch(w, scope, listed), name=f"watch {w.plural} in {scope or 'all namespaces'}")
                 for w, listed in zip(self.watched, first_lists, strict=True)]
-            done = self.listed[namespace] = asyncio.Event()
-            self.tasks[namespace].append(asyncio.create_task(_all_set(first_lists, done)))
-        await self.listed[namespace].wait()
+            done = self.listed[scope] = asyncio.Event()
+            self.tasks[scope].append(asyncio.create_task(_all_set(first_lists, done)))
+        await self.listed[scope].wait()
 
     def child_kinds(self) -> list[tuple[str, str]]:
         """(apiVersion, kind) of the children in the indexes (not their Pods and Events)."""
@@ -184,17 +189,17 @@ class ChildWatches:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
 
-    async def _watch(self, watched: Watched, namespace: str, listed: asyncio.Event) -> None:
+    async def _watch(self, watched: Watched, scope: str | None, listed: asyncio.Event) -> None:
         """List, then watch from the list's resourceVersion for as long as the server keeps the
         stream, then again from the last one; list anew after a 410 Gone or a failure."""
         retry = RETRY_SECONDS[0]
         while True:
             try:
-                version = await self._list(watched, namespace)
+                version = await self._list(watched, scope)
                 listed.set()
                 retry = RETRY_SECONDS[0]
                 while version is not None:
-                    version = await self._follow(watched, namespace, version)
+                    version = await self._follow(watched, scope, version)
             except Exception as e:  # noqa: BLE001 (a watch that ended would leave its index frozen)
                 # Not served (no such CRD) or not allowed: nothing of that kind can be ours, so the
                 # namespace is ready without it. Anything else (unreachable): the runs wait.
@@ -202,22 +207,22 @@ class ChildWatches:
                     listed.set()
                 # Said once per streak of failures (a kind never served would say it every minute).
                 (log.warning if retry == RETRY_SECONDS[0] else log.debug)(
-                    "Watching %s in %s failed: %s; listing again in %.0fs", watched.plural, namespace,
+                    "Watching %s in %s failed: %s; listing again in %.0fs", watched.plural, scope or "all namespaces",
                     e if isinstance(e, ApiError) else repr(e), retry)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_SECONDS[1])
 
-    async def _list(self, watched: Watched, namespace: str) -> str:
-        """List the kind; the namespace's entries become what the list says. Returns its resourceVersion."""
-        listed = await self.kube.call("GET", watched.path(namespace), query=watched.query()) or {}
+    async def _list(self, watched: Watched, scope: str | None) -> str:
+        """List the kind; the scope's entries become what the list says. Returns its resourceVersion."""
+        listed = await self.kube.call("GET", watched.path(scope), query=watched.query()) or {}
         now: dict[tuple[str, str], dict[str, dict]] = {}
         for item in listed.get("items") or []:
             item.update(apiVersion=watched.api_version, kind=watched.kind)  # a list's items come without them
             key = watched.key(item)
             if key is not None:
-                now.setdefault((namespace, key), {})[item["metadata"]["name"]] = watched.entry(item)
+                now.setdefault((item["metadata"]["namespace"], key), {})[item["metadata"]["name"]] = watched.entry(item)
         index = self.indexes[watched.index]
-        for where in [where for where in index if where[0] == namespace and where not in now]:
+        for where in [where for where in index if scope in (None, where[0]) and where not in now]:
             del index[where]  # deleted while no watch was open (no DELETED event came)
             self._changed(watched, where, None)
         for where, entries in now.items():
@@ -226,10 +231,10 @@ class ChildWatches:
                 self._changed(watched, where, None)
         return (listed.get("metadata") or {}).get("resourceVersion") or ""
 
-    async def _follow(self, watched: Watched, namespace: str, version: str) -> str | None:
+    async def _follow(self, watched: Watched, scope: str | None, version: str) -> str | None:
         """One watch request from `version`: the resourceVersion to go on from when the server ended
         it, None when it must be listed again (410 Gone)."""
-        async for event in self.kube.watch(watched.path(namespace), [*watched.query(), ("resourceVersion", version)]):
+        async for event in self.kube.watch(watched.path(scope), [*watched.query(), ("resourceVersion", version)]):
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
                 if obj.get("code") == 410:
@@ -237,16 +242,16 @@ class ChildWatches:
                 raise ApiError(obj.get("code") or 0, obj.get("reason") or "", obj.get("message") or "")
             version = (obj.get("metadata") or {}).get("resourceVersion") or version
             if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self.apply(watched, namespace, kind, obj)
+                self.apply(watched, kind, obj)
         return version
 
-    def apply(self, watched: Watched, namespace: str, kind: str, body: Mapping[str, Any]) -> None:
+    def apply(self, watched: Watched, kind: str, body: Mapping[str, Any]) -> None:
         """One watch event: the index takes it, and the run it is about wakes up unless it is the
         echo of the operator's own create."""
         key = watched.key(body)
         if key is None:
             return
-        where, name = (namespace, key), body["metadata"]["name"]
+        where, name = (body["metadata"]["namespace"], key), body["metadata"]["name"]
         index = self.indexes[watched.index]
         if kind == "DELETED":
             entries = index.get(where) or {}

@@ -83,3 +83,33 @@ def test_a_kind_the_cluster_does_not_serve_does_not_hold_up_the_runs(kube_emulat
             await op.kube.close()
 
     asyncio.run(scenario())
+
+
+def test_an_operator_of_all_namespaces_watches_each_kind_once_across_the_cluster(kube_emulator, kube_api):
+    # As Kopf's watches did: one stream per kind, not one per namespace with runs.
+    core = kubernetes.client.CoreV1Api(kube_api)
+    core.create_namespaced_config_map("kube-system", configmap("r-a", "r"))
+    mark = kube_emulator.request_count()
+
+    async def scenario() -> None:
+        op = Operator(kube=Kube(kube_api), config=OperatorConfig())
+        op.watches.clusterwide = True
+        try:
+            await asyncio.wait_for(op.watches.ready(NAMESPACE), 10)
+            await asyncio.wait_for(op.watches.ready("kube-system"), 1)  # the same watches: ready already
+            assert set(op.watches.indexes["humpback_configmaps"]) == {("kube-system", "r")}
+            await asyncio.to_thread(core.create_namespaced_config_map, NAMESPACE, configmap("r-b", "r"))
+            await until(lambda: indexed(op, "r") == {"r-b"})
+            assert op.wakeup(NAMESPACE, "r").is_set() and not op.wakeup("kube-system", "other").is_set()
+            # A 410 Gone lists again across the cluster: the entries of every namespace are what it says.
+            kube_emulator.call(lambda handler: handler.hold_watches())
+            await asyncio.to_thread(core.delete_namespaced_config_map, "r-a", "kube-system")
+            kube_emulator.call(lambda handler: handler.expire_watches())
+            await until(lambda: set(op.watches.indexes["humpback_configmaps"]) == {(NAMESPACE, "r")})
+        finally:
+            await op.watches.stop()
+            await op.kube.close()
+
+    asyncio.run(scenario())
+    reads = [r for r in kube_emulator.requests_since(mark) if r.verb in ("list", "watch") and r.resource == "configmaps"]
+    assert reads and all(r.namespace is None for r in reads)

@@ -73,16 +73,16 @@ def test_a_childs_watch_event_fills_the_index_and_wakes_its_runs_daemon():
     body = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": {"name": "r-train-m0-abc123-a1", "namespace": "ml", "labels": {LABEL_RUN: "r"}},
             "status": {"conditions": [{"type": "Running", "status": "True"}]}}
-    op.watches.apply(watched(op, "humpback_pytorchjobs"), "ml", "MODIFIED", body)
+    op.watches.apply(watched(op, "humpback_pytorchjobs"), "MODIFIED", body)
     assert op.wakeup("ml", "r").is_set()
     assert not op.wakeup("ml", "other").is_set()
     assert [c["metadata"]["name"] for c in child_events.children_of(op.watches.indexes, "ml", "r")] == ["r-train-m0-abc123-a1"]
     # Its deletion takes it out and wakes the run too (Kopf's indexes woke nobody for a deletion).
     op.wakeup("ml", "r").clear()
-    op.watches.apply(watched(op, "humpback_pytorchjobs"), "ml", "DELETED", body)
+    op.watches.apply(watched(op, "humpback_pytorchjobs"), "DELETED", body)
     assert op.wakeup("ml", "r").is_set() and child_events.children_of(op.watches.indexes, "ml", "r") == []
     # An object without the run label (the server filters; a label taken off) is kept nowhere.
-    op.watches.apply(watched(op, "humpback_jobs"), "ml", "ADDED", {"metadata": {"name": "x", "labels": {}}})
+    op.watches.apply(watched(op, "humpback_jobs"), "ADDED", {"metadata": {"name": "x", "namespace": "ml", "labels": {}}})
     assert op.watches.indexes["humpback_jobs"] == {}
 
 
@@ -93,10 +93,10 @@ def test_a_refused_pod_create_event_is_kept_by_its_objects_name_and_wakes_that_r
              "reason": "FailedCreate", "message": "exceeded quota",
              "involvedObject": {"kind": "Job", "name": "r-prepare-seed-abc123-a1"}}
     events = watched(op, "humpback_child_events")
-    op.watches.apply(events, "ml", "ADDED", event)
+    op.watches.apply(events, "ADDED", event)
     assert op.wakeup("ml", "r").is_set() and not op.wakeup("ml", "other").is_set()
     assert [e["message"] for e in child_events.events_of(op.watches.indexes, "ml", ["r-prepare-seed-abc123-a1"])] == ["exceeded quota"]
-    op.watches.apply(events, "ml", "ADDED", {**event, "metadata": {"name": "n2"}, "reason": "BackOff"})  # not a refused create
+    op.watches.apply(events, "ADDED", {**event, "metadata": {"name": "n2", "namespace": "ml"}, "reason": "BackOff"})  # not a refused create
     assert len(op.watches.indexes["humpback_child_events"][("ml", "r-prepare-seed-abc123-a1")]) == 1
 
 
@@ -110,7 +110,7 @@ def test_the_watch_echo_of_our_own_create_wakes_nobody_and_its_status_does():
 
     def index(body: dict, index_name: str = "humpback_jobs") -> bool:
         op.wakeup("ml", "r").clear()
-        op.watches.apply(watched(op, index_name), "ml", "MODIFIED", body)
+        op.watches.apply(watched(op, index_name), "MODIFIED", body)
         return op.wakeup("ml", "r").is_set()
 
     assert index(job)  # not created by this operator (another replica, before a restart): news
