@@ -89,6 +89,10 @@ def _echo_of_own_create(op: Any, namespace: str, run: str, body: Mapping[str, An
 # doubled each time up to the cap, then list again.
 RETRY_SECONDS = (1.0, 60.0)
 
+# Objects per page of a list (client-go's informers ask for 500): a re-list of thousands of children
+# is parsed and reduced to index entries a page at a time, never all at once.
+LIST_PAGE = 500
+
 
 @dataclass(frozen=True)
 class Watched:
@@ -213,14 +217,21 @@ class ChildWatches:
                 retry = min(retry * 2, RETRY_SECONDS[1])
 
     async def _list(self, watched: Watched, scope: str | None) -> str:
-        """List the kind; the scope's entries become what the list says. Returns its resourceVersion."""
-        listed = await self.kube.call("GET", watched.path(scope), query=watched.query()) or {}
+        """List the kind, LIST_PAGE objects at a time; the scope's entries become what the list says.
+        Returns its resourceVersion."""
         now: dict[tuple[str, str], dict[str, dict]] = {}
-        for item in listed.get("items") or []:
-            item.update(apiVersion=watched.api_version, kind=watched.kind)  # a list's items come without them
-            key = watched.key(item)
-            if key is not None:
-                now.setdefault((item["metadata"]["namespace"], key), {})[item["metadata"]["name"]] = watched.entry(item)
+        more = None
+        while True:
+            query = [*watched.query(), ("limit", str(LIST_PAGE)), *([("continue", more)] if more else [])]
+            page = await self.kube.call("GET", watched.path(scope), query=query) or {}
+            for item in page.get("items") or []:
+                item.update(apiVersion=watched.api_version, kind=watched.kind)  # a list's items come without them
+                key = watched.key(item)
+                if key is not None:
+                    now.setdefault((item["metadata"]["namespace"], key), {})[item["metadata"]["name"]] = watched.entry(item)
+            more = (page.get("metadata") or {}).get("continue")
+            if not more:
+                break
         index = self.indexes[watched.index]
         for where in [where for where in index if scope in (None, where[0]) and where not in now]:
             del index[where]  # deleted while no watch was open (no DELETED event came)
@@ -229,7 +240,7 @@ class ChildWatches:
             if index.get(where) != entries:
                 index[where] = entries
                 self._changed(watched, where, None)
-        return (listed.get("metadata") or {}).get("resourceVersion") or ""
+        return (page.get("metadata") or {}).get("resourceVersion") or ""
 
     async def _follow(self, watched: Watched, scope: str | None, version: str) -> str | None:
         """One watch request from `version`: the resourceVersion to go on from when the server ended

@@ -9,6 +9,7 @@ import time
 
 import kubernetes
 
+from humpback_operator import child_events
 from humpback_operator.backtranslationrun import Operator
 from humpback_operator.config import OperatorConfig
 from humpback_operator.kube import Kube
@@ -67,6 +68,27 @@ def test_children_are_listed_then_watched_and_a_watch_gap_heals_by_listing_again
             await op.kube.close()
 
     asyncio.run(scenario())
+
+
+def test_a_list_comes_a_page_at_a_time(kube_emulator, kube_api, monkeypatch):
+    monkeypatch.setattr(child_events, "LIST_PAGE", 2)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    for name in ("r-a", "r-b", "r-c", "r-d", "r-e"):
+        core.create_namespaced_config_map(NAMESPACE, configmap(name, "r"))
+    mark = kube_emulator.request_count()
+
+    async def scenario() -> None:
+        op = Operator(kube=Kube(kube_api), config=OperatorConfig())
+        try:
+            await asyncio.wait_for(op.watches.ready(NAMESPACE), 10)
+            assert indexed(op, "r") == {"r-a", "r-b", "r-c", "r-d", "r-e"}
+        finally:
+            await op.watches.stop()
+            await op.kube.close()
+
+    asyncio.run(scenario())
+    lists = [r.params for r in kube_emulator.requests_since(mark) if r.verb == "list" and r.resource == "configmaps"]
+    assert [p.get("limit") for p in lists] == ["2"] * 3 and [bool(p.get("continue")) for p in lists] == [False, True, True]
 
 
 def test_a_kind_the_cluster_does_not_serve_does_not_hold_up_the_runs(kube_emulator, kube_api, monkeypatch):

@@ -307,6 +307,24 @@ def test_watches_expire_on_demand_with_410_gone(kube_emulator):
     assert first["type"] == "ERROR" and first["object"]["code"] == 410
 
 
+def test_lists_page_by_limit_and_continue_and_an_expired_token_is_gone(kube_emulator):
+    for name in ("e", "a", "d", "c", "b"):
+        http(kube_emulator, "POST", JOBS_PATH, job(name))
+    names, token, remaining = [], "", []
+    while True:
+        _, page = http(kube_emulator, "GET", JOBS_PATH + "?limit=2" + (f"&continue={token}" if token else ""))
+        names.append([j["metadata"]["name"] for j in page["items"]])
+        remaining.append(page["metadata"].get("remainingItemCount"))
+        token = page["metadata"].get("continue")
+        if not token:
+            break
+    assert names == [["a", "b"], ["c", "d"], ["e"]] and remaining == [3, 1, None]  # key order, as etcd's
+    _, first = http(kube_emulator, "GET", JOBS_PATH + "?limit=2")
+    kube_emulator.call(lambda handler: handler.expire_watches())  # compacted: the token is too old now
+    status, gone = http(kube_emulator, "GET", JOBS_PATH + f"?limit=2&continue={first['metadata']['continue']}")
+    assert status == 410 and gone["reason"] == "Expired"
+
+
 def test_secret_string_data_is_stored_as_data(kube_emulator, kube_api):
     core = kubernetes.client.CoreV1Api(kube_api)
     core.create_namespaced_secret("default", {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "id"}})

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import re
 import secrets
@@ -410,7 +411,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             items = self._select(route, params)
             if _wants_table(request):
                 return kmock.Response(status=200, payload=self._table(route.rtype, items))
-            return kmock.Response(status=200, payload=self._list(route.rtype, items))
+            items, more = self._page(items, params)
+            return kmock.Response(status=200, payload=self._list(route.rtype, items, more))
         if method == "GET":
             obj = self._get(route)
             return kmock.Response(status=200, payload=self._table(route.rtype, [obj]) if _wants_table(request) else obj)
@@ -753,11 +755,40 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 result.append(raw)
         return result
 
-    def _list(self, rtype: ResourceType, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def _page(self, items: list[dict[str, Any]], params: Mapping[str, str]) -> tuple[list[dict[str, Any]], dict]:
+        """`limit` and `continue` as the API server pages a list: in key order (namespace/name), at
+        most `limit` items, then a token for the rest and how many remain. Unlike a real server the
+        next page shows the objects as they are now, not as of the first page. A token from before
+        `expire_watches` is 410 Gone, as one the server has compacted away."""
+        if not params.get("limit") and not params.get("continue"):
+            return items, {}
+        start, since = "", self._rv
+        if params.get("continue"):
+            try:
+                token = json.loads(base64.urlsafe_b64decode(params["continue"]))
+                start, since = str(token["start"]), int(token["rv"])
+            except (ValueError, KeyError, TypeError):
+                raise _api_error(400, "BadRequest", "continue key is not valid") from None
+            if since <= self._floor_rv:
+                raise _api_error(410, "Expired", "The provided continue parameter is too old to display a consistent "
+                                 "list result. You can start a new list without the continue parameter.")
+        keyed = sorted((f"{o['metadata'].get('namespace') or ''}/{o['metadata']['name']}", o) for o in items)
+        rest = [(key, obj) for key, obj in keyed if key > start]
+        limit = int(params.get("limit") or 0)
+        # Every page names the first page's resourceVersion: a watch from there misses nothing.
+        if limit <= 0 or len(rest) <= limit:
+            return [obj for _, obj in rest], {"resourceVersion": str(since)}
+        page = rest[:limit]
+        token = base64.urlsafe_b64encode(json.dumps({"rv": since, "start": page[-1][0]}).encode()).decode()
+        return [obj for _, obj in page], {"resourceVersion": str(since), "continue": token,
+                                          "remainingItemCount": len(rest) - limit}
+
+    def _list(self, rtype: ResourceType, items: list[dict[str, Any]], more: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return {
             "apiVersion": rtype.api_version,
             "kind": f"{rtype.kind}List",  # KMock sends no kind; typed clients decode lists by it
-            "metadata": {"resourceVersion": str(self._rv)},  # KMock sends "...": watches resume from it
+            # KMock sends "...": watches resume from resourceVersion; `more`: a page's continue token
+            "metadata": {"resourceVersion": str(self._rv), **(more or {})},
             "items": items,
         }
 
