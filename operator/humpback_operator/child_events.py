@@ -1,19 +1,20 @@
 """Watches of every run's children, kept in memory, and wake-ups for the run daemons.
 
-Each kind of child the operator creates is watched (only objects labelled `humpback.dev/run`, the
-API server filters), as are the children's Pods and the Warning Events of refused pod creates; what
+The children the reconciler reads are watched (Jobs, PyTorchJobs, TrainJobs where enabled,
+Deployments, Services, ConfigMaps: only objects labelled `humpback.dev/run`, the API server
+filters), as are the children's Pods and the Warning Events of refused pod creates; what
 the reconciler reads of each is kept in an index keyed by (namespace, run), so a daemon reads its
 run's children without an API call. A change of a child wakes its run's daemon (through the
 `Operator` object, `backtranslationrun.py`), except the watch's echo of the operator's own create.
 
 These are the operator's own watches, not Kopf's (Kopf watches the runs): Kopf's machinery per
-event (a worker per object, its batch window, the handler invocation) was a quarter of the
+event (a worker per object, its batch window, the handler invocation) was about a quarter of the
 operator's CPU under load, and it added 0.1 s to every reaction (bench/operator_scale.py). A
 namespace's children are watched from the moment its first run is reconciled (`ChildWatches.ready`):
 an operator of all namespaces (`kopf run --all-namespaces`) watches each kind across the cluster,
 as Kopf did, one of some namespaces watches it in each of them. One list and watch per kind and
-scope, resumed from the last resourceVersion and listed anew after a 410 Gone or a broken stream:
-a child deleted meanwhile leaves the index then.
+scope (lists paged, `LIST_PAGE`), resumed from the last resourceVersion and listed anew after a
+410 Gone or a broken stream: a child deleted meanwhile leaves the index then.
 """
 
 from __future__ import annotations

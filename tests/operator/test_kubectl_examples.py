@@ -68,8 +68,9 @@ def test_examples_apply_list_read_back_and_delete(run_kubectl, kube_emulator):
         assert f"name: {example}" in run_kubectl("get", "btr", example, "-o", "yaml").stdout
         assert stored["metadata"]["namespace"] == "default" and stored["metadata"]["uid"]
         assert "kubectl.kubernetes.io/last-applied-configuration" in stored["metadata"]["annotations"]
+    # In key order (by name), as an API server lists them, not in the order they were applied.
     assert run_kubectl("get", "backtranslationruns.humpback.dev", "-o", "name").stdout.split() == [
-        "backtranslationrun.humpback.dev/tiny-cpu", "backtranslationrun.humpback.dev/llama2-7b-paper"]
+        "backtranslationrun.humpback.dev/llama2-7b-paper", "backtranslationrun.humpback.dev/tiny-cpu"]
 
     for example in EXAMPLES:
         assert f'"{example}" deleted' in run_kubectl("delete", "-n", "default", "-f", f"examples/{example}.yaml").stdout

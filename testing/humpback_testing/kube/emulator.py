@@ -408,10 +408,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             # KMock would send application/octet-stream; client-go picks its stream decoder by this.
             return kmock.Response(status=200, headers={"Content-Type": "application/json"}, payload=self._watch(route, params))
         if method == "GET" and route.name is None:
-            items = self._select(route, params)
+            items, more = self._page(self._select(route, params), params)  # kubectl asks for pages of 500
             if _wants_table(request):
-                return kmock.Response(status=200, payload=self._table(route.rtype, items))
-            items, more = self._page(items, params)
+                return kmock.Response(status=200, payload=self._table(route.rtype, items, more))
             return kmock.Response(status=200, payload=self._list(route.rtype, items, more))
         if method == "GET":
             obj = self._get(route)
@@ -792,13 +791,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
             "items": items,
         }
 
-    def _table(self, rtype: ResourceType, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def _table(self, rtype: ResourceType, items: list[dict[str, Any]], more: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The server-side printing of `kubectl get`: Name, the CRD's printer columns (or Age)."""
         columns = list(rtype.printer_columns) or [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
         return {
             "apiVersion": "meta.k8s.io/v1",
             "kind": "Table",
-            "metadata": {"resourceVersion": str(self._rv)},
+            "metadata": {"resourceVersion": str(self._rv), **(more or {})},
             "columnDefinitions": [{"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}] + [
                 {"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
                  "description": c.get("description", ""), "priority": c.get("priority", 0)} for c in columns],
