@@ -241,8 +241,7 @@ class RunEssenceStorage(kopf.AnnotationsDiffBaseStorage):
     deep-copying the whole body and then dropping the status, most of a run's body. So a run's is
     built without its status and shares the body's spec (Kopf replaces a body whole on each event,
     never in place; the essence is only read, and `RunProgressStorage.clear` changes its metadata
-    alone). Under load (100 runs) that copying was
-    about a quarter of the operator's CPU."""
+    alone). Under load (100 runs) that copying was about a quarter of the operator's CPU."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
         if extra_fields:  # a handler that follows status fields (none of ours does): kopf's own way
@@ -382,16 +381,15 @@ async def reconcile_once(op: Operator, namespace: str, name: str, live: Mapping[
     now = datetime.now(timezone.utc)
     spec_text = spec_json(body)  # once: the caches of run_and_plan and the spec ConfigMap key on it
     store = _store_unread(op, body, spec_text, logger)
-    secret_labels_ = await secret_labels(op, body, spec_text)
-    claim_modes = await shared_claim_modes(op, body, spec_text)
+    secret_labels, claim_modes = await named_objects(op, body, spec_text)
     progress = await _stage_progress(op, body, logger)
-    decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_,
+    decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels,
                       claim_modes=claim_modes, progress=progress, spec_text=spec_text)
     for _round in range(3):  # stages about to start: read their _SUCCESS.json, then decide again
         if not decision.needs_store:
             break
         store.update(await op.probe.read(body, decision.needs_store, logger))
-        decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels_,
+        decision = decide(body, children, store, now, op.config, pods, events, secret_labels=secret_labels,
                           claim_modes=claim_modes, progress=progress, spec_text=spec_text)
     await apply(op, body, decision, logger)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -412,25 +410,19 @@ def _store_unread(op: Operator, body: Mapping[str, Any], spec_text: str, logger:
     return dict.fromkeys((stage.name for stage in plan.stages), None)
 
 
-async def secret_labels(op: Operator, body: Mapping[str, Any], spec_text: str | None = None) -> dict[str, dict | None]:
-    """Labels of the Secrets the run references, when the policy checks them (else nothing)."""
+async def named_objects(op: Operator, body: Mapping[str, Any],
+                        spec_text: str | None = None) -> tuple[dict[str, dict | None], dict[str, list[str] | None]]:
+    """What decide() must know of objects the spec names and the operator does not own: the labels
+    of the Secrets the run references, when the policy checks them, and the access modes of the
+    claims its training pods share across nodes (most runs: neither, no read)."""
     try:
         run, _plan = run_and_plan(body, spec_text)  # parsed once per spec, as decide() parses it
     except SpecError:
-        return {}
+        return {}, {}
     namespace = body["metadata"]["namespace"]
-    return {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
-
-
-async def shared_claim_modes(op: Operator, body: Mapping[str, Any],
-                             spec_text: str | None = None) -> dict[str, list[str] | None]:
-    """Access modes of the claims the run's training pods share across nodes (most runs: none, no read)."""
-    try:
-        run, _plan = run_and_plan(body, spec_text)
-    except SpecError:
-        return {}
-    namespace = body["metadata"]["namespace"]
-    return {name: await op.kube.claim_access_modes(namespace, name) for name in shared_claims(run)}
+    labels = {name: await op.kube.secret_labels(namespace, name) for name in policy.needs_secret_labels(run, op.config)}
+    modes = {name: await op.kube.claim_access_modes(namespace, name) for name in shared_claims(run)}
+    return labels, modes
 
 
 async def _stage_progress(op: Operator, body: Mapping[str, Any], logger: logging.Logger) -> dict[str, dict]:

@@ -31,7 +31,7 @@ from humpback_operator.names import LABEL_RUN
 from humpback_operator.backends import get_backend
 from humpback_operator.children import WORKLOAD_KINDS, data_digests
 from humpback_operator.config import trainjobs_enabled
-from humpback_operator.kube import ApiError, Kube
+from humpback_operator.kube import ApiError, Kube, collection_path
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ class Watched:
     field_selector: str | None = None
 
     def path(self, namespace: str | None) -> str:
-        root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        return f"{root}/{self.plural}" if namespace is None else f"{root}/namespaces/{namespace}/{self.plural}"
+        return collection_path(self.api_version, self.plural, namespace)
 
     def query(self) -> list[tuple[str, str]]:
         return [(key, value) for key, value in (("labelSelector", self.label_selector),
@@ -161,27 +160,26 @@ class ChildWatches:
     them: across the cluster (`clusterwide`), else per namespace. `op` is the `Operator`: its notes
     of recent creates and its wake-ups."""
 
-    def __init__(self, op: Any, kube: Kube, watched: tuple[Watched, ...] | None = None, clusterwide: bool = False):
+    def __init__(self, op: Any, kube: Kube):
         self.op = op
         self.kube = kube
-        self.watched = watched if watched is not None else _watched()
-        self.clusterwide = clusterwide
+        self.watched = _watched()
+        self.clusterwide = False  # set at startup: `kopf run --all-namespaces`
         self.indexes: dict[str, dict[tuple[str, str], dict[str, dict]]] = {w.index: {} for w in self.watched}
         self.tasks: dict[str | None, list[asyncio.Task]] = {}  # per scope: a namespace, or None (all)
-        self.listed: dict[str | None, asyncio.Event] = {}  # per scope: set once every kind was listed
+        self.listed: dict[str | None, list[asyncio.Event]] = {}  # per scope and kind: set once listed
 
     async def ready(self, namespace: str) -> None:
         """Watch `namespace` (from now on), and wait until every kind in it has been listed: a
         reconcile must never take a child not seen yet for a child not made yet."""
         scope = None if self.clusterwide else namespace
         if scope not in self.tasks:
-            first_lists = [asyncio.Event() for _ in self.watched]
+            self.listed[scope] = [asyncio.Event() for _ in self.watched]
             self.tasks[scope] = [
                 asyncio.create_task(self._watch(w, scope, listed), name=f"watch {w.plural} in {scope or 'all namespaces'}")
-                for w, listed in zip(self.watched, first_lists, strict=True)]
-            done = self.listed[scope] = asyncio.Event()
-            self.tasks[scope].append(asyncio.create_task(_all_set(first_lists, done)))
-        await self.listed[scope].wait()
+                for w, listed in zip(self.watched, self.listed[scope], strict=True)]
+        for listed in self.listed[scope]:
+            await listed.wait()
 
     def child_kinds(self) -> list[tuple[str, str]]:
         """(apiVersion, kind) of the children in the indexes (not their Pods and Events)."""
@@ -283,12 +281,6 @@ class ChildWatches:
                     wake.set()
         elif body is None or not _echo_of_own_create(self.op, namespace, key, body):
             self.op.wakeup(namespace, key).set()
-
-
-async def _all_set(events: list[asyncio.Event], done: asyncio.Event) -> None:
-    for event in events:
-        await event.wait()
-    done.set()
 
 
 # The indexes of children (not of their Pods and Events).

@@ -36,6 +36,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("apps/v1", "Deployment"): "deployments",
     ("batch/v1", "Job"): "jobs",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
     (f"{GROUP}/{VERSION}", "BacktranslationRun"): PLURAL,
     **{(f"{b.group}/{b.version}", b.kind): b.plural for b in (cls() for cls in BACKENDS.values())},
 }
@@ -74,13 +75,18 @@ class ApiError(RuntimeError):
         super().__init__(f"{status} {reason}: {message}")
 
 
+def collection_path(api_version: str, plural: str, namespace: str | None) -> str:
+    """The path of a namespace's objects of a kind, or of all namespaces' (namespace None)."""
+    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{root}/{plural}" if namespace is None else f"{root}/namespaces/{namespace}/{plural}"
+
+
 def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
     try:
         plural = PLURALS[(api_version, kind)]
     except KeyError:
         raise ValueError(f"the operator does not manage {kind} ({api_version})") from None
-    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    path = f"{root}/namespaces/{namespace}/{plural}"
+    path = collection_path(api_version, plural, namespace)
     if name:
         path += f"/{name}"
     if sub:
@@ -222,7 +228,7 @@ class Kube:
     async def claim_access_modes(self, namespace: str, name: str) -> list[str] | None:
         """The access modes of a PersistentVolumeClaim (None: no such claim)."""
         try:
-            obj = await self.call("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}")
+            obj = await self.call("GET", resource_path("v1", "PersistentVolumeClaim", namespace, name))
         except ApiError as e:
             if e.status == 404:
                 return None

@@ -286,7 +286,7 @@ def progress_status(snap: Mapping[str, Any]) -> dict[str, Any]:
 
 def spec_json(body: Mapping[str, Any]) -> str:
     """The run's spec as canonical JSON: the part of the cache keys below that is costly to make, so
-    a reconcile makes it once (for `secret_labels` and both rounds of `decide`)."""
+    a reconcile makes it once (for `named_objects` and both rounds of `decide`)."""
     return json.dumps(body.get("spec"), sort_keys=True, default=str)
 
 
